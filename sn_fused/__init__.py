@@ -1,0 +1,18 @@
+"""sn_fused: fused spectral normalization for PyTorch.
+
+Public API (mirrors ``torch.nn.utils.parametrizations``):
+
+* :func:`spectral_norm` -- the drop-in parametrization.
+* :func:`convert` -- swap every PyTorch spectral norm in a model for sn_fused.
+
+Layers, by name: ``sn_fused.parametrizations`` (nn-facing) ->
+``sn_fused.ops`` (torch.library ops, autograd, launchers) ->
+``sn_fused.ops.kernels`` (Triton) ; ``sn_fused.reference`` is the
+pure-PyTorch oracle.
+"""
+
+from . import ops, reference  # noqa: F401
+from .parametrizations import spectral_norm
+
+__all__ = ["spectral_norm", "ops", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,425 @@
+r"""Triton kernels for spectral normalization: one launch per forward read, one per backward.
+
+Layout
+------
+``A`` (``M x N``) is the weight viewed as a matrix: row ``i`` is index ``i``
+along ``dim``; column ``j`` is the row-major flat index over the other
+dimensions. Nothing is copied: every tensor is addressed through its own
+strides (``_offsets``), so ``dim != 0`` (ConvTranspose), channels-last and
+sliced weights are read in place and the output keeps the weight's layout.
+
+Work split (persistent grid of ``G`` co-resident programs)
+---------------------------------------------------------
+Program ``p`` owns the whole rows ``[p*M//G, (p+1)*M//G)`` of ``A`` (row
+phases) and the columns ``[p*N//G, (p+1)*N//G)`` of the column vectors
+(column phases). Whole rows mean ``s = A v`` is complete inside a program,
+so the only cross-program traffic is small: ``G`` partial norms and a
+``G x N`` table of partial ``A^T u`` sums.
+
+Workspace (``ws``, accumulation dtype: fp32, or fp64 for fp64 weights)::
+
+    s      [M]      s = A v                 (row phases; own rows only)
+    t      [N]      t = A^T u               (column phases)
+    t_part [G, N]   per-program partial A^T u
+    part_s [G]      per-program sum of s_i^2   (eval: sum of u_i s_i)
+    part_t [G]      per-program sum of t_j^2
+
+Training read, ``n`` power iterations (``|`` = grid barrier)::
+
+    S: s = A v, part_s       | T: du = max(||s||, eps), u = s/du (write u),
+    t_part = A^T u (own rows) | R: t = sum_p t_part (fixed order), part_t
+    | F: dv = max(||t||, eps), v = t/dv (write v), sigma = ||t||^2 / dv
+      then either S again (next iteration, v taken as t/dv) or the rescale
+      W_sn = W / sigma.
+
+``sigma = u^T A v = (A^T u)^T v = t^T t / dv`` holds exactly, so sigma costs
+no extra pass over ``A``. Passes over ``A``: ``2n + 1`` reads and one write;
+the second and third pass run in the opposite direction of the one before,
+so the part of ``A`` still in L2 is read first.
+
+Reductions are deterministic: every sum runs in a fixed order (no float
+atomics), so the same inputs give bitwise-identical results run to run.
+
+Phases and the interpreter
+--------------------------
+``PHASE = -1`` runs every phase in one launch with grid barriers (GPU).
+``PHASE = k >= 0`` runs phase ``k`` only; the launcher then calls the kernel
+once per phase. The Triton interpreter runs programs one after another, so a
+spin barrier with more than one program would deadlock there: phase-by-phase
+launches are how the multi-program logic (partials, fixed-order combines) is
+tested on CPU with the very same source.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Phase ids of the forward kernel (PHASE constexpr). -1 = all, with barriers.
+PHASE_ALL = -1
+PHASE_S = 0  # s = A v from the v buffer (training and eval)
+PHASE_T = 1  # u = s / du, t_part = A^T u
+PHASE_R = 2  # t = sum of t_part, part_t
+PHASE_F = 3  # training: v, sigma, then next S or the rescale; eval: sigma, rescale
+
+# Phase ids of the backward kernel.
+PHASE_DOT = 0  # part = <G, W> over own rows
+PHASE_GRAD = 1  # dW = (G - <G, W_sn> u v^T) / sigma
+
+
+@triton.jit
+def grid_barrier(sem_ptr):
+    """Wait until every program of the grid has reached this barrier.
+
+    Invariant: ``*sem`` (32 bits) is 0 or 0x80000000 whenever no program is
+    inside a barrier. Each barrier adds exactly 0x80000000 in total (program 0
+    adds ``0x80000000 - (G - 1)``, the others 1 each), so the top bit flips
+    once per barrier and the low bits return to 0: the semaphore never needs
+    a reset (CUDA-graph replay safe). A program leaves once the top bit
+    differs from what its own arrival saw.
+
+    Preconditions: all ``G`` programs are co-resident (cooperative launch,
+    grid capped by the launcher), and no other grid uses the same semaphore
+    at the same time. Stores before the barrier are released (``release``
+    atomic after a CTA barrier); readers of other programs' data should load
+    with ``cache_modifier=".cg"`` (L2, never a stale L1 line).
+    """
+    sem = sem_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
+    tl.debug_barrier()
+    n = tl.num_programs(0).to(tl.uint32)
+    if tl.program_id(0) == 0:
+        nb = 0x80000000 - (n - 1)
+    else:
+        nb = n * 0 + 1
+    old = tl.atomic_add(sem, nb, sem="release")
+    flipped = False
+    while not flipped:
+        cur = tl.atomic_add(sem, 0, sem="acquire")
+        flipped = ((old ^ cur) & 0x80000000) != 0
+    tl.debug_barrier()
+
+
+@triton.jit
+def _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr):
+    """Element offsets of ``A[rows, cols]`` for a tensor with the given strides.
+
+    Column ``j`` is the row-major index over ``NCOL`` logical column dims
+    (outermost first); ``D1..D3`` are the sizes of the inner ones. The host
+    merges dims that are contiguous in every tensor, so the common cases
+    (Linear, Conv) have ``NCOL == 1`` and no integer division at all.
+    """
+    off_r = rows[:, None] * s_row
+    if NCOL == 1:
+        off_c = cols * s_c0
+    elif NCOL == 2:
+        off_c = (cols // D1) * s_c0 + (cols % D1) * s_c1
+    elif NCOL == 3:
+        r = cols // D2
+        off_c = (r // D1) * s_c0 + (r % D1) * s_c1 + (cols % D2) * s_c2
+    else:
+        r3 = cols // D3
+        r2 = r3 // D2
+        off_c = (r2 // D1) * s_c0 + (r2 % D1) * s_c1 + (r3 % D2) * s_c2 + (cols % D3) * s_c3
+    return off_r + off_c[None, :]
+
+
+@triton.jit
+def _clamp_norm(sumsq, eps):
+    """``max(sqrt(sumsq), eps)`` with NaN propagated, as ``Tensor.clamp_min`` does."""
+    return tl.maximum(tl.sqrt(sumsq), eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _sum_partials(part_ptr, G, BLOCK_P: tl.constexpr):
+    """Fixed-order sum of the G per-program partials (written by other programs)."""
+    offs = tl.arange(0, BLOCK_P)
+    return tl.sum(tl.load(part_ptr + offs, mask=offs < G, other=0.0, cache_modifier=".cg"), axis=0)
+
+
+@triton.jit
+def _phase_matvec(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, part_s_ptr, dv,
+                  pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                  FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Phase S: ``s = A x`` for own rows, with ``x = v`` (FROM_V) or ``x = t / dv``.
+
+    ``t / dv`` is rounded to v's dtype first: that is the ``v`` the previous
+    iteration stored, so the next iteration sees what PyTorch would read.
+    Writes ``s`` and the partial ``sum s_i^2`` (training) or ``sum u_i s_i``
+    (eval: sigma = u^T A v with the stored u, v).
+    """
+    acc_t = s_ptr.dtype.element_ty
+    part = tl.zeros([BLOCK_M], acc_t)
+    for r in range(r0, r1, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        rmask = rows < r1
+        acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
+        for c in range(0, N, BLOCK_N):
+            cols = c + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
+            if FROM_V:
+                x = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+            else:
+                t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
+            acc += a * x[None, :]
+        s = tl.sum(acc, axis=1)
+        tl.store(s_ptr + rows, s, mask=rmask)
+        if TRAINING:
+            part += s * s
+        else:
+            part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
+    tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
+
+
+@triton.jit
+def _phase_transposed_matvec(w_ptr, u_ptr, u_saved_ptr, s_ptr, tpart_ptr, part_s_ptr, eps,
+                             pid, G, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                             NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+    """Phase T: ``u = s / max(||s||, eps)`` for own rows, then ``t_part[p] = A[own rows]^T u``.
+
+    Columns run last-to-first (the previous pass ran first-to-last), so the
+    tail of ``A`` that is still in L2 is read first.
+    """
+    acc_t = s_ptr.dtype.element_ty
+    u_t = u_ptr.dtype.element_ty
+    du = _clamp_norm(_sum_partials(part_s_ptr, G, BLOCK_P), eps)
+    for r in range(r0, r1, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        rmask = rows < r1
+        u = (tl.load(s_ptr + rows, mask=rmask, other=0.0) / du).to(u_t)
+        tl.store(u_ptr + rows, u, mask=rmask)
+        tl.store(u_saved_ptr + rows, u, mask=rmask)
+    n_cblocks = tl.cdiv(N, BLOCK_N)
+    for i in range(n_cblocks):
+        cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
+        for r in range(r0, r1, BLOCK_M):
+            rows = r + tl.arange(0, BLOCK_M)
+            rmask = rows < r1
+            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
+            # Recomputed, not reloaded from u: the same rounding as the stored u.
+            u = (tl.load(s_ptr + rows, mask=rmask, other=0.0) / du).to(u_t).to(acc_t)
+            acc += a * u[:, None]
+        tl.store(tpart_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _phase_reduce_columns(tpart_ptr, t_ptr, part_t_ptr, pid, G, c0, c1, N, BLOCK_R: tl.constexpr):
+    """Phase R: ``t = sum_q t_part[q]`` for own columns, q in a fixed order; partial ``sum t_j^2``."""
+    acc_t = t_ptr.dtype.element_ty
+    part = tl.zeros([BLOCK_R], acc_t)
+    for c in range(c0, c1, BLOCK_R):
+        cols = c + tl.arange(0, BLOCK_R)
+        cmask = cols < c1
+        t = tl.zeros([BLOCK_R], acc_t)
+        for q in range(G):
+            t += tl.load(tpart_ptr + q * N + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+        tl.store(t_ptr + cols, t, mask=cmask)
+        part += t * t
+    tl.store(part_t_ptr + pid, tl.sum(part, axis=0))
+
+
+@triton.jit
+def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, part_t_ptr, eps, G, c0, c1,
+                            BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Phase F: ``v = t / max(||t||, eps)`` for own columns. Returns ``(sigma, dv)``.
+
+    ``sigma = u^T A v = t^T v = ||t||^2 / dv`` (no pass over A needed).
+    """
+    tsq = _sum_partials(part_t_ptr, G, BLOCK_P)
+    dv = _clamp_norm(tsq, eps)
+    for c in range(c0, c1, BLOCK_R):
+        cols = c + tl.arange(0, BLOCK_R)
+        cmask = cols < c1
+        v = (tl.load(t_ptr + cols, mask=cmask, other=0.0) / dv).to(v_ptr.dtype.element_ty)
+        tl.store(v_ptr + cols, v, mask=cmask)
+        tl.store(v_saved_ptr + cols, v, mask=cmask)
+    return tsq / dv, dv
+
+
+@triton.jit
+def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK_R: tl.constexpr):
+    for c in range(lo, hi, BLOCK_R):
+        offs = c + tl.arange(0, BLOCK_R)
+        mask = offs < hi
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                   s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
+                   NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``W_sn = W / sigma`` over own rows (columns last-to-first again), and sigma's stores.
+
+    sigma is rounded to the weight's dtype first: PyTorch's sigma is a tensor
+    of that dtype, and ``weight / sigma`` divides by the rounded value.
+    """
+    acc_t = sigma.dtype
+    sigma_w = sigma.to(out_ptr.dtype.element_ty)
+    if pid == 0:
+        tl.store(sigma_ptr, sigma_w)
+        tl.store(sigma_buf_ptr, sigma_w)
+    sigma_acc = sigma_w.to(acc_t)
+    n_cblocks = tl.cdiv(N, BLOCK_N)
+    for r in range(r0, r1, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        rmask = rows < r1
+        for i in range(n_cblocks):
+            cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = rmask[:, None] & (cols < N)[None, :]
+            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                        mask=mask, other=0.0).to(acc_t)
+            tl.store(out_ptr + _offsets(rows, cols, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL),
+                     (a / sigma_acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def spectral_norm_fwd_kernel(
+    w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
+    ws_ptr, sem_ptr,
+    M, N, n_iters, eps, is_last,
+    s_row, s_c0, s_c1, s_c2, s_c3,
+    o_row, o_c0, o_c1, o_c2, o_c3,
+    D1, D2, D3,
+    NCOL: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One read of the spectral-normalized weight (see the module docstring).
+
+    Outputs: ``out = W / sigma`` (weight's strides), ``u``/``v`` updated in
+    place (training), ``u_saved``/``v_saved`` the u, v that sigma used (what
+    autograd keeps), ``sigma`` and the module's ``sigma_buf`` (for logging).
+    ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
+    """
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    r0 = (pid * M) // G
+    r1 = ((pid + 1) * M) // G
+    c0 = (pid * N) // G
+    c1 = ((pid + 1) * N) // G
+    s_ws = ws_ptr
+    t_ws = ws_ptr + M
+    tpart_ws = t_ws + N
+    part_s_ws = tpart_ws + G * N
+    part_t_ws = part_s_ws + G
+    one = eps * 0 + 1.0  # a runtime scalar of eps' type; unused as dv when FROM_V
+
+    if PHASE == -1 or PHASE == 0:
+        _phase_matvec(w_ptr, u_ptr, v_ptr, s_ws, t_ws, part_s_ws, one, pid, r0, r1, N,
+                      s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                      True, TRAINING, NCOL, BLOCK_M, BLOCK_N)
+    if TRAINING:
+        if PHASE == -1:
+            grid_barrier(sem_ptr)
+            for it in range(n_iters):
+                _phase_transposed_matvec(w_ptr, u_ptr, u_saved_ptr, s_ws, tpart_ws, part_s_ws, eps,
+                                         pid, G, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                                         NCOL, BLOCK_M, BLOCK_N, BLOCK_P)
+                grid_barrier(sem_ptr)
+                _phase_reduce_columns(tpart_ws, t_ws, part_t_ws, pid, G, c0, c1, N, BLOCK_R)
+                grid_barrier(sem_ptr)
+                sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
+                                                    c0, c1, BLOCK_R, BLOCK_P)
+                if it < n_iters - 1:
+                    _phase_matvec(w_ptr, u_ptr, v_ptr, s_ws, t_ws, part_s_ws, dv, pid, r0, r1, N,
+                                  s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                                  False, TRAINING, NCOL, BLOCK_M, BLOCK_N)
+                    grid_barrier(sem_ptr)
+                else:
+                    _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                                   s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
+                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+        elif PHASE == 1:
+            _phase_transposed_matvec(w_ptr, u_ptr, u_saved_ptr, s_ws, tpart_ws, part_s_ws, eps,
+                                     pid, G, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                                     NCOL, BLOCK_M, BLOCK_N, BLOCK_P)
+        elif PHASE == 2:
+            _phase_reduce_columns(tpart_ws, t_ws, part_t_ws, pid, G, c0, c1, N, BLOCK_R)
+        elif PHASE == 3:
+            sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
+                                                c0, c1, BLOCK_R, BLOCK_P)
+            if is_last:
+                _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                               s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
+                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+            else:
+                _phase_matvec(w_ptr, u_ptr, v_ptr, s_ws, t_ws, part_s_ws, dv, pid, r0, r1, N,
+                              s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                              False, TRAINING, NCOL, BLOCK_M, BLOCK_N)
+    else:
+        if PHASE == -1:
+            grid_barrier(sem_ptr)
+        if PHASE == -1 or PHASE == 3:
+            # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd.
+            sigma = _sum_partials(part_s_ws, G, BLOCK_P)
+            _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_R)
+            _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_R)
+            _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                           s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
+                           D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def spectral_norm_bwd_kernel(
+    g_ptr, w_ptr, dw_ptr, u_ptr, v_ptr, sigma_ptr, ws_ptr, sem_ptr,
+    M, N,
+    g_row, g_c0, g_c1, g_c2, g_c3,
+    s_row, s_c0, s_c1, s_c2, s_c3,
+    d_row, d_c0, d_c1, d_c2, d_c3,
+    D1, D2, D3,
+    NCOL: tl.constexpr, PHASE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma the forward's (constants).
+
+    ``<G, W_sn> = <G, W> / sigma``: one global reduction (partials in
+    ``ws[0:G]``, fixed-order sum after the barrier), then one elementwise
+    pass, last-to-first so the part of G and W still in L2 is read first.
+    Floor: read G and W, write dW.
+    """
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    r0 = (pid * M) // G
+    r1 = ((pid + 1) * M) // G
+    acc_t = ws_ptr.dtype.element_ty
+    n_cblocks = tl.cdiv(N, BLOCK_N)
+    if PHASE == -1 or PHASE == 0:
+        part = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
+        for r in range(r0, r1, BLOCK_M):
+            rows = r + tl.arange(0, BLOCK_M)
+            rmask = rows < r1
+            for c in range(0, N, BLOCK_N):
+                cols = c + tl.arange(0, BLOCK_N)
+                mask = rmask[:, None] & (cols < N)[None, :]
+                g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
+                            mask=mask, other=0.0).to(acc_t)
+                w = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                            mask=mask, other=0.0).to(acc_t)
+                part += g * w
+        tl.store(ws_ptr + pid, tl.sum(tl.sum(part, axis=1), axis=0))
+    if PHASE == -1:
+        grid_barrier(sem_ptr)
+    if PHASE == -1 or PHASE == 1:
+        sigma = tl.load(sigma_ptr).to(acc_t)
+        inner = _sum_partials(ws_ptr, G, BLOCK_P) / sigma
+        for j in range(tl.cdiv(r1 - r0, BLOCK_M)):
+            # Rows last-to-first, columns last-to-first: the reverse of the dot pass.
+            rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = rows >= r0
+            u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+            for i in range(n_cblocks):
+                cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                mask = rmask[:, None] & cmask[None, :]
+                v = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+                g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
+                            mask=mask, other=0.0).to(acc_t)
+                dw = (g - inner * u[:, None] * v[None, :]) / sigma
+                tl.store(dw_ptr + _offsets(rows, cols, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3, NCOL),
+                         dw.to(dw_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,309 @@
+r"""The fused spectral-norm op: launchers, ``torch.library`` registration, autograd.
+
+Layers, top to bottom::
+
+    spectral_norm_fused(...)                 # what sn_fused.parametrizations calls
+      -> _SpectralNormFunction (autograd)
+       forward:  torch.ops.sn_fused.spectral_norm_forward  (torch.library.triton_op, one launch)
+       backward: torch.ops.sn_fused.spectral_norm_backward (torch.library.triton_op, one launch)
+           -> kernels.spectral_norm_fwd_kernel / spectral_norm_bwd_kernel
+
+Memory plan per call: the output (``W_sn``, same strides as ``W``), the
+saved ``u``/``v``/``sigma`` that autograd keeps (PyTorch clones u and v
+too), and an uninitialised fp32 workspace of ``M + N + G*(N + 2)``
+elements that the kernel fully writes before it reads. The grid-barrier
+semaphore is the caller's (one per module, see ``_SpectralNorm``), so two
+modules never share one, and the barrier leaves it in a valid state
+(0 or 0x80000000): no memset launch, CUDA-graph replay safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from . import kernels
+
+__all__ = [
+    "INTERPRET",
+    "fused_supported",
+    "new_semaphore",
+    "spectral_norm_fused",
+    "spectral_norm_forward_fused",
+    "spectral_norm_backward_fused",
+]
+
+#: True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``
+#: was set before Triton was imported). Then CPU tensors go through the kernels.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_COL_DIMS = 4
+# Below this many elements per program a program would mostly wait on barriers:
+# small weights use fewer programs (cheaper barriers, fewer partials).
+_MIN_ELEMENTS_PER_PROGRAM = int(os.environ.get("SN_FUSED_MIN_ELEMENTS_PER_PROGRAM", 32768))
+_TILE_ELEMENTS = 8192  # elements of A per program per loop step (~32 KB of fp32 in flight)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class _MatrixLayout:
+    """How ``A = W.permute(dim, *others).flatten(1)`` is addressed in each tensor.
+
+    ``sizes`` are the logical column dims after merging; ``strides[k]`` is
+    ``(row_stride, c0, c1, c2, c3)`` of tensor k (unused dims have stride 0).
+    """
+
+    M: int
+    N: int
+    sizes: tuple[int, ...]
+    strides: tuple[tuple[int, ...], ...]
+
+    @property
+    def inner_sizes(self) -> tuple[int, int, int]:
+        """``D1, D2, D3``: sizes of column dims 1..3 (1 where absent)."""
+        inner = list(self.sizes[1:]) + [1] * (_MAX_COL_DIMS - len(self.sizes))
+        return inner[0], inner[1], inner[2]
+
+
+def _matrix_layout(dim: int, *tensors: torch.Tensor) -> _MatrixLayout | None:
+    """Merge the column dims that are contiguous in *every* tensor; None if more than 4 remain."""
+    shape = tensors[0].shape
+    others = [d for d in range(len(shape)) if d != dim]
+    # Size-1 dims carry no offset; dropping them lets more dims merge.
+    cols = [d for d in others if shape[d] != 1] or others[:1]
+    sizes = [shape[d] for d in cols]
+    strides = [[t.stride(d) for d in cols] for t in tensors]
+    k = len(sizes) - 1
+    while k > 0:
+        if all(s[k - 1] == s[k] * sizes[k] for s in strides):
+            sizes[k - 1] *= sizes[k]
+            del sizes[k]
+            for s in strides:
+                s[k - 1] = s[k]
+                del s[k]
+        k -= 1
+    if len(sizes) > _MAX_COL_DIMS:
+        return None
+    pad = [0] * (_MAX_COL_DIMS - len(sizes))
+    return _MatrixLayout(
+        M=shape[dim],
+        N=tensors[0].numel() // max(shape[dim], 1),
+        sizes=tuple(sizes),
+        strides=tuple(tuple([t.stride(dim)] + s + pad) for t, s in zip(tensors, strides)),
+    )
+
+
+def _empty_like_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An output with the weight's strides where they are dense (as ``weight / sigma`` gives)."""
+    return torch.empty_like(weight, memory_format=torch.preserve_format)
+
+
+def fused_supported(weight: torch.Tensor) -> bool:
+    """Whether the fused kernels can take this weight (else the reference path is used)."""
+    if weight.ndim < 2 or weight.dtype not in _FUSED_DTYPES or weight.numel() == 0:
+        return False
+    if weight.device.type == "cuda":
+        pass
+    elif not (INTERPRET and weight.device.type == "cpu" and weight.dtype != torch.bfloat16):
+        # The interpreter has no bfloat16.
+        return False
+    if weight.ndim - 1 > _MAX_COL_DIMS and _matrix_layout(0, weight) is None:
+        return False
+    # 32-bit offsets inside the kernels.
+    return weight.numel() < 2**31 and max(weight.stride()) * max(weight.shape) < 2**31
+
+
+def new_semaphore(device: torch.device | str | None = None) -> torch.Tensor:
+    """Zeroed grid-barrier semaphores: ``[0]`` for the forward, ``[1]`` for the backward."""
+    return torch.zeros(2, dtype=torch.int32, device=device)
+
+
+# --------------------------------------------------------------------------- launch config
+
+
+@functools.lru_cache(maxsize=None)
+def _max_programs(device_index: int) -> int:
+    """Co-resident programs: one per SM (the cooperative launch checks it too)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count
+
+
+@dataclass(frozen=True)
+class _LaunchConfig:
+    grid: int
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_R: int
+    BLOCK_P: int
+    num_warps: int
+
+
+def _launch_config(M: int, N: int, device: torch.device, num_programs: int | None) -> _LaunchConfig:
+    if num_programs is None:
+        if device.type == "cuda":
+            cap = _max_programs(device.index if device.index is not None else torch.cuda.current_device())
+        else:
+            cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
+        num_programs = min(cap, triton.cdiv(M * N, _MIN_ELEMENTS_PER_PROGRAM))
+    G = max(1, min(num_programs, M))
+    block_n = min(triton.next_power_of_2(N), 512)
+    block_m = min(triton.next_power_of_2(triton.cdiv(M, G)), max(1, _TILE_ELEMENTS // block_n))
+    block_r = min(triton.next_power_of_2(triton.cdiv(N, G)), 1024)
+    tile = block_m * block_n
+    num_warps = 8 if tile >= 4096 else (4 if tile >= 1024 else 2)
+    return _LaunchConfig(G, block_m, block_n, block_r, triton.next_power_of_2(G), num_warps)
+
+
+def _workspace_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- forward op
+
+
+def _forward_phases(training: bool, n_power_iterations: int) -> list[tuple[int, bool]]:
+    """The (PHASE, is_last) launch sequence of the phase-by-phase mode (see kernels.py)."""
+    if not training:
+        return [(kernels.PHASE_S, False), (kernels.PHASE_F, True)]
+    phases = [(kernels.PHASE_S, False)]
+    for it in range(n_power_iterations):
+        last = it == n_power_iterations - 1
+        phases += [(kernels.PHASE_T, False), (kernels.PHASE_R, False), (kernels.PHASE_F, last)]
+    return phases
+
+
+def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
+                    n_power_iterations, eps, training, num_programs=None, phase_by_phase=None):
+    layout = _matrix_layout(dim, weight, out)
+    cfg = _launch_config(layout.M, layout.N, weight.device, num_programs)
+    ws = torch.empty(layout.M + layout.N + cfg.grid * (layout.N + 2),
+                     dtype=_workspace_dtype(weight), device=weight.device)
+    if phase_by_phase is None:
+        phase_by_phase = cfg.grid > 1 and weight.device.type != "cuda"
+    phases = _forward_phases(training, n_power_iterations) if phase_by_phase else [(kernels.PHASE_ALL, True)]
+    D1, D2, D3 = layout.inner_sizes
+    for phase, is_last in phases:
+        wrap_triton(kernels.spectral_norm_fwd_kernel)[(cfg.grid,)](
+            weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
+            layout.M, layout.N, n_power_iterations, eps, int(is_last),
+            *layout.strides[0], *layout.strides[1], D1, D2, D3,
+            NCOL=len(layout.sizes), TRAINING=training, PHASE=phase,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, BLOCK_P=cfg.BLOCK_P,
+            num_warps=cfg.num_warps, launch_cooperative_grid=not phase_by_phase,
+        )
+
+
+@triton_op("sn_fused::spectral_norm_forward", mutates_args={"u", "v", "sigma_buf", "sem"})
+def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                          sigma_buf: torch.Tensor, sem: torch.Tensor, dim: int,
+                          n_power_iterations: int, eps: float, training: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One read: ``(W / sigma, u_used, v_used, sigma)``; u, v updated in place when training.
+
+    ``sigma_buf`` (the module's logging buffer) receives sigma too.
+    """
+    return spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, dim=dim,
+                                       n_power_iterations=n_power_iterations, eps=eps,
+                                       training=training)
+
+
+# --------------------------------------------------------------------------- backward op
+
+
+def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
+                     num_programs=None, phase_by_phase=None):
+    layout = _matrix_layout(dim, grad, weight, grad_weight)
+    if layout is None:  # grad with a layout we cannot merge: make it like the weight
+        grad = grad.contiguous()
+        layout = _matrix_layout(dim, grad, weight, grad_weight)
+    cfg = _launch_config(layout.M, layout.N, weight.device, num_programs)
+    ws = torch.empty(cfg.grid, dtype=_workspace_dtype(weight), device=weight.device)
+    if phase_by_phase is None:
+        phase_by_phase = cfg.grid > 1 and weight.device.type != "cuda"
+    phases = [kernels.PHASE_DOT, kernels.PHASE_GRAD] if phase_by_phase else [kernels.PHASE_ALL]
+    D1, D2, D3 = layout.inner_sizes
+    for phase in phases:
+        wrap_triton(kernels.spectral_norm_bwd_kernel)[(cfg.grid,)](
+            grad, weight, grad_weight, u, v, sigma, ws, sem,
+            layout.M, layout.N, *layout.strides[0], *layout.strides[1], *layout.strides[2],
+            D1, D2, D3,
+            NCOL=len(layout.sizes), PHASE=phase,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_P=cfg.BLOCK_P,
+            num_warps=cfg.num_warps, launch_cooperative_grid=not phase_by_phase,
+        )
+
+
+@triton_op("sn_fused::spectral_norm_backward", mutates_args={"sem"})
+def spectral_norm_backward(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
+                           v: torch.Tensor, sigma: torch.Tensor, sem: torch.Tensor,
+                           dim: int) -> torch.Tensor:
+    """``dL/dW = (G - <G, W / sigma> u v^T) / sigma`` (u, v, sigma: the forward's)."""
+    return spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, dim=dim)
+
+
+class _SpectralNormFunction(torch.autograd.Function):
+    """Autograd around the two ops.
+
+    The forward op mutates u, v (in place, as PyTorch's power method does),
+    and ``torch.library`` refuses ``register_autograd`` on mutating ops, so
+    the pair is tied together here; Dynamo traces an autograd.Function
+    fine, so ``torch.compile`` sees both ops.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
+        out, u_saved, v_saved, sigma = torch.ops.sn_fused.spectral_norm_forward(
+            weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
+        ctx.save_for_backward(weight, u_saved, v_saved, sigma)
+        ctx.sem = sem
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, u_saved, v_saved, sigma = ctx.saved_tensors
+        grad_weight = torch.ops.sn_fused.spectral_norm_backward(
+            grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
+        return grad_weight, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                        sigma_buf: torch.Tensor, sem: torch.Tensor, *, dim: int = 0,
+                        n_power_iterations: int = 1, eps: float = 1e-12,
+                        training: bool = True) -> torch.Tensor:
+    """``W / sigma`` through one kernel launch (see ``reference.spectral_norm_reference``)."""
+    return _SpectralNormFunction.apply(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
+                                       eps, training)
+
+
+def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_iterations=1,
+                                eps=1e-12, training=True, **launch):
+    """The forward launcher: allocates the outputs, launches, returns ``(W_sn, u, v, sigma)``.
+
+    ``launch`` may force ``num_programs`` / ``phase_by_phase`` (tests).
+    """
+    out = _empty_like_weight(weight)
+    u_saved = torch.empty_like(u, memory_format=torch.contiguous_format)
+    v_saved = torch.empty_like(v, memory_format=torch.contiguous_format)
+    sigma = torch.empty((), dtype=weight.dtype, device=weight.device)
+    _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem[0:1], dim,
+                    n_power_iterations, eps, training, **launch)
+    return out, u_saved, v_saved, sigma
+
+
+def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **launch):
+    """The backward launcher (``launch`` may force num_programs / phase_by_phase)."""
+    grad_weight = _empty_like_weight(weight)
+    _launch_backward(grad, weight, grad_weight, u, v, sigma, sem[1:2], dim, **launch)
+    return grad_weight

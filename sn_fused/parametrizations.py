@@ -1,0 +1,174 @@
+r"""``sn_fused.spectral_norm``: a drop-in for ``torch.nn.utils.parametrizations.spectral_norm``.
+
+Same registration (``torch.nn.utils.parametrize``), same buffers (``_u``,
+``_v``), same initialisation (u drawn before v from the global generator,
+15 warm-up iterations), same state_dict keys, same errors. The difference is
+the read: on CUDA (and on CPU under ``TRITON_INTERPRET=1``) one Triton launch
+does the power iteration, sigma and the rescale, and one more does the
+backward. Elsewhere (CPU, complex weights) the pure-PyTorch reference runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Module
+from torch.nn.utils import parametrize
+
+from . import reference
+from .ops import fused_supported, new_semaphore, spectral_norm_fused
+
+__all__ = ["spectral_norm", "_SpectralNorm"]
+
+
+class _SpectralNorm(Module):
+    r"""Parametrization ``W -> W / sigma(W)``; ``sigma`` by power iteration.
+
+    Buffers:
+
+    * ``_u`` (M), ``_v`` (N): the power-iteration vectors, updated in place in
+      training mode (persistent: same keys as PyTorch's).
+    * ``_sigma``: the last sigma, for logging without a host sync
+      (non-persistent, so state_dict keys stay PyTorch's). Written by the
+      kernel itself, no extra launch.
+    * ``_sem``: the grid-barrier semaphores of this parametrization's
+      kernels (non-persistent). One per module, so two modules running at
+      the same time on two streams never share one.
+    """
+
+    def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0,
+                 eps: float = 1e-12) -> None:
+        super().__init__()
+        ndim = weight.ndim
+        if dim >= ndim or dim < -ndim:
+            raise IndexError(
+                "Dimension out of range (expected to be in range of "
+                f"[-{ndim}, {ndim - 1}] but got {dim})"
+            )
+        if n_power_iterations <= 0:
+            raise ValueError(
+                "Expected n_power_iterations to be positive, but "
+                f"got n_power_iterations={n_power_iterations}"
+            )
+        # PyTorch accepts any eps; a negative or non-finite one silently yields
+        # NaN/Inf weights, so it is refused here, before anything runs.
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
+        if weight.dtype in (torch.bool,) or not (weight.is_floating_point() or weight.is_complex()):
+            raise TypeError(f"spectral_norm expects a floating point or complex weight, got {weight.dtype}")
+        if weight.numel() == 0:
+            raise ValueError(f"spectral_norm expects a non-empty weight, got shape {tuple(weight.shape)}")
+        self.dim = dim if dim >= 0 else dim + ndim
+        self.eps = eps
+        if ndim > 1:
+            # For ndim == 1 we do not need to approximate anything (see forward)
+            self.n_power_iterations = n_power_iterations
+            weight_mat = reference.reshape_weight_to_matrix(weight, self.dim)
+            h, w = weight_mat.size()
+
+            # Same draws, same order as PyTorch: same seed, same u and v.
+            u = weight_mat.new_empty(h).normal_(0, 1)
+            v = weight_mat.new_empty(w).normal_(0, 1)
+            self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
+            self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
+            self.register_buffer(
+                "_sigma", torch.full((), float("nan"), dtype=weight.real.dtype, device=weight.device),
+                persistent=False)
+            self.register_buffer("_sem", new_semaphore(weight.device), persistent=False)
+
+            # Start with u, v initialized to some reasonable values by performing a number
+            # of iterations of the power method
+            reference.power_method_(weight_mat, self._u, self._v, 15, self.eps)
+
+    def _check_buffers(self, weight: Tensor) -> None:
+        """Clear errors before any launch: buffers that do not fit the weight."""
+        m = weight.shape[self.dim]
+        n = weight.numel() // m
+        for name, buf, length in (("_u", self._u, m), ("_v", self._v, n)):
+            if buf.ndim != 1 or buf.shape[0] != length:
+                raise RuntimeError(
+                    f"spectral_norm: buffer {name} has shape {tuple(buf.shape)}, expected ({length},) "
+                    f"for a weight of shape {tuple(weight.shape)} with dim={self.dim}")
+            if buf.device != weight.device:
+                raise RuntimeError(
+                    f"spectral_norm: buffer {name} is on {buf.device} but the weight is on {weight.device}")
+            if buf.dtype != weight.dtype:
+                raise RuntimeError(
+                    f"spectral_norm: buffer {name} has dtype {buf.dtype} but the weight has {weight.dtype}")
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1:
+            # Faster and more exact path, no need to approximate anything
+            return F.normalize(weight, dim=0, eps=self.eps)
+        self._check_buffers(weight)
+        if fused_supported(weight):
+            if self._sem.device != weight.device:  # e.g. buffers replaced by load_state_dict(assign=True)
+                self._sem = new_semaphore(weight.device)
+            return spectral_norm_fused(
+                weight, self._u, self._v, self._sigma, self._sem, dim=self.dim,
+                n_power_iterations=self.n_power_iterations, eps=self.eps, training=self.training)
+        weight_sn, sigma = reference.spectral_norm_reference(
+            weight, self._u, self._v, dim=self.dim, n_power_iterations=self.n_power_iterations,
+            eps=self.eps, training=self.training)
+        with torch.no_grad():
+            self._sigma.copy_(sigma.real if sigma.is_complex() else sigma)
+        return weight_sn
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        # we may want to assert here that the passed value already
+        # satisfies constraints
+        return value
+
+
+def spectral_norm(module: Module, name: str = "weight", n_power_iterations: int = 1,
+                  eps: float = 1e-12, dim: int | None = None) -> Module:
+    r"""Apply spectral normalization to a parameter in the given module.
+
+    .. math::
+        \mathbf{W}_{SN} = \dfrac{\mathbf{W}}{\sigma(\mathbf{W})},
+        \sigma(\mathbf{W}) = \max_{\mathbf{h}: \mathbf{h} \ne 0} \dfrac{\|\mathbf{W} \mathbf{h}\|_2}{\|\mathbf{h}\|_2}
+
+    A drop-in for :func:`torch.nn.utils.parametrizations.spectral_norm`: same
+    arguments, defaults, errors, buffers, state_dict keys and numbers (to
+    floating-point rounding). Each read of ``module.<name>`` in training mode
+    runs ``n_power_iterations`` of the power method; on CUDA the whole read is
+    one Triton kernel launch and its backward one more.
+
+    Args:
+        module (nn.Module): containing module
+        name (str, optional): name of weight parameter. Default: ``"weight"``.
+        n_power_iterations (int, optional): number of power iterations to
+            calculate spectral norm. Default: ``1``.
+        eps (float, optional): epsilon for numerical stability in
+            calculating norms. Default: ``1e-12``.
+        dim (int, optional): dimension corresponding to number of outputs.
+            Default: ``0``, except for modules that are instances of
+            ConvTranspose{1,2,3}d, when it is ``1``
+
+    Returns:
+        The original module with a new parametrization registered to the specified
+        weight. The last sigma is in
+        ``module.parametrizations.<name>[0]._sigma`` (no host sync to read it
+        on the device).
+
+    Example::
+
+        >>> snm = sn_fused.spectral_norm(nn.Linear(20, 40))
+        >>> torch.linalg.matrix_norm(snm.weight, 2)
+        tensor(1.0081, grad_fn=<AmaxBackward0>)
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+
+    if dim is None:
+        if isinstance(module, (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+                               torch.nn.ConvTranspose3d)):
+            dim = 1
+        else:
+            dim = 0
+    parametrize.register_parametrization(module, name, _SpectralNorm(weight, n_power_iterations, dim, eps))
+    return module
