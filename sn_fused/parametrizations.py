@@ -83,27 +83,10 @@ class _SpectralNorm(Module):
             # of iterations of the power method
             reference.power_method_(weight_mat, self._u, self._v, 15, self.eps)
 
-    def _check_buffers(self, weight: Tensor) -> None:
-        """Clear errors before any launch: buffers that do not fit the weight."""
-        m = weight.shape[self.dim]
-        n = weight.numel() // m
-        for name, buf, length in (("_u", self._u, m), ("_v", self._v, n)):
-            if buf.ndim != 1 or buf.shape[0] != length:
-                raise RuntimeError(
-                    f"spectral_norm: buffer {name} has shape {tuple(buf.shape)}, expected ({length},) "
-                    f"for a weight of shape {tuple(weight.shape)} with dim={self.dim}")
-            if buf.device != weight.device:
-                raise RuntimeError(
-                    f"spectral_norm: buffer {name} is on {buf.device} but the weight is on {weight.device}")
-            if buf.dtype != weight.dtype:
-                raise RuntimeError(
-                    f"spectral_norm: buffer {name} has dtype {buf.dtype} but the weight has {weight.dtype}")
-
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:
             # Faster and more exact path, no need to approximate anything
             return F.normalize(weight, dim=0, eps=self.eps)
-        self._check_buffers(weight)
         if fused_supported(weight):
             if self._sem.device != weight.device:  # e.g. buffers replaced by load_state_dict(assign=True)
                 self._sem = new_semaphore(weight.device)

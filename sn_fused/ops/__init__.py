@@ -2,6 +2,7 @@
 
 from .spectral_norm import (  # noqa: F401
     INTERPRET,
+    check_inputs,
     fused_supported,
     new_semaphore,
     spectral_norm_backward_fused,

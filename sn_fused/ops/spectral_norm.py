@@ -20,6 +20,7 @@ modules never share one, and the barrier leaves it in a valid state
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from . import kernels
 
 __all__ = [
     "INTERPRET",
+    "check_inputs",
     "fused_supported",
     "new_semaphore",
     "spectral_norm_fused",
@@ -287,12 +289,49 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                                        eps, training)
 
 
+def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim: int,
+                 n_power_iterations: int = 1, eps: float = 1e-12) -> None:
+    """Raise a clear error, before any launch, for inputs the fused kernels must not see."""
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES:
+        raise TypeError(f"spectral_norm: the fused kernels take float16/bfloat16/float32/float64 "
+                        f"weights, got {getattr(weight, 'dtype', type(weight))}")
+    if weight.ndim < 2:
+        raise ValueError(f"spectral_norm: the fused kernels take weights with 2 or more dims, "
+                         f"got shape {tuple(weight.shape)}")
+    if not -weight.ndim <= dim < weight.ndim:
+        raise IndexError(f"Dimension out of range (expected to be in range of "
+                         f"[-{weight.ndim}, {weight.ndim - 1}] but got {dim})")
+    if weight.numel() == 0:
+        raise ValueError(f"spectral_norm: weight of shape {tuple(weight.shape)} is empty")
+    if not fused_supported(weight):
+        raise RuntimeError(f"spectral_norm: no fused kernel for a {weight.device.type} weight of "
+                           f"dtype {weight.dtype} and shape {tuple(weight.shape)} (use "
+                           f"sn_fused.reference, or set TRITON_INTERPRET=1 for CPU tensors)")
+    m = weight.shape[dim]
+    for name, vec, length in (("u", u, m), ("v", v, weight.numel() // m)):
+        if vec.ndim != 1 or vec.shape[0] != length:
+            raise ValueError(f"spectral_norm: {name} has shape {tuple(vec.shape)}, expected ({length},)")
+        if vec.dtype != weight.dtype:
+            raise TypeError(f"spectral_norm: {name} has dtype {vec.dtype}, the weight {weight.dtype}")
+        if vec.device != weight.device:
+            raise RuntimeError(f"spectral_norm: {name} is on {vec.device}, the weight on {weight.device}")
+        if vec.stride(0) != 1:
+            raise ValueError(f"spectral_norm: {name} must be contiguous")
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations <= 0:
+        raise ValueError("Expected n_power_iterations to be positive, but "
+                         f"got n_power_iterations={n_power_iterations}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
+
+
 def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_iterations=1,
                                 eps=1e-12, training=True, **launch):
     """The forward launcher: allocates the outputs, launches, returns ``(W_sn, u, v, sigma)``.
 
     ``launch`` may force ``num_programs`` / ``phase_by_phase`` (tests).
     """
+    check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
+    dim = dim % weight.ndim
     out = _empty_like_weight(weight)
     u_saved = torch.empty_like(u, memory_format=torch.contiguous_format)
     v_saved = torch.empty_like(v, memory_format=torch.contiguous_format)
