@@ -13,6 +13,7 @@ pure-PyTorch oracle.
 
 from . import ops, reference  # noqa: F401
 from .parametrizations import spectral_norm
+from .convert import convert, convert_state_dict, load_legacy_state_dict
 
-__all__ = ["spectral_norm", "ops", "reference"]
+__all__ = ["spectral_norm", "convert", "convert_state_dict", "load_legacy_state_dict", "ops", "reference"]
 __version__ = "0.1.0"

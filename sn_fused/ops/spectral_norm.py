@@ -138,6 +138,14 @@ def _max_programs(device_index: int) -> int:
     return props.multi_processor_count
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @dataclass(frozen=True)
 class _LaunchConfig:
     grid: int
@@ -149,19 +157,55 @@ class _LaunchConfig:
 
 
 def _launch_config(M: int, N: int, device: torch.device, num_programs: int | None) -> _LaunchConfig:
+    """Grid and tiles. The grid never exceeds the co-resident bound (a spin barrier needs it)."""
     if num_programs is None:
         if device.type == "cuda":
             cap = _max_programs(device.index if device.index is not None else torch.cuda.current_device())
         else:
             cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
-        num_programs = min(cap, triton.cdiv(M * N, _MIN_ELEMENTS_PER_PROGRAM))
+        num_programs = min(cap, _cdiv(M * N, _MIN_ELEMENTS_PER_PROGRAM))
     G = max(1, min(num_programs, M))
-    block_n = min(triton.next_power_of_2(N), 512)
-    block_m = min(triton.next_power_of_2(triton.cdiv(M, G)), max(1, _TILE_ELEMENTS // block_n))
-    block_r = min(triton.next_power_of_2(triton.cdiv(N, G)), 1024)
+    block_n = min(_next_power_of_2(N), 512)
+    block_m = min(_next_power_of_2(_cdiv(M, G)), max(1, _TILE_ELEMENTS // block_n))
+    block_r = min(_next_power_of_2(_cdiv(N, G)), 1024)
     tile = block_m * block_n
     num_warps = 8 if tile >= 4096 else (4 if tile >= 1024 else 2)
-    return _LaunchConfig(G, block_m, block_n, block_r, triton.next_power_of_2(G), num_warps)
+    return _LaunchConfig(G, block_m, block_n, block_r, _next_power_of_2(G), num_warps)
+
+
+# Compiled kernels by launch signature, for the eager fast path of ``_launch``.
+_RUNNERS: dict = {}
+
+
+def _launch_hooks_set() -> bool:
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime is not None and (runtime.launch_enter_hook is not None
+                                    or runtime.launch_exit_hook is not None)
+
+
+def _launch(kernel, grid: int, args: tuple, num_warps: int, cooperative: bool) -> None:
+    """The one launch site of both kernels. ``args``: every kernel parameter, in order.
+
+    ``kernel[grid](...)`` re-binds and re-specializes ~35 arguments on every
+    call (10-15 us of host time). In eager mode on a GPU the compiled kernel
+    is kept instead, keyed by everything Triton specializes on (dtypes, 16-byte
+    alignment of pointers, the integer values themselves), and launched
+    directly. Under ``torch.compile`` (``wrap_triton``), in the interpreter or
+    with launch hooks (profilers) installed, the ordinary path runs.
+    """
+    if INTERPRET or torch.compiler.is_compiling() or _launch_hooks_set():
+        wrap_triton(kernel)[(grid,)](*args, num_warps=num_warps, launch_cooperative_grid=cooperative)
+        return
+    key = (kernel, grid, num_warps, cooperative) + tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
+    runner = _RUNNERS.get(key)
+    if runner is not None:
+        runner(*args)
+        return
+    compiled = kernel[(grid,)](*args, num_warps=num_warps, launch_cooperative_grid=cooperative)
+    if len(_RUNNERS) > 4096:  # a bound, not a policy: shapes in a model are few
+        _RUNNERS.clear()
+    _RUNNERS[key] = compiled[(grid, 1, 1)]
 
 
 def _workspace_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -182,25 +226,44 @@ def _forward_phases(training: bool, n_power_iterations: int) -> list[tuple[int, 
     return phases
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a launch that depends only on shapes, strides and flags (cached)."""
+
+    cfg: _LaunchConfig
+    ints: tuple  # M, N, then the strides of each tensor, then D1, D2, D3
+    ncol: int
+    ws_numel: int
+    phases: tuple  # (PHASE, is_last) per launch
+    cooperative: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, training,
+                  num_programs, phase_by_phase) -> _Plan:
+    layout = _matrix_layout(dim, torch.empty_strided(shape, w_stride, device="meta"),
+                            torch.empty_strided(shape, o_stride, device="meta"))
+    cfg = _launch_config(layout.M, layout.N, device, num_programs)
+    if phase_by_phase is None:
+        phase_by_phase = cfg.grid > 1 and device.type != "cuda"
+    phases = _forward_phases(training, n_power_iterations) if phase_by_phase else [(kernels.PHASE_ALL, True)]
+    return _Plan(cfg, (layout.M, layout.N) + layout.strides[0] + layout.strides[1] + layout.inner_sizes,
+                 len(layout.sizes), layout.M + layout.N + cfg.grid * (layout.N + 2), tuple(phases),
+                 not phase_by_phase)
+
+
 def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
                     n_power_iterations, eps, training, num_programs=None, phase_by_phase=None):
-    layout = _matrix_layout(dim, weight, out)
-    cfg = _launch_config(layout.M, layout.N, weight.device, num_programs)
-    ws = torch.empty(layout.M + layout.N + cfg.grid * (layout.N + 2),
-                     dtype=_workspace_dtype(weight), device=weight.device)
-    if phase_by_phase is None:
-        phase_by_phase = cfg.grid > 1 and weight.device.type != "cuda"
-    phases = _forward_phases(training, n_power_iterations) if phase_by_phase else [(kernels.PHASE_ALL, True)]
-    D1, D2, D3 = layout.inner_sizes
-    for phase, is_last in phases:
-        wrap_triton(kernels.spectral_norm_fwd_kernel)[(cfg.grid,)](
-            weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
-            layout.M, layout.N, n_power_iterations, eps, int(is_last),
-            *layout.strides[0], *layout.strides[1], D1, D2, D3,
-            NCOL=len(layout.sizes), TRAINING=training, PHASE=phase,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, BLOCK_P=cfg.BLOCK_P,
-            num_warps=cfg.num_warps, launch_cooperative_grid=not phase_by_phase,
-        )
+    plan = _forward_plan(weight.shape, weight.stride(), out.stride(), dim, weight.device,
+                         n_power_iterations, training, num_programs, phase_by_phase)
+    cfg = plan.cfg
+    ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
+    M, N, *strides = plan.ints
+    for phase, is_last in plan.phases:
+        args = (weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
+                M, N, n_power_iterations, eps, int(is_last), *strides,
+                plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_P)
+        _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg.num_warps, plan.cooperative)
 
 
 @triton_op("sn_fused::spectral_norm_forward", mutates_args={"u", "v", "sigma_buf", "sem"})
@@ -220,27 +283,35 @@ def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor
 # --------------------------------------------------------------------------- backward op
 
 
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_programs, phase_by_phase):
+    metas = [torch.empty_strided(shape, st, device="meta") for st in (g_stride, w_stride, d_stride)]
+    layout = _matrix_layout(dim, *metas)
+    if layout is None:
+        return None
+    cfg = _launch_config(layout.M, layout.N, device, num_programs)
+    if phase_by_phase is None:
+        phase_by_phase = cfg.grid > 1 and device.type != "cuda"
+    phases = [(kernels.PHASE_DOT, False), (kernels.PHASE_GRAD, True)] if phase_by_phase else [(kernels.PHASE_ALL, True)]
+    ints = (layout.M, layout.N) + layout.strides[0] + layout.strides[1] + layout.strides[2] + layout.inner_sizes
+    return _Plan(cfg, ints, len(layout.sizes), cfg.grid, tuple(phases), not phase_by_phase)
+
+
 def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
                      num_programs=None, phase_by_phase=None):
-    layout = _matrix_layout(dim, grad, weight, grad_weight)
-    if layout is None:  # grad with a layout we cannot merge: make it like the weight
-        grad = grad.contiguous()
-        layout = _matrix_layout(dim, grad, weight, grad_weight)
-    cfg = _launch_config(layout.M, layout.N, weight.device, num_programs)
-    ws = torch.empty(cfg.grid, dtype=_workspace_dtype(weight), device=weight.device)
-    if phase_by_phase is None:
-        phase_by_phase = cfg.grid > 1 and weight.device.type != "cuda"
-    phases = [kernels.PHASE_DOT, kernels.PHASE_GRAD] if phase_by_phase else [kernels.PHASE_ALL]
-    D1, D2, D3 = layout.inner_sizes
-    for phase in phases:
-        wrap_triton(kernels.spectral_norm_bwd_kernel)[(cfg.grid,)](
-            grad, weight, grad_weight, u, v, sigma, ws, sem,
-            layout.M, layout.N, *layout.strides[0], *layout.strides[1], *layout.strides[2],
-            D1, D2, D3,
-            NCOL=len(layout.sizes), PHASE=phase,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_P=cfg.BLOCK_P,
-            num_warps=cfg.num_warps, launch_cooperative_grid=not phase_by_phase,
-        )
+    plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
+                          weight.device, num_programs, phase_by_phase)
+    if plan is None:  # a grad layout that does not merge with the weight's: copy it like the weight
+        grad = grad.clone(memory_format=torch.preserve_format) if grad.is_non_overlapping_and_dense() \
+            else grad.contiguous()
+        plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
+                              weight.device, num_programs, phase_by_phase)
+    cfg = plan.cfg
+    ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
+    for phase, _ in plan.phases:
+        args = (grad, weight, grad_weight, u, v, sigma, ws, sem, *plan.ints,
+                plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P)
+        _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg.num_warps, plan.cooperative)
 
 
 @triton_op("sn_fused::spectral_norm_backward", mutates_args={"sem"})
@@ -257,13 +328,19 @@ class _SpectralNormFunction(torch.autograd.Function):
     The forward op mutates u, v (in place, as PyTorch's power method does),
     and ``torch.library`` refuses ``register_autograd`` on mutating ops, so
     the pair is tied together here; Dynamo traces an autograd.Function
-    fine, so ``torch.compile`` sees both ops.
+    fine, so ``torch.compile`` sees both ops. Eager calls skip the
+    dispatcher and call the same launchers the ops call.
     """
 
     @staticmethod
     def forward(ctx, weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
-        out, u_saved, v_saved, sigma = torch.ops.sn_fused.spectral_norm_forward(
-            weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
+        if torch.compiler.is_compiling():
+            out, u_saved, v_saved, sigma = torch.ops.sn_fused.spectral_norm_forward(
+                weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
+        else:  # eager: the same launcher, without the dispatcher's per-call cost
+            out, u_saved, v_saved, sigma = spectral_norm_forward_fused(
+                weight, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n_power_iterations,
+                eps=eps, training=training)
         ctx.save_for_backward(weight, u_saved, v_saved, sigma)
         ctx.sem = sem
         ctx.dim = dim
@@ -272,8 +349,12 @@ class _SpectralNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, u_saved, v_saved, sigma = ctx.saved_tensors
-        grad_weight = torch.ops.sn_fused.spectral_norm_backward(
-            grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
+        if torch.compiler.is_compiling():
+            grad_weight = torch.ops.sn_fused.spectral_norm_backward(
+                grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
+        else:
+            grad_weight = spectral_norm_backward_fused(grad_out, weight, u_saved, v_saved, sigma,
+                                                       ctx.sem, dim=ctx.dim)
         return grad_weight, None, None, None, None, None, None, None, None
 
 

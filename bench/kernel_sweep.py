@@ -1,0 +1,140 @@
+"""Kernel-level sweep on a GPU: sn_fused vs PyTorch SN per shape, against the memory floor.
+
+A quick companion of ``python -m bench`` for kernel work: for each (M, N) it times
+the forward read and the backward as CUDA-graph replays (pure GPU time) and as
+eager host-inclusive calls, and prints the floor from the copy bandwidth measured
+in the same run. ``--sweep`` also tries launch-config variants (elements per
+program) so tuning decisions come from measurements.
+
+    python -m bench.kernel_sweep [--sweep] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import triton
+
+import sn_fused
+from sn_fused.ops import spectral_norm as ops_mod
+
+SHAPES = [(64, 27), (128, 1152), (512, 4608), (768, 6912), (1536, 13824), (4096, 4096), (1, 8192),
+          (24576, 20), (1000, 1536)]
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    x = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def graph_time_us(fn, reps_per_graph=20) -> float:
+    """Median GPU time of one ``fn()`` from replays of a graph holding ``reps_per_graph`` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps_per_graph):
+            fn()
+    ms = triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median")
+    return ms * 1e3 / reps_per_graph
+
+
+def eager_time_us(fn, iters=200) -> float:
+    """Host-inclusive time per call of a back-to-back eager loop (what a Python loop pays)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / iters * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+def layer(M, N, impl):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(N, M, bias=False).cuda()
+    with torch.no_grad():
+        lin.weight.normal_()
+    if impl == "sn_fused":
+        return sn_fused.spectral_norm(lin)
+    return torch.nn.utils.parametrizations.spectral_norm(lin)
+
+
+def measure(M, N, impl):
+    m = layer(M, N, impl)
+    g = torch.randn(M, N, device="cuda")
+
+    def fwd():
+        return m.weight
+
+    def fwd_bwd():
+        m.weight.backward(g)
+
+    return dict(
+        fwd_graph=graph_time_us(fwd),
+        fwd_eager=eager_time_us(fwd),
+        fwdbwd_graph=graph_time_us(fwd_bwd, reps_per_graph=10),
+        fwdbwd_eager=eager_time_us(fwd_bwd, iters=100),
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    dev = torch.cuda.get_device_name()
+    print(f"# {dev}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    rows = []
+    hdr = (f"{'shape':>12} {'floor':>6} | {'SNF fwd':>8} {'x floor':>7} {'PT fwd':>7} | {'SNF eager':>9} "
+           f"{'PT eager':>8} {'speedup':>7} | {'SNF f+b':>8} {'PT f+b':>7} | {'SNF f+b eager':>13} {'PT f+b eager':>12}")
+    print(hdr)
+    for M, N in SHAPES:
+        floor_f = 2 * M * N * 4 / bw * 1e6
+        snf = measure(M, N, "sn_fused")
+        pt = measure(M, N, "torch")
+        rows.append(dict(M=M, N=N, floor_fwd_us=floor_f, floor_bwd_us=1.5 * floor_f, sn_fused=snf, torch=pt))
+        print(f"{M:>5}x{N:<6} {floor_f:6.1f} | {snf['fwd_graph']:8.1f} {snf['fwd_graph'] / max(floor_f, 1e-9):7.1f} "
+              f"{pt['fwd_graph']:7.1f} | {snf['fwd_eager']:9.1f} {pt['fwd_eager']:8.1f} "
+              f"{pt['fwd_eager'] / snf['fwd_eager']:7.1f} | {snf['fwdbwd_graph']:8.1f} {pt['fwdbwd_graph']:7.1f} | "
+              f"{snf['fwdbwd_eager']:13.1f} {pt['fwdbwd_eager']:12.1f}", flush=True)
+    sweep = []
+    if args.sweep:
+        print("# sweep: fwd graph time (us) by minimum elements per program")
+        default = ops_mod._MIN_ELEMENTS_PER_PROGRAM
+        for M, N in SHAPES:
+            line = []
+            for mep in (8192, 32768, 131072):
+                ops_mod._MIN_ELEMENTS_PER_PROGRAM = mep
+                m = layer(M, N, "sn_fused")
+                t = graph_time_us(lambda: m.weight)
+                line.append((mep, t))
+                sweep.append(dict(M=M, N=N, min_elements_per_program=mep, fwd_graph_us=t))
+            print(f"{M:>5}x{N:<6} " + "  ".join(f"{mep}:{t:7.1f}" for mep, t in line), flush=True)
+        ops_mod._MIN_ELEMENTS_PER_PROGRAM = default
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernel_sweep.json"), "w") as f:
+            json.dump(dict(device=dev, torch=torch.__version__, triton=triton.__version__,
+                           copy_bandwidth=bw, rows=rows, sweep=sweep), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
