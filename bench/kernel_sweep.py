@@ -93,9 +93,73 @@ def measure(M, N, impl):
     )
 
 
+KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 16384),
+             _MIN_ELEMENTS_PER_PROGRAM=(8192,))
+SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
+
+
+def knob_sweep():
+    """Forward graph time per shape with one launch knob changed at a time from the defaults."""
+    defaults = {k: getattr(ops_mod, k) for k in KNOBS}
+    results = []
+    print("# knob sweep: fwd graph us (one knob changed from the defaults %s)" % defaults)
+    for M, N in SWEEP_SHAPES:
+        line = []
+        for knob, values in [("default", (None,))] + list(KNOBS.items()):
+            for val in values:
+                if knob != "default":
+                    setattr(ops_mod, knob, val)
+                ops_mod._clear_plans()
+                try:
+                    m = layer(M, N, "sn_fused")
+                    t = graph_time_us(lambda: m.weight)
+                except Exception as e:  # e.g. a grid too large for a cooperative launch
+                    t = float("nan")
+                    print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
+                results.append(dict(M=M, N=N, knob=knob, value=val, fwd_graph_us=t))
+                line.append(f"{knob.strip('_')[:8]}={val}:{t:.1f}")
+                for k, v in defaults.items():
+                    setattr(ops_mod, k, v)
+        ops_mod._clear_plans()
+        print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
+    return results
+
+
+def host_profile(M=128, N=1152):
+    """Where the eager host time of one read goes: layer, launcher, raw launch."""
+    import cProfile
+    import pstats
+
+    m = layer(M, N, "sn_fused")
+    p = m.parametrizations.weight[0]
+    w = m.parametrizations.weight.original
+    for _ in range(5):
+        m.weight
+    print(f"# host profile {M}x{N}: launch hooks set: {ops_mod._launch_hooks_set()}, "
+          f"cached runners: {len(ops_mod._RUNNERS)}")
+    print(f"  m.weight                      {eager_time_us(lambda: m.weight):8.1f} us")
+    with torch.no_grad():
+        print(f"  m.weight (no_grad)            {eager_time_us(lambda: m.weight):8.1f} us")
+    print(f"  spectral_norm_forward_fused   "
+          f"{eager_time_us(lambda: ops_mod.spectral_norm_forward_fused(w, p._u, p._v, p._sigma, p._sem)):8.1f} us")
+    print(f"  torch.empty x5                "
+          f"{eager_time_us(lambda: [torch.empty(16, device='cuda') for _ in range(5)]):8.1f} us")
+    print(f"  torch.add_ (one tiny kernel)  {eager_time_us(lambda: p._sigma.add_(0)):8.1f} us")
+    key, runner = next(iter(ops_mod._RUNNERS.items()))
+    print(f"  (runner key has {len(key)} entries)")
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(300):
+        m.weight
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="break down the eager host time")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bw = copy_bandwidth()
@@ -117,18 +181,9 @@ def main():
               f"{snf['fwdbwd_eager']:13.1f} {pt['fwdbwd_eager']:12.1f}", flush=True)
     sweep = []
     if args.sweep:
-        print("# sweep: fwd graph time (us) by minimum elements per program")
-        default = ops_mod._MIN_ELEMENTS_PER_PROGRAM
-        for M, N in SHAPES:
-            line = []
-            for mep in (8192, 32768, 131072):
-                ops_mod._MIN_ELEMENTS_PER_PROGRAM = mep
-                m = layer(M, N, "sn_fused")
-                t = graph_time_us(lambda: m.weight)
-                line.append((mep, t))
-                sweep.append(dict(M=M, N=N, min_elements_per_program=mep, fwd_graph_us=t))
-            print(f"{M:>5}x{N:<6} " + "  ".join(f"{mep}:{t:7.1f}" for mep, t in line), flush=True)
-        ops_mod._MIN_ELEMENTS_PER_PROGRAM = default
+        sweep = knob_sweep()
+    if args.profile:
+        host_profile()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernel_sweep.json"), "w") as f:

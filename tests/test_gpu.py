@@ -92,8 +92,8 @@ def test_power_iterations_and_layouts(n_iter):
         r = _run_both(w, dim % w.ndim, n_iter, True, seed=n_iter)
         assert _rel(r["out"], r["ref_out"]) < 5e-5, (w.shape, w.stride(), dim)
         assert _rel(r["u"], r["ref_u"]) < 5e-5 and _rel(r["v"], r["ref_v"]) < 5e-5
-        if w.is_non_overlapping_and_dense():
-            assert r["out"].stride() == w.stride()
+        # Same strides as ``weight / sigma`` gives (the weight's own where it is dense).
+        assert r["out"].stride() == (w / 2).stride()
 
 
 def test_deterministic_bitwise():
@@ -175,7 +175,10 @@ def _disc():
     ).to(DEV)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(monkeypatch):
+    # cuDNN convolutions may use TF32 (1e-3 differences between algorithms); SN is what is checked here.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = _disc()
     twin = copy.deepcopy(model)

@@ -18,24 +18,27 @@ so the only cross-program traffic is small: ``G`` partial norms and a
 
 Workspace (``ws``, accumulation dtype: fp32, or fp64 for fp64 weights)::
 
-    s      [M]      s = A v                 (row phases; own rows only)
-    t      [N]      t = A^T u               (column phases)
-    t_part [G, N]   per-program partial A^T u
+    s      [M]      s = A x                 (own rows only)
+    t      [N]      t = A^T u               (own columns, read by all after a barrier)
+    t_part [G, N]   per-program A[own rows]^T s   (s not yet normalized)
     part_s [G]      per-program sum of s_i^2   (eval: sum of u_i s_i)
     part_t [G]      per-program sum of t_j^2
 
 Training read, ``n`` power iterations (``|`` = grid barrier)::
 
-    S: s = A v, part_s       | T: du = max(||s||, eps), u = s/du (write u),
-    t_part = A^T u (own rows) | R: t = sum_p t_part (fixed order), part_t
-    | F: dv = max(||t||, eps), v = t/dv (write v), sigma = ||t||^2 / dv
-      then either S again (next iteration, v taken as t/dv) or the rescale
-      W_sn = W / sigma.
+    ST: s = A x (x = v, or t/dv of the previous iteration), part_s,
+        t_part = A[own rows]^T s                      (second pass, own rows)
+    | R: du = max(||s||, eps), u = s/du (own rows),
+         t = (sum_p t_part) / du (own columns, fixed order), part_t
+    | F: dv = max(||t||, eps), v = t/dv (own columns), sigma = ||t||^2 / dv,
+         then ST of the next iteration, or the rescale W_sn = W / sigma.
 
-``sigma = u^T A v = (A^T u)^T v = t^T t / dv`` holds exactly, so sigma costs
-no extra pass over ``A``. Passes over ``A``: ``2n + 1`` reads and one write;
-the second and third pass run in the opposite direction of the one before,
-so the part of ``A`` still in L2 is read first.
+``A^T u = A^T s / du``, so the transposed product needs no barrier after the
+first one: two barriers per iteration. ``sigma = u^T A v = (A^T u)^T v =
+t^T t / dv`` holds exactly, so sigma costs no pass over ``A`` either. Passes
+over ``A``: ``2n + 1`` reads and one write; each pass runs in the opposite
+direction of the one before, so the part of ``A`` still in L2 (or L1, for a
+program's own rows) is read first. With one program the barriers are skipped.
 
 Reductions are deterministic: every sum runs in a fixed order (no float
 atomics), so the same inputs give bitwise-identical results run to run.
@@ -57,10 +60,9 @@ import triton.language as tl
 
 # Phase ids of the forward kernel (PHASE constexpr). -1 = all, with barriers.
 PHASE_ALL = -1
-PHASE_S = 0  # s = A v from the v buffer (training and eval)
-PHASE_T = 1  # u = s / du, t_part = A^T u
-PHASE_R = 2  # t = sum of t_part, part_t
-PHASE_F = 3  # training: v, sigma, then next S or the rescale; eval: sigma, rescale
+PHASE_ST = 0  # s = A v from the v buffer (+ t_part = A^T s when training); eval: sum u_i s_i
+PHASE_R = 1  # u = s / du, t = sum of t_part / du, part_t
+PHASE_F = 2  # training: v, sigma, then the next ST or the rescale; eval: sigma, rescale
 
 # Phase ids of the backward kernel.
 PHASE_DOT = 0  # part = <G, W> over own rows
@@ -76,7 +78,8 @@ def grid_barrier(sem_ptr):
     adds ``0x80000000 - (G - 1)``, the others 1 each), so the top bit flips
     once per barrier and the low bits return to 0: the semaphore never needs
     a reset (CUDA-graph replay safe). A program leaves once the top bit
-    differs from what its own arrival saw.
+    differs from what its own arrival saw. A grid of one program touches no
+    semaphore at all.
 
     Preconditions: all ``G`` programs are co-resident (cooperative launch,
     grid capped by the launcher), and no other grid uses the same semaphore
@@ -85,18 +88,19 @@ def grid_barrier(sem_ptr):
     with ``cache_modifier=".cg"`` (L2, never a stale L1 line).
     """
     sem = sem_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
-    tl.debug_barrier()
+    tl.debug_barrier()  # the CTA's stores are done (and visible inside the CTA)
     n = tl.num_programs(0).to(tl.uint32)
-    if tl.program_id(0) == 0:
-        nb = 0x80000000 - (n - 1)
-    else:
-        nb = n * 0 + 1
-    old = tl.atomic_add(sem, nb, sem="release")
-    flipped = False
-    while not flipped:
-        cur = tl.atomic_add(sem, 0, sem="acquire")
-        flipped = ((old ^ cur) & 0x80000000) != 0
-    tl.debug_barrier()
+    if n > 1:  # one program: the CTA barrier above is all it takes
+        if tl.program_id(0) == 0:
+            nb = 0x80000000 - (n - 1)
+        else:
+            nb = n * 0 + 1
+        old = tl.atomic_add(sem, nb, sem="release")
+        flipped = False
+        while not flipped:
+            cur = tl.atomic_add(sem, 0, sem="acquire")
+            flipped = ((old ^ cur) & 0x80000000) != 0
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -137,16 +141,18 @@ def _sum_partials(part_ptr, G, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _phase_matvec(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, part_s_ptr, dv,
-                  pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                  FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Phase S: ``s = A x`` for own rows, with ``x = v`` (FROM_V) or ``x = t / dv``.
+def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
+                   pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                   FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Phase ST over own rows: ``s = A x``; training also ``t_part[p] = A[rows]^T s``.
 
-    ``t / dv`` is rounded to v's dtype first: that is the ``v`` the previous
-    iteration stored, so the next iteration sees what PyTorch would read.
-    Writes ``s`` and the partial ``sum s_i^2`` (training) or ``sum u_i s_i``
-    (eval: sigma = u^T A v with the stored u, v).
+    ``x = v`` (FROM_V) or ``x = t / dv`` of the previous iteration, rounded to
+    v's dtype first: that is the ``v`` it stored, so each iteration sees what
+    PyTorch would read. Writes ``s`` and the partial ``sum s_i^2``
+    (training) or ``sum u_i s_i`` (eval: sigma = u^T A v, stored u and v).
+    The transposed product uses ``s`` before normalization: ``A^T u = A^T s / du``
+    and ``du`` is known only after the barrier.
     """
     acc_t = s_ptr.dtype.element_ty
     part = tl.zeros([BLOCK_M], acc_t)
@@ -172,47 +178,40 @@ def _phase_matvec(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, part_s_ptr, dv,
         else:
             part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
     tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
+    if TRAINING:
+        tl.debug_barrier()  # s of own rows, stored by some threads, is read by others below
+        n_cblocks = tl.cdiv(N, BLOCK_N)
+        for i in range(n_cblocks):
+            # Last-to-first: the columns just read are read again first.
+            cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
+            for r in range(r0, r1, BLOCK_M):
+                rows = r + tl.arange(0, BLOCK_M)
+                rmask = rows < r1
+                a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
+                s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
+                acc += a * s[:, None]
+            tl.store(tpart_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
-def _phase_transposed_matvec(w_ptr, u_ptr, u_saved_ptr, s_ptr, tpart_ptr, part_s_ptr, eps,
-                             pid, G, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                             NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_P: tl.constexpr):
-    """Phase T: ``u = s / max(||s||, eps)`` for own rows, then ``t_part[p] = A[own rows]^T u``.
+def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_t_ptr, eps,
+                  pid, G, r0, r1, c0, c1, N, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Phase R: ``u = s / du`` for own rows; ``t = (sum_q t_part[q]) / du`` for own columns.
 
-    Columns run last-to-first (the previous pass ran first-to-last), so the
-    tail of ``A`` that is still in L2 is read first.
+    ``du = max(||s||, eps)``; the q-sum runs in a fixed order. Writes the
+    partial ``sum t_j^2``.
     """
-    acc_t = s_ptr.dtype.element_ty
-    u_t = u_ptr.dtype.element_ty
+    acc_t = t_ptr.dtype.element_ty
     du = _clamp_norm(_sum_partials(part_s_ptr, G, BLOCK_P), eps)
-    for r in range(r0, r1, BLOCK_M):
-        rows = r + tl.arange(0, BLOCK_M)
+    for r in range(r0, r1, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
         rmask = rows < r1
-        u = (tl.load(s_ptr + rows, mask=rmask, other=0.0) / du).to(u_t)
+        u = (tl.load(s_ptr + rows, mask=rmask, other=0.0) / du).to(u_ptr.dtype.element_ty)
         tl.store(u_ptr + rows, u, mask=rmask)
         tl.store(u_saved_ptr + rows, u, mask=rmask)
-    n_cblocks = tl.cdiv(N, BLOCK_N)
-    for i in range(n_cblocks):
-        cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
-        for r in range(r0, r1, BLOCK_M):
-            rows = r + tl.arange(0, BLOCK_M)
-            rmask = rows < r1
-            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
-            # Recomputed, not reloaded from u: the same rounding as the stored u.
-            u = (tl.load(s_ptr + rows, mask=rmask, other=0.0) / du).to(u_t).to(acc_t)
-            acc += a * u[:, None]
-        tl.store(tpart_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=cmask)
-
-
-@triton.jit
-def _phase_reduce_columns(tpart_ptr, t_ptr, part_t_ptr, pid, G, c0, c1, N, BLOCK_R: tl.constexpr):
-    """Phase R: ``t = sum_q t_part[q]`` for own columns, q in a fixed order; partial ``sum t_j^2``."""
-    acc_t = t_ptr.dtype.element_ty
     part = tl.zeros([BLOCK_R], acc_t)
     for c in range(c0, c1, BLOCK_R):
         cols = c + tl.arange(0, BLOCK_R)
@@ -220,6 +219,7 @@ def _phase_reduce_columns(tpart_ptr, t_ptr, part_t_ptr, pid, G, c0, c1, N, BLOCK
         t = tl.zeros([BLOCK_R], acc_t)
         for q in range(G):
             t += tl.load(tpart_ptr + q * N + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+        t = t / du
         tl.store(t_ptr + cols, t, mask=cmask)
         part += t * t
     tl.store(part_t_ptr + pid, tl.sum(part, axis=0))
@@ -311,37 +311,30 @@ def spectral_norm_fwd_kernel(
     one = eps * 0 + 1.0  # a runtime scalar of eps' type; unused as dv when FROM_V
 
     if PHASE == -1 or PHASE == 0:
-        _phase_matvec(w_ptr, u_ptr, v_ptr, s_ws, t_ws, part_s_ws, one, pid, r0, r1, N,
-                      s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                      True, TRAINING, NCOL, BLOCK_M, BLOCK_N)
+        _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
+                       s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                       True, TRAINING, NCOL, BLOCK_M, BLOCK_N)
     if TRAINING:
         if PHASE == -1:
-            grid_barrier(sem_ptr)
             for it in range(n_iters):
-                _phase_transposed_matvec(w_ptr, u_ptr, u_saved_ptr, s_ws, tpart_ws, part_s_ws, eps,
-                                         pid, G, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                         NCOL, BLOCK_M, BLOCK_N, BLOCK_P)
                 grid_barrier(sem_ptr)
-                _phase_reduce_columns(tpart_ws, t_ws, part_t_ws, pid, G, c0, c1, N, BLOCK_R)
+                _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
+                              pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_P)
                 grid_barrier(sem_ptr)
                 sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
                                                     c0, c1, BLOCK_R, BLOCK_P)
                 if it < n_iters - 1:
-                    _phase_matvec(w_ptr, u_ptr, v_ptr, s_ws, t_ws, part_s_ws, dv, pid, r0, r1, N,
-                                  s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                  False, TRAINING, NCOL, BLOCK_M, BLOCK_N)
-                    grid_barrier(sem_ptr)
+                    _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
+                                   s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N)
                 else:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
         elif PHASE == 1:
-            _phase_transposed_matvec(w_ptr, u_ptr, u_saved_ptr, s_ws, tpart_ws, part_s_ws, eps,
-                                     pid, G, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                     NCOL, BLOCK_M, BLOCK_N, BLOCK_P)
+            _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
+                          pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_P)
         elif PHASE == 2:
-            _phase_reduce_columns(tpart_ws, t_ws, part_t_ws, pid, G, c0, c1, N, BLOCK_R)
-        elif PHASE == 3:
             sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
                                                 c0, c1, BLOCK_R, BLOCK_P)
             if is_last:
@@ -349,13 +342,13 @@ def spectral_norm_fwd_kernel(
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
             else:
-                _phase_matvec(w_ptr, u_ptr, v_ptr, s_ws, t_ws, part_s_ws, dv, pid, r0, r1, N,
-                              s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                              False, TRAINING, NCOL, BLOCK_M, BLOCK_N)
+                _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
+                               s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                               False, TRAINING, NCOL, BLOCK_M, BLOCK_N)
     else:
         if PHASE == -1:
             grid_barrier(sem_ptr)
-        if PHASE == -1 or PHASE == 3:
+        if PHASE == -1 or PHASE == 2:
             # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd.
             sigma = _sum_partials(part_s_ws, G, BLOCK_P)
             _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_R)

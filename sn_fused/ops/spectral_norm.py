@@ -46,10 +46,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_COL_DIMS = 4
+# Launch tuning. Module globals so that bench/kernel_sweep.py can sweep them
+# (call _clear_plans() after changing one); the defaults come from those sweeps.
 # Below this many elements per program a program would mostly wait on barriers:
 # small weights use fewer programs (cheaper barriers, fewer partials).
 _MIN_ELEMENTS_PER_PROGRAM = int(os.environ.get("SN_FUSED_MIN_ELEMENTS_PER_PROGRAM", 32768))
-_TILE_ELEMENTS = 8192  # elements of A per program per loop step (~32 KB of fp32 in flight)
+_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_TILE_ELEMENTS", 8192))  # of A per program per loop step
+_PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
+_NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
+_NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
 
 
 # --------------------------------------------------------------------------- layout
@@ -132,10 +137,18 @@ def new_semaphore(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _max_programs(device_index: int) -> int:
-    """Co-resident programs: one per SM (the cooperative launch checks it too)."""
-    props = torch.cuda.get_device_properties(device_index)
-    return props.multi_processor_count
+    """Co-resident programs: ``_PROGRAMS_PER_SM`` per SM.
+
+    A spin barrier deadlocks if a program is not resident, so the launch is
+    cooperative too: the driver refuses a grid that cannot be co-resident
+    (an error, never a hang).
+    """
+    return _sm_count(device_index) * _PROGRAMS_PER_SM
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -154,6 +167,7 @@ class _LaunchConfig:
     BLOCK_R: int
     BLOCK_P: int
     num_warps: int
+    num_stages: int | None
 
 
 def _launch_config(M: int, N: int, device: torch.device, num_programs: int | None) -> _LaunchConfig:
@@ -165,12 +179,15 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
             cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
         num_programs = min(cap, _cdiv(M * N, _MIN_ELEMENTS_PER_PROGRAM))
     G = max(1, min(num_programs, M))
-    block_n = min(_next_power_of_2(N), 512)
-    block_m = min(_next_power_of_2(_cdiv(M, G)), max(1, _TILE_ELEMENTS // block_n))
-    block_r = min(_next_power_of_2(_cdiv(N, G)), 1024)
+    # Tiles of ~_TILE_ELEMENTS: a program's few rows by up to 512 columns, wider
+    # when it has only one or two rows (M = 1 must not loop over 512-wide slivers).
+    rows = _next_power_of_2(_cdiv(M, G))
+    block_n = min(_next_power_of_2(N), max(512, _TILE_ELEMENTS // min(rows, 16)))
+    block_m = min(rows, max(1, _TILE_ELEMENTS // block_n))
+    block_r = min(_next_power_of_2(max(_cdiv(N, G), _cdiv(M, G))), 4096)
     tile = block_m * block_n
-    num_warps = 8 if tile >= 4096 else (4 if tile >= 1024 else 2)
-    return _LaunchConfig(G, block_m, block_n, block_r, _next_power_of_2(G), num_warps)
+    num_warps = _NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2))
+    return _LaunchConfig(G, block_m, block_n, block_r, _next_power_of_2(G), num_warps, _NUM_STAGES or None)
 
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
@@ -183,7 +200,7 @@ def _launch_hooks_set() -> bool:
                                     or runtime.launch_exit_hook is not None)
 
 
-def _launch(kernel, grid: int, args: tuple, num_warps: int, cooperative: bool) -> None:
+def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool) -> None:
     """The one launch site of both kernels. ``args``: every kernel parameter, in order.
 
     ``kernel[grid](...)`` re-binds and re-specializes ~35 arguments on every
@@ -193,16 +210,19 @@ def _launch(kernel, grid: int, args: tuple, num_warps: int, cooperative: bool) -
     directly. Under ``torch.compile`` (``wrap_triton``), in the interpreter or
     with launch hooks (profilers) installed, the ordinary path runs.
     """
+    options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
+    if cfg.num_stages:
+        options["num_stages"] = cfg.num_stages
     if INTERPRET or torch.compiler.is_compiling() or _launch_hooks_set():
-        wrap_triton(kernel)[(grid,)](*args, num_warps=num_warps, launch_cooperative_grid=cooperative)
+        wrap_triton(kernel)[(grid,)](*args, **options)
         return
-    key = (kernel, grid, num_warps, cooperative) + tuple(
+    key = (kernel, grid, cfg, cooperative) + tuple(
         (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
     runner = _RUNNERS.get(key)
     if runner is not None:
         runner(*args)
         return
-    compiled = kernel[(grid,)](*args, num_warps=num_warps, launch_cooperative_grid=cooperative)
+    compiled = kernel[(grid,)](*args, **options)
     if len(_RUNNERS) > 4096:  # a bound, not a policy: shapes in a model are few
         _RUNNERS.clear()
     _RUNNERS[key] = compiled[(grid, 1, 1)]
@@ -218,12 +238,18 @@ def _workspace_dtype(weight: torch.Tensor) -> torch.dtype:
 def _forward_phases(training: bool, n_power_iterations: int) -> list[tuple[int, bool]]:
     """The (PHASE, is_last) launch sequence of the phase-by-phase mode (see kernels.py)."""
     if not training:
-        return [(kernels.PHASE_S, False), (kernels.PHASE_F, True)]
-    phases = [(kernels.PHASE_S, False)]
+        return [(kernels.PHASE_ST, False), (kernels.PHASE_F, True)]
+    phases = [(kernels.PHASE_ST, False)]
     for it in range(n_power_iterations):
-        last = it == n_power_iterations - 1
-        phases += [(kernels.PHASE_T, False), (kernels.PHASE_R, False), (kernels.PHASE_F, last)]
+        phases += [(kernels.PHASE_R, False), (kernels.PHASE_F, it == n_power_iterations - 1)]
     return phases
+
+
+def _clear_plans() -> None:
+    """Forget cached plans and compiled launchers (after a tuning knob changed)."""
+    _forward_plan.cache_clear()
+    _backward_plan.cache_clear()
+    _RUNNERS.clear()
 
 
 @dataclass(frozen=True)
@@ -263,7 +289,7 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
         args = (weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
                 M, N, n_power_iterations, eps, int(is_last), *strides,
                 plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_P)
-        _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg.num_warps, plan.cooperative)
+        _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative)
 
 
 @triton_op("sn_fused::spectral_norm_forward", mutates_args={"u", "v", "sigma_buf", "sem"})
@@ -302,8 +328,7 @@ def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
     plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
                           weight.device, num_programs, phase_by_phase)
     if plan is None:  # a grad layout that does not merge with the weight's: copy it like the weight
-        grad = grad.clone(memory_format=torch.preserve_format) if grad.is_non_overlapping_and_dense() \
-            else grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
                               weight.device, num_programs, phase_by_phase)
     cfg = plan.cfg
@@ -311,7 +336,7 @@ def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
     for phase, _ in plan.phases:
         args = (grad, weight, grad_weight, u, v, sigma, ws, sem, *plan.ints,
                 plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P)
-        _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg.num_warps, plan.cooperative)
+        _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative)
 
 
 @triton_op("sn_fused::spectral_norm_backward", mutates_args={"sem"})
