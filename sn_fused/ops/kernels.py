@@ -34,9 +34,10 @@ Training read, ``n`` power iterations (``|`` = grid barrier)::
          then ST of the next iteration, or the rescale W_sn = W / sigma.
 
 ``A^T u = A^T s / du``, so the transposed product needs no barrier after the
-first one: two barriers per iteration. ``sigma = u^T A v = (A^T u)^T v =
+first one: two barriers per iteration. When a whole row fits in one tile
+(``N <= 16384``), ST loads each tile once and computes both products from it. ``sigma = u^T A v = (A^T u)^T v =
 t^T t / dv`` holds exactly, so sigma costs no pass over ``A`` either. Passes
-over ``A``: ``2n + 1`` reads and one write; each pass runs in the opposite
+over ``A``: ``n + 1`` reads (``2n + 1`` for wider rows) and one write; each pass runs in the opposite
 direction of the one before, so the part of ``A`` still in L2 (or L1, for a
 program's own rows) is read first. With one program the barriers are skipped.
 
@@ -129,8 +130,12 @@ def _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.con
 
 @triton.jit
 def _clamp_norm(sumsq, eps):
-    """``max(sqrt(sumsq), eps)`` with NaN propagated, as ``Tensor.clamp_min`` does."""
-    return tl.maximum(tl.sqrt(sumsq), eps, propagate_nan=tl.PropagateNan.ALL)
+    """``max(sqrt(sumsq), eps)`` with NaN propagated, as ``Tensor.clamp_min`` does.
+
+    eps arrives as fp64 and is rounded to the accumulation dtype here (exact for fp64 weights).
+    """
+    eps_acc = (sumsq * 0 + eps).to(sumsq.dtype)
+    return tl.maximum(tl.sqrt(sumsq), eps_acc, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -144,7 +149,7 @@ def _sum_partials(part_ptr, G, BLOCK_P: tl.constexpr):
 def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
                    pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
                    FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TILE: tl.constexpr):
     """Phase ST over own rows: ``s = A x``; training also ``t_part[p] = A[rows]^T s``.
 
     ``x = v`` (FROM_V) or ``x = t / dv`` of the previous iteration, rounded to
@@ -156,6 +161,33 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
     """
     acc_t = s_ptr.dtype.element_ty
     part = tl.zeros([BLOCK_M], acc_t)
+    if ROW_IN_TILE:
+        # A whole row fits in one tile: each tile of A is loaded once and used for
+        # both products (one pass over A), x and the t partial stay in registers.
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        if FROM_V:
+            x = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+        else:
+            t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+            x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
+        t_acc = tl.zeros([BLOCK_N], acc_t)
+        for r in range(r0, r1, BLOCK_M):
+            rows = r + tl.arange(0, BLOCK_M)
+            rmask = rows < r1
+            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
+            s = tl.sum(a * x[None, :], axis=1)
+            tl.store(s_ptr + rows, s, mask=rmask)
+            if TRAINING:
+                part += s * s
+                t_acc += tl.sum(a * s[:, None], axis=0)
+            else:
+                part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
+        tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
+        if TRAINING:
+            tl.store(tpart_ptr + pid * N + cols, t_acc, mask=cmask)
+        return
     for r in range(r0, r1, BLOCK_M):
         rows = r + tl.arange(0, BLOCK_M)
         rmask = rows < r1
@@ -283,12 +315,13 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
 def spectral_norm_fwd_kernel(
     w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
     ws_ptr, sem_ptr,
-    M, N, n_iters, eps, is_last,
+    M, N, n_iters, eps: tl.float64, is_last,
     s_row, s_c0, s_c1, s_c2, s_c3,
     o_row, o_c0, o_c1, o_c2, o_c3,
     D1, D2, D3,
     NCOL: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    ROW_IN_TILE: tl.constexpr,
 ):
     """One read of the spectral-normalized weight (see the module docstring).
 
@@ -296,6 +329,7 @@ def spectral_norm_fwd_kernel(
     place (training), ``u_saved``/``v_saved`` the u, v that sigma used (what
     autograd keeps), ``sigma`` and the module's ``sigma_buf`` (for logging).
     ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
+    ``ROW_IN_TILE`` (``BLOCK_N >= N``): phase ST reads each tile of A once.
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -313,7 +347,7 @@ def spectral_norm_fwd_kernel(
     if PHASE == -1 or PHASE == 0:
         _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
                        s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                       True, TRAINING, NCOL, BLOCK_M, BLOCK_N)
+                       True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
     if TRAINING:
         if PHASE == -1:
             for it in range(n_iters):
@@ -326,7 +360,7 @@ def spectral_norm_fwd_kernel(
                 if it < n_iters - 1:
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N)
+                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
                 else:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
@@ -344,7 +378,7 @@ def spectral_norm_fwd_kernel(
             else:
                 _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                               False, TRAINING, NCOL, BLOCK_M, BLOCK_N)
+                               False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
     else:
         if PHASE == -1:
             grid_barrier(sem_ptr)

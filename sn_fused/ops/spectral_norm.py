@@ -50,8 +50,9 @@ _MAX_COL_DIMS = 4
 # (call _clear_plans() after changing one); the defaults come from those sweeps.
 # Below this many elements per program a program would mostly wait on barriers:
 # small weights use fewer programs (cheaper barriers, fewer partials).
-_MIN_ELEMENTS_PER_PROGRAM = int(os.environ.get("SN_FUSED_MIN_ELEMENTS_PER_PROGRAM", 32768))
-_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_TILE_ELEMENTS", 8192))  # of A per program per loop step
+_MIN_ELEMENTS_PER_PROGRAM = int(os.environ.get("SN_FUSED_MIN_ELEMENTS_PER_PROGRAM", 8192))
+_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_TILE_ELEMENTS", 16384))  # of A per program per loop step
+_MAX_ROW_IN_TILE = int(os.environ.get("SN_FUSED_MAX_ROW_IN_TILE", 16384))  # widest row read in one tile
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
@@ -168,6 +169,7 @@ class _LaunchConfig:
     BLOCK_P: int
     num_warps: int
     num_stages: int | None
+    ROW_IN_TILE: bool
 
 
 def _launch_config(M: int, N: int, device: torch.device, num_programs: int | None) -> _LaunchConfig:
@@ -179,25 +181,36 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
             cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
         num_programs = min(cap, _cdiv(M * N, _MIN_ELEMENTS_PER_PROGRAM))
     G = max(1, min(num_programs, M))
-    # Tiles of ~_TILE_ELEMENTS: a program's few rows by up to 512 columns, wider
-    # when it has only one or two rows (M = 1 must not loop over 512-wide slivers).
+    # Tiles of ~_TILE_ELEMENTS. Rows up to _MAX_ROW_IN_TILE wide are read whole
+    # (one pass over A for both products); wider ones in column blocks of a
+    # program's few rows by >= 512 columns.
     rows = _next_power_of_2(_cdiv(M, G))
-    block_n = min(_next_power_of_2(N), max(512, _TILE_ELEMENTS // min(rows, 16)))
+    row_in_tile = _next_power_of_2(N) <= _MAX_ROW_IN_TILE
+    if row_in_tile:
+        block_n = _next_power_of_2(N)
+    else:
+        block_n = max(min(512, _TILE_ELEMENTS // 4), _TILE_ELEMENTS // min(rows, 16))
     block_m = min(rows, max(1, _TILE_ELEMENTS // block_n))
     block_r = min(_next_power_of_2(max(_cdiv(N, G), _cdiv(M, G))), 4096)
     tile = block_m * block_n
     num_warps = _NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2))
-    return _LaunchConfig(G, block_m, block_n, block_r, _next_power_of_2(G), num_warps, _NUM_STAGES or None)
+    return _LaunchConfig(G, block_m, block_n, block_r, _next_power_of_2(G), num_warps, _NUM_STAGES or None,
+                         row_in_tile)
 
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
 _RUNNERS: dict = {}
 
 
+def _hook_set(hook) -> bool:
+    # Triton >= 3.4 keeps hooks in a HookChain that is never None: look inside.
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _launch_hooks_set() -> bool:
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    return runtime is not None and (runtime.launch_enter_hook is not None
-                                    or runtime.launch_exit_hook is not None)
+    return runtime is not None and (_hook_set(runtime.launch_enter_hook)
+                                    or _hook_set(runtime.launch_exit_hook))
 
 
 def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool) -> None:
@@ -213,7 +226,10 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
         options["num_stages"] = cfg.num_stages
-    if INTERPRET or torch.compiler.is_compiling() or _launch_hooks_set():
+    # args[1] is the output the launcher allocated: a plain tensor exactly when this is a
+    # real eager call (FakeTensor / FunctionalTensor under tracing: take the traceable path).
+    if INTERPRET or type(args[1]) is not torch.Tensor or torch.compiler.is_compiling() \
+            or _launch_hooks_set():
         wrap_triton(kernel)[(grid,)](*args, **options)
         return
     key = (kernel, grid, cfg, cooperative) + tuple(
@@ -288,7 +304,8 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
     for phase, is_last in plan.phases:
         args = (weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
                 M, N, n_power_iterations, eps, int(is_last), *strides,
-                plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_P)
+                plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_P,
+                cfg.ROW_IN_TILE)
         _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative)
 
 
@@ -359,6 +376,8 @@ class _SpectralNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
+        if -weight.ndim <= dim < 0:
+            dim += weight.ndim  # the backward gets it too (out-of-range dims fail in check_inputs)
         if torch.compiler.is_compiling():
             out, u_saved, v_saved, sigma = torch.ops.sn_fused.spectral_norm_forward(
                 weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
@@ -449,6 +468,8 @@ def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_
 
 def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **launch):
     """The backward launcher (``launch`` may force num_programs / phase_by_phase)."""
+    if -weight.ndim <= dim < 0:
+        dim += weight.ndim
     grad_weight = _empty_like_weight(weight)
     _launch_backward(grad, weight, grad_weight, u, v, sigma, sem[1:2], dim, **launch)
     return grad_weight

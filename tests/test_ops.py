@@ -1,0 +1,1017 @@
+r"""Tests of the fused kernels and their launchers (``sn_fused.ops``).
+
+Where they run
+--------------
+* CPU, through Triton's interpreter: set ``TRITON_INTERPRET=1`` *before*
+  anything imports Triton (``TRITON_INTERPRET=1 pytest tests/test_ops.py``).
+  The interpreter runs a grid's programs one after another, so a grid barrier
+  with more than one program would deadlock: multi-program logic is tested
+  phase by phase (``phase_by_phase=True``), single-launch mode with one program.
+* CUDA, when a GPU is present and the interpreter is off: every test below
+  also runs on ``cuda`` (the ``device`` fixture), plus the multi-program
+  single-launch tests that cannot run on the interpreter.
+
+Without either the module is skipped with the reason.
+
+Everything is compared with ``sn_fused.reference`` (PyTorch's own algorithm,
+operation for operation) run on float64 copies on the CPU. Slow sweeps are
+behind ``@pytest.mark.slow`` and ``SN_FUSED_SLOW=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import zlib
+from unittest import mock
+
+import pytest
+import torch
+import triton
+
+from sn_fused import ops, reference
+from sn_fused.ops import kernels
+from sn_fused.ops import spectral_norm as snm
+
+
+def _interpreter_active() -> bool:
+    """True when the kernels really are interpreted (not only the env var set late)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return ops.INTERPRET and isinstance(kernels.spectral_norm_fwd_kernel, InterpretedFunction)
+
+
+INTERPRET = _interpreter_active()
+HAS_CUDA = torch.cuda.is_available()
+
+# CUDA tensors under the interpreter would work but are slow, and the default
+# launch config would pick a multi-program single launch there (a deadlock in
+# the interpreter): run CUDA only with compiled kernels.
+DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if HAS_CUDA and not INTERPRET else [])
+
+if not DEVICES:
+    pytest.skip(
+        "sn_fused kernel tests need TRITON_INTERPRET=1 (set before Triton is imported: CPU "
+        "tensors then run through the Triton interpreter) or a CUDA GPU; neither is available",
+        allow_module_level=True,
+    )
+
+# Triton 3.6's interpreter with numpy >= 1.25 warns on every scalar index: noise, not signal.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+
+SLOW = os.environ.get("SN_FUSED_SLOW", "0") == "1"
+slow_mark = pytest.mark.slow
+slow_skip = pytest.mark.skipif(not SLOW, reason="long sweep: set SN_FUSED_SLOW=1 to run it")
+
+NAN = float("nan")
+SEM_STATES = (0, -(2**31))  # int32 views of 0 and 0x80000000: the barrier's rest states
+ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+# --------------------------------------------------------------------------- fixtures / helpers
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def gen(request):
+    """A CPU generator seeded from the test id: fresh inputs per test, reproducible runs."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def skip_unsupported_dtype(dtype, device):
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the Triton interpreter has no bfloat16 (sn_fused refuses bf16 CPU weights)")
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def randn(shape, gen, dtype, device, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def unit(n, gen, dtype, device):
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    return (x / x.norm()).to(device=device, dtype=dtype)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (a permutation of a contiguous layout)."""
+    expected = 1
+    dims = sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1)
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides on every dim of size > 1 (a size-1 dim's stride is arbitrary)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n != 1)
+
+
+def vec_pair(weight, dim, gen):
+    """Unit u (M) and v (N) for the weight's matrix view along ``dim``."""
+    m = weight.shape[dim]
+    n = weight.numel() // m
+    return unit(m, gen, weight.dtype, weight.device), unit(n, gen, weight.dtype, weight.device)
+
+
+# ---- layouts: (id, base shape, view transform, dim)
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _cl3d(t):
+    return t.contiguous(memory_format=torch.channels_last_3d)
+
+
+CASES = [
+    ("1x1", (1, 1), None, 0),
+    ("1x17", (1, 17), None, 0),
+    ("17x1", (17, 1), None, 0),
+    ("31x33", (31, 33), None, 0),
+    ("64x63", (64, 63), None, 0),
+    ("127x5", (127, 5), None, 0),
+    ("5x129", (5, 129), None, 0),
+    ("33x31-dim1", (33, 31), None, 1),
+    ("3d-dim0", (6, 4, 5), None, 0),
+    ("3d-dim1", (4, 6, 3), None, 1),
+    ("3d-dim-1", (3, 4, 7), None, -1),
+    ("size1-dims", (5, 1, 3, 1), None, 0),
+    ("size1-dim-is-M", (2, 1, 3), None, 1),
+    ("conv4d", (8, 3, 3, 3), None, 0),
+    ("convT4d-dim1", (4, 6, 3, 3), None, 1),
+    ("conv4d-channels_last", (8, 5, 3, 3), _cl, 0),
+    ("convT4d-channels_last-dim1", (5, 4, 3, 3), _cl, 1),
+    ("5d-dim0", (4, 3, 2, 3, 2), None, 0),
+    ("5d-dim2", (3, 2, 5, 2, 3), None, 2),
+    ("5d-channels_last_3d", (4, 3, 2, 3, 2), _cl3d, 0),
+    ("5d-permuted-dim-2", (3, 4, 2, 5, 2), lambda t: t.permute(4, 2, 0, 3, 1), -2),
+    ("2d-transposed", (33, 31), lambda t: t.t(), 0),
+    ("3d-permuted-dim1", (5, 4, 6), lambda t: t.permute(2, 0, 1), 1),
+    ("2d-step-slice", (20, 30), lambda t: t[::2, ::3], 0),
+    ("4d-step-slice", (8, 6, 5, 5), lambda t: t[:, ::2, 1:4, :], 0),
+    ("4d-sliced-permuted-dim1", (6, 8, 4, 3), lambda t: t[1:5, ::3].permute(0, 2, 1, 3), 1),
+    ("2d-expanded", (6, 1), lambda t: t.expand(6, 9), 0),
+]
+CASE_IDS = [c[0] for c in CASES]
+CASE = {c[0]: c for c in CASES}
+
+
+def make_weight(case, gen, dtype, device, scale=1.0):
+    _, shape, view, dim = case
+    w = randn(shape, gen, dtype, device, scale)
+    return (view(w) if view is not None else w), dim
+
+
+# ---- tolerances (errors measured on the interpreter were 4-10x below these)
+VEC_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-12}
+WSN_ULPS = {torch.float16: 4, torch.bfloat16: 4}  # half types: W_sn within a few ulps
+WSN_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def ulp(x: torch.Tensor, dtype) -> torch.Tensor:
+    info = torch.finfo(dtype)
+    exp = torch.floor(torch.log2(x.abs().clamp_min(info.tiny)))
+    return torch.exp2(exp - (info.bits - 1 - {torch.float16: 5, torch.bfloat16: 8}[dtype]))
+
+
+def assert_vec(actual, expected, dtype, what):
+    actual = actual.detach().cpu().double()
+    tol = VEC_TOL[dtype] * max(expected.norm().item(), 1e-300)
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+
+
+def assert_sigma(actual, expected, dtype):
+    a, e = actual.detach().cpu().double().item(), expected.item()
+    assert abs(a - e) <= VEC_TOL[dtype] * abs(e), f"sigma {a!r} vs reference {e!r}"
+
+
+def assert_wsn(actual, expected, dtype, what="W_sn"):
+    actual = actual.detach().cpu().double()
+    assert actual.shape == expected.shape
+    if dtype in WSN_ULPS:
+        # a few ulps of the half type (sigma's own error ~1e-3 included), subnormals absolute
+        err = (actual - expected).abs() / ulp(expected, dtype)
+        worst = err.max().item()
+        assert worst <= WSN_ULPS[dtype], f"{what}: {worst:.2f} ulps off the reference"
+    else:
+        tol = WSN_TOL[dtype]
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item(),
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def reference_forward(weight, u, v, *, dim, n, eps, training):
+    """float64 CPU copies through the oracle: (W_sn, sigma, u used, v used)."""
+    u64 = u.detach().cpu().double().clone()
+    v64 = v.detach().cpu().double().clone()
+    w_sn, sigma = reference.spectral_norm_reference(
+        weight.detach().cpu().double(), u64, v64, dim=dim % weight.ndim,
+        n_power_iterations=n, eps=eps, training=training)
+    return w_sn, sigma, u64, v64
+
+
+def fused_forward(weight, u, v, *, dim, n=1, eps=1e-12, training=True, sem=None, **launch):
+    sigma_buf = torch.full((), NAN, dtype=weight.dtype, device=weight.device)
+    sem = ops.new_semaphore(weight.device) if sem is None else sem
+    out, u_saved, v_saved, sigma = ops.spectral_norm_forward_fused(
+        weight, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n, eps=eps, training=training,
+        **launch)
+    return dict(out=out, u=u, v=v, u_saved=u_saved, v_saved=v_saved, sigma=sigma,
+                sigma_buf=sigma_buf, sem=sem)
+
+
+def check_forward(weight, u0, v0, res, *, dim, n, eps, training):
+    """Every output of one forward read against the float64 oracle."""
+    dtype = weight.dtype
+    w_sn, sigma, u_ref, v_ref = reference_forward(weight, u0, v0, dim=dim, n=n, eps=eps, training=training)
+    out = res["out"]
+    assert out.shape == weight.shape and out.dtype == dtype and out.device == weight.device
+    if dense(weight):
+        assert same_strides(out, weight), f"output strides {out.stride()} != weight's {weight.stride()}"
+    else:
+        assert dense(out), f"output of a non-dense weight must be dense, got {out.stride()}"
+    # buffers: updated in place when training, untouched in eval
+    if training:
+        assert_vec(res["u"], u_ref, dtype, "u (in place)")
+        assert_vec(res["v"], v_ref, dtype, "v (in place)")
+    else:
+        assert torch.equal(res["u"], u0) and torch.equal(res["v"], v0), "eval must not touch u, v"
+    # the u, v that sigma used (what autograd saves): exactly the buffers' new values
+    assert torch.equal(res["u_saved"], res["u"]) and torch.equal(res["v_saved"], res["v"])
+    assert res["u_saved"].data_ptr() != res["u"].data_ptr(), "saved u must be a copy"
+    assert res["v_saved"].data_ptr() != res["v"].data_ptr(), "saved v must be a copy"
+    assert res["sigma"].shape == () and res["sigma"].dtype == dtype
+    assert_sigma(res["sigma"], sigma, dtype)
+    assert torch.equal(res["sigma_buf"], res["sigma"]), "sigma_buf must receive sigma"
+    assert_wsn(out, w_sn, dtype)
+    # self-consistency: W_sn is W / sigma (sigma rounded to the weight's dtype) in acc precision
+    acc = acc_dtype(dtype)
+    expected = (weight.to(acc) / res["sigma"].to(acc)).to(dtype)
+    if weight.device.type == "cpu":  # interpreter: IEEE division, bitwise
+        assert torch.equal(out, expected), "W_sn != (W / sigma) rounded"
+    else:  # Triton's fp32 division on the GPU is not correctly rounded (<= 2 ulp)
+        torch.testing.assert_close(out, expected, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    return w_sn, sigma, u_ref, v_ref
+
+
+def fused_backward(grad, weight, u, v, sigma, *, dim, sem=None, **launch):
+    sem = ops.new_semaphore(weight.device) if sem is None else sem
+    return ops.spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, dim=dim, **launch)
+
+
+def check_backward(grad_w, grad, weight, u, v, sigma, *, dim, rtol=None):
+    dtype = weight.dtype
+    expected = reference.spectral_norm_backward_reference(
+        grad.detach().cpu().double(), weight.detach().cpu().double(), u.cpu().double(),
+        v.cpu().double(), sigma.cpu().double(), dim % weight.ndim)
+    assert grad_w.shape == weight.shape and grad_w.dtype == dtype
+    if dense(weight):
+        assert same_strides(grad_w, weight), f"grad strides {grad_w.stride()} != weight's {weight.stride()}"
+    else:
+        assert dense(grad_w)
+    tol = rtol if rtol is not None else {torch.float16: 2e-3, torch.bfloat16: 1.6e-2,
+                                         torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(grad_w.cpu().double(), expected, rtol=tol,
+                               atol=tol * expected.abs().max().item())
+
+
+class Launches(list):
+    """``(kernel, programs, PHASE)`` per launch; ``driver`` counts what reached Triton's launcher
+    (CUDA only: the interpreter calls no launch hooks)."""
+
+    driver = 0
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Record every launch of the two kernels.
+
+    ``wrap_triton(k)[grid](...)`` / ``k[grid](...)`` end in ``k.run(*args, grid=..., warmup=False)``
+    (under the interpreter ``wrap_triton`` returns the ``InterpretedFunction`` itself):
+    patching the instance's ``run`` sees every launch with its arguments. On CUDA a
+    launch-enter hook is registered as well; it counts every real launch, including
+    one through a cached compiled kernel that bypasses ``run``.
+    """
+    calls = Launches()
+
+    def patch(name, kernel):
+        original = kernel.run
+        arg_names = list(kernel.arg_names)
+
+        def run(*args, **kwargs):
+            bound = dict(zip(arg_names, args), **kwargs)
+            grid = kwargs["grid"]
+            grid = tuple(grid(bound) if callable(grid) else grid)  # (G,) or (G, 1, 1)
+            assert all(g == 1 for g in grid[1:]), grid
+            calls.append((name, grid[0], bound.get("PHASE")))
+            return original(*args, **kwargs)
+
+        return mock.patch.object(kernel, "run", side_effect=run)
+
+    def hook(*_args, **_kwargs):
+        calls.driver += 1
+
+    runtime = triton.knobs.runtime
+    chain = runtime.launch_enter_hook
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patch("fwd", kernels.spectral_norm_fwd_kernel))
+        stack.enter_context(patch("bwd", kernels.spectral_norm_bwd_kernel))
+        if hasattr(chain, "add"):  # Triton 3.6: a HookChain
+            chain.add(hook)
+            stack.callback(chain.remove, hook)
+        else:
+            runtime.launch_enter_hook = hook
+            stack.callback(setattr, runtime, "launch_enter_hook", chain)
+        yield calls
+
+
+def assert_launch_kinds(calls, expected, device):
+    """``expected``: the kernel names in launch order; on CUDA also what reached the driver."""
+    assert [c[0] for c in calls] == expected, calls
+    if device == "cuda":
+        assert calls.driver == len(expected), f"{calls.driver} launches reached the driver"
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_layouts_float64(case, device, gen):
+    """Shapes (M or N = 1, primes, 2^k +- 1), 2-5 dims, dim 0/1/negative, strided weights."""
+    weight, dim = make_weight(case, gen, torch.float64, device)
+    for training in (True, False):
+        u0, v0 = vec_pair(weight, dim, gen)
+        res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim, training=training)
+        check_forward(weight, u0, v0, res, dim=dim, n=1, eps=1e-12, training=training)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_forward_power_iterations(n, device, gen):
+    for case in (CASE["64x63"], CASE["convT4d-channels_last-dim1"]):
+        weight, dim = make_weight(case, gen, torch.float64, device)
+        u0, v0 = vec_pair(weight, dim, gen)
+        res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim, n=n, training=True)
+        check_forward(weight, u0, v0, res, dim=dim, n=n, eps=1e-12, training=True)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_forward_dtypes(dtype, device, gen):
+    skip_unsupported_dtype(dtype, device)
+    for case in (CASE["31x33"], CASE["convT4d-channels_last-dim1"], CASE["2d-step-slice"]):
+        weight, dim = make_weight(case, gen, dtype, device)
+        for training, n in ((True, 1), (True, 3), (False, 1)):
+            u0, v0 = vec_pair(weight, dim, gen)
+            res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim, n=n, training=training)
+            check_forward(weight, u0, v0, res, dim=dim, n=n, eps=1e-12, training=training)
+
+
+@pytest.mark.parametrize("dtype,eps,scale", [
+    (torch.float32, 1.0, 1e-2),
+    (torch.float64, 2.0**-20, 1e-8),  # eps exactly representable in fp32
+    # eps not representable in fp32: catches an eps passed to the kernel as an fp32 scalar
+    # (Triton types a plain Python float argument 'fp32'; the kernel must declare it fp64)
+    (torch.float64, 1e-6, 1e-8),
+], ids=["fp32-eps1", "fp64-eps2^-20", "fp64-eps1e-6"])
+def test_forward_eps_clamp_active(dtype, eps, scale, device, gen):
+    """||A v|| and ||A^T u|| below eps: the clamps du = max(., eps), dv = max(., eps) as PyTorch."""
+    weight = randn((9, 14), gen, dtype, device, scale)
+    for n, num_programs in ((1, None), (2, None), (2, 3)):
+        u0, v0 = vec_pair(weight, 0, gen)
+        res = fused_forward(weight, u0.clone(), v0.clone(), dim=0, n=n, eps=eps,
+                            num_programs=num_programs)
+        _, sigma, u_ref, _ = check_forward(weight, u0, v0, res, dim=0, n=n, eps=eps, training=True)
+        assert u_ref.norm() < 0.5, "the test must exercise the clamp"
+
+
+def test_forward_training_never_reads_old_u(device, gen):
+    """u = normalize(A v): the old u is never read (NaN in, finite and correct out)."""
+    weight = randn((13, 10), gen, torch.float32, device)
+    u0, v0 = vec_pair(weight, 0, gen)
+    u = torch.full_like(u0, NAN)
+    res = fused_forward(weight, u, v0.clone(), dim=0, n=2)
+    check_forward(weight, u0, v0, res, dim=0, n=2, eps=1e-12, training=True)
+
+
+def test_forward_buffers_updated_in_place(device, gen):
+    weight = randn((7, 11), gen, torch.float32, device)
+    u, v = vec_pair(weight, 0, gen)
+    ptrs = u.data_ptr(), v.data_ptr()
+    u_before, v_before = u.clone(), v.clone()
+    fused_forward(weight, u, v, dim=0)
+    assert (u.data_ptr(), v.data_ptr()) == ptrs
+    assert not torch.equal(u, u_before) and not torch.equal(v, v_before)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+BWD_CASES = [CASE[name] for name in (
+    "1x1", "1x17", "17x1", "31x33", "5x129", "33x31-dim1", "3d-dim-1", "size1-dims",
+    "convT4d-channels_last-dim1", "5d-channels_last_3d", "5d-permuted-dim-2", "2d-transposed",
+    "3d-permuted-dim1", "4d-step-slice", "4d-sliced-permuted-dim1", "2d-expanded")]
+
+
+@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
+def test_backward_layouts_float64(case, device, gen):
+    weight, dim = make_weight(case, gen, torch.float64, device)
+    u0, v0 = vec_pair(weight, dim, gen)
+    res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim)
+    grad = randn(weight.shape, gen, torch.float64, device)
+    grad_w = fused_backward(grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+    check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+
+
+def _reversed_storage(g):
+    """Same values, storage order of the dims reversed (a transposed grad for 2-D)."""
+    rev = list(reversed(range(g.ndim)))
+    return g.permute(*rev).contiguous().permute(*rev)
+
+
+GRAD_LAYOUTS = {
+    "reversed-storage": _reversed_storage,
+    "channels_last": lambda g: g.contiguous(memory_format=torch.channels_last) if g.ndim == 4 else g,
+    "step-sliced": lambda g: torch.cat([g, g], dim=-1)[..., ::2],
+    "expanded-scalar": lambda g: g.sum().expand(g.shape),  # what loss = W_sn.sum() gives
+    "expanded-row": lambda g: g[:1].expand(g.shape),
+}
+
+
+@pytest.mark.parametrize("grad_layout", list(GRAD_LAYOUTS))
+@pytest.mark.parametrize("case", [CASE["31x33"], CASE["convT4d-dim1"]], ids=["31x33", "convT4d-dim1"])
+def test_backward_noncontiguous_grad(case, grad_layout, device, gen):
+    weight, dim = make_weight(case, gen, torch.float64, device)
+    u0, v0 = vec_pair(weight, dim, gen)
+    res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim)
+    grad = GRAD_LAYOUTS[grad_layout](randn(weight.shape, gen, torch.float64, device))
+    assert grad.shape == weight.shape
+    grad_w = fused_backward(grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+    check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+
+
+def test_backward_unmergeable_grad_layout(device, gen):
+    """6-D weight (merges to 1 column dim) with a grad whose 5 column dims cannot merge:
+    the launcher makes the grad contiguous first."""
+    weight = randn((3, 2, 2, 2, 2, 2), gen, torch.float64, device)
+    u0, v0 = vec_pair(weight, 0, gen)
+    res = fused_forward(weight, u0.clone(), v0.clone(), dim=0)
+    base = randn((2, 2, 2, 2, 2, 3), gen, torch.float64, device)
+    grad = base.permute(5, 4, 3, 2, 1, 0)  # strides (1, 3, 6, 12, 24, 48): no two dims merge
+    assert snm._matrix_layout(0, grad, weight, weight) is None
+    grad_w = fused_backward(grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=0)
+    check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=0)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_backward_dtypes(dtype, device, gen):
+    skip_unsupported_dtype(dtype, device)
+    for case in (CASE["31x33"], CASE["convT4d-channels_last-dim1"]):
+        weight, dim = make_weight(case, gen, dtype, device)
+        u0, v0 = vec_pair(weight, dim, gen)
+        res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim)
+        grad = randn(weight.shape, gen, dtype, device)
+        grad_w = fused_backward(grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+        check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+
+
+# --------------------------------------------------------------------------- multi-program logic
+
+
+MP_CASES = [
+    ("17x13", (17, 13), None, 0),
+    ("7x2-more-programs-than-columns", (7, 2), None, 0),
+    ("3x40-fewer-rows-than-programs", (3, 40), None, 0),
+    ("channels_last-dim1", (6, 5, 2, 2), _cl, 1),
+]
+
+
+def _forward_backward(weight, u0, v0, grad, *, dim, n, training, **launch):
+    res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim, n=n, training=training, **launch)
+    res["grad_w"] = fused_backward(grad, weight, res["u_saved"], res["v_saved"], res["sigma"],
+                                   dim=dim, **launch)
+    return res
+
+
+@pytest.mark.parametrize("num_programs", [1, 2, 3, 5])
+@pytest.mark.parametrize("case", MP_CASES, ids=[c[0] for c in MP_CASES])
+def test_multi_program_phase_by_phase(case, num_programs, device, gen):
+    """Per-program partials and fixed-order combines, launched one phase at a time."""
+    weight, dim = make_weight(case, gen, torch.float32, device)
+    grad = randn(weight.shape, gen, torch.float32, device)
+    for training, n in ((True, 2), (False, 1)):
+        u0, v0 = vec_pair(weight, dim, gen)
+        launch = dict(num_programs=num_programs, phase_by_phase=True)
+        with count_launches() as calls:
+            first = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training, **launch)
+        G = min(num_programs, weight.shape[dim])
+        n_fwd = len(snm._forward_phases(training, n))
+        assert n_fwd >= (2 if training else 1) + (n - 1) * training  # one launch per barrier gap
+        assert_launch_kinds(calls, ["fwd"] * n_fwd + ["bwd"] * 2, device)
+        assert all(c[1] == G and c[2] != kernels.PHASE_ALL for c in calls)
+        check_forward(weight, u0, v0, first, dim=dim, n=n, eps=1e-12, training=training)
+        check_backward(first["grad_w"], grad, weight, first["u_saved"], first["v_saved"],
+                       first["sigma"], dim=dim)
+        assert first["sem"].tolist() == [0, 0], "phase-by-phase mode has no barrier"
+        # bitwise deterministic: same inputs, same bits
+        second = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training, **launch)
+        for key in ("out", "u", "v", "u_saved", "v_saved", "sigma", "sigma_buf", "grad_w"):
+            assert torch.equal(first[key], second[key]), f"{key} differs between identical runs"
+
+
+@pytest.fixture
+def wide_rows(monkeypatch):
+    """Force the column-blocked path (rows wider than one tile) on small weights.
+
+    Real weights take it only when N > 16384; here every row wider than one
+    column is 'wide' and tiles hold 16 elements, so the loops run several blocks.
+    """
+    monkeypatch.setattr(snm, "_MAX_ROW_IN_TILE", 1)
+    monkeypatch.setattr(snm, "_TILE_ELEMENTS", 16)
+    snm._clear_plans()
+    yield
+    snm._clear_plans()
+
+
+@pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
+@pytest.mark.parametrize("case", MP_CASES, ids=[c[0] for c in MP_CASES])
+def test_wide_rows_column_blocks(case, num_programs, phase_by_phase, wide_rows, device, gen):
+    """The two-pass ST phase (column blocks, s reloaded for A^T s) against the oracle."""
+    weight, dim = make_weight(case, gen, torch.float32, device)
+    cfg = snm._launch_config(weight.shape[dim], weight.numel() // weight.shape[dim], weight.device,
+                             num_programs)
+    assert not cfg.ROW_IN_TILE and cfg.BLOCK_M * cfg.BLOCK_N <= 16
+    grad = randn(weight.shape, gen, torch.float32, device)
+    for training, n in ((True, 2), (False, 1)):
+        u0, v0 = vec_pair(weight, dim, gen)
+        res = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training,
+                                num_programs=num_programs, phase_by_phase=phase_by_phase)
+        check_forward(weight, u0, v0, res, dim=dim, n=n, eps=1e-12, training=training)
+        check_backward(res["grad_w"], grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+
+
+@pytest.mark.parametrize("case", MP_CASES[:2], ids=[c[0] for c in MP_CASES[:2]])
+def test_single_launch_one_program(case, device, gen):
+    """num_programs=1, every phase in one launch (barriers pass at once)."""
+    weight, dim = make_weight(case, gen, torch.float32, device)
+    grad = randn(weight.shape, gen, torch.float32, device)
+    for training, n in ((True, 1), (True, 3), (False, 1)):
+        u0, v0 = vec_pair(weight, dim, gen)
+        launch = dict(num_programs=1, phase_by_phase=False)
+        with count_launches() as calls:
+            first = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training, **launch)
+        assert calls == [("fwd", 1, kernels.PHASE_ALL), ("bwd", 1, kernels.PHASE_ALL)]
+        assert_launch_kinds(calls, ["fwd", "bwd"], device)
+        check_forward(weight, u0, v0, first, dim=dim, n=n, eps=1e-12, training=training)
+        check_backward(first["grad_w"], grad, weight, first["u_saved"], first["v_saved"],
+                       first["sigma"], dim=dim)
+        second = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training, **launch)
+        for key in ("out", "u", "v", "u_saved", "v_saved", "sigma", "sigma_buf", "grad_w"):
+            assert torch.equal(first[key], second[key]), f"{key} differs between identical runs"
+        if device == "cpu":
+            # the interpreter runs the same operations in the same order either way: same bits
+            # (compiled, the two PHASE specializations may contract differently)
+            third = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training,
+                                      num_programs=1, phase_by_phase=True)
+            for key in ("out", "u_saved", "v_saved", "sigma", "grad_w"):
+                assert torch.equal(first[key], third[key]), f"{key}: single launch != phase by phase"
+
+
+@pytest.mark.parametrize("num_programs", [2, 3, 5, None])
+def test_single_launch_multi_program(num_programs, device, gen):
+    """Grid barriers with several co-resident programs: GPU only."""
+    if device == "cpu":
+        pytest.skip("a spin barrier with >1 program deadlocks in the Triton interpreter "
+                    "(programs run sequentially); covered phase by phase on CPU")
+    # ConvTranspose2d(256, 64, 3), channels last: A is 64 x 2304 (several programs by default)
+    weight, dim = make_weight(("convT", (256, 64, 3, 3), _cl, 1), gen, torch.float32, device)
+    grad = randn(weight.shape, gen, torch.float32, device)
+    for training, n in ((True, 1), (True, 2), (False, 1)):
+        u0, v0 = vec_pair(weight, dim, gen)
+        launch = dict(num_programs=num_programs, phase_by_phase=False)
+        with count_launches() as calls:
+            first = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training, **launch)
+        assert_launch_kinds(calls, ["fwd", "bwd"], device)
+        assert all(c[2] == kernels.PHASE_ALL for c in calls)
+        check_forward(weight, u0, v0, first, dim=dim, n=n, eps=1e-12, training=training)
+        check_backward(first["grad_w"], grad, weight, first["u_saved"], first["v_saved"],
+                       first["sigma"], dim=dim)
+        assert all(s in SEM_STATES for s in first["sem"].tolist())
+        second = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training, **launch)
+        for key in ("out", "u", "v", "u_saved", "v_saved", "sigma", "sigma_buf", "grad_w"):
+            assert torch.equal(first[key], second[key]), f"{key} differs between identical runs"
+
+
+# --------------------------------------------------------------------------- poisoned outputs
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Every floating ``torch.empty`` (the launchers' workspace) comes back full of NaN."""
+    real_empty = torch.empty
+    poisoned = []
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(NAN)
+            poisoned.append(t.numel())
+        return t
+
+    with mock.patch.object(torch, "empty", side_effect=empty):
+        yield poisoned
+    assert poisoned, "no workspace was allocated through torch.empty: the poisoning is void"
+
+
+LAUNCH_MODES = [dict(num_programs=1, phase_by_phase=False), dict(num_programs=1, phase_by_phase=True),
+                dict(num_programs=3, phase_by_phase=True)]
+LAUNCH_IDS = ["single-launch", "phases-G1", "phases-G3"]
+
+
+@pytest.mark.parametrize("launch", LAUNCH_MODES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("out_layout", ["like-weight", "contiguous"])
+def test_forward_writes_every_output_element(launch, out_layout, device, gen):
+    """Outputs (and the workspace) pre-filled with NaN: every element must be written."""
+    case = ("4d-sliced-channels_last", (6, 5, 4, 3), lambda t: _cl(t)[:, 1:4], 1)
+    weight, dim = make_weight(case, gen, torch.float32, device)
+    for training, n in ((True, 2), (False, 1)):
+        u0, v0 = vec_pair(weight, dim, gen)
+        u, v = u0.clone(), v0.clone()
+        if training:
+            u.fill_(NAN)  # never read in training mode
+        out = (torch.full_like(weight, NAN) if out_layout == "like-weight"
+               else torch.full(weight.shape, NAN, device=device))
+        u_saved, v_saved = torch.full_like(u0, NAN), torch.full_like(v0, NAN)
+        sigma = torch.full((), NAN, device=device)
+        sigma_buf = torch.full((), NAN, device=device)
+        sem = ops.new_semaphore(device)
+        with poisoned_empty():
+            snm._launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem[0:1], dim,
+                                n, 1e-12, training, **launch)
+        for name, t in dict(out=out, u=u, v=v, u_saved=u_saved, v_saved=v_saved, sigma=sigma,
+                            sigma_buf=sigma_buf).items():
+            assert torch.isfinite(t).all(), f"{name}: {(~torch.isfinite(t)).sum()} elements not written"
+        if out_layout == "contiguous":  # check_forward wants the weight's strides: values only
+            w_sn, sig, u_ref, v_ref = reference_forward(weight, u0, v0, dim=dim, n=n, eps=1e-12,
+                                                        training=training)
+            assert_wsn(out, w_sn, torch.float32)
+            assert_sigma(sigma, sig, torch.float32)
+            assert_vec(u_saved, u_ref, torch.float32, "u_saved")
+            assert_vec(v_saved, v_ref, torch.float32, "v_saved")
+        else:
+            res = dict(out=out, u=u, v=v, u_saved=u_saved, v_saved=v_saved, sigma=sigma,
+                       sigma_buf=sigma_buf)
+            check_forward(weight, u0, v0, res, dim=dim, n=n, eps=1e-12, training=training)
+
+
+@pytest.mark.parametrize("launch", LAUNCH_MODES, ids=LAUNCH_IDS)
+def test_backward_writes_every_output_element(launch, device, gen):
+    case = ("4d-sliced-channels_last", (6, 5, 4, 3), lambda t: _cl(t)[:, 1:4], 1)
+    weight, dim = make_weight(case, gen, torch.float32, device)
+    u0, v0 = vec_pair(weight, dim, gen)
+    res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim)
+    grad = randn(weight.shape, gen, torch.float32, device)
+    grad_w = torch.full_like(weight, NAN)
+    sem = ops.new_semaphore(device)
+    with poisoned_empty():
+        snm._launch_backward(grad, weight, grad_w, res["u_saved"], res["v_saved"], res["sigma"],
+                             sem[1:2], dim, **launch)
+    assert torch.isfinite(grad_w).all(), f"{(~torch.isfinite(grad_w)).sum()} elements not written"
+    check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+
+
+# --------------------------------------------------------------------------- semaphore
+
+
+def test_semaphore_rest_state_single_launch(device, gen):
+    """After every single-launch forward/backward the semaphore is 0 or 0x80000000 (int32:
+    -2**31), whatever it started from (it is never reset: a module keeps it across calls),
+    and the results do not depend on that state."""
+    weight = randn((12, 10), gen, torch.float32, device)
+    grad = randn(weight.shape, gen, torch.float32, device)
+    launch = dict(num_programs=1, phase_by_phase=False)
+    for start in SEM_STATES:
+        sem = torch.full((2,), start, dtype=torch.int32, device=device)
+        for training, n in ((True, 1), (True, 2), (False, 1), (True, 3)):
+            u0, v0 = vec_pair(weight, 0, gen)
+            res = fused_forward(weight, u0.clone(), v0.clone(), dim=0, n=n, training=training,
+                                sem=sem, **launch)
+            check_forward(weight, u0, v0, res, dim=0, n=n, eps=1e-12, training=training)
+            grad_w = fused_backward(grad, weight, res["u_saved"], res["v_saved"], res["sigma"],
+                                    dim=0, sem=sem, **launch)
+            check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=0)
+            state = sem.tolist()
+            assert all(s in SEM_STATES for s in state), f"semaphore left at {state}"
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_autograd(shape, dim, dtype, device, gen):
+    weight = randn(shape, gen, dtype, device)
+    u0, v0 = vec_pair(weight, dim, gen)
+    sigma_buf = torch.full((), NAN, dtype=dtype, device=device)
+    return weight, u0, v0, sigma_buf, ops.new_semaphore(device)
+
+
+@pytest.mark.parametrize("shape,dim", [((4, 3), 0), ((2, 3, 2), 1)], ids=["4x3", "3d-dim1"])
+def test_gradcheck_eval(shape, dim, device, gen):
+    weight, u0, v0, sigma_buf, sem = _setup_autograd(shape, dim, torch.float64, device, gen)
+
+    def f(w):
+        return ops.spectral_norm_fused(w, u0, v0, sigma_buf, sem, dim=dim, training=False)
+
+    u_before, v_before = u0.clone(), v0.clone()
+    assert torch.autograd.gradcheck(f, (weight.requires_grad_(),), fast_mode=weight.ndim > 2)
+    assert torch.equal(u0, u_before) and torch.equal(v0, v_before)
+
+
+def test_gradcheck_training_converged(device, gen):
+    """Training mode with fresh clones of u/v per call. The op treats u, v as constants
+    (as PyTorch does); that is the exact gradient only at a fixed point of the power
+    iteration, so u, v start converged (the weight has a clear spectral gap)."""
+    q1, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    a = q1[:, :3] @ torch.diag(torch.tensor([3.0, 1.0, 0.3], dtype=torch.float64)) @ q2.T
+    u0 = torch.randn(4, generator=gen, dtype=torch.float64)
+    v0 = torch.randn(3, generator=gen, dtype=torch.float64)
+    reference.power_method_(a, u0, v0, 100, 1e-12)
+    weight, u0, v0 = a.to(device), u0.to(device), v0.to(device)
+    sigma_buf = torch.full((), NAN, dtype=torch.float64, device=device)
+    sem = ops.new_semaphore(device)
+
+    def f(w):
+        return ops.spectral_norm_fused(w, u0.clone(), v0.clone(), sigma_buf, sem, dim=0,
+                                       n_power_iterations=1, training=True)
+
+    assert torch.autograd.gradcheck(f, (weight.clone().requires_grad_(),), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_grad_matches_reference_autograd(dtype, device, gen):
+    for case in (CASE["31x33"], CASE["convT4d-channels_last-dim1"]):
+        weight, dim = make_weight(case, gen, dtype, device)
+        grad = randn(weight.shape, gen, dtype, device)
+        for training, n in ((True, 1), (True, 2), (False, 1)):
+            u0, v0 = vec_pair(weight, dim, gen)
+            u, v = u0.clone(), v0.clone()
+            sigma_buf = torch.full((), NAN, dtype=dtype, device=device)
+            w = weight.detach().clone().requires_grad_()
+            out = ops.spectral_norm_fused(w, u, v, sigma_buf, ops.new_semaphore(device), dim=dim,
+                                          n_power_iterations=n, training=training)
+            assert same_strides(out, weight)
+            out.backward(grad)
+            w64 = weight.detach().cpu().double().requires_grad_()
+            u64, v64 = u0.cpu().double(), v0.cpu().double()
+            ref, _ = reference.spectral_norm_reference(w64, u64, v64, dim=dim % weight.ndim,
+                                                       n_power_iterations=n, training=training)
+            ref.backward(grad.cpu().double())
+            assert_wsn(out, ref.detach(), dtype)
+            assert_vec(u, u64, dtype, "u")
+            assert_vec(v, v64, dtype, "v")
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(w.grad.cpu().double(), w64.grad, rtol=tol,
+                                       atol=tol * w64.grad.abs().max().item())
+
+
+def test_two_forwards_one_backward(device, gen):
+    """D(real) - D(fake): two training reads before one backward; each backward uses the u, v
+    of its own forward (saved copies), not the buffers mutated by the second read."""
+    weight, u, v, sigma_buf, sem = _setup_autograd((9, 7), 0, torch.float64, device, gen)
+    u64, v64 = u.cpu().clone(), v.cpu().clone()
+    g1, g2 = randn((9, 7), gen, torch.float64, device), randn((9, 7), gen, torch.float64, device)
+    w = weight.clone().requires_grad_()
+    loss = (ops.spectral_norm_fused(w, u, v, sigma_buf, sem) * g1).sum() \
+        - (ops.spectral_norm_fused(w, u, v, sigma_buf, sem) * g2).sum()
+    loss.backward()
+    w64 = weight.cpu().clone().requires_grad_()
+    ref = (reference.spectral_norm_reference(w64, u64, v64)[0] * g1.cpu()).sum() \
+        - (reference.spectral_norm_reference(w64, u64, v64)[0] * g2.cpu()).sum()
+    ref.backward()
+    torch.testing.assert_close(w.grad.cpu(), w64.grad, rtol=1e-12, atol=1e-12)
+    assert_vec(u, u64, torch.float64, "u after two reads")
+
+
+@pytest.mark.parametrize("dim", [-1, -2], ids=["dim-1", "dim-2"])
+def test_negative_dim_backward(dim, device, gen):
+    weight = randn((3, 4, 5), gen, torch.float64, device)
+    u0, v0 = vec_pair(weight, dim, gen)
+    grad = randn(weight.shape, gen, torch.float64, device)
+    w = weight.clone().requires_grad_()
+    out = ops.spectral_norm_fused(w, u0.clone(), v0.clone(), torch.zeros((), dtype=torch.float64,
+                                  device=device), ops.new_semaphore(device), dim=dim, training=False)
+    out.backward(grad)
+    w64 = weight.cpu().clone().requires_grad_()
+    ref, _ = reference.spectral_norm_reference(w64, u0.cpu().clone(), v0.cpu().clone(),
+                                               dim=dim % 3, training=False)
+    ref.backward(grad.cpu())
+    torch.testing.assert_close(w.grad.cpu(), w64.grad, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- launch count
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_one_launch_per_forward_and_backward(training, device, gen):
+    """Default path: the whole read (power iterations, sigma, rescale) is ONE launch, the
+    backward one more. Nothing else is launched (no memset, no reduction kernel)."""
+    for shape, dim, n in (((31, 33), 0, 1), ((5, 4, 3, 3), 1, 3)):
+        weight, u, v, sigma_buf, sem = _setup_autograd(shape, dim, torch.float32, device, gen)
+        w = weight.requires_grad_()
+        with count_launches() as calls:
+            out = ops.spectral_norm_fused(w, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n,
+                                          training=training)
+            assert_launch_kinds(calls, ["fwd"], device)
+            out.backward(torch.ones_like(out))
+        assert_launch_kinds(calls, ["fwd", "bwd"], device)
+        assert [c[2] for c in calls] == [kernels.PHASE_ALL, kernels.PHASE_ALL]
+        if device == "cpu":
+            assert [c[1] for c in calls] == [1, 1]
+
+
+def test_launch_fast_path_not_disabled_without_hooks():
+    """Regression: ``_launch_hooks_set`` once tested ``hook is not None``; Triton 3.6's hooks are
+    a ``HookChain`` that is never None, so the eager fast path was never taken on CUDA."""
+    chain = triton.knobs.runtime.launch_enter_hook
+    if getattr(chain, "calls", None):
+        pytest.skip("a launch hook is installed in this process")
+    assert not snm._launch_hooks_set(), "no launch hook installed, yet the fast path is off"
+
+
+# --------------------------------------------------------------------------- input validation
+
+
+def _valid(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    w = randn((5, 6), g, dtype, device)
+    u, v = vec_pair(w, 0, g)
+    return dict(weight=w, u=u, v=v, dim=0, n_power_iterations=1, eps=1e-12)
+
+
+BAD_INPUTS = {
+    "int-weight": (lambda a: a.update(weight=a["weight"].to(torch.int32)), TypeError, "float16/bfloat16"),
+    "bool-weight": (lambda a: a.update(weight=a["weight"] > 0), TypeError, "float16/bfloat16"),
+    "1d-weight": (lambda a: a.update(weight=a["weight"][0]), ValueError, "2 or more dims"),
+    "empty-weight-rows": (lambda a: a.update(weight=a["weight"][:0]), ValueError, "empty"),
+    "empty-weight-cols": (lambda a: a.update(weight=a["weight"][:, :0]), ValueError, "empty"),
+    "dim-out-of-range": (lambda a: a.update(dim=2), IndexError, "Dimension out of range"),
+    "u-wrong-length": (lambda a: a.update(u=a["u"][:4]), ValueError, "u has shape"),
+    "v-wrong-length": (lambda a: a.update(v=torch.cat([a["v"], a["v"][:1]])), ValueError, "v has shape"),
+    "u-2d": (lambda a: a.update(u=a["u"][:, None]), ValueError, "u has shape"),
+    "u-wrong-dtype": (lambda a: a.update(u=a["u"].double()), TypeError, "u has dtype"),
+    "v-wrong-dtype": (lambda a: a.update(v=a["v"].half()), TypeError, "v has dtype"),
+    "v-noncontiguous": (lambda a: a.update(v=torch.stack([a["v"], a["v"]], 1)[:, 0]), ValueError,
+                        "contiguous"),
+    "eps-negative": (lambda a: a.update(eps=-1e-12), ValueError, "eps"),
+    "eps-nan": (lambda a: a.update(eps=NAN), ValueError, "eps"),
+    "eps-inf": (lambda a: a.update(eps=math.inf), ValueError, "eps"),
+    "n_power_iterations-0": (lambda a: a.update(n_power_iterations=0), ValueError, "n_power_iterations"),
+    "n_power_iterations-negative": (lambda a: a.update(n_power_iterations=-2), ValueError,
+                                    "n_power_iterations"),
+    "n_power_iterations-bool": (lambda a: a.update(n_power_iterations=True), ValueError,
+                                "n_power_iterations"),
+}
+
+
+@pytest.mark.parametrize("entry", ["check_inputs", "forward_fused", "spectral_norm_fused"])
+def test_input_validation(entry, device):
+    for name, (mutate, exc, match) in BAD_INPUTS.items():
+        args = _valid(device)
+        mutate(args)
+        u_before, v_before = args["u"].clone(), args["v"].clone()
+        with count_launches() as calls, pytest.raises(exc, match=match):
+            if entry == "check_inputs":
+                ops.check_inputs(args["weight"], args["u"], args["v"], dim=args["dim"],
+                                 n_power_iterations=args["n_power_iterations"], eps=args["eps"])
+            else:
+                fn = (ops.spectral_norm_forward_fused if entry == "forward_fused"
+                      else ops.spectral_norm_fused)
+                fn(args["weight"], args["u"], args["v"], torch.zeros((), device=device),
+                   ops.new_semaphore(device), dim=args["dim"],
+                   n_power_iterations=args["n_power_iterations"], eps=args["eps"])
+        assert calls == [] and calls.driver == 0, f"{name}: a kernel was launched before the error"
+        assert torch.equal(args["u"], u_before) and torch.equal(args["v"], v_before), name
+
+
+def test_bfloat16_refused_on_interpreter():
+    if not INTERPRET:
+        pytest.skip("only the interpreter lacks bfloat16")
+    args = _valid("cpu", torch.bfloat16)
+    assert not ops.fused_supported(args["weight"])
+    with count_launches() as calls, pytest.raises(RuntimeError, match="no fused kernel"):
+        ops.check_inputs(args["weight"], args["u"], args["v"], dim=0)
+    assert calls == []
+
+
+def test_valid_inputs_pass(device):
+    args = _valid(device)
+    ops.check_inputs(args["weight"], args["u"], args["v"], dim=-2, n_power_iterations=3, eps=0.0)
+
+
+# --------------------------------------------------------------------------- torch.library
+
+
+def _opcheck_args(device, gen):
+    weight, u, v, sigma_buf, sem = _setup_autograd((5, 7), 0, torch.float32, device, gen)
+    fwd = (weight, u, v, sigma_buf, sem, 0, 1, 1e-12, True)
+    out, u_s, v_s, sigma = ops.spectral_norm_forward_fused(weight, u.clone(), v.clone(),
+                                                           sigma_buf.clone(), sem.clone())
+    bwd = (randn((5, 7), gen, torch.float32, device), weight, u_s, v_s, sigma, sem, 0)
+    return fwd, bwd
+
+
+# Under TRITON_INTERPRET=1, torch's wrap_triton returns the InterpretedFunction itself
+# (torch/_library/triton.py: "TRITON_INTERPRET=1 makes @triton.jit return
+# InterpretedFunction"), so there is no triton_kernel_wrapper HOP to trace: the
+# triton_op's fake kernel (the op's Python body, registered by triton_op) launches the
+# interpreter on FakeTensors ("Attempted to set the storage of a tensor on device
+# 'meta' to a storage on different device 'cpu'"). The schema and autograd-registration
+# checks do not trace and pass.
+CPU_OPCHECK_UTILS = ("test_schema", "test_autograd_registration")
+
+
+@pytest.mark.parametrize("op", ["spectral_norm_forward", "spectral_norm_backward"])
+def test_opcheck(op, device, gen):
+    fwd, bwd = _opcheck_args(device, gen)
+    args = fwd if op == "spectral_norm_forward" else bwd
+    kwargs = {} if device == "cuda" else dict(test_utils=CPU_OPCHECK_UTILS)
+    result = torch.library.opcheck(getattr(torch.ops.sn_fused, op), args, **kwargs)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor:UserWarning")
+@pytest.mark.parametrize("op", ["spectral_norm_forward", "spectral_norm_backward"])
+def test_opcheck_fake_tensor_interpreter(op, gen, request):
+    """The tracing checks on the interpreter: expected to fail (see CPU_OPCHECK_UTILS above);
+    strict, so a torch that lifts the limitation makes this XPASS and fail loudly."""
+    if not INTERPRET:
+        pytest.skip("interpreter-only limitation (the CUDA run does the full opcheck)")
+    from torch.testing._internal.optests.generate_tests import OpCheckError
+
+    request.applymarker(pytest.mark.xfail(
+        strict=True, raises=OpCheckError,
+        reason="torch limitation, not an sn_fused bug: under TRITON_INTERPRET=1 wrap_triton returns "
+               "the InterpretedFunction unwrapped, so the triton_op's fake kernel runs the "
+               "interpreter on FakeTensors"))
+    fwd, bwd = _opcheck_args("cpu", gen)
+    torch.library.opcheck(getattr(torch.ops.sn_fused, op), fwd if op == "spectral_norm_forward" else bwd,
+                          test_utils="test_faketensor")
+
+
+# --------------------------------------------------------------------------- slow sweeps
+
+
+def _random_case(rng: random.Random, gen):
+    ndim = rng.randint(2, 5)
+    shape = [rng.choice([1, 2, 3, 4, 5, 7, 8, 9, 16, 17]) for _ in range(ndim)]
+    dim = rng.randrange(-ndim, ndim)
+    kind = rng.choice(["contiguous", "permuted", "sliced", "channels_last"])
+    if kind == "permuted":
+        perm = list(range(ndim))
+        rng.shuffle(perm)
+        inverse = [perm.index(i) for i in range(ndim)]
+        base_shape = [shape[p] for p in inverse]
+        return (kind, tuple(base_shape), lambda t: t.permute(*perm), dim)
+    if kind == "sliced":
+        axis = rng.randrange(ndim)
+        base_shape = list(shape)
+        base_shape[axis] *= 2
+        index = (slice(None),) * axis + (slice(None, None, 2),)
+        return (kind, tuple(base_shape), lambda t: t[index], dim)
+    if kind == "channels_last" and ndim in (4, 5):
+        return (kind, tuple(shape), _cl if ndim == 4 else _cl3d, dim)
+    return ("contiguous", tuple(shape), None, dim)
+
+
+@slow_mark
+@slow_skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("chunk", range(4))
+def test_random_sweep(chunk, dtype, device, gen):
+    """Random shapes (2-5 dims, sizes 1..17), dims, layouts, modes and program counts."""
+    rng = random.Random(1000 * chunk + (dtype == torch.float64))
+    for _ in range(25):
+        case = _random_case(rng, gen)
+        weight, dim = make_weight(case, gen, dtype, device)
+        training = rng.random() < 0.7
+        n = rng.randint(1, 3)
+        launch = rng.choice([{}, dict(num_programs=rng.randint(1, 6), phase_by_phase=True)])
+        u0, v0 = vec_pair(weight, dim, gen)
+        res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim, n=n, training=training, **launch)
+        check_forward(weight, u0, v0, res, dim=dim, n=n, eps=1e-12, training=training)
+        grad = randn(weight.shape, gen, dtype, device)
+        grad_w = fused_backward(grad, weight, res["u_saved"], res["v_saved"], res["sigma"],
+                                dim=dim % weight.ndim, **launch)
+        check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
