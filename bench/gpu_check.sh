@@ -3,8 +3,8 @@
 #
 #   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|dev]     (repo root, on the lent GPU)
 #
-#   final (default): GPU tests, per-shape kernel table, `python -m bench --quick`  (~4 min)
-#   dev:             the same plus the launch-knob sweep and a host-time profile
+#   final (default): GPU tests, per-shape kernel table + host-time profile, `python -m bench --quick` (~5 min)
+#   dev:             the same plus the launch-knob sweep
 # Logs and results go to $OUT (the device tool brings them back), else ./gpu_out.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -27,7 +27,7 @@ timeout 200 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -x -n 8 --t
 
 echo "== kernel table"
 extra=()
-[ "$mode" = dev ] && extra=(--sweep --profile)
+if [ "$mode" = dev ]; then extra=(--sweep --profile); else extra=(--profile); fi
 timeout 200 python3 -m bench.kernel_sweep --out "$OUT" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
 
 echo "== python -m bench --quick"

@@ -1,0 +1,145 @@
+"""CPU-mode correctness check: the fused Triton kernels (interpreter) against the float64 oracle.
+
+Needs ``TRITON_INTERPRET=1`` in the environment *before* Triton is imported;
+``python -m bench`` on a machine without CUDA runs this module in a child
+process with that variable set (``python -m bench --interpreter-check OUT``),
+so the parent process keeps timing the ordinary CPU path.
+
+Cases (small: the interpreter runs every program in Python):
+
+* the drop-in module (``sn_fused.spectral_norm``), one program, through
+  ``module.weight`` and autograd: a conv, a ConvTranspose (``dim=1``) and a
+  1-row Linear with 5 power iterations;
+* the ops with 3 programs launched phase by phase, which exercises the
+  per-program partials and the fixed-order combines of the multi-program GPU
+  path.
+
+Each compares W_sn, u, v, sigma and dL/dW with ``sn_fused.reference`` in
+float64 (relative error, norm-wise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+TOLERANCE = 2e-5  # fp32 kernels vs the float64 oracle, norm-wise relative error
+
+
+def _check_environment() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the interpreter check needs TRITON_INTERPRET=1 set before Triton is imported")
+    if "triton" in sys.modules and not _triton_interprets():
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set")
+
+
+def _triton_interprets() -> bool:
+    from sn_fused.ops import INTERPRET
+
+    return INTERPRET
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _module_case(layer, n: int) -> dict[str, Any]:
+    import torch
+
+    import sn_fused
+    from sn_fused import reference
+    from sn_fused.ops import fused_supported
+
+    torch.manual_seed(0)
+    module = layer.make("cpu", torch.float32).train()
+    sn_fused.spectral_norm(module, n_power_iterations=n)
+    par = module.parametrizations.weight
+    sn = par[0]
+    weight = par.original.detach()
+    if not fused_supported(weight):
+        raise RuntimeError("the fused path is not taken for this weight (interpreter off?)")
+    ref_u, ref_v = sn._u.double().clone(), sn._v.double().clone()
+    out = module.weight
+    ref_out, ref_sigma = reference.spectral_norm_reference(
+        weight.double(), ref_u, ref_v, dim=sn.dim, n_power_iterations=n, eps=sn.eps, training=True)
+    g = torch.randn_like(weight)
+    (grad,) = torch.autograd.grad(out, par.original, g)
+    ref_grad = reference.spectral_norm_backward_reference(
+        g.double(), weight.double(), ref_u, ref_v, ref_sigma, sn.dim)
+    return dict(out=_rel(out, ref_out), u=_rel(sn._u, ref_u), v=_rel(sn._v, ref_v),
+                sigma=_rel(sn._sigma, ref_sigma), grad=_rel(grad, ref_grad))
+
+
+def _phases_case(layer, n: int, programs: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from sn_fused import reference
+    from sn_fused.ops import new_semaphore, spectral_norm_backward_fused, spectral_norm_forward_fused
+
+    torch.manual_seed(0)
+    weight = layer.make("cpu", torch.float32).weight.detach()
+    M, N = layer.M, layer.N
+    u, v = F.normalize(torch.randn(M), dim=0), F.normalize(torch.randn(N), dim=0)
+    ref_u, ref_v = u.double(), v.double()
+    sigma_buf, sem = torch.full((), float("nan")), new_semaphore("cpu")
+    launch = dict(num_programs=programs, phase_by_phase=True)
+    out, u_used, v_used, sigma = spectral_norm_forward_fused(
+        weight, u, v, sigma_buf, sem, dim=layer.dim, n_power_iterations=n, eps=1e-12, training=True,
+        **launch)
+    ref_out, ref_sigma = reference.spectral_norm_reference(
+        weight.double(), ref_u, ref_v, dim=layer.dim, n_power_iterations=n, training=True)
+    g = torch.randn_like(weight)
+    grad = spectral_norm_backward_fused(g, weight, u_used, v_used, sigma, sem, dim=layer.dim, **launch)
+    ref_grad = reference.spectral_norm_backward_reference(
+        g.double(), weight.double(), ref_u, ref_v, ref_sigma, layer.dim)
+    return dict(out=_rel(out, ref_out), u=_rel(u, ref_u), v=_rel(v, ref_v),
+                sigma=_rel(sigma, ref_sigma), grad=_rel(grad, ref_grad))
+
+
+def cases():
+    from .shapes import Layer
+
+    return [
+        ("module Conv2d(3, 64, 3) 64x27 n=1", lambda: _module_case(Layer("conv2d", (3, 64, 3)), 1)),
+        ("module ConvTranspose2d(16, 8, 4) 8x256 dim=1 n=1",
+         lambda: _module_case(Layer("convT2d", (16, 8, 4)), 1)),
+        ("module Linear(128, 1) 1x128 n=5", lambda: _module_case(Layer("linear", (128, 1)), 5)),
+        ("ops Conv2d(32, 64, 3) 64x288 n=2, 3 programs phase by phase",
+         lambda: _phases_case(Layer("conv2d", (32, 64, 3)), 2, 3)),
+    ]
+
+
+def run() -> dict[str, Any]:
+    """Run every case; ``{"ok", "summary", "cases": [...]}``."""
+    _check_environment()
+    results = []
+    for name, fn in cases():
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = dict(case=name)
+        try:
+            errors = fn()
+            entry.update(errors=errors, max_rel_err=max(errors.values()),
+                         ok=max(errors.values()) <= TOLERANCE)
+        except Exception as exc:  # noqa: BLE001 -- reported as a failed case
+            entry.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+        entry["seconds"] = time.perf_counter() - t0
+        results.append(entry)
+    ok = all(r["ok"] for r in results)
+    worst = max((r.get("max_rel_err", float("nan")) for r in results), default=float("nan"))
+    summary = (f"{sum(r['ok'] for r in results)}/{len(results)} cases within {TOLERANCE:g} "
+               f"of the float64 reference (worst relative error {worst:.1e})")
+    return dict(ok=ok, summary=summary, tolerance=TOLERANCE, cases=results)
+
+
+def format_lines(check: dict[str, Any]) -> list[str]:
+    lines = [f"Triton kernels (interpreter) vs float64 reference: {check['summary']}"]
+    for r in check["cases"]:
+        status = "ok  " if r["ok"] else "FAIL"
+        detail = (", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items()) if "errors" in r
+                  else r.get("error", ""))
+        lines.append(f"  {status} {r['case']}: {detail} ({r['seconds']:.1f} s)")
+    return lines
