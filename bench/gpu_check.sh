@@ -5,6 +5,7 @@
 #
 #   final (default): GPU tests, per-shape kernel table + host-time profile, `python -m bench --quick` (~5 min)
 #   dev:             the same plus the launch-knob sweep
+#   bench:           GPU tests and `python -m bench --quick` only (when device time is short)
 # Logs and results go to $OUT (the device tool brings them back), else ./gpu_out.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -22,14 +23,16 @@ status=0
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== GPU tests"
-timeout 200 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -x -n 8 --timeout=150 \
+timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -x -n 8 --timeout=150 \
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
 
+if [ "$mode" != bench ]; then
 echo "== kernel table"
 extra=()
 if [ "$mode" = dev ]; then extra=(--sweep --profile); else extra=(--profile); fi
 timeout 200 python3 -m bench.kernel_sweep --out "$OUT" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
+fi
 
 echo "== python -m bench --quick"
-timeout 170 python3 -m bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+timeout 185 python3 -m bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

@@ -213,15 +213,17 @@ def _launch_hooks_set() -> bool:
                                     or _hook_set(runtime.launch_exit_hook))
 
 
-def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool) -> None:
+def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool,
+            n_tensors: int, key: tuple) -> None:
     """The one launch site of both kernels. ``args``: every kernel parameter, in order.
 
     ``kernel[grid](...)`` re-binds and re-specializes ~35 arguments on every
-    call (10-15 us of host time). In eager mode on a GPU the compiled kernel
-    is kept instead, keyed by everything Triton specializes on (dtypes, 16-byte
-    alignment of pointers, the integer values themselves), and launched
-    directly. Under ``torch.compile`` (``wrap_triton``), in the interpreter or
-    with launch hooks (profilers) installed, the ordinary path runs.
+    call (tens of us of host time). In eager mode on a GPU the compiled kernel
+    is kept instead and launched directly. Its key is what Triton specializes
+    on: ``key`` (the caller's plan -- shapes, strides, flags, so every integer
+    argument -- and dtypes) plus the 16-byte alignment of the ``n_tensors``
+    tensor arguments. Under ``torch.compile`` (``wrap_triton``), in the
+    interpreter or with launch hooks (profilers) installed, the ordinary path runs.
     """
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
@@ -232,8 +234,7 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
             or _launch_hooks_set():
         wrap_triton(kernel)[(grid,)](*args, **options)
         return
-    key = (kernel, grid, cfg, cooperative) + tuple(
-        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
+    key = key + tuple(a.data_ptr() % 16 == 0 for a in args[:n_tensors])
     runner = _RUNNERS.get(key)
     if runner is not None:
         runner(*args)
@@ -261,6 +262,11 @@ def _forward_phases(training: bool, n_power_iterations: int) -> list[tuple[int, 
     return phases
 
 
+def _concrete(*int_tuples) -> tuple:
+    """Sizes/strides as plain ints (a SymInt is specialized, with a guard, by ``int``)."""
+    return tuple(tuple(int(x) for x in t) for t in int_tuples)
+
+
 def _clear_plans() -> None:
     """Forget cached plans and compiled launchers (after a tuning knob changed)."""
     _forward_plan.cache_clear()
@@ -268,9 +274,13 @@ def _clear_plans() -> None:
     _RUNNERS.clear()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a cheap key for _RUNNERS
 class _Plan:
-    """Everything about a launch that depends only on shapes, strides and flags (cached)."""
+    """Everything about a launch that depends only on shapes, strides and flags (cached).
+
+    Plans live in an LRU cache, and each ``_RUNNERS`` key holds its plan, so a
+    plan's identity is never reused for another one while a runner refers to it.
+    """
 
     cfg: _LaunchConfig
     ints: tuple  # M, N, then the strides of each tensor, then D1, D2, D3
@@ -296,9 +306,14 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
 
 def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
                     n_power_iterations, eps, training, num_programs=None, phase_by_phase=None):
-    plan = _forward_plan(weight.shape, weight.stride(), out.stride(), dim, weight.device,
-                         n_power_iterations, training, num_programs, phase_by_phase)
+    try:
+        plan = _forward_plan(weight.shape, weight.stride(), out.stride(), dim, weight.device,
+                             n_power_iterations, training, num_programs, phase_by_phase)
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
+        plan = _forward_plan(*_concrete(weight.shape, weight.stride(), out.stride()), dim, weight.device,
+                             n_power_iterations, training, num_programs, phase_by_phase)
     cfg = plan.cfg
+    dtypes = (weight.dtype, sigma_buf.dtype, sem.dtype)
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
     M, N, *strides = plan.ints
     for phase, is_last in plan.phases:
@@ -306,7 +321,8 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
                 M, N, n_power_iterations, eps, int(is_last), *strides,
                 plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_P,
                 cfg.ROW_IN_TILE)
-        _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative)
+        _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 10,
+                (plan, phase, is_last) + dtypes)
 
 
 @triton_op("sn_fused::spectral_norm_forward", mutates_args={"u", "v", "sigma_buf", "sem"})
@@ -342,18 +358,24 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
 
 def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
                      num_programs=None, phase_by_phase=None):
-    plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
-                          weight.device, num_programs, phase_by_phase)
-    if plan is None:  # a grad layout that does not merge with the weight's: copy it like the weight
-        grad = grad.clone(memory_format=torch.contiguous_format)
+    try:
         plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
                               weight.device, num_programs, phase_by_phase)
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
+        plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
+                              dim, weight.device, num_programs, phase_by_phase)
+    if plan is None:  # a grad layout that does not merge with the weight's: copy it like the weight
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
+                              dim, weight.device, num_programs, phase_by_phase)
     cfg = plan.cfg
+    dtypes = (grad.dtype, weight.dtype, sigma.dtype, sem.dtype)
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
     for phase, _ in plan.phases:
         args = (grad, weight, grad_weight, u, v, sigma, ws, sem, *plan.ints,
                 plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P)
-        _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative)
+        _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative, 8,
+                (plan, phase) + dtypes)
 
 
 @triton_op("sn_fused::spectral_norm_backward", mutates_args={"sem"})
