@@ -220,7 +220,7 @@ def environment(device: torch.device, profile: str) -> dict[str, Any]:
         date=now.strftime("%Y-%m-%d"), time_utc=now.strftime("%Y-%m-%dT%H:%M:%SZ"), profile=profile,
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         numpy=numpy.__version__, cuda=torch.version.cuda, device=str(device),
-        git_commit=_run(["git", "rev-parse", "HEAD"]) or "unknown",
+        git_commit=_run(["git", "rev-parse", "HEAD"]) or os.environ.get("SN_FUSED_COMMIT") or "unknown",
         git_dirty=bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
         argv=sys.argv[1:], cpu_threads=torch.get_num_threads(),
     )

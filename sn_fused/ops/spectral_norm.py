@@ -214,7 +214,7 @@ def _launch_hooks_set() -> bool:
 
 
 def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool,
-            n_tensors: int, key: tuple) -> None:
+            n_tensors: int, key: tuple, out: torch.Tensor) -> None:
     """The one launch site of both kernels. ``args``: every kernel parameter, in order.
 
     ``kernel[grid](...)`` re-binds and re-specializes ~35 arguments on every
@@ -224,13 +224,13 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     argument -- and dtypes) plus the 16-byte alignment of the ``n_tensors``
     tensor arguments. Under ``torch.compile`` (``wrap_triton``), in the
     interpreter or with launch hooks (profilers) installed, the ordinary path runs.
+    ``out`` is an output the launcher allocated: a plain ``torch.Tensor`` exactly
+    when this is a real eager call (a FakeTensor / FunctionalTensor under tracing).
     """
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
         options["num_stages"] = cfg.num_stages
-    # args[1] is the output the launcher allocated: a plain tensor exactly when this is a
-    # real eager call (FakeTensor / FunctionalTensor under tracing: take the traceable path).
-    if INTERPRET or type(args[1]) is not torch.Tensor or torch.compiler.is_compiling() \
+    if INTERPRET or type(out) is not torch.Tensor or torch.compiler.is_compiling() \
             or _launch_hooks_set():
         wrap_triton(kernel)[(grid,)](*args, **options)
         return
@@ -322,7 +322,7 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
                 plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_P,
                 cfg.ROW_IN_TILE)
         _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 10,
-                (plan, phase, is_last) + dtypes)
+                (plan, phase, is_last) + dtypes, out)
 
 
 @triton_op("sn_fused::spectral_norm_forward", mutates_args={"u", "v", "sigma_buf", "sem"})
@@ -375,7 +375,7 @@ def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
         args = (grad, weight, grad_weight, u, v, sigma, ws, sem, *plan.ints,
                 plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P)
         _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative, 8,
-                (plan, phase) + dtypes)
+                (plan, phase) + dtypes, grad_weight)
 
 
 @triton_op("sn_fused::spectral_norm_backward", mutates_args={"sem"})
