@@ -27,19 +27,24 @@ Workspace (``ws``, accumulation dtype: fp32, or fp64 for fp64 weights)::
 Training read, ``n`` power iterations (``|`` = grid barrier)::
 
     ST: s = A x (x = v, or t/dv of the previous iteration), part_s,
-        t_part = A[own rows]^T s                      (second pass, own rows)
+        t_part = A[own rows]^T s     (same load of A if ROW_IN_TILE, else a 2nd pass)
     | R: du = max(||s||, eps), u = s/du (own rows),
          t = (sum_p t_part) / du (own columns, fixed order), part_t
     | F: dv = max(||t||, eps), v = t/dv (own columns), sigma = ||t||^2 / dv,
          then ST of the next iteration, or the rescale W_sn = W / sigma.
 
 ``A^T u = A^T s / du``, so the transposed product needs no barrier after the
-first one: two barriers per iteration. When a whole row fits in one tile
-(``N <= 16384``), ST loads each tile once and computes both products from it. ``sigma = u^T A v = (A^T u)^T v =
-t^T t / dv`` holds exactly, so sigma costs no pass over ``A`` either. Passes
-over ``A``: ``n + 1`` reads (``2n + 1`` for wider rows) and one write; each pass runs in the opposite
-direction of the one before, so the part of ``A`` still in L2 (or L1, for a
-program's own rows) is read first. With one program the barriers are skipped.
+first one: two barriers per iteration; with one program none at all.
+``sigma = u^T A v = (A^T u)^T v = t^T t / dv`` holds exactly, so sigma costs
+no pass over ``A`` either.
+
+Memory plan: when a whole row fits in one tile (``N <= 16384``,
+``ROW_IN_TILE``), ST loads each tile of ``A`` once and computes both products
+from it, so a read costs ``n + 1`` passes over ``A`` plus one write of
+``W_sn``; wider rows take a second pass in ST (``2n + 1``). Each pass runs in
+the opposite direction of the one before, so the part of ``A`` still in L2
+(or L1, for a program's own rows) is read first. The workspace is small next
+to ``A`` (``G x N`` partials) and stays in L2.
 
 Reductions are deterministic: every sum runs in a fixed order (no float
 atomics), so the same inputs give bitwise-identical results run to run.
