@@ -139,7 +139,7 @@ def _clamp_norm(sumsq, eps):
 
     eps arrives as fp64 and is rounded to the accumulation dtype here (exact for fp64 weights).
     """
-    eps_acc = (sumsq * 0 + eps).to(sumsq.dtype)
+    eps_acc = (tl.zeros_like(sumsq) + eps).to(sumsq.dtype)  # not sumsq * 0: Inf * 0 is NaN
     return tl.maximum(tl.sqrt(sumsq), eps_acc, propagate_nan=tl.PropagateNan.ALL)
 
 

@@ -227,6 +227,10 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     ``out`` is an output the launcher allocated: a plain ``torch.Tensor`` exactly
     when this is a real eager call (a FakeTensor / FunctionalTensor under tracing).
     """
+    if INTERPRET and cooperative and grid > 1:
+        # The interpreter runs programs one after another: the first would spin forever.
+        raise RuntimeError(f"spectral_norm: a single launch of {grid} programs with grid barriers "
+                           f"deadlocks in the Triton interpreter; use phase_by_phase=True (the default)")
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
         options["num_stages"] = cfg.num_stages
@@ -490,6 +494,13 @@ def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_
 
 def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **launch):
     """The backward launcher (``launch`` may force num_programs / phase_by_phase)."""
+    check_inputs(weight, u, v, dim=dim)
+    if grad.shape != weight.shape or grad.dtype != weight.dtype or grad.device != weight.device:
+        raise ValueError(f"spectral_norm backward: grad ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) "
+                         f"must match the weight ({tuple(weight.shape)}, {weight.dtype}, {weight.device})")
+    if sigma.numel() != 1 or sigma.dtype != weight.dtype or sigma.device != weight.device:
+        raise ValueError(f"spectral_norm backward: sigma must be a 1-element {weight.dtype} tensor on "
+                         f"{weight.device}, got {tuple(sigma.shape)} {sigma.dtype} on {sigma.device}")
     if -weight.ndim <= dim < 0:
         dim += weight.ndim
     grad_weight = _empty_like_weight(weight)
