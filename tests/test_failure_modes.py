@@ -313,10 +313,10 @@ MODULES = {
 }
 
 # Library bugs these cases hit (see the report / the xfail tests at the end).
-INF_NORM_BUG = ("||A v||^2 overflows float32 (entries ~1e20 and up): the kernels square and sum, "
-                "PyTorch's norm scales first, so u, v, sigma, W_sn differ (NaN or 0 where PyTorch "
-                "has finite values or +-Inf). (An Inf entry, which made everything NaN through "
-                "`sumsq * 0 + eps`, is fixed.)")
+INF_NORM_BUG = ("||A v||^2 overflows float32 (entries ~1e20 and up): the kernels form t = A^T s / du "
+                "before normalizing s, so A^T s overflows too and t = Inf/Inf = NaN (v, W_sn NaN) where "
+                "PyTorch gets u = v = 0, sigma = 0, W_sn = +-Inf. (An Inf entry, which made everything "
+                "NaN through `sumsq * 0 + eps`, is fixed.)")
 ONE_ELEMENT_NORM = ("PyTorch's norm of a 1-element vector is |x| (no squaring, no overflow); the kernel "
                     "squares it, so a 1-row / 1-column A with |A v| > 1.8e19 (float32) gives u = 0 "
                     "instead of +-1")

@@ -125,8 +125,8 @@ def fused_supported(weight: torch.Tensor) -> bool:
         return False
     if weight.ndim - 1 > _MAX_COL_DIMS and _matrix_layout(0, weight) is None:
         return False
-    # 32-bit offsets inside the kernels.
-    return weight.numel() < 2**31 and max(weight.stride()) * max(weight.shape) < 2**31
+    # 32-bit offsets inside the kernels: the largest element offset must fit.
+    return sum((n - 1) * abs(st) for n, st in zip(weight.shape, weight.stride())) < 2**31
 
 
 def new_semaphore(device: torch.device | str | None = None) -> torch.Tensor:
