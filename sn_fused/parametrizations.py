@@ -87,7 +87,7 @@ class _SpectralNorm(Module):
         if weight.ndim == 1:
             # Faster and more exact path, no need to approximate anything
             return F.normalize(weight, dim=0, eps=self.eps)
-        if fused_supported(weight):
+        if fused_supported(weight, self.dim):
             if self._sem.device != weight.device:  # e.g. buffers replaced by load_state_dict(assign=True)
                 self._sem = new_semaphore(weight.device)
             return spectral_norm_fused(

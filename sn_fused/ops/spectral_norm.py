@@ -46,6 +46,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_COL_DIMS = 4
+_MAX_GRID = 1024  # programs; far above any GPU's co-resident count at one program per SM
 # Launch tuning. Module globals so that bench/kernel_sweep.py can sweep them
 # (call _clear_plans() after changing one); the defaults come from those sweeps.
 # Below this many elements per program a program would mostly wait on barriers:
@@ -114,19 +115,21 @@ def _empty_like_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(weight, memory_format=torch.preserve_format)
 
 
-def fused_supported(weight: torch.Tensor) -> bool:
+def fused_supported(weight: torch.Tensor, dim: int = 0) -> bool:
     """Whether the fused kernels can take this weight (else the reference path is used)."""
     if weight.ndim < 2 or weight.dtype not in _FUSED_DTYPES or weight.numel() == 0:
         return False
-    if weight.device.type == "cuda":
-        pass
-    elif not (INTERPRET and weight.device.type == "cpu" and weight.dtype != torch.bfloat16):
-        # The interpreter has no bfloat16.
-        return False
+    if weight.device.type != "cuda" and not (
+            INTERPRET and weight.device.type == "cpu" and weight.dtype != torch.bfloat16):
+        return False  # CPU tensors only through the interpreter, which has no bfloat16
     if weight.ndim - 1 > _MAX_COL_DIMS and _matrix_layout(0, weight) is None:
         return False
-    # 32-bit offsets inside the kernels: the largest element offset must fit.
-    return sum((n - 1) * abs(st) for n, st in zip(weight.shape, weight.stride())) < 2**31
+    # 32-bit offsets inside the kernels: the largest element offset must fit, and so must the
+    # workspace indices (program * M, program * N, with at most _MAX_GRID programs).
+    M = weight.shape[dim]
+    N = weight.numel() // M
+    return (sum((n - 1) * abs(st) for n, st in zip(weight.shape, weight.stride())) < 2**31
+            and max(M, N) * _MAX_GRID < 2**31)
 
 
 def new_semaphore(device: torch.device | str | None = None) -> torch.Tensor:
@@ -176,7 +179,8 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     """Grid and tiles. The grid never exceeds the co-resident bound (a spin barrier needs it)."""
     if num_programs is None:
         if device.type == "cuda":
-            cap = _max_programs(device.index if device.index is not None else torch.cuda.current_device())
+            cap = min(_max_programs(device.index if device.index is not None else torch.cuda.current_device()),
+                      _MAX_GRID)
         else:
             cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
         num_programs = min(cap, _cdiv(M * N, _MIN_ELEMENTS_PER_PROGRAM))
@@ -454,7 +458,7 @@ def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim:
                          f"[-{weight.ndim}, {weight.ndim - 1}] but got {dim})")
     if weight.numel() == 0:
         raise ValueError(f"spectral_norm: weight of shape {tuple(weight.shape)} is empty")
-    if not fused_supported(weight):
+    if not fused_supported(weight, dim):
         raise RuntimeError(f"spectral_norm: no fused kernel for a {weight.device.type} weight of "
                            f"dtype {weight.dtype} and shape {tuple(weight.shape)} (use "
                            f"sn_fused.reference, or set TRITON_INTERPRET=1 for CPU tensors)")
