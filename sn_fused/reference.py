@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "reshape_weight_to_matrix",
+    "matrix_to_weight_shape",
     "power_method_",
     "spectral_norm_reference",
     "spectral_norm_backward_reference",
@@ -86,10 +87,14 @@ def spectral_norm_backward_reference(grad: torch.Tensor, weight: torch.Tensor, u
     w_mat = reshape_weight_to_matrix(weight, dim)
     inner = (g_mat * w_mat).sum() / sigma
     d_mat = (g_mat - inner * torch.outer(u, v)) / sigma
-    # Undo the permutation: d_mat has the layout of permute(dim, *others).
+    return matrix_to_weight_shape(d_mat, weight, dim)
+
+
+def matrix_to_weight_shape(mat: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of :func:`reshape_weight_to_matrix`: an ``M x N`` matrix back in ``weight``'s shape."""
     others = [d for d in range(weight.ndim) if d != dim]
     permuted_shape = [weight.shape[dim]] + [weight.shape[d] for d in others]
     inverse = [0] * weight.ndim
     for position, d in enumerate([dim] + others):
         inverse[d] = position
-    return d_mat.reshape(permuted_shape).permute(inverse)
+    return mat.reshape(permuted_shape).permute(inverse)

@@ -90,7 +90,9 @@ K = 4.0
 # here as an absolute sigma error of N * (smallest subnormal) / max(||t||, eps).
 KNOWN_SQUARES_UNDERFLOW = True
 
-_settings = dict(deadline=None, derandomize=False, print_blob=True,
+# CI runs a fixed set of cases (derandomize): a flaky CI lands nothing. SN_FUSED_SLOW=1
+# explores fresh random cases on every run.
+_settings = dict(deadline=None, derandomize=not SLOW, print_blob=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -228,6 +230,12 @@ class Oracle:
                 e_v = 0.0  # the input v is exact
                 for _ in range(n):
                     s, e_s = self._matvec(A, self.absA, v, e_v)
+                    # Known divergence: the kernel forms A^T s *before* dividing by du (one grid
+                    # barrier fewer). When the eps clamp keeps s tiny, A^T s can reach the
+                    # subnormal range where PyTorch's A^T (s / du) does not: not judged here.
+                    ts = (A.T @ s).abs()
+                    if ((ts > 0) & (ts < self.floor)).any():
+                        self.out_of_range = True
                     u, e_u = self._normalize(s, e_s, eps)
                     t, e_t = self._matvec(A.T, self.absA.T, u, e_u)
                     v, e_v = self._normalize(t, e_t, eps)
@@ -344,13 +352,7 @@ def check_backward(G, W, us, vs, sigma, dW, dim, ctx):
     return (err / bound).max().item()
 
 
-def _unflatten_like(mat, w, dim):
-    others = [d for d in range(w.ndim) if d != dim]
-    permuted_shape = [w.shape[dim]] + [w.shape[d] for d in others]
-    inverse = [0] * w.ndim
-    for position, d in enumerate([dim] + others):
-        inverse[d] = position
-    return mat.reshape(permuted_shape).permute(inverse)
+_unflatten_like = reference.matrix_to_weight_shape
 
 
 def random_unit(n, dtype, gen):
