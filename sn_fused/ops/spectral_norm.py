@@ -406,8 +406,6 @@ class _SpectralNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
-        if -weight.ndim <= dim < 0:
-            dim += weight.ndim  # the backward gets it too (out-of-range dims fail in check_inputs)
         if torch.compiler.is_compiling():
             out, u_saved, v_saved, sigma = torch.ops.sn_fused.spectral_norm_forward(
                 weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
@@ -445,8 +443,11 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
 
 
 def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim: int,
-                 n_power_iterations: int = 1, eps: float = 1e-12) -> None:
-    """Raise a clear error, before any launch, for inputs the fused kernels must not see."""
+                 n_power_iterations: int = 1, eps: float = 1e-12) -> int:
+    """Raise a clear error, before any launch, for inputs the fused kernels must not see.
+
+    Returns ``dim`` in ``[0, weight.ndim)``: the launchers take it from here.
+    """
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES:
         raise TypeError(f"spectral_norm: the fused kernels take float16/bfloat16/float32/float64 "
                         f"weights, got {getattr(weight, 'dtype', type(weight))}")
@@ -477,6 +478,7 @@ def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim:
                          f"got n_power_iterations={n_power_iterations}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
+    return dim % weight.ndim
 
 
 def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_iterations=1,
@@ -485,8 +487,7 @@ def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_
 
     ``launch`` may force ``num_programs`` / ``phase_by_phase`` (tests).
     """
-    check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
-    dim = dim % weight.ndim
+    dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     out = _empty_like_weight(weight)
     u_saved = torch.empty_like(u, memory_format=torch.contiguous_format)
     v_saved = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -498,15 +499,13 @@ def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_
 
 def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **launch):
     """The backward launcher (``launch`` may force num_programs / phase_by_phase)."""
-    check_inputs(weight, u, v, dim=dim)
+    dim = check_inputs(weight, u, v, dim=dim)
     if grad.shape != weight.shape or grad.dtype != weight.dtype or grad.device != weight.device:
         raise ValueError(f"spectral_norm backward: grad ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) "
                          f"must match the weight ({tuple(weight.shape)}, {weight.dtype}, {weight.device})")
     if sigma.numel() != 1 or sigma.dtype != weight.dtype or sigma.device != weight.device:
         raise ValueError(f"spectral_norm backward: sigma must be a 1-element {weight.dtype} tensor on "
                          f"{weight.device}, got {tuple(sigma.shape)} {sigma.dtype} on {sigma.device}")
-    if -weight.ndim <= dim < 0:
-        dim += weight.ndim
     grad_weight = _empty_like_weight(weight)
     _launch_backward(grad, weight, grad_weight, u, v, sigma, sem[1:2], dim, **launch)
     return grad_weight
