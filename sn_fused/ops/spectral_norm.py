@@ -122,7 +122,7 @@ def fused_supported(weight: torch.Tensor, dim: int = 0) -> bool:
     if weight.device.type != "cuda" and not (
             INTERPRET and weight.device.type == "cpu" and weight.dtype != torch.bfloat16):
         return False  # CPU tensors only through the interpreter, which has no bfloat16
-    if weight.ndim - 1 > _MAX_COL_DIMS and _matrix_layout(0, weight) is None:
+    if weight.ndim - 1 > _MAX_COL_DIMS and _matrix_layout(dim % weight.ndim, weight) is None:
         return False
     # 32-bit offsets inside the kernels: the largest element offset must fit, and so must the
     # workspace indices (program * M, program * N, with at most _MAX_GRID programs).
