@@ -1,38 +1,59 @@
 #!/usr/bin/env bash
 # The prepared GPU check: GPU tests + kernel table + quick benchmark, in ONE call.
 #
-#   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|dev]     (repo root, on the lent GPU)
+#   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|dev|bench]     (repo root, on the lent GPU)
 #
 #   final (default): GPU tests, per-shape kernel table + host-time profile, `python -m bench --quick` (~5 min)
 #   dev:             the same plus the launch-knob sweep
 #   bench:           GPU tests and `python -m bench --quick` only (when device time is short)
-# Logs and results go to $OUT (the device tool brings them back), else ./gpu_out.
+#
+# Optional, same call:
+#   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
+#                            and bench/) in the kernel table: a same-card A/B of a kernel change
+#   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
+#                            the quick profile leaves out), results in extra/
+#
+# Everything ends up in ONE archive, $OUT/gpu_results.tgz (the device tool brings back at most 8
+# files), next to the plain logs; without $OUT, in ./gpu_out.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
+W=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET
 mode=${1:-final}
 status=0
+pack() { tar -czf "$OUT/gpu_results.tgz" -C "$W" . ; cp "$W"/*.log "$W"/env.txt "$OUT"/ 2>/dev/null; }
+trap pack EXIT
 
 {
   date -u +"%Y-%m-%d %H:%M UTC"
-  echo "commit ${SN_FUSED_COMMIT:-unknown}"
+  echo "commit ${SN_FUSED_COMMIT:-unknown}  baseline ${SN_FUSED_BASELINE:-none}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$W/env.txt"
 
 echo "== GPU tests"
 timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -x -n 8 --timeout=150 \
-  -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
+  -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$W/gpu_tests.log" || status=1
 
 if [ "$mode" != bench ]; then
-echo "== kernel table"
-extra=()
-if [ "$mode" = dev ]; then extra=(--sweep --profile); else extra=(--profile); fi
-timeout 200 python3 -m bench.kernel_sweep --out "$OUT" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
+  echo "== kernel table"
+  extra=(--profile --bwd-sweep)
+  [ "$mode" = dev ] && extra=(--sweep --profile)
+  timeout 200 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$W/kernel_sweep.log" || status=1
+  if [ -n "${SN_FUSED_BASELINE:-}" ]; then
+    echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only, graph times)"
+    (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --graph-only --no-torch) 2>&1 \
+      | tee "$W/kernel_sweep-baseline.log" || status=1
+  fi
 fi
 
 echo "== python -m bench --quick"
-timeout 185 python3 -m bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+timeout 185 python3 -m bench --quick --out "$W" 2>&1 | tee "$W/bench.log" || status=1
+if [ -n "${SN_FUSED_EXTRA_BENCH:-}" ]; then
+  echo "== python -m bench $SN_FUSED_EXTRA_BENCH"
+  # shellcheck disable=SC2086
+  timeout 200 python3 -m bench $SN_FUSED_EXTRA_BENCH --out "$W/extra" 2>&1 | tee "$W/bench-extra.log" || status=1
+fi
 exit $status

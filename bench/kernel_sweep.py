@@ -6,7 +6,7 @@ eager host-inclusive calls, and prints the floor from the copy bandwidth measure
 in the same run. ``--sweep`` also tries launch-config variants (elements per
 program) so tuning decisions come from measurements.
 
-    python -m bench.kernel_sweep [--sweep] [--out DIR]
+    python -m bench.kernel_sweep [--sweep] [--profile] [--graph-only] [--no-torch] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def copy_bandwidth() -> float:
     x = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")
     y = torch.empty_like(x)
     ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
-    return 2 * x.numel() * 4 / (ms * 1e-3)
+    copy_bandwidth.last = 2 * x.numel() * 4 / (ms * 1e-3)
+    return copy_bandwidth.last
 
 
 def graph_time_us(fn, reps_per_graph=20) -> float:
@@ -75,7 +76,7 @@ def layer(M, N, impl):
     return torch.nn.utils.parametrizations.spectral_norm(lin)
 
 
-def measure(M, N, impl):
+def measure(M, N, impl, graph_only=False):
     m = layer(M, N, impl)
     g = torch.randn(M, N, device="cuda")
 
@@ -85,11 +86,12 @@ def measure(M, N, impl):
     def fwd_bwd():
         m.weight.backward(g)
 
+    nan = float("nan")
     return dict(
         fwd_graph=graph_time_us(fwd),
-        fwd_eager=eager_time_us(fwd),
+        fwd_eager=nan if graph_only else eager_time_us(fwd),
         fwdbwd_graph=graph_time_us(fwd_bwd, reps_per_graph=10),
-        fwdbwd_eager=eager_time_us(fwd_bwd, iters=100),
+        fwdbwd_eager=nan if graph_only else eager_time_us(fwd_bwd, iters=100),
     )
 
 
@@ -122,6 +124,35 @@ def knob_sweep():
                     setattr(ops_mod, k, v)
         ops_mod._clear_plans()
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
+    return results
+
+
+BWD_KNOBS = [(8192, 2048), (4096, 1024), (16384, 4096), (16384, 16384)]  # (_BWD_TILE_ELEMENTS, _BWD_BLOCK_N)
+BWD_SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
+
+
+def bwd_sweep():
+    """Backward kernel alone (graph time) per backward tile shape; the last row is the forward's tiles."""
+    defaults = (ops_mod._BWD_TILE_ELEMENTS, ops_mod._BWD_BLOCK_N)
+    results = []
+    print("# backward sweep: bwd graph us per (tile elements, max BLOCK_N); defaults %s" % (defaults,))
+    for M, N in BWD_SWEEP_SHAPES:
+        m = layer(M, N, "sn_fused")
+        p = m.parametrizations.weight[0]
+        w = m.parametrizations.weight.original.detach()
+        _, us, vs, sigma = ops_mod.spectral_norm_forward_fused(w, p._u, p._v, p._sigma, p._sem)
+        g = torch.randn_like(w)
+        line = []
+        for tile, bn in BWD_KNOBS:
+            ops_mod._BWD_TILE_ELEMENTS, ops_mod._BWD_BLOCK_N = tile, bn
+            ops_mod._clear_plans()
+            t = graph_time_us(lambda: ops_mod.spectral_norm_backward_fused(g, w, us, vs, sigma, p._sem))
+            results.append(dict(M=M, N=N, tile=tile, block_n=bn, bwd_graph_us=t))
+            line.append(f"{tile}/{bn}:{t:.1f}")
+        ops_mod._BWD_TILE_ELEMENTS, ops_mod._BWD_BLOCK_N = defaults
+        ops_mod._clear_plans()
+        floor_b = 3 * M * N * 4 / copy_bandwidth.last * 1e6
+        print(f"{M:>5}x{N:<6} floor {floor_b:6.1f} | " + " ".join(line), flush=True)
     return results
 
 
@@ -161,6 +192,10 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="break down the eager host time")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--bwd-sweep", action="store_true", help="backward tile shapes (also part of --sweep)")
+    ap.add_argument("--graph-only", action="store_true", help="skip the eager (host-inclusive) timings")
+    ap.add_argument("--no-torch", action="store_true",
+                    help="time sn_fused only (e.g. an older checkout, for a same-card A/B)")
     args = ap.parse_args()
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
@@ -172,8 +207,10 @@ def main():
     print(hdr)
     for M, N in SHAPES:
         floor_f = 2 * M * N * 4 / bw * 1e6
-        snf = measure(M, N, "sn_fused")
-        pt = measure(M, N, "torch")
+        snf = measure(M, N, "sn_fused", args.graph_only)
+        nan = float("nan")
+        pt = (dict(fwd_graph=nan, fwd_eager=nan, fwdbwd_graph=nan, fwdbwd_eager=nan) if args.no_torch
+              else measure(M, N, "torch", args.graph_only))
         rows.append(dict(M=M, N=N, floor_fwd_us=floor_f, floor_bwd_us=1.5 * floor_f, sn_fused=snf, torch=pt))
         print(f"{M:>5}x{N:<6} {floor_f:6.1f} | {snf['fwd_graph']:8.1f} {snf['fwd_graph'] / max(floor_f, 1e-9):7.1f} "
               f"{pt['fwd_graph']:7.1f} | {snf['fwd_eager']:9.1f} {pt['fwd_eager']:8.1f} "
@@ -182,6 +219,8 @@ def main():
     sweep = []
     if args.sweep:
         sweep = knob_sweep()
+    if args.sweep or args.bwd_sweep:
+        sweep += bwd_sweep()
     if args.profile:
         host_profile()
     if args.out:

@@ -235,11 +235,15 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
 
 @triton.jit
 def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_t_ptr, eps,
-                  pid, G, r0, r1, c0, c1, N, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                  pid, G, r0, r1, c0, c1, N, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_Q: tl.constexpr):
     """Phase R: ``u = s / du`` for own rows; ``t = (sum_q t_part[q]) / du`` for own columns.
 
-    ``du = max(||s||, eps)``; the q-sum runs in a fixed order. Writes the
-    partial ``sum t_j^2``.
+    ``du = max(||s||, eps)``. The q-sum reads ``BLOCK_Q`` programs' partials
+    per load (one ``[BLOCK_Q, BLOCK_R]`` tile): the loads of a step are
+    independent, so a program waits ``cdiv(G, BLOCK_Q)`` L2 round trips, not
+    ``G``. The sum still runs in a fixed order (tile tree, then steps in q
+    order), so it is deterministic. Writes the partial ``sum t_j^2``.
     """
     acc_t = t_ptr.dtype.element_ty
     du = _clamp_norm(_sum_partials(part_s_ptr, G, BLOCK_P), eps)
@@ -254,8 +258,11 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
         cols = c + tl.arange(0, BLOCK_R)
         cmask = cols < c1
         t = tl.zeros([BLOCK_R], acc_t)
-        for q in range(G):
-            t += tl.load(tpart_ptr + q * N + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+        for q0 in range(0, G, BLOCK_Q):
+            qs = q0 + tl.arange(0, BLOCK_Q)
+            tile = tl.load(tpart_ptr + qs[:, None] * N + cols[None, :],
+                           mask=(qs < G)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+            t += tl.sum(tile, axis=0)
         t = t / du
         tl.store(t_ptr + cols, t, mask=cmask)
         part += t * t
@@ -292,7 +299,13 @@ def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK_R: tl.constexpr):
 def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
                    NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``W_sn = W / sigma`` over own rows (columns last-to-first again), and sigma's stores.
+    """``W_sn = W / sigma`` over own rows, and sigma's stores.
+
+    Order: the exact reverse of the last pass over A (phase ST ends on column
+    block 0 -- the only one when ``ROW_IN_TILE`` -- and on its last rows), so
+    the tiles still in L2 are read first. A is not read again in this launch
+    and W_sn not at all, so both go through L2 with ``evict_first``: they do
+    not push out the tiles of A that are still to be re-read.
 
     sigma is rounded to the weight's dtype first: PyTorch's sigma is a tensor
     of that dtype, and ``weight / sigma`` divides by the rounded value.
@@ -303,17 +316,17 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
         tl.store(sigma_ptr, sigma_w)
         tl.store(sigma_buf_ptr, sigma_w)
     sigma_acc = sigma_w.to(acc_t)
-    n_cblocks = tl.cdiv(N, BLOCK_N)
-    for r in range(r0, r1, BLOCK_M):
-        rows = r + tl.arange(0, BLOCK_M)
-        rmask = rows < r1
-        for i in range(n_cblocks):
-            cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask = rmask[:, None] & (cols < N)[None, :]
+    n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
+    for c in range(0, N, BLOCK_N):
+        cols = c + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        for j in range(n_rblocks):
+            rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)  # last row block first
+            mask = (rows >= r0)[:, None] & cmask[None, :]
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                        mask=mask, other=0.0).to(acc_t)
+                        mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)
             tl.store(out_ptr + _offsets(rows, cols, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL),
-                     (a / sigma_acc).to(out_ptr.dtype.element_ty), mask=mask)
+                     (a / sigma_acc).to(out_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -326,7 +339,7 @@ def spectral_norm_fwd_kernel(
     D1, D2, D3,
     NCOL: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-    ROW_IN_TILE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr,
 ):
     """One read of the spectral-normalized weight (see the module docstring).
 
@@ -358,7 +371,7 @@ def spectral_norm_fwd_kernel(
             for it in range(n_iters):
                 grid_barrier(sem_ptr)
                 _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                              pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_P)
+                              pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_P, BLOCK_Q)
                 grid_barrier(sem_ptr)
                 sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
                                                     c0, c1, BLOCK_R, BLOCK_P)
@@ -372,7 +385,7 @@ def spectral_norm_fwd_kernel(
                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
         elif PHASE == 1:
             _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                          pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_P)
+                          pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_P, BLOCK_Q)
         elif PHASE == 2:
             sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
                                                 c0, c1, BLOCK_R, BLOCK_P)
@@ -412,8 +425,9 @@ def spectral_norm_bwd_kernel(
 
     ``<G, W_sn> = <G, W> / sigma``: one global reduction (partials in
     ``ws[0:G]``, fixed-order sum after the barrier), then one elementwise
-    pass, last-to-first so the part of G and W still in L2 is read first.
-    Floor: read G and W, write dW.
+    pass, last-to-first so the part of G still in L2 is read first. W is read
+    once and dW written once, both ``evict_first`` so they leave L2 to G.
+    Floor: read G and W, write dW; this kernel also re-reads G (from L2 as far as it holds).
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -432,7 +446,7 @@ def spectral_norm_bwd_kernel(
                 g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
                             mask=mask, other=0.0).to(acc_t)
                 w = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                            mask=mask, other=0.0).to(acc_t)
+                            mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)  # not re-read
                 part += g * w
         tl.store(ws_ptr + pid, tl.sum(tl.sum(part, axis=1), axis=0))
     if PHASE == -1:
@@ -454,4 +468,4 @@ def spectral_norm_bwd_kernel(
                             mask=mask, other=0.0).to(acc_t)
                 dw = (g - inner * u[:, None] * v[None, :]) / sigma
                 tl.store(dw_ptr + _offsets(rows, cols, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3, NCOL),
-                         dw.to(dw_ptr.dtype.element_ty), mask=mask)
+                         dw.to(dw_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")

@@ -19,6 +19,7 @@ modules never share one, and the barrier leaves it in a valid state
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -54,6 +55,10 @@ _MAX_GRID = 1024  # programs; far above any GPU's co-resident count at one progr
 _MIN_ELEMENTS_PER_PROGRAM = int(os.environ.get("SN_FUSED_MIN_ELEMENTS_PER_PROGRAM", 8192))
 _TILE_ELEMENTS = int(os.environ.get("SN_FUSED_TILE_ELEMENTS", 16384))  # of A per program per loop step
 _MAX_ROW_IN_TILE = int(os.environ.get("SN_FUSED_MAX_ROW_IN_TILE", 16384))  # widest row read in one tile
+# The backward streams G and W tile by tile (no row needs to be whole): tiles of this many
+# elements per operand, at most _BWD_BLOCK_N columns wide.
+_BWD_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_BWD_TILE_ELEMENTS", 8192))
+_BWD_BLOCK_N = int(os.environ.get("SN_FUSED_BWD_BLOCK_N", 2048))
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
@@ -124,12 +129,15 @@ def fused_supported(weight: torch.Tensor, dim: int = 0) -> bool:
         return False  # CPU tensors only through the interpreter, which has no bfloat16
     if weight.ndim - 1 > _MAX_COL_DIMS and _matrix_layout(dim % weight.ndim, weight) is None:
         return False
-    # 32-bit offsets inside the kernels: the largest element offset must fit, and so must the
-    # workspace indices (program * M, program * N, with at most _MAX_GRID programs).
+    # 32-bit offsets inside the kernels: the workspace indices (program * M, program * N,
+    # with at most _MAX_GRID programs) must fit, and so must the largest element offset.
+    numel = weight.numel()
     M = weight.shape[dim]
-    N = weight.numel() // M
-    return (sum((n - 1) * abs(st) for n, st in zip(weight.shape, weight.stride())) < 2**31
-            and max(M, N) * _MAX_GRID < 2**31)
+    if max(M, numel // M) * _MAX_GRID >= 2**31:
+        return False
+    if numel < 2**31 and weight.is_contiguous():  # the common case, without a loop over strides
+        return True
+    return sum((n - 1) * abs(st) for n, st in zip(weight.shape, weight.stride())) < 2**31
 
 
 def new_semaphore(device: torch.device | str | None = None) -> torch.Tensor:
@@ -170,6 +178,7 @@ class _LaunchConfig:
     BLOCK_N: int
     BLOCK_R: int
     BLOCK_P: int
+    BLOCK_Q: int
     num_warps: int
     num_stages: int | None
     ROW_IN_TILE: bool
@@ -196,9 +205,12 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
         block_n = max(min(512, _TILE_ELEMENTS // 4), _TILE_ELEMENTS // min(rows, 16))
     block_m = min(rows, max(1, _TILE_ELEMENTS // block_n))
     block_r = min(_next_power_of_2(max(_cdiv(N, G), _cdiv(M, G))), 4096)
+    block_p = _next_power_of_2(G)
+    # Phase R sums the G partials of its columns BLOCK_Q programs per load ([BLOCK_Q, BLOCK_R] tile).
+    block_q = min(block_p, max(1, _TILE_ELEMENTS // 2 // block_r))
     tile = block_m * block_n
     num_warps = _NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2))
-    return _LaunchConfig(G, block_m, block_n, block_r, _next_power_of_2(G), num_warps, _NUM_STAGES or None,
+    return _LaunchConfig(G, block_m, block_n, block_r, block_p, block_q, num_warps, _NUM_STAGES or None,
                          row_in_tile)
 
 
@@ -328,7 +340,7 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
         args = (weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
                 M, N, n_power_iterations, eps, int(is_last), *strides,
                 plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_P,
-                cfg.ROW_IN_TILE)
+                cfg.BLOCK_Q, cfg.ROW_IN_TILE)
         _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 10,
                 (plan, phase, is_last) + dtypes, out)
 
@@ -357,6 +369,13 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     if layout is None:
         return None
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
+    # Same grid as the forward; tiles of its own: the forward's whole-row tiles (up to 16384
+    # wide, for its one-load-two-products phase) only add registers here.
+    block_n = min(_next_power_of_2(layout.N), _BWD_BLOCK_N)
+    block_m = min(_next_power_of_2(_cdiv(layout.M, cfg.grid)), max(1, _BWD_TILE_ELEMENTS // block_n))
+    tile = block_m * block_n
+    cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n,
+                              num_warps=_NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2)))
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = [(kernels.PHASE_DOT, False), (kernels.PHASE_GRAD, True)] if phase_by_phase else [(kernels.PHASE_ALL, True)]
@@ -409,10 +428,9 @@ class _SpectralNormFunction(torch.autograd.Function):
         if torch.compiler.is_compiling():
             out, u_saved, v_saved, sigma = torch.ops.sn_fused.spectral_norm_forward(
                 weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
-        else:  # eager: the same launcher, without the dispatcher's per-call cost
-            out, u_saved, v_saved, sigma = spectral_norm_forward_fused(
-                weight, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n_power_iterations,
-                eps=eps, training=training)
+        else:  # eager: the op's launcher, without the dispatcher's per-call cost or a second check
+            out, u_saved, v_saved, sigma = _forward_unchecked(
+                weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
         ctx.save_for_backward(weight, u_saved, v_saved, sigma)
         ctx.sem = sem
         ctx.dim = dim
@@ -424,9 +442,8 @@ class _SpectralNormFunction(torch.autograd.Function):
         if torch.compiler.is_compiling():
             grad_weight = torch.ops.sn_fused.spectral_norm_backward(
                 grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
-        else:
-            grad_weight = spectral_norm_backward_fused(grad_out, weight, u_saved, v_saved, sigma,
-                                                       ctx.sem, dim=ctx.dim)
+        else:  # grad_out has the output's shape, dtype and device: autograd checked it
+            grad_weight = _backward_unchecked(grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
         return grad_weight, None, None, None, None, None, None, None, None
 
 
@@ -437,7 +454,12 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                         sigma_buf: torch.Tensor, sem: torch.Tensor, *, dim: int = 0,
                         n_power_iterations: int = 1, eps: float = 1e-12,
                         training: bool = True) -> torch.Tensor:
-    """``W / sigma`` through one kernel launch (see ``reference.spectral_norm_reference``)."""
+    """``W / sigma`` through one kernel launch (see ``reference.spectral_norm_reference``).
+
+    Inputs are checked here, once, before autograd records anything; the
+    eager forward and backward behind it launch without checking again.
+    """
+    dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     return _SpectralNormFunction.apply(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
                                        eps, training)
 
@@ -488,6 +510,12 @@ def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_
     ``launch`` may force ``num_programs`` / ``phase_by_phase`` (tests).
     """
     dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
+    return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training,
+                              **launch)
+
+
+def _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training, **launch):
+    """Allocate the outputs and launch; the inputs passed ``check_inputs`` (``dim`` normalized)."""
     out = _empty_like_weight(weight)
     u_saved = torch.empty_like(u, memory_format=torch.contiguous_format)
     v_saved = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -506,6 +534,11 @@ def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **lau
     if sigma.numel() != 1 or sigma.dtype != weight.dtype or sigma.device != weight.device:
         raise ValueError(f"spectral_norm backward: sigma must be a 1-element {weight.dtype} tensor on "
                          f"{weight.device}, got {tuple(sigma.shape)} {sigma.dtype} on {sigma.device}")
+    return _backward_unchecked(grad, weight, u, v, sigma, sem, dim, **launch)
+
+
+def _backward_unchecked(grad, weight, u, v, sigma, sem, dim, **launch):
+    """Allocate dW and launch; the inputs were checked (``dim`` normalized)."""
     grad_weight = _empty_like_weight(weight)
     _launch_backward(grad, weight, grad_weight, u, v, sigma, sem[1:2], dim, **launch)
     return grad_weight
