@@ -39,7 +39,7 @@ timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -x -n 8 --t
 
 if [ "$mode" != bench ]; then
   echo "== kernel table"
-  extra=(--profile --bwd-sweep)
+  extra=(--profile --bwd-sweep --compile-probe)
   [ "$mode" = dev ] && extra=(--sweep --profile)
   timeout 200 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$W/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then

@@ -127,7 +127,7 @@ def knob_sweep():
     return results
 
 
-BWD_KNOBS = [(8192, 2048), (4096, 1024), (16384, 4096), (16384, 16384)]  # (_BWD_TILE_ELEMENTS, _BWD_BLOCK_N)
+BWD_KNOBS = [(16384, 4096), (8192, 2048), (32768, 4096), (32768, 8192), (16384, 16384)]  # (_BWD_TILE_ELEMENTS, _BWD_BLOCK_N)
 BWD_SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 
@@ -154,6 +154,50 @@ def bwd_sweep():
         floor_b = 3 * M * N * 4 / copy_bandwidth.last * 1e6
         print(f"{M:>5}x{N:<6} floor {floor_b:6.1f} | " + " ".join(line), flush=True)
     return results
+
+
+def compile_probe(M=128, N=1152):
+    """Host-inclusive time of one read under ``torch.compile`` (default mode, no CUDA graphs).
+
+    Compares the shipped path (the ``triton_op``, which Inductor launches as a user-defined
+    Triton kernel) with the same launcher behind an opaque ``custom_op`` (Inductor calls it
+    as an extern op), and prints a profiler table of the shipped path: what a compiled
+    step pays per SN read beyond the kernel.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    m = layer(M, N, "sn_fused")
+    p = m.parametrizations.weight[0]
+    w = m.parametrizations.weight.original.detach()
+    u, v, sb, sem = p._u, p._v, p._sigma, p._sem
+
+    @torch.library.custom_op("sn_fused_probe::forward", mutates_args={"u", "v", "sigma_buf", "sem"})
+    def probe(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma_buf: torch.Tensor,
+              sem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ops_mod.spectral_norm_forward_fused(weight, u, v, sigma_buf, sem)
+
+    @probe.register_fake
+    def _(weight, u, v, sigma_buf, sem):
+        return torch.empty_like(weight), torch.empty_like(u), torch.empty_like(v), weight.new_empty(())
+
+    cases = {
+        "eager launcher": lambda: ops_mod.spectral_norm_forward_fused(w, u, v, sb, sem)[0],
+        "compiled triton_op (shipped)": torch.compile(
+            lambda: torch.ops.sn_fused.spectral_norm_forward(w, u, v, sb, sem, 0, 1, 1e-12, True)[0],
+            fullgraph=True),
+        "compiled custom_op (probe)": torch.compile(lambda: probe(w, u, v, sb, sem)[0], fullgraph=True),
+        "eager m.weight": lambda: m.weight,
+        "compiled m.weight": torch.compile(lambda: m.weight, fullgraph=True),
+    }
+    print(f"# compile probe {M}x{N}: host-inclusive us per read")
+    for name, fn in cases.items():
+        print(f"  {name:30s} {eager_time_us(fn):8.1f} us", flush=True)
+    fn = cases["compiled triton_op (shipped)"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
 def host_profile(M=128, N=1152):
@@ -192,6 +236,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="break down the eager host time")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile-probe", action="store_true", help="host cost of a read under torch.compile")
     ap.add_argument("--bwd-sweep", action="store_true", help="backward tile shapes (also part of --sweep)")
     ap.add_argument("--graph-only", action="store_true", help="skip the eager (host-inclusive) timings")
     ap.add_argument("--no-torch", action="store_true",
@@ -223,6 +268,8 @@ def main():
         sweep += bwd_sweep()
     if args.profile:
         host_profile()
+    if args.compile_probe:
+        compile_probe()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernel_sweep.json"), "w") as f:

@@ -33,11 +33,11 @@ SCRIPT = textwrap.dedent("""
     bwd.update(ws_ptr="*fp32", sem_ptr="*i32")
     cases = [
         (K.spectral_norm_fwd_kernel, fwd, dict(NCOL=1, TRAINING=True, PHASE=-1, BLOCK_M=16, BLOCK_N=512,
-                                               BLOCK_R=128, BLOCK_P=128, BLOCK_Q=32, ROW_IN_TILE=False)),
+                                               BLOCK_R=16, BLOCK_C=128, BLOCK_P=128, BLOCK_Q=32, ROW_IN_TILE=False)),
         (K.spectral_norm_fwd_kernel, fwd, dict(NCOL=1, TRAINING=True, PHASE=-1, BLOCK_M=2, BLOCK_N=8192,
-                                               BLOCK_R=128, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True)),
+                                               BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True)),
         (K.spectral_norm_fwd_kernel, fwd, dict(NCOL=3, TRAINING=False, PHASE=-1, BLOCK_M=4, BLOCK_N=64,
-                                               BLOCK_R=32, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True)),
+                                               BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True)),
         (K.spectral_norm_bwd_kernel, bwd, dict(NCOL=2, PHASE=-1, BLOCK_M=8, BLOCK_N=256, BLOCK_P=64)),
     ]
     for fn, pointers, constexprs in cases:

@@ -1042,16 +1042,17 @@ def test_eager_fast_path_sees_a_plain_output_for_parameters(monkeypatch, device,
     assert all(kind is torch.Tensor for _, kind in seen)
 
 
-def test_six_dim_weight_layout_is_judged_for_its_own_dim(gen):
+def test_six_dim_weight_layout_is_judged_for_its_own_dim(device, gen):
     """A 6-D weight whose column dims merge for dim=0 but not for dim=4 must not be sent to the
     kernels with dim=4 (the launcher would find no layout): the op refuses it with a clear
     error before any launch, and the layer takes the reference path, matching PyTorch."""
-    w = torch.randn(2, 3, 4, 5, 6, 7, generator=gen).permute(0, 2, 1, 3, 4, 5)
+    w = randn((2, 3, 4, 5, 6, 7), gen, torch.float32, device).permute(0, 2, 1, 3, 4, 5)
     assert ops.fused_supported(w, 0) and not ops.fused_supported(w, 4)
     M = w.shape[4]
-    u, v = unit(M, gen, w.dtype, "cpu"), unit(w.numel() // M, gen, w.dtype, "cpu")
+    u, v = unit(M, gen, w.dtype, device), unit(w.numel() // M, gen, w.dtype, device)
     with count_launches() as calls, pytest.raises(RuntimeError, match="no fused kernel"):
-        ops.spectral_norm_forward_fused(w, u, v, torch.zeros(()), ops.new_semaphore(), dim=4)
+        ops.spectral_norm_forward_fused(w, u, v, torch.zeros((), device=device), ops.new_semaphore(device),
+                                        dim=4)
     assert calls == []
     from sn_fused import spectral_norm
 

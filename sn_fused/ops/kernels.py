@@ -235,12 +235,12 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
 
 @triton.jit
 def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_t_ptr, eps,
-                  pid, G, r0, r1, c0, c1, N, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_Q: tl.constexpr):
+                  pid, G, r0, r1, c0, c1, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Phase R: ``u = s / du`` for own rows; ``t = (sum_q t_part[q]) / du`` for own columns.
 
     ``du = max(||s||, eps)``. The q-sum reads ``BLOCK_Q`` programs' partials
-    per load (one ``[BLOCK_Q, BLOCK_R]`` tile): the loads of a step are
+    per load (one ``[BLOCK_Q, BLOCK_C]`` tile): the loads of a step are
     independent, so a program waits ``cdiv(G, BLOCK_Q)`` L2 round trips, not
     ``G``. The sum still runs in a fixed order (tile tree, then steps in q
     order), so it is deterministic. Writes the partial ``sum t_j^2``.
@@ -253,11 +253,11 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
         u = (tl.load(s_ptr + rows, mask=rmask, other=0.0) / du).to(u_ptr.dtype.element_ty)
         tl.store(u_ptr + rows, u, mask=rmask)
         tl.store(u_saved_ptr + rows, u, mask=rmask)
-    part = tl.zeros([BLOCK_R], acc_t)
-    for c in range(c0, c1, BLOCK_R):
-        cols = c + tl.arange(0, BLOCK_R)
+    part = tl.zeros([BLOCK_C], acc_t)
+    for c in range(c0, c1, BLOCK_C):
+        cols = c + tl.arange(0, BLOCK_C)
         cmask = cols < c1
-        t = tl.zeros([BLOCK_R], acc_t)
+        t = tl.zeros([BLOCK_C], acc_t)
         for q0 in range(0, G, BLOCK_Q):
             qs = q0 + tl.arange(0, BLOCK_Q)
             tile = tl.load(tpart_ptr + qs[:, None] * N + cols[None, :],
@@ -271,15 +271,15 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
 
 @triton.jit
 def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, part_t_ptr, eps, G, c0, c1,
-                            BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Phase F: ``v = t / max(||t||, eps)`` for own columns. Returns ``(sigma, dv)``.
 
     ``sigma = u^T A v = t^T v = ||t||^2 / dv`` (no pass over A needed).
     """
     tsq = _sum_partials(part_t_ptr, G, BLOCK_P)
     dv = _clamp_norm(tsq, eps)
-    for c in range(c0, c1, BLOCK_R):
-        cols = c + tl.arange(0, BLOCK_R)
+    for c in range(c0, c1, BLOCK_C):
+        cols = c + tl.arange(0, BLOCK_C)
         cmask = cols < c1
         v = (tl.load(t_ptr + cols, mask=cmask, other=0.0) / dv).to(v_ptr.dtype.element_ty)
         tl.store(v_ptr + cols, v, mask=cmask)
@@ -288,9 +288,9 @@ def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, part_t_ptr, eps, G, c0, c
 
 
 @triton.jit
-def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK_R: tl.constexpr):
-    for c in range(lo, hi, BLOCK_R):
-        offs = c + tl.arange(0, BLOCK_R)
+def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK: tl.constexpr):
+    for c in range(lo, hi, BLOCK):
+        offs = c + tl.arange(0, BLOCK)
         mask = offs < hi
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
 
@@ -338,8 +338,8 @@ def spectral_norm_fwd_kernel(
     o_row, o_c0, o_c1, o_c2, o_c3,
     D1, D2, D3,
     NCOL: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr,
 ):
     """One read of the spectral-normalized weight (see the module docstring).
 
@@ -371,10 +371,10 @@ def spectral_norm_fwd_kernel(
             for it in range(n_iters):
                 grid_barrier(sem_ptr)
                 _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                              pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_P, BLOCK_Q)
+                              pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
                 grid_barrier(sem_ptr)
                 sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
-                                                    c0, c1, BLOCK_R, BLOCK_P)
+                                                    c0, c1, BLOCK_C, BLOCK_P)
                 if it < n_iters - 1:
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
@@ -385,10 +385,10 @@ def spectral_norm_fwd_kernel(
                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
         elif PHASE == 1:
             _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                          pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_P, BLOCK_Q)
+                          pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
         elif PHASE == 2:
             sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
-                                                c0, c1, BLOCK_R, BLOCK_P)
+                                                c0, c1, BLOCK_C, BLOCK_P)
             if is_last:
                 _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
@@ -404,7 +404,7 @@ def spectral_norm_fwd_kernel(
             # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd.
             sigma = _sum_partials(part_s_ws, G, BLOCK_P)
             _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_R)
-            _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_R)
+            _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
             _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                            s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                            D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)

@@ -57,8 +57,8 @@ _TILE_ELEMENTS = int(os.environ.get("SN_FUSED_TILE_ELEMENTS", 16384))  # of A pe
 _MAX_ROW_IN_TILE = int(os.environ.get("SN_FUSED_MAX_ROW_IN_TILE", 16384))  # widest row read in one tile
 # The backward streams G and W tile by tile (no row needs to be whole): tiles of this many
 # elements per operand, at most _BWD_BLOCK_N columns wide.
-_BWD_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_BWD_TILE_ELEMENTS", 8192))
-_BWD_BLOCK_N = int(os.environ.get("SN_FUSED_BWD_BLOCK_N", 2048))
+_BWD_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_BWD_TILE_ELEMENTS", 16384))
+_BWD_BLOCK_N = int(os.environ.get("SN_FUSED_BWD_BLOCK_N", 4096))
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
@@ -176,7 +176,8 @@ class _LaunchConfig:
     grid: int
     BLOCK_M: int
     BLOCK_N: int
-    BLOCK_R: int
+    BLOCK_R: int  # rows of the vector phases (own rows: u)
+    BLOCK_C: int  # columns of the vector phases (own columns: t, v)
     BLOCK_P: int
     BLOCK_Q: int
     num_warps: int
@@ -204,14 +205,17 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     else:
         block_n = max(min(512, _TILE_ELEMENTS // 4), _TILE_ELEMENTS // min(rows, 16))
     block_m = min(rows, max(1, _TILE_ELEMENTS // block_n))
-    block_r = min(_next_power_of_2(max(_cdiv(N, G), _cdiv(M, G))), 4096)
+    # Vector phases: a program's own rows (u) and own columns (t, v), sized separately so a
+    # tall or wide matrix does not drag masked lanes through the other loop.
+    block_r = min(_next_power_of_2(_cdiv(M, G)), 4096)
+    block_c = min(_next_power_of_2(_cdiv(N, G)), 4096)
     block_p = _next_power_of_2(G)
-    # Phase R sums the G partials of its columns BLOCK_Q programs per load ([BLOCK_Q, BLOCK_R] tile).
-    block_q = min(block_p, max(1, _TILE_ELEMENTS // 2 // block_r))
+    # Phase R sums the G partials of its columns BLOCK_Q programs per load ([BLOCK_Q, BLOCK_C] tile).
+    block_q = min(block_p, max(1, _TILE_ELEMENTS // 2 // block_c))
     tile = block_m * block_n
     num_warps = _NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2))
-    return _LaunchConfig(G, block_m, block_n, block_r, block_p, block_q, num_warps, _NUM_STAGES or None,
-                         row_in_tile)
+    return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q, num_warps,
+                         _NUM_STAGES or None, row_in_tile)
 
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
@@ -339,8 +343,8 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
     for phase, is_last in plan.phases:
         args = (weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
                 M, N, n_power_iterations, eps, int(is_last), *strides,
-                plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_P,
-                cfg.BLOCK_Q, cfg.ROW_IN_TILE)
+                plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_C,
+                cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE)
         _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 10,
                 (plan, phase, is_last) + dtypes, out)
 
