@@ -13,8 +13,10 @@
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/
 #
-# Everything ends up in ONE archive, $OUT/gpu_results.tgz (the device tool brings back at most 8
-# files), next to the plain logs; without $OUT, in ./gpu_out.
+# Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
+# JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
+# $OUT/gpu_results.tgz, at exit (the device tool brings back at most 8 files).
+# Without $OUT, ./gpu_out.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 W=$(mktemp -d)
@@ -23,7 +25,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET
 mode=${1:-final}
 status=0
-pack() { tar -czf "$OUT/gpu_results.tgz" -C "$W" . ; cp "$W"/*.log "$W"/env.txt "$OUT"/ 2>/dev/null; }
+pack() { cp "$OUT"/*.log "$OUT"/env.txt "$W"/ 2>/dev/null; tar -czf "$OUT/gpu_results.tgz" -C "$W" . ; }
 trap pack EXIT
 
 {
@@ -31,29 +33,29 @@ trap pack EXIT
   echo "commit ${SN_FUSED_COMMIT:-unknown}  baseline ${SN_FUSED_BASELINE:-none}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
-} 2>&1 | tee "$W/env.txt"
+} 2>&1 | tee "$OUT/env.txt"
 
 echo "== GPU tests"
 timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -x -n 8 --timeout=150 \
-  -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$W/gpu_tests.log" || status=1
+  -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
 
 if [ "$mode" != bench ]; then
   echo "== kernel table"
   extra=(--profile --bwd-sweep --compile-probe)
   [ "$mode" = dev ] && extra=(--sweep --profile)
-  timeout 200 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$W/kernel_sweep.log" || status=1
+  timeout 200 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only, graph times)"
     (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --graph-only --no-torch) 2>&1 \
-      | tee "$W/kernel_sweep-baseline.log" || status=1
+      | tee "$OUT/kernel_sweep-baseline.log" || status=1
   fi
 fi
 
 echo "== python -m bench --quick"
-timeout 185 python3 -m bench --quick --out "$W" 2>&1 | tee "$W/bench.log" || status=1
+timeout 185 python3 -m bench --quick --out "$W" 2>&1 | tee "$OUT/bench.log" || status=1
 if [ -n "${SN_FUSED_EXTRA_BENCH:-}" ]; then
   echo "== python -m bench $SN_FUSED_EXTRA_BENCH"
   # shellcheck disable=SC2086
-  timeout 200 python3 -m bench $SN_FUSED_EXTRA_BENCH --out "$W/extra" 2>&1 | tee "$W/bench-extra.log" || status=1
+  timeout 170 python3 -m bench $SN_FUSED_EXTRA_BENCH --out "$W/extra" 2>&1 | tee "$OUT/bench-extra.log" || status=1
 fi
 exit $status
