@@ -36,7 +36,7 @@ trap pack EXIT
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== GPU tests"
-timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -x -n 8 --timeout=150 \
+timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --timeout=150 \
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
 
 if [ "$mode" != bench ]; then
