@@ -220,8 +220,10 @@ def environment(device: torch.device, profile: str) -> dict[str, Any]:
         date=now.strftime("%Y-%m-%d"), time_utc=now.strftime("%Y-%m-%dT%H:%M:%SZ"), profile=profile,
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         numpy=numpy.__version__, cuda=torch.version.cuda, device=str(device),
-        git_commit=_run(["git", "rev-parse", "HEAD"]) or os.environ.get("SN_FUSED_COMMIT") or "unknown",
-        git_dirty=bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+        # SN_FUSED_COMMIT first: a copied tree (the lent GPU) may carry a stale .git.
+        git_commit=os.environ.get("SN_FUSED_COMMIT") or _run(["git", "rev-parse", "HEAD"]) or "unknown",
+        git_dirty=(None if os.environ.get("SN_FUSED_COMMIT")
+                   else bool(_run(["git", "status", "--porcelain", "--untracked-files=no"]))),
         argv=sys.argv[1:], cpu_threads=torch.get_num_threads(),
     )
     if device.type == "cuda":
@@ -263,13 +265,17 @@ class Progress:
         if self.bar is not None:
             self.bar.set_description_str(text[:60])
 
-    def advance(self, status: str | None = None) -> None:
+    def advance(self, status: str | None = None, result: str = "") -> None:
+        """``result``: the case's headline number, printed at once so a killed run keeps it."""
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
+            if result:
+                self.bar.write(f"{self.text}: {result}")
         else:
             status = status or f"{time.perf_counter() - self.t0:.1f} s"
-            print(f"[{self.done}/{self.total}] {self.text} ({status})", flush=True)
+            print(f"[{self.done}/{self.total}] {self.text} ({status}){': ' + result if result else ''}",
+                  flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -379,7 +385,8 @@ def run_steps(cases: list[tuple], device: torch.device, budget, batch: int | Non
         if mode != "eager":
             harness.reset_compiler()
         harness.release_memory(device)
-        progress.advance()
+        progress.advance(result=row["error"] if "error" in row else
+                         f"{row['step_ms']:.2f} ms/step, warm-up {row['warmup_s']:.1f} s")
     return rows
 
 
