@@ -455,7 +455,7 @@ def run_case(case):
         vs = torch.full((N,), nan, dtype=dtype, device=DEVICE)
         sigma = torch.full((), nan, dtype=dtype, device=DEVICE)
         with mock.patch("torch.empty", poisoned_empty):
-            opsmod._launch_forward(W, out, u, v, us, vs, sigma, sigma_buf, sem[0:1], dim_n, n, eps,
+            opsmod._launch_forward(W, out, u, v, us, vs, sigma, sigma_buf, sem, dim_n, n, eps,
                                    training, **launch)
     else:
         out, us, vs, sigma = sn_fused.ops.spectral_norm_forward_fused(
@@ -498,7 +498,7 @@ def run_case(case):
         if case["poison"]:
             dW = torch.empty_like(W, memory_format=torch.preserve_format).fill_(float("nan"))
             with mock.patch("torch.empty", poisoned_empty):
-                opsmod._launch_backward(G, W, dW, us, vs, sigma, sem[1:2], dim_n, **launch)
+                opsmod._launch_backward(G, W, dW, us, vs, sigma, sem, dim_n, **launch)
         else:
             dW = sn_fused.ops.spectral_norm_backward_fused(G, W, us, vs, sigma, sem, dim=dim_n, **launch)
         assert torch.equal(G, G_before) and torch.equal(W, W_before), f"backward modified its inputs ({ctx})"

@@ -658,7 +658,7 @@ def test_forward_writes_every_output_element(launch, out_layout, device, gen):
         sigma_buf = torch.full((), NAN, device=device)
         sem = ops.new_semaphore(device)
         with poisoned_empty():
-            snm._launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem[0:1], dim,
+            snm._launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
                                 n, 1e-12, training, **launch)
         for name, t in dict(out=out, u=u, v=v, u_saved=u_saved, v_saved=v_saved, sigma=sigma,
                             sigma_buf=sigma_buf).items():
@@ -687,7 +687,7 @@ def test_backward_writes_every_output_element(launch, device, gen):
     sem = ops.new_semaphore(device)
     with poisoned_empty():
         snm._launch_backward(grad, weight, grad_w, res["u_saved"], res["v_saved"], res["sigma"],
-                             sem[1:2], dim, **launch)
+                             sem, dim, **launch)
     assert torch.isfinite(grad_w).all(), f"{(~torch.isfinite(grad_w)).sum()} elements not written"
     check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
 
@@ -714,6 +714,27 @@ def test_semaphore_rest_state_single_launch(device, gen):
             check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=0)
             state = sem.tolist()
             assert all(s in SEM_STATES for s in state), f"semaphore left at {state}"
+
+
+@pytest.mark.parametrize("bad", ["one_element", "int64", "strided", "2d"])
+def test_bad_semaphore_is_refused_before_launch(bad, device, gen):
+    """The kernels use sem[0] (forward) and sem[1] (backward) of the tensor they are given:
+    a shorter or differently typed tensor would be written out of bounds or misread."""
+    weight = randn((6, 5), gen, torch.float32, device)
+    u, v = vec_pair(weight, 0, gen)
+    sem = {"one_element": lambda: torch.zeros(1, dtype=torch.int32, device=device),
+           "int64": lambda: torch.zeros(2, dtype=torch.int64, device=device),
+           "strided": lambda: torch.zeros(4, dtype=torch.int32, device=device)[::2],
+           "2d": lambda: torch.zeros(1, 2, dtype=torch.int32, device=device)}[bad]()
+    sigma_buf = torch.zeros((), device=device)
+    with count_launches() as calls:
+        with pytest.raises(ValueError, match="sem must be"):
+            ops.spectral_norm_forward_fused(weight, u, v, sigma_buf, sem)
+        with pytest.raises(ValueError, match="sem must be"):
+            ops.spectral_norm_fused(weight, u, v, sigma_buf, sem)
+        with pytest.raises(ValueError, match="sem must be"):
+            ops.spectral_norm_backward_fused(weight, weight, u, v, torch.tensor(1.0, device=device), sem)
+    assert calls == []
 
 
 # --------------------------------------------------------------------------- autograd

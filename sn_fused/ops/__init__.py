@@ -3,6 +3,7 @@
 from .spectral_norm import (  # noqa: F401
     INTERPRET,
     check_inputs,
+    check_semaphore,
     fused_supported,
     new_semaphore,
     spectral_norm_backward_fused,

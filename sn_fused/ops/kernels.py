@@ -343,6 +343,10 @@ def spectral_norm_fwd_kernel(
 ):
     """One read of the spectral-normalized weight (see the module docstring).
 
+    ``sem_ptr``: the module's two semaphores; the forward's barriers use ``sem[0]``
+    (the whole tensor is passed, not a view: under ``torch.compile`` a mutated view of a
+    buffer costs extra slice/scatter copies).
+
     Outputs: ``out = W / sigma`` (weight's strides), ``u``/``v`` updated in
     place (training), ``u_saved``/``v_saved`` the u, v that sigma used (what
     autograd keeps), ``sigma`` and the module's ``sigma_buf`` (for logging).
@@ -450,7 +454,7 @@ def spectral_norm_bwd_kernel(
                 part += g * w
         tl.store(ws_ptr + pid, tl.sum(tl.sum(part, axis=1), axis=0))
     if PHASE == -1:
-        grid_barrier(sem_ptr)
+        grid_barrier(sem_ptr + 1)  # the backward's semaphore: sem[1]
     if PHASE == -1 or PHASE == 1:
         sigma = tl.load(sigma_ptr).to(acc_t)
         inner = _sum_partials(ws_ptr, G, BLOCK_P) / sigma

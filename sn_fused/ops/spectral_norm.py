@@ -34,6 +34,7 @@ from . import kernels
 __all__ = [
     "INTERPRET",
     "check_inputs",
+    "check_semaphore",
     "fused_supported",
     "new_semaphore",
     "spectral_norm_fused",
@@ -464,6 +465,7 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     eager forward and backward behind it launch without checking again.
     """
     dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
+    check_semaphore(sem, weight)
     return _SpectralNormFunction.apply(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
                                        eps, training)
 
@@ -507,6 +509,20 @@ def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim:
     return dim % weight.ndim
 
 
+def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
+    """The grid-barrier semaphores: ``new_semaphore()``'s int32[2] on the weight's device.
+
+    The forward's barriers use ``sem[0]``, the backward's ``sem[1]``; anything shorter
+    would be written out of bounds.
+    """
+    if (not isinstance(sem, torch.Tensor) or sem.dtype != torch.int32 or sem.ndim != 1
+            or sem.shape[0] < 2 or sem.stride(0) != 1 or sem.device != weight.device):
+        raise ValueError(f"spectral_norm: sem must be a contiguous int32 tensor of 2 elements on "
+                         f"{weight.device} (new_semaphore()), got "
+                         f"{getattr(sem, 'dtype', type(sem))} {tuple(getattr(sem, 'shape', ()))} "
+                         f"on {getattr(sem, 'device', None)}")
+
+
 def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_iterations=1,
                                 eps=1e-12, training=True, **launch):
     """The forward launcher: allocates the outputs, launches, returns ``(W_sn, u, v, sigma)``.
@@ -514,6 +530,7 @@ def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_
     ``launch`` may force ``num_programs`` / ``phase_by_phase`` (tests).
     """
     dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
+    check_semaphore(sem, weight)
     return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training,
                               **launch)
 
@@ -524,7 +541,7 @@ def _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, ep
     u_saved = torch.empty_like(u, memory_format=torch.contiguous_format)
     v_saved = torch.empty_like(v, memory_format=torch.contiguous_format)
     sigma = torch.empty((), dtype=weight.dtype, device=weight.device)
-    _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem[0:1], dim,
+    _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
                     n_power_iterations, eps, training, **launch)
     return out, u_saved, v_saved, sigma
 
@@ -532,6 +549,7 @@ def _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, ep
 def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **launch):
     """The backward launcher (``launch`` may force num_programs / phase_by_phase)."""
     dim = check_inputs(weight, u, v, dim=dim)
+    check_semaphore(sem, weight)
     if grad.shape != weight.shape or grad.dtype != weight.dtype or grad.device != weight.device:
         raise ValueError(f"spectral_norm backward: grad ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) "
                          f"must match the weight ({tuple(weight.shape)}, {weight.dtype}, {weight.device})")
@@ -544,5 +562,5 @@ def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **lau
 def _backward_unchecked(grad, weight, u, v, sigma, sem, dim, **launch):
     """Allocate dW and launch; the inputs were checked (``dim`` normalized)."""
     grad_weight = _empty_like_weight(weight)
-    _launch_backward(grad, weight, grad_weight, u, v, sigma, sem[1:2], dim, **launch)
+    _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim, **launch)
     return grad_weight
