@@ -20,7 +20,8 @@
   every test here runs under ``faulthandler.dump_traceback_later`` (a hang
   prints every thread's stack and ends the run instead of blocking CI).
 
-Known library bugs are pinned by ``xfail(strict=True)`` tests at the end.
+Numerical divergences from PyTorch found here are pinned by ``xfail(strict=True)``
+tests until fixed (none at present), then kept at the end as regression tests.
 
 Random inputs: every test has its own seed, fixed per test id in CI, fresh each run
 with ``SN_FUSED_SLOW=1`` (``SN_FUSED_SEED=<n>`` replays one); the seed is printed
@@ -53,14 +54,9 @@ from sn_fused import reference
 from sn_fused.ops import INTERPRET, check_inputs, kernels, new_semaphore
 from sn_fused.ops import spectral_norm as opsmod
 from sn_fused.ops import spectral_norm_backward_fused, spectral_norm_forward_fused
+from conftest import fused_device_or_skip
 
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("needs TRITON_INTERPRET=1 (set before importing triton) or a CUDA GPU",
-                allow_module_level=True)
+DEVICE = fused_device_or_skip()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_TIMEOUT_S = 900  # per test; a hang dumps all stacks and exits
@@ -323,27 +319,11 @@ MODULES = {
     "convtranspose2d": lambda: nn.ConvTranspose2d(4, 3, 2, device=DEVICE),  # dim=1
 }
 
-# Library bugs these cases hit (see the report / the xfail tests at the end).
-INF_NORM_BUG = ("||A v||^2 overflows float32 (entries ~1e20 and up): the kernels form t = A^T s / du "
-                "before normalizing s, so A^T s overflows too and t = Inf/Inf = NaN (v, W_sn NaN) where "
-                "PyTorch gets u = v = 0, sigma = 0, W_sn = +-Inf. (An Inf entry, which made everything "
-                "NaN through `sumsq * 0 + eps`, is fixed.)")
-ONE_ELEMENT_NORM = ("PyTorch's norm of a 1-element vector is |x| (no squaring, no overflow); the kernel "
-                    "squares it, so a 1-row / 1-column A with |A v| > 1.8e19 (float32) gives u = 0 "
-                    "instead of +-1")
-_XFAIL = {
-    ("linear", "huge_entries", "after"): INF_NORM_BUG,
-    ("linear", "dynamic_range_1e30", "after"): INF_NORM_BUG,
-    ("linear", "all_1e30", "after"): INF_NORM_BUG,
-    ("convtranspose2d", "huge_entries", "after"): INF_NORM_BUG,
-    ("convtranspose2d", "dynamic_range_1e30", "after"): INF_NORM_BUG,
-    ("convtranspose2d", "all_1e30", "after"): INF_NORM_BUG,
-    ("conv2d", "all_1e30", "after"): INF_NORM_BUG,
-    ("single_column", "all_1e30", "after"): INF_NORM_BUG + "; " + ONE_ELEMENT_NORM,
-    ("single_row", "all_1e30", "after"): INF_NORM_BUG + "; " + ONE_ELEMENT_NORM,
-    ("one_by_one", "all_1e30", "after"): INF_NORM_BUG + "; " + ONE_ELEMENT_NORM,
-    ("one_by_one", "all_1e30", "before"): ONE_ELEMENT_NORM,
-}
+# Library bugs these cases hit, pinned as strict xfails: none left. The overflow of
+# ||A v||^2 (A^T s / du was Inf/Inf = NaN) and the squared 1-element norm were fixed;
+# their cases are ordinary tests now, and test_overflowing_norm_gives_pytorchs_result
+# keeps the minimal repro.
+_XFAIL: dict = {}
 
 
 def _cases():
@@ -833,12 +813,36 @@ def test_interpreter_refuses_a_deadlocking_barrier_launch():
     assert "REFUSED" in res.stdout, res.stdout + res.stderr[-2000:]
 
 
-# --------------------------------------------------------------------------- pinned library bugs
+# --------------------------------------------------------------------------- fixed numerical divergences
 
 
-@pytest.mark.xfail(strict=True, reason=INF_NORM_BUG)
+@pytest.mark.parametrize("programs", [None, 3], ids=["default-launch", "3-programs-phase-by-phase"])
+def test_overflow_fallback_across_programs(programs, seed):
+    """The overflow fallback (t = A^T u redone when ||t||^2 is not finite) with partials from
+    several programs: one huge row among ordinary ones, float32. Same u, v, sigma, W_sn as
+    PyTorch's own ops, NaN/Inf pattern included."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(7, 5, generator=g).to(DEVICE)
+    W[3] = 3e25  # ||W v||^2 and A^T s overflow float32; A^T u does not
+    u = F.normalize(torch.randn(7, generator=g), dim=0).to(DEVICE)
+    v = F.normalize(torch.randn(5, generator=g), dim=0).to(DEVICE)
+    for n in (1, 2):
+        u_ref, v_ref = u.clone(), v.clone()
+        want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref, n_power_iterations=n)
+        launch = {} if programs is None else dict(num_programs=programs, phase_by_phase=True)
+        out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEVICE),
+                                                         new_semaphore(DEVICE), n_power_iterations=n, **launch)
+        for got, exp, name in ((us, u_ref, "u"), (vs, v_ref, "v"), (sigma, sigma_ref, "sigma"), (out, want, "W_sn")):
+            torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=lambda m: f"n={n} {name} (seed {seed}): {m}")
+
+
 def test_overflowing_norm_gives_pytorchs_result():
-    """Minimal repro: ||W v||^2 overflows float32. PyTorch: u = v = 0, sigma = 0, W_sn = +-Inf."""
+    """||W v||^2 overflows float32. PyTorch: u = v = 0, sigma = 0, W_sn = +-Inf.
+
+    Regression: the kernel formed t = A^T s / du before normalizing s, so A^T s overflowed
+    too and t = Inf/Inf = NaN (v, W_sn NaN). Fixed: when ||t||^2 is not finite the kernel
+    redoes t = A^T u in PyTorch's order."""
     W = torch.tensor([[1e30, 1.0], [1.0, 1.0]], device=DEVICE)
     u, v = torch.tensor([0.6, 0.8], device=DEVICE), torch.tensor([0.8, 0.6], device=DEVICE)
     u_ref, v_ref = u.clone(), v.clone()
@@ -852,11 +856,10 @@ def test_overflowing_norm_gives_pytorchs_result():
     torch.testing.assert_close(sigma, sigma_ref, equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "float16 weight whose sigma exceeds 65504: the kernel rounds sigma to float16 (Inf) and "
-    "W_sn = W / Inf is silently all zeros (and the gradient too); PyTorch gives NaN, the float64 "
-    "answer W / sigma fits float16 easily"))
 def test_float16_sigma_above_max_is_not_silently_zero(seed):
+    """Regression: a float16 weight whose sigma exceeds 65504 had sigma rounded to Inf and
+    W_sn = W / Inf silently all zeros (and its gradient too). PyTorch's float16 ops overflow
+    and give NaN; so does the kernel now (sigma itself is stored as Inf)."""
     ref, ours = make_pair(lambda: nn.Linear(100, 4, device=DEVICE, dtype=torch.float16), seed)
     with torch.no_grad():
         sigma = torch.linalg.matrix_norm(orig(ours).double(), 2).item()
@@ -871,13 +874,15 @@ def test_float16_sigma_above_max_is_not_silently_zero(seed):
         f"W_sn is neither NaN (PyTorch: {ref.weight.flatten()[:3].tolist()}) nor W / sigma: {w.flatten()[:6].tolist()}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sigma = ||t||^2 / max(||t||, eps) squares t in float32: when the eps clamp has made t tiny "
-    "(|t_j| < 1e-19) the squares underflow and sigma becomes 0 (W_sn = Inf) where PyTorch's "
-    "u^T A v is a finite 3e-35"))
-def test_tiny_sigma_does_not_underflow():
-    W = torch.full((1, 1), 1e-15, device=DEVICE)
-    u, v = torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (2, 3)])
+def test_tiny_sigma_does_not_underflow(shape):
+    """Regression: sigma = ||t||^2 / max(||t||, eps) squared t in float32; when the eps clamp
+    had made t tiny (|t_j| < 1e-19) the squares underflowed and sigma became 0 (W_sn = Inf)
+    where PyTorch's u^T A v is a finite ~1e-35. Fixed: a 1-element t is not squared, and a
+    tiny ||t||^2 is taken from a 2^64-scaled sum."""
+    W = torch.full(shape, 1e-15, device=DEVICE)
+    u = torch.full((shape[0],), shape[0] ** -0.5, device=DEVICE)
+    v = torch.full((shape[1],), shape[1] ** -0.5, device=DEVICE)
     u_ref, v_ref = u.clone(), v.clone()
     want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref, n_power_iterations=2)
     out, us, vs, sigma = spectral_norm_forward_fused(W, u, v, torch.zeros((), device=DEVICE),
@@ -885,6 +890,8 @@ def test_tiny_sigma_does_not_underflow():
     assert 0 < sigma_ref.item() < 1e-30 and torch.isfinite(want).all()  # PyTorch: finite
     torch.testing.assert_close(sigma, sigma_ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(us, u_ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(vs, v_ref, rtol=1e-5, atol=0)
 
 
 _BWD_BAD = {

@@ -238,3 +238,25 @@ def test_autocast_keeps_weight_dtype():
         w = m.weight
     assert w.dtype == torch.float32
     assert m.parametrizations.weight[0]._u.dtype == torch.float32
+
+
+@pytest.mark.parametrize("M,N", [(512, 4608), (24576, 20), (4096, 64), (1, 8192)])
+def test_overflow_fallback_single_launch(M, N):
+    """The overflow fallback is a branch with two extra grid barriers inside the one launch:
+    every program must take it (or none), or the launch hangs. A float32 weight with one
+    huge row, so ||W v||^2 overflows: the result must be PyTorch's own ops' (same u, v,
+    sigma, W_sn, NaN/Inf pattern included), and the semaphore back at rest."""
+    gen = torch.Generator().manual_seed(M + N)
+    w = torch.randn(M, N, generator=gen).to(DEV)
+    w[M // 2] = 3e25
+    u, v = _unit(M, torch.float32, gen), _unit(N, torch.float32, gen)
+    for n in (1, 2):
+        u_ref, v_ref = u.clone(), v.clone()
+        want, sigma_ref = reference.spectral_norm_reference(w, u_ref, v_ref, n_power_iterations=n)
+        sem = new_semaphore(DEV)
+        out, us, vs, sigma = spectral_norm_forward_fused(w, u.clone(), v.clone(), torch.zeros((), device=DEV),
+                                                         sem, n_power_iterations=n)
+        torch.cuda.synchronize()
+        for got, exp in ((us, u_ref), (vs, v_ref), (sigma, sigma_ref), (out, want)):
+            torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5, equal_nan=True)
+        assert sem.tolist()[0] in (0, -2**31)

@@ -23,6 +23,9 @@ Workspace (``ws``, accumulation dtype: fp32, or fp64 for fp64 weights)::
     t_part [G, N]   per-program A[own rows]^T s   (s not yet normalized)
     part_s [G]      per-program sum of s_i^2   (eval: sum of u_i s_i)
     part_t [G]      per-program sum of t_j^2
+    part_nf[G]      per-program sum of (t_j - t_j): 0, or NaN if a t_j is not finite
+    part_ts[G]      per-program sum of (t_j * 2^64)^2 (used when sum t_j^2 would underflow)
+    flag   [1]      phase-by-phase mode only: whether PHASE_FIX_T took the fallback
 
 Training read, ``n`` power iterations (``|`` = grid barrier)::
 
@@ -37,6 +40,17 @@ Training read, ``n`` power iterations (``|`` = grid barrier)::
 first one: two barriers per iteration; with one program none at all.
 ``sigma = u^T A v = (A^T u)^T v = t^T t / dv`` holds exactly, so sigma costs
 no pass over ``A`` either.
+
+Overflow fallback: ``A^T s`` can overflow where PyTorch's ``A^T u`` does not
+(float32 entries ~1e20: ``||s||`` is Inf, so PyTorch's u is 0 and its t is 0,
+while ``A^T s / du`` is Inf/Inf = NaN). When ``||t||^2`` is not finite, every
+program (the decision is made from the same partials, so it is uniform) redoes
+``t_part = A^T u`` with the stored u -- PyTorch's order -- behind two more
+barriers. Weights whose products stay in range never take it. Two more
+PyTorch-isms: a 1-element vector's norm is ``|x_0|``, not ``sqrt(x_0^2)``
+(no overflow above ~1.8e19 in float32), and a tiny ``||t||^2`` is taken from a
+2^64-scaled sum, so sigma does not underflow to 0 when the eps clamp has made
+t tiny.
 
 Memory plan: when a whole row fits in one tile (``N <= 16384``,
 ``ROW_IN_TILE``), ST loads each tile of ``A`` once and computes both products
@@ -69,6 +83,8 @@ PHASE_ALL = -1
 PHASE_ST = 0  # s = A v from the v buffer (+ t_part = A^T s when training); eval: sum u_i s_i
 PHASE_R = 1  # u = s / du, t = sum of t_part / du, part_t
 PHASE_F = 2  # training: v, sigma, then the next ST or the rescale; eval: sigma, rescale
+PHASE_FIX_T = 3  # only if ||t||^2 is not finite: t_part = A^T u (PyTorch's order), flag
+PHASE_FIX_R = 4  # only if flagged: t = sum of t_part, part_t
 
 # Phase ids of the backward kernel.
 PHASE_DOT = 0  # part = <G, W> over own rows
@@ -134,13 +150,30 @@ def _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.con
 
 
 @triton.jit
-def _clamp_norm(sumsq, eps):
-    """``max(sqrt(sumsq), eps)`` with NaN propagated, as ``Tensor.clamp_min`` does.
+def _clamp(norm, eps):
+    """``max(norm, eps)`` with NaN propagated, as ``Tensor.clamp_min`` does.
 
     eps arrives as fp64 and is rounded to the accumulation dtype here (exact for fp64 weights).
     """
-    eps_acc = (tl.zeros_like(sumsq) + eps).to(sumsq.dtype)  # not sumsq * 0: Inf * 0 is NaN
-    return tl.maximum(tl.sqrt(sumsq), eps_acc, propagate_nan=tl.PropagateNan.ALL)
+    eps_acc = (tl.zeros_like(norm) + eps).to(norm.dtype)  # not norm * 0: Inf * 0 is NaN
+    return tl.maximum(norm, eps_acc, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _vector_norm(part_ptr, first_ptr, G, n, BLOCK_P: tl.constexpr):
+    """``(||x||, sum x_i^2)`` of an n-vector from its G per-program partial sums of squares.
+
+    A 1-element vector's norm is ``|x_0|`` (read at ``first_ptr``), as PyTorch's is:
+    squaring it would overflow above ~1.8e19 (float32) and underflow below ~1e-19.
+    """
+    sumsq = _sum_partials(part_ptr, G, BLOCK_P)
+    x0 = tl.load(first_ptr, cache_modifier=".cg")
+    return tl.where(n == 1, tl.abs(x0), tl.sqrt(sumsq)), sumsq
+
+
+@triton.jit
+def _not_finite(x):
+    return (x - x) != 0  # Inf - Inf and NaN - NaN are NaN
 
 
 @triton.jit
@@ -216,26 +249,35 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
             part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
     tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
     if TRAINING:
-        tl.debug_barrier()  # s of own rows, stored by some threads, is read by others below
-        n_cblocks = tl.cdiv(N, BLOCK_N)
-        for i in range(n_cblocks):
-            # Last-to-first: the columns just read are read again first.
-            cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
-            for r in range(r0, r1, BLOCK_M):
-                rows = r + tl.arange(0, BLOCK_M)
-                rmask = rows < r1
-                a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
-                s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
-                acc += a * s[:, None]
-            tl.store(tpart_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=cmask)
+        _transposed_partial(w_ptr, s_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
+                            D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _transposed_partial(w_ptr, x_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
+                        D1, D2, D3, NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``t_part[p] = A[own rows]^T x[own rows]``: a pass over own rows, column block by block."""
+    acc_t = tpart_ptr.dtype.element_ty
+    tl.debug_barrier()  # x of own rows, stored by some threads, is read by others below
+    n_cblocks = tl.cdiv(N, BLOCK_N)
+    for i in range(n_cblocks):
+        # Last-to-first: the columns just read are read again first.
+        cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
+        for r in range(r0, r1, BLOCK_M):
+            rows = r + tl.arange(0, BLOCK_M)
+            rmask = rows < r1
+            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
+            x = tl.load(x_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+            acc += a * x[:, None]
+        tl.store(tpart_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
 def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_t_ptr, eps,
-                  pid, G, r0, r1, c0, c1, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  pid, G, r0, r1, c0, c1, M, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Phase R: ``u = s / du`` for own rows; ``t = (sum_q t_part[q]) / du`` for own columns.
 
@@ -245,15 +287,27 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
     ``G``. The sum still runs in a fixed order (tile tree, then steps in q
     order), so it is deterministic. Writes the partial ``sum t_j^2``.
     """
-    acc_t = t_ptr.dtype.element_ty
-    du = _clamp_norm(_sum_partials(part_s_ptr, G, BLOCK_P), eps)
+    du = _clamp(_vector_norm(part_s_ptr, s_ptr, G, M, BLOCK_P)[0], eps)
     for r in range(r0, r1, BLOCK_R):
         rows = r + tl.arange(0, BLOCK_R)
         rmask = rows < r1
         u = (tl.load(s_ptr + rows, mask=rmask, other=0.0) / du).to(u_ptr.dtype.element_ty)
         tl.store(u_ptr + rows, u, mask=rmask)
         tl.store(u_saved_ptr + rows, u, mask=rmask)
+    _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
+
+
+@triton.jit
+def _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
+                     BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """``t = (sum_q t_part[q]) / du`` for own columns, and three partials: ``sum t_j^2``
+    (at ``part_t_ptr[pid]``), the non-finite marker ``sum (t_j - t_j)`` (``[G + pid]``) and
+    the scaled ``sum (t_j 2^64)^2`` (``[2G + pid]``)."""
+    acc_t = t_ptr.dtype.element_ty
+    du = du.to(acc_t)
     part = tl.zeros([BLOCK_C], acc_t)
+    nonfinite = tl.zeros([BLOCK_C], acc_t)
+    scaled = tl.zeros([BLOCK_C], acc_t)
     for c in range(c0, c1, BLOCK_C):
         cols = c + tl.arange(0, BLOCK_C)
         cmask = cols < c1
@@ -266,25 +320,53 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
         t = t / du
         tl.store(t_ptr + cols, t, mask=cmask)
         part += t * t
+        nonfinite += t - t
+        t_up = t * 18446744073709551616.0  # 2^64, exact
+        scaled += t_up * t_up
     tl.store(part_t_ptr + pid, tl.sum(part, axis=0))
+    tl.store(part_t_ptr + G + pid, tl.sum(nonfinite, axis=0))
+    tl.store(part_t_ptr + 2 * G + pid, tl.sum(scaled, axis=0))
 
 
 @triton.jit
-def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, part_t_ptr, eps, G, c0, c1,
-                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _t_stats(part_t_ptr, t_ptr, G, N, BLOCK_P: tl.constexpr):
+    """``(||t||, ||t||^2, ||2^64 t||^2, non-finite marker)`` from phase R's partials.
+
+    All loads are independent: one L2 round trip. The caller checks ``||t||^2`` for the
+    overflow fallback with them, so phase F costs no extra round trip.
+    """
+    norm_t, tsq = _vector_norm(part_t_ptr, t_ptr, G, N, BLOCK_P)
+    nonfinite = _sum_partials(part_t_ptr + G, G, BLOCK_P)
+    tsq_up = _sum_partials(part_t_ptr + 2 * G, G, BLOCK_P)
+    return norm_t, tsq, tsq_up, nonfinite
+
+
+@triton.jit
+def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite, eps, c0, c1, N,
+                            BLOCK_C: tl.constexpr):
     """Phase F: ``v = t / max(||t||, eps)`` for own columns. Returns ``(sigma, dv)``.
 
-    ``sigma = u^T A v = t^T v = ||t||^2 / dv`` (no pass over A needed).
+    ``sigma = u^T A v = t^T v = ||t||^2 / dv`` (no pass over A needed); for a
+    1-element t, ``|t_0| * (|t_0| / dv)``, which does not square t_0. When
+    ``||t||^2 < 2^-60`` the squares may have underflowed (float32: every
+    ``|t_j| < 1e-19``, which the eps clamp produces), so norm and sigma come from
+    the 2^64-scaled sum instead. When ``||t||`` overflows (dv = Inf), PyTorch's v is
+    ``t / Inf``: 0 where t is finite, so its sigma is 0 -- or NaN if some t_j is
+    Inf/NaN: the non-finite marker.
     """
-    tsq = _sum_partials(part_t_ptr, G, BLOCK_P)
-    dv = _clamp_norm(tsq, eps)
+    down = 5.421010862427522e-20  # 2^-64, exact
+    tiny = (tsq < 8.673617379884035e-19) & (N != 1)  # 2^-60
+    norm_t = tl.where(tiny, tl.sqrt(tsq_up) * down, norm_t)
+    dv = _clamp(norm_t, eps)
     for c in range(c0, c1, BLOCK_C):
         cols = c + tl.arange(0, BLOCK_C)
         cmask = cols < c1
         v = (tl.load(t_ptr + cols, mask=cmask, other=0.0) / dv).to(v_ptr.dtype.element_ty)
         tl.store(v_ptr + cols, v, mask=cmask)
         tl.store(v_saved_ptr + cols, v, mask=cmask)
-    return tsq / dv, dv
+    sigma = tl.where(N == 1, norm_t * (norm_t / dv), tsq / dv)
+    sigma = tl.where(tiny, ((tsq_up / dv) * down) * down, sigma)
+    return tl.where(_not_finite(dv) & (dv == dv), nonfinite, sigma), dv
 
 
 @triton.jit
@@ -308,7 +390,8 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
     not push out the tiles of A that are still to be re-read.
 
     sigma is rounded to the weight's dtype first: PyTorch's sigma is a tensor
-    of that dtype, and ``weight / sigma`` divides by the rounded value.
+    of that dtype, and ``weight / sigma`` divides by the rounded value (NaN if
+    it overflowed the dtype, see below).
     """
     acc_t = sigma.dtype
     sigma_w = sigma.to(out_ptr.dtype.element_ty)
@@ -316,6 +399,9 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
         tl.store(sigma_ptr, sigma_w)
         tl.store(sigma_buf_ptr, sigma_w)
     sigma_acc = sigma_w.to(acc_t)
+    # A finite sigma that rounds to Inf (float16 above 65504) would make W_sn a silent 0 (and
+    # its gradient too). PyTorch's float16 ops overflow there and give NaN: so does this.
+    sigma_acc = tl.where(_not_finite(sigma_acc) & ~_not_finite(sigma), sigma_acc - sigma_acc, sigma_acc)
     n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
@@ -364,6 +450,7 @@ def spectral_norm_fwd_kernel(
     tpart_ws = t_ws + N
     part_s_ws = tpart_ws + G * N
     part_t_ws = part_s_ws + G
+    flag_ws = part_t_ws + 3 * G  # after part_nf, part_ts; phase-by-phase mode: PHASE_FIX_T's decision
     one = eps * 0 + 1.0  # a runtime scalar of eps' type; unused as dv when FROM_V
 
     if PHASE == -1 or PHASE == 0:
@@ -375,10 +462,20 @@ def spectral_norm_fwd_kernel(
             for it in range(n_iters):
                 grid_barrier(sem_ptr)
                 _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                              pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
+                              pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
                 grid_barrier(sem_ptr)
-                sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
-                                                    c0, c1, BLOCK_C, BLOCK_P)
+                norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
+                # Every program sees the same partials in the same order, so all take this
+                # branch or none: its barriers cannot deadlock.
+                if _not_finite(tsq):
+                    _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2,
+                                        s_c3, D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+                    grid_barrier(sem_ptr)
+                    _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
+                    grid_barrier(sem_ptr)
+                    norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
+                sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite,
+                                                    eps, c0, c1, N, BLOCK_C)
                 if it < n_iters - 1:
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
@@ -389,10 +486,20 @@ def spectral_norm_fwd_kernel(
                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
         elif PHASE == 1:
             _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                          pid, G, r0, r1, c0, c1, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
+                          pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
+        elif PHASE == 3:
+            overflow = _not_finite(_sum_partials(part_t_ws, G, BLOCK_P))
+            tl.store(flag_ws, overflow.to(flag_ws.dtype.element_ty))  # the same value from every program
+            if overflow:
+                _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
+                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+        elif PHASE == 4:
+            if tl.load(flag_ws) != 0:
+                _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
         elif PHASE == 2:
-            sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, part_t_ws, eps, G,
-                                                c0, c1, BLOCK_C, BLOCK_P)
+            norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
+            sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite,
+                                                eps, c0, c1, N, BLOCK_C)
             if is_last:
                 _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,

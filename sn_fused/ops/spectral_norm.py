@@ -10,7 +10,7 @@ Layers, top to bottom::
 
 Memory plan per call: the output (``W_sn``, same strides as ``W``), the
 saved ``u``/``v``/``sigma`` that autograd keeps (PyTorch clones u and v
-too), and an uninitialised fp32 workspace of ``M + N + G*(N + 2)``
+too), and an uninitialised fp32 workspace of ``M + N + G*(N + 4) + 1``
 elements that the kernel fully writes before it reads. The grid-barrier
 semaphore is the caller's (one per module, see ``_SpectralNorm``), so two
 modules never share one, and the barrier leaves it in a valid state
@@ -283,7 +283,8 @@ def _forward_phases(training: bool, n_power_iterations: int) -> list[tuple[int, 
         return [(kernels.PHASE_ST, False), (kernels.PHASE_F, True)]
     phases = [(kernels.PHASE_ST, False)]
     for it in range(n_power_iterations):
-        phases += [(kernels.PHASE_R, False), (kernels.PHASE_F, it == n_power_iterations - 1)]
+        phases += [(kernels.PHASE_R, False), (kernels.PHASE_FIX_T, False), (kernels.PHASE_FIX_R, False),
+                   (kernels.PHASE_F, it == n_power_iterations - 1)]
     return phases
 
 
@@ -325,7 +326,7 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = _forward_phases(training, n_power_iterations) if phase_by_phase else [(kernels.PHASE_ALL, True)]
     return _Plan(cfg, (layout.M, layout.N) + layout.strides[0] + layout.strides[1] + layout.inner_sizes,
-                 len(layout.sizes), layout.M + layout.N + cfg.grid * (layout.N + 2), tuple(phases),
+                 len(layout.sizes), layout.M + layout.N + cfg.grid * (layout.N + 4) + 1, tuple(phases),
                  not phase_by_phase)
 
 
