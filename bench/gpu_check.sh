@@ -11,7 +11,12 @@
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table: a same-card A/B of a kernel change
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
-#                            the quick profile leaves out), results in extra/
+#                            the quick profile leaves out), results in extra/; at most 240 s
+#                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
+#                            warm-up alone on an H100; each step prints its result when it ends)
+#
+# Sizes seen on an H100 (2026-11-26): GPU tests ~75 s, kernel table + sweeps + probes ~70 s,
+# baseline table ~15 s, --quick ~100-120 s; plus ~1-2 min to start the machine.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
@@ -56,6 +61,6 @@ timeout 185 python3 -m bench --quick --out "$W" 2>&1 | tee "$OUT/bench.log" || s
 if [ -n "${SN_FUSED_EXTRA_BENCH:-}" ]; then
   echo "== python -m bench $SN_FUSED_EXTRA_BENCH"
   # shellcheck disable=SC2086
-  timeout 170 python3 -m bench $SN_FUSED_EXTRA_BENCH --out "$W/extra" 2>&1 | tee "$OUT/bench-extra.log" || status=1
+  timeout 240 python3 -m bench $SN_FUSED_EXTRA_BENCH --out "$W/extra" 2>&1 | tee "$OUT/bench-extra.log" || status=1
 fi
 exit $status

@@ -837,6 +837,27 @@ def test_overflow_fallback_across_programs(programs, seed):
                                        msg=lambda m: f"n={n} {name} (seed {seed}): {m}")
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-30])
+@pytest.mark.parametrize("programs", [None, 3], ids=["default-launch", "3-programs-phase-by-phase"])
+def test_tiny_t_with_tiny_eps_follows_pytorch(eps, programs, seed):
+    """With eps below the float32 underflow of ||t||^2, PyTorch's norm underflows (to 0) and
+    its v and sigma follow from that: the 2^64-scaled sum must only rescue sigma, not change
+    dv (found in review: v was off by ~1e5 with eps = 1e-30, and finite where PyTorch's is
+    Inf with eps = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    W = (1e-25 * torch.randn(5, 7, generator=g, dtype=torch.float64)).float().to(DEVICE)
+    u = torch.randn(5, generator=g).to(DEVICE)
+    v = (1e20 * torch.randn(7, generator=g, dtype=torch.float64)).float().to(DEVICE)
+    u_ref, v_ref = u.clone(), v.clone()
+    want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref, eps=eps)
+    launch = {} if programs is None else dict(num_programs=programs, phase_by_phase=True)
+    out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEVICE),
+                                                     new_semaphore(DEVICE), eps=eps, **launch)
+    for got, exp, name in ((us, u_ref, "u"), (vs, v_ref, "v"), (sigma, sigma_ref, "sigma"), (out, want, "W_sn")):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{name} (seed {seed}): {m}")
+
+
 def test_overflowing_norm_gives_pytorchs_result():
     """||W v||^2 overflows float32. PyTorch: u = v = 0, sigma = 0, W_sn = +-Inf.
 
@@ -858,8 +879,10 @@ def test_overflowing_norm_gives_pytorchs_result():
 
 def test_float16_sigma_above_max_is_not_silently_zero(seed):
     """Regression: a float16 weight whose sigma exceeds 65504 had sigma rounded to Inf and
-    W_sn = W / Inf silently all zeros (and its gradient too). PyTorch's float16 ops overflow
-    and give NaN; so does the kernel now (sigma itself is stored as Inf)."""
+    W_sn = W / Inf silently all zeros (and its gradient too). Now NaN (sigma itself is stored
+    as Inf). PyTorch's float16 norms overflow on the way (here: NaN; in other cases u or v
+    become 0 and W_sn is +-Inf): its result is not finite either, but not the same pattern --
+    the kernel accumulates in float32 by design."""
     ref, ours = make_pair(lambda: nn.Linear(100, 4, device=DEVICE, dtype=torch.float16), seed)
     with torch.no_grad():
         sigma = torch.linalg.matrix_norm(orig(ours).double(), 2).item()

@@ -692,6 +692,30 @@ def test_backward_writes_every_output_element(launch, device, gen):
     check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
 
 
+@pytest.mark.parametrize("tile", [16384, 3000, 100])
+def test_launch_config_blocks_are_powers_of_two(monkeypatch, tile):
+    """tl.arange needs power-of-two sizes: every block size must be one, whatever the
+    (environment-settable) tile knobs are (found in review: a tile of 3000 gave BLOCK_Q 1365)."""
+    monkeypatch.setattr(snm, "_TILE_ELEMENTS", tile)
+    monkeypatch.setattr(snm, "_BWD_TILE_ELEMENTS", tile)
+    monkeypatch.setattr(snm, "_BWD_BLOCK_N", tile // 3)
+    snm._clear_plans()
+    try:
+        for M, N in [(1, 1), (7, 13), (128, 1152), (1536, 13824), (24576, 20), (3, 40000)]:
+            for G in (1, 3, 132):
+                cfg = snm._launch_config(M, N, torch.device("cpu"), G)
+                for name in ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_C", "BLOCK_P", "BLOCK_Q"):
+                    b = getattr(cfg, name)
+                    assert b >= 1 and b & (b - 1) == 0, (M, N, G, name, b)
+                w = torch.empty(M, N, device="meta")
+                plan = snm._backward_plan(w.shape, w.stride(), w.stride(), w.stride(), 0,
+                                          torch.device("cpu"), G, True)
+                for b in (plan.cfg.BLOCK_M, plan.cfg.BLOCK_N):
+                    assert b >= 1 and b & (b - 1) == 0, (M, N, G, "bwd", b)
+    finally:
+        snm._clear_plans()
+
+
 # --------------------------------------------------------------------------- semaphore
 
 

@@ -349,15 +349,16 @@ def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonf
     ``sigma = u^T A v = t^T v = ||t||^2 / dv`` (no pass over A needed); for a
     1-element t, ``|t_0| * (|t_0| / dv)``, which does not square t_0. When
     ``||t||^2 < 2^-60`` the squares may have underflowed (float32: every
-    ``|t_j| < 1e-19``, which the eps clamp produces), so norm and sigma come from
-    the 2^64-scaled sum instead. When ``||t||`` overflows (dv = Inf), PyTorch's v is
-    ``t / Inf``: 0 where t is finite, so its sigma is 0 -- or NaN if some t_j is
-    Inf/NaN: the non-finite marker.
+    ``|t_j| < 1e-19``, which the eps clamp produces), so sigma comes from the
+    2^64-scaled sum instead; dv does not: PyTorch's norm underflows the same way,
+    and its v (hence dv) is what the next iteration and autograd see. When
+    ``||t||`` overflows (dv = Inf), PyTorch's v is ``t / Inf``: 0 where t is
+    finite, so its sigma is 0 -- or NaN if some t_j is Inf/NaN: the non-finite
+    marker.
     """
     down = 5.421010862427522e-20  # 2^-64, exact
-    tiny = (tsq < 8.673617379884035e-19) & (N != 1)  # 2^-60
-    norm_t = tl.where(tiny, tl.sqrt(tsq_up) * down, norm_t)
     dv = _clamp(norm_t, eps)
+    tiny = (tsq < 8.673617379884035e-19) & (N != 1) & (dv > 0)  # 2^-60; dv = 0 (eps = 0): 0/0 as PyTorch
     for c in range(c0, c1, BLOCK_C):
         cols = c + tl.arange(0, BLOCK_C)
         cmask = cols < c1
@@ -400,7 +401,9 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
         tl.store(sigma_buf_ptr, sigma_w)
     sigma_acc = sigma_w.to(acc_t)
     # A finite sigma that rounds to Inf (float16 above 65504) would make W_sn a silent 0 (and
-    # its gradient too). PyTorch's float16 ops overflow there and give NaN: so does this.
+    # its gradient too). PyTorch's own float16 norms overflow before that (its u or v become
+    # 0, sigma 0, W_sn +-Inf, NaN where W is 0): not finite either way. The kernel's norms
+    # are float32 by design, so it reaches sigma itself; it answers NaN, never a silent 0.
     sigma_acc = tl.where(_not_finite(sigma_acc) & ~_not_finite(sigma), sigma_acc - sigma_acc, sigma_acc)
     n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
     for c in range(0, N, BLOCK_N):

@@ -172,6 +172,11 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _floor_power_of_2(n: int) -> int:
+    """Largest power of two <= max(n, 1): block sizes from the (env-settable) tile knobs."""
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class _LaunchConfig:
     grid: int
@@ -204,15 +209,15 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     if row_in_tile:
         block_n = _next_power_of_2(N)
     else:
-        block_n = max(min(512, _TILE_ELEMENTS // 4), _TILE_ELEMENTS // min(rows, 16))
-    block_m = min(rows, max(1, _TILE_ELEMENTS // block_n))
+        block_n = _floor_power_of_2(max(min(512, _TILE_ELEMENTS // 4), _TILE_ELEMENTS // min(rows, 16)))
+    block_m = min(rows, _floor_power_of_2(_TILE_ELEMENTS // block_n))
     # Vector phases: a program's own rows (u) and own columns (t, v), sized separately so a
     # tall or wide matrix does not drag masked lanes through the other loop.
     block_r = min(_next_power_of_2(_cdiv(M, G)), 4096)
     block_c = min(_next_power_of_2(_cdiv(N, G)), 4096)
     block_p = _next_power_of_2(G)
     # Phase R sums the G partials of its columns BLOCK_Q programs per load ([BLOCK_Q, BLOCK_C] tile).
-    block_q = min(block_p, max(1, _TILE_ELEMENTS // 2 // block_c))
+    block_q = min(block_p, _floor_power_of_2(_TILE_ELEMENTS // 2 // block_c))
     tile = block_m * block_n
     num_warps = _NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2))
     return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q, num_warps,
@@ -377,8 +382,8 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
     # Same grid as the forward; tiles of its own: the forward's whole-row tiles (up to 16384
     # wide, for its one-load-two-products phase) only add registers here.
-    block_n = min(_next_power_of_2(layout.N), _BWD_BLOCK_N)
-    block_m = min(_next_power_of_2(_cdiv(layout.M, cfg.grid)), max(1, _BWD_TILE_ELEMENTS // block_n))
+    block_n = min(_next_power_of_2(layout.N), _floor_power_of_2(_BWD_BLOCK_N))
+    block_m = min(_next_power_of_2(_cdiv(layout.M, cfg.grid)), _floor_power_of_2(_BWD_TILE_ELEMENTS // block_n))
     tile = block_m * block_n
     cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n,
                               num_warps=_NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2)))
