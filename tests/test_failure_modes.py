@@ -816,6 +816,19 @@ def test_interpreter_refuses_a_deadlocking_barrier_launch():
 # --------------------------------------------------------------------------- fixed numerical divergences
 
 
+def fused_follows_pytorch_ops(W, u, v, programs, tol, ctx, **kwargs):
+    """One training read through the op (``programs``: None = default launch, else that many
+    programs phase by phase) against PyTorch's own ops on the same u, v: u, v, sigma and
+    W_sn, NaN/Inf pattern included."""
+    u_ref, v_ref = u.clone(), v.clone()
+    want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref, **kwargs)
+    launch = {} if programs is None else dict(num_programs=programs, phase_by_phase=True)
+    out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEVICE),
+                                                     new_semaphore(DEVICE), **kwargs, **launch)
+    for got, exp, name in ((us, u_ref, "u"), (vs, v_ref, "v"), (sigma, sigma_ref, "sigma"), (out, want, "W_sn")):
+        torch.testing.assert_close(got, exp, equal_nan=True, **tol, msg=lambda m: f"{name} ({ctx}): {m}")
+
+
 @pytest.mark.parametrize("programs", [None, 3], ids=["default-launch", "3-programs-phase-by-phase"])
 def test_overflow_fallback_across_programs(programs, seed):
     """The overflow fallback (t = A^T u redone when ||t||^2 is not finite) with partials from
@@ -827,14 +840,8 @@ def test_overflow_fallback_across_programs(programs, seed):
     u = F.normalize(torch.randn(7, generator=g), dim=0).to(DEVICE)
     v = F.normalize(torch.randn(5, generator=g), dim=0).to(DEVICE)
     for n in (1, 2):
-        u_ref, v_ref = u.clone(), v.clone()
-        want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref, n_power_iterations=n)
-        launch = {} if programs is None else dict(num_programs=programs, phase_by_phase=True)
-        out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEVICE),
-                                                         new_semaphore(DEVICE), n_power_iterations=n, **launch)
-        for got, exp, name in ((us, u_ref, "u"), (vs, v_ref, "v"), (sigma, sigma_ref, "sigma"), (out, want, "W_sn")):
-            torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6, equal_nan=True,
-                                       msg=lambda m: f"n={n} {name} (seed {seed}): {m}")
+        fused_follows_pytorch_ops(W, u, v, programs, dict(rtol=1e-5, atol=1e-6), f"n={n} (seed {seed})",
+                                  n_power_iterations=n)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-30])
@@ -848,14 +855,7 @@ def test_tiny_t_with_tiny_eps_follows_pytorch(eps, programs, seed):
     W = (1e-25 * torch.randn(5, 7, generator=g, dtype=torch.float64)).float().to(DEVICE)
     u = torch.randn(5, generator=g).to(DEVICE)
     v = (1e20 * torch.randn(7, generator=g, dtype=torch.float64)).float().to(DEVICE)
-    u_ref, v_ref = u.clone(), v.clone()
-    want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref, eps=eps)
-    launch = {} if programs is None else dict(num_programs=programs, phase_by_phase=True)
-    out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEVICE),
-                                                     new_semaphore(DEVICE), eps=eps, **launch)
-    for got, exp, name in ((us, u_ref, "u"), (vs, v_ref, "v"), (sigma, sigma_ref, "sigma"), (out, want, "W_sn")):
-        torch.testing.assert_close(got, exp, rtol=1e-4, atol=0, equal_nan=True,
-                                   msg=lambda m: f"{name} (seed {seed}): {m}")
+    fused_follows_pytorch_ops(W, u, v, programs, dict(rtol=1e-4, atol=0), f"seed {seed}", eps=eps)
 
 
 def test_overflowing_norm_gives_pytorchs_result():
