@@ -1,6 +1,6 @@
 """``python -m bench``: the sn_fused benchmark suite.
 
-    python -m bench --quick            # ~2.5 min on an H100, compile warm-ups included
+    python -m bench --quick            # ~2 min on an H100, compile warm-ups included
     python -m bench                    # everything (see BENCHMARKS.md for the time it takes)
     python -m bench --out $OUT --shapes 4096x4096,biggan --dtypes bf16 --n 5
 
