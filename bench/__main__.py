@@ -107,7 +107,7 @@ def _profiles() -> dict[str, Profile]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the ~2.5-minute GPU profile")
+    ap.add_argument("--quick", action="store_true", help="the ~2-minute GPU profile")
     ap.add_argument("--out", metavar="DIR", help="results directory (default bench/results; "
                     "CPU mode writes files only when given)")
     ap.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
