@@ -1087,6 +1087,27 @@ def test_eager_fast_path_sees_a_plain_output_for_parameters(monkeypatch, device,
     assert all(kind is torch.Tensor for _, kind in seen)
 
 
+def test_no_grad_read_skips_autograd_and_matches(device, gen):
+    """A read with nothing to record (no_grad, or a weight that does not require grad) goes
+    straight to the launcher: same W_sn, u, v and sigma as a recorded read, one launch,
+    no grad_fn."""
+    weight = randn((9, 7), gen, torch.float32, device).requires_grad_()
+    u0, v0 = vec_pair(weight, 0, gen)
+    outs = []
+    for mode in ("grad", "no_grad", "no_requires_grad"):
+        u, v = u0.clone(), v0.clone()
+        sigma_buf = torch.full((), NAN, device=device)
+        w = weight.detach() if mode == "no_requires_grad" else weight
+        with count_launches() as calls, torch.set_grad_enabled(mode != "no_grad"):
+            out = ops.spectral_norm_fused(w, u, v, sigma_buf, ops.new_semaphore(device))
+        assert len(calls) == 1, (mode, calls)
+        assert (out.grad_fn is not None) == (mode == "grad"), mode
+        outs.append((out.detach(), u, v, sigma_buf))
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0]):
+            assert torch.equal(a, b)
+
+
 def test_six_dim_weight_layout_is_judged_for_its_own_dim(device, gen):
     """A 6-D weight whose column dims merge for dim=0 but not for dim=4 must not be sent to the
     kernels with dim=4 (the launcher would find no layout): the op refuses it with a clear
