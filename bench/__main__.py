@@ -310,8 +310,14 @@ def step_cases(profile: Profile) -> list[tuple[str, str, str, int]]:
     return out
 
 
-def _out_of_time(deadline: float | None) -> bool:
-    return deadline is not None and time.perf_counter() > deadline
+def _start_case(progress: Progress, name: str, deadline: float | None, skipped: list[str] | None) -> bool:
+    """Show the case; False (and listed as skipped) once the --max-seconds deadline has passed."""
+    progress.describe(name)
+    if deadline is None or time.perf_counter() <= deadline:
+        return True
+    skipped.append(name)
+    progress.advance("skipped: --max-seconds")
+    return False
 
 
 def run_layers(cases: list[tuple], device: torch.device, budget, bandwidth: float | None,
@@ -323,10 +329,7 @@ def run_layers(cases: list[tuple], device: torch.device, budget, bandwidth: floa
     rows: list[dict] = []
     reference: dict[tuple, torch.Tensor] = {}
     for layer, dtype, n, impl in cases:
-        progress.describe(f"{layer.name} {dtype} n={n} {impl}")
-        if _out_of_time(deadline):
-            skipped.append(f"{layer.name} {dtype} n={n} {impl}")
-            progress.advance("skipped: --max-seconds")
+        if not _start_case(progress, f"{layer.name} {dtype} n={n} {impl}", deadline, skipped):
             continue
         key = (layer.name, dtype, n)
         if reference and key not in reference:  # a new case: drop the old reference output
@@ -367,10 +370,7 @@ def run_steps(cases: list[tuple], device: torch.device, budget, batch: int | Non
 
     rows = []
     for model, mode, sn, n in cases:
-        progress.describe(f"step {model} {mode} {sn} n={n}")
-        if _out_of_time(deadline):
-            skipped.append(f"step {model} {mode} {sn} n={n}")
-            progress.advance("skipped: --max-seconds")
+        if not _start_case(progress, f"step {model} {mode} {sn} n={n}", deadline, skipped):
             continue
         if mode != "eager":
             harness.reset_compiler()

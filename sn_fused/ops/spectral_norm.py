@@ -172,6 +172,11 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _num_warps(tile: int) -> int:
+    """Warps for a loop step over ``tile`` elements of A (``SN_FUSED_NUM_WARPS`` overrides)."""
+    return _NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2))
+
+
 def _floor_power_of_2(n: int) -> int:
     """Largest power of two <= max(n, 1): block sizes from the (env-settable) tile knobs."""
     return 1 << (max(n, 1).bit_length() - 1)
@@ -218,9 +223,7 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     block_p = _next_power_of_2(G)
     # Phase R sums the G partials of its columns BLOCK_Q programs per load ([BLOCK_Q, BLOCK_C] tile).
     block_q = min(block_p, _floor_power_of_2(_TILE_ELEMENTS // 2 // block_c))
-    tile = block_m * block_n
-    num_warps = _NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2))
-    return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q, num_warps,
+    return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q, _num_warps(block_m * block_n),
                          _NUM_STAGES or None, row_in_tile)
 
 
@@ -384,9 +387,7 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     # wide, for its one-load-two-products phase) only add registers here.
     block_n = min(_next_power_of_2(layout.N), _floor_power_of_2(_BWD_BLOCK_N))
     block_m = min(_next_power_of_2(_cdiv(layout.M, cfg.grid)), _floor_power_of_2(_BWD_TILE_ELEMENTS // block_n))
-    tile = block_m * block_n
-    cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n,
-                              num_warps=_NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2)))
+    cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n))
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = [(kernels.PHASE_DOT, False), (kernels.PHASE_GRAD, True)] if phase_by_phase else [(kernels.PHASE_ALL, True)]
