@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -365,28 +366,37 @@ def run_layers(cases: list[tuple], device: torch.device, budget, bandwidth: floa
 def run_steps(cases: list[tuple], device: torch.device, budget, batch: int | None,
               progress: Progress, deadline: float | None = None,
               skipped: list[str] | None = None) -> list[dict]:
-    """One training-step measurement per case (fresh model; compiler reset around compiled ones)."""
+    """Training steps, one group per (model, mode): each case is built and warmed up (its
+    own fresh model), then the group's steps are timed together, in interleaved rounds."""
     from . import harness
 
     rows = []
-    for model, mode, sn, n in cases:
-        if not _start_case(progress, f"step {model} {mode} {sn} n={n}", deadline, skipped):
-            continue
+    for (model, mode), group in itertools.groupby(cases, key=lambda c: (c[0], c[1])):
         if mode != "eager":
             harness.reset_compiler()
-        try:
-            bench = harness.build_step(model, sn, mode, device, n_power_iterations=n, batch=batch)
-            row = harness.measure_step(bench, device, budget)
-            del bench
-        except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
-            row = dict(model=model, sn=sn, mode=mode, n=n, batch=batch,
-                       error=f"{type(exc).__name__}: {exc}"[:500])
-        rows.append(row)
+        ready: list[tuple] = []
+        for _, _, sn, n in group:
+            if not _start_case(progress, f"step {model} {mode} {sn} n={n}", deadline, skipped):
+                continue
+            try:
+                bench = harness.build_step(model, sn, mode, device, n_power_iterations=n, batch=batch)
+                row = harness.warm_up_step(bench, device, budget)
+            except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
+                bench, row = None, dict(model=model, sn=sn, mode=mode, n=n, batch=batch,
+                                        error=f"{type(exc).__name__}: {exc}"[:500])
+            rows.append(row)
+            if "error" not in row:
+                ready.append((bench, row))
+            progress.advance(result=row["error"] if "error" in row else f"warm-up {row['warmup_s']:.1f} s")
+        if ready:
+            harness.time_steps([b for b, _ in ready], [r for _, r in ready], device, budget)
+            print(f"step {model} {mode}, ms/step (interleaved): " + ", ".join(
+                f"{r['sn']} n={r['n']} {r['step_ms']:.2f}" if "step_ms" in r else f"{r['sn']} n={r['n']} error"
+                for _, r in ready), flush=True)
+        ready, bench = [], None  # drop the group's models before the next group
         if mode != "eager":
             harness.reset_compiler()
         harness.release_memory(device)
-        progress.advance(result=row["error"] if "error" in row else
-                         f"{row['step_ms']:.2f} ms/step, warm-up {row['warmup_s']:.1f} s")
     return rows
 
 

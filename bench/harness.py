@@ -8,7 +8,9 @@ Timers (see ``BENCHMARKS.md`` for the reasoning):
 * :func:`time_eager` -- host-inclusive wall time: ``n`` back-to-back calls
   between two ``synchronize()`` calls, timed with ``perf_counter``; the median
   over rounds of the per-call mean. This is what a Python training loop pays
-  (launch overhead included). L2 is not flushed.
+  (launch overhead included). L2 is not flushed. Training steps that are
+  compared (no SN / PyTorch / sn_fused) are timed in interleaved rounds
+  (:func:`time_eager_interleaved`).
 * :func:`time_graph` -- pure GPU time: ``reads`` calls captured in one
   ``torch.cuda.CUDAGraph``, replays timed by ``triton.testing.do_bench``
   (median, CUDA events, L2 flushed before every replay).
@@ -44,8 +46,8 @@ from .shapes import Layer
 
 __all__ = [
     "DTYPES", "IMPLS", "IMPL_LABELS", "LayerBench", "Budget",
-    "sync", "time_eager", "time_graph", "capture_graph", "count_launches", "copy_bandwidth",
-    "build_layer", "measure_layer", "build_step", "measure_step", "floors_us", "release_memory",
+    "sync", "time_eager", "time_eager_interleaved", "time_graph", "capture_graph", "count_launches", "copy_bandwidth",
+    "build_layer", "measure_layer", "build_step", "warm_up_step", "time_steps", "floors_us", "release_memory",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -98,30 +100,44 @@ def time_eager(fn: Callable[[], Any], device: torch.device, budget_s: float, rou
     takes a tenth of a round), so slow calls (a training step) cost few extra
     calls and fast ones (a read) get loops of thousands.
     """
-    for _ in range(warmup):
-        fn()
+    return time_eager_interleaved([fn], device, budget_s, rounds, warmup)[0]
+
+
+def time_eager_interleaved(fns: list[Callable[[], Any]], device: torch.device, budget_s: float,
+                           rounds: int = 5, warmup: int = 2) -> list[float]:
+    """:func:`time_eager` of several calls at once, rounds interleaved (A B C, A B C, ...).
+
+    Each call gets ``budget_s``. A drift in clocks or host load during the
+    measurement then hits every call alike, instead of whichever ran last:
+    what a comparison of training steps (no SN vs PyTorch vs sn_fused) needs.
+    """
     target = budget_s / rounds
-    k = 1
-    while True:
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(k):
+    loops = []
+    for fn in fns:
+        for _ in range(warmup):
             fn()
-        sync(device)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= target / 10 or k >= 4096:
-            break
-        k *= 4
-    n = max(1, min(100_000, int(target / max(elapsed / k, 1e-7))))
-    samples = []
+        k = 1
+        while True:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            sync(device)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= target / 10 or k >= 4096:
+                break
+            k *= 4
+        loops.append(max(1, min(100_000, int(target / max(elapsed / k, 1e-7)))))
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync(device)
-        samples.append((time.perf_counter() - t0) / n)
-    return statistics.median(samples)
+        for fn, n, out in zip(fns, loops, samples):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync(device)
+            out.append((time.perf_counter() - t0) / n)
+    return [statistics.median(x) for x in samples]
 
 
 def capture_graph(fn: Callable[[], Any], reads: int = 1, warmup: int = 3) -> torch.cuda.CUDAGraph:
@@ -432,8 +448,11 @@ def _dynamo_counters() -> dict[str, int]:
     }
 
 
-def measure_step(bench: StepBench, device: torch.device, budget: Budget) -> dict[str, Any]:
-    """Warm-up (compile) time, then host-inclusive ms per step."""
+def warm_up_step(bench: StepBench, device: torch.device, budget: Budget) -> dict[str, Any]:
+    """The first steps (compilation included): a row with the warm-up time, or the error.
+
+    Compiled modes also record the graph breaks, cudagraph skips and graphs of the warm-up.
+    """
     row: dict[str, Any] = dict(model=bench.model_name, sn=bench.sn, mode=bench.mode,
                                n=bench.n_power_iterations, batch=bench.batch)
     before = _dynamo_counters()
@@ -447,14 +466,29 @@ def measure_step(bench: StepBench, device: torch.device, budget: Budget) -> dict
             bench.step()
         sync(device)
         row["warmup_s"] = time.perf_counter() - t0
-        row["step_ms"] = time_eager(bench.step, device, budget.step_s, rounds=budget.step_rounds,
-                                    warmup=0) * 1e3
     except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
     after = _dynamo_counters()
     if bench.mode != "eager" and after:
         row.update({k: after[k] - before.get(k, 0) for k in after})
     return row
+
+
+def time_steps(benches: list[StepBench], rows: list[dict[str, Any]], device: torch.device,
+               budget: Budget) -> None:
+    """Host-inclusive ms per step into each row (``step_ms``), the steps timed in interleaved
+    rounds (:func:`time_eager_interleaved`): no-SN and SN steps see the same machine state,
+    so their ratio -- SN's overhead -- does not take in a drift between them."""
+    try:
+        seconds = time_eager_interleaved([b.step for b in benches], device, budget.step_s,
+                                         rounds=budget.step_rounds, warmup=0)
+    except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
+        for row in rows:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        return
+    for row, sec in zip(rows, seconds):
+        row["step_ms"] = sec * 1e3
+        row["timing"] = "interleaved"
 
 
 def finite(x: Any) -> bool:
