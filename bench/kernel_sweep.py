@@ -6,7 +6,7 @@ eager host-inclusive calls, and prints the floor from the copy bandwidth measure
 in the same run. ``--sweep`` also tries launch-config variants (elements per
 program) so tuning decisions come from measurements.
 
-    python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--l2-sweep] [--profile] [--compile-probe]
+    python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--profile] [--compile-probe]
                                  [--graph-only] [--no-torch] [--out DIR]
 """
 
@@ -157,35 +157,6 @@ def bwd_sweep():
     return results
 
 
-L2_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
-L2_SWEEP_SHAPES = [(768, 6912), (1536, 13824), (4096, 4096), (24576, 20)]
-
-
-def l2_sweep():
-    """Forward read and backward alone (graph us) per share of L2 kept between the two passes."""
-    default = ops_mod._L2_KEEP_FRACTION
-    results = []
-    print("# L2 sweep: fwd / bwd graph us per _L2_KEEP_FRACTION (default %s)" % default)
-    for M, N in L2_SWEEP_SHAPES:
-        m = layer(M, N, "sn_fused")
-        p = m.parametrizations.weight[0]
-        w = m.parametrizations.weight.original.detach()
-        g = torch.randn_like(w)
-        line = []
-        for frac in L2_FRACTIONS:
-            ops_mod._L2_KEEP_FRACTION = frac
-            ops_mod._clear_plans()
-            tf = graph_time_us(lambda: m.weight)
-            _, us, vs, sigma = ops_mod.spectral_norm_forward_fused(w, p._u, p._v, p._sigma, p._sem)
-            tb = graph_time_us(lambda: ops_mod.spectral_norm_backward_fused(g, w, us, vs, sigma, p._sem))
-            results.append(dict(M=M, N=N, l2_keep_fraction=frac, fwd_graph_us=tf, bwd_graph_us=tb))
-            line.append(f"{frac}:{tf:.1f}/{tb:.1f}")
-        ops_mod._L2_KEEP_FRACTION = default
-        ops_mod._clear_plans()
-        print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
-    return results
-
-
 def compile_probe(M=128, N=1152):
     """Host-inclusive time of one read under ``torch.compile`` (default mode, no CUDA graphs).
 
@@ -268,7 +239,6 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile-probe", action="store_true", help="host cost of a read under torch.compile")
     ap.add_argument("--bwd-sweep", action="store_true", help="backward tile shapes (also part of --sweep)")
-    ap.add_argument("--l2-sweep", action="store_true", help="share of L2 kept between passes")
     ap.add_argument("--graph-only", action="store_true", help="skip the eager (host-inclusive) timings")
     ap.add_argument("--no-torch", action="store_true",
                     help="time sn_fused only (e.g. an older checkout, for a same-card A/B)")
@@ -297,8 +267,6 @@ def main():
         sweep = knob_sweep()
     if args.sweep or args.bwd_sweep:
         sweep += bwd_sweep()
-    if args.l2_sweep:
-        sweep += l2_sweep()
     if args.profile:
         host_profile()
     if args.compile_probe:

@@ -562,52 +562,6 @@ def test_wide_rows_column_blocks(case, num_programs, phase_by_phase, wide_rows, 
         check_backward(res["grad_w"], grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
 
 
-@pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
-def test_l2_keep_rows_split(num_programs, phase_by_phase, monkeypatch, device, gen):
-    """Rows loaded evict_last (kept for the second pass) and evict_first in one program.
-
-    The interpreter has no L2 (keep_rows is 0 there), so a small one is faked: each
-    program keeps some, not all, of its row blocks, in the forward and the backward.
-    The hint must change nothing but the cache: same values as the oracle.
-    """
-    monkeypatch.setattr(snm, "_TILE_ELEMENTS", 32)
-    monkeypatch.setattr(snm, "_BWD_TILE_ELEMENTS", 32)
-    monkeypatch.setattr(snm, "_L2_KEEP_FRACTION", 0.5)
-    weight = randn((24, 10), gen, torch.float32, device)
-    G = num_programs
-    monkeypatch.setattr(snm, "_l2_bytes", lambda dev: 3 * G * 10 * 4 * 2)  # 3 rows per program
-    snm._clear_plans()
-    try:
-        fplan = snm._forward_plan(weight.shape, weight.stride(), weight.stride(), 4, 0, weight.device, 2,
-                                  True, G, phase_by_phase)
-        bplan = snm._backward_plan(weight.shape, weight.stride(), weight.stride(), weight.stride(), 4, 0,
-                                   weight.device, G, phase_by_phase)
-        for plan in (fplan, bplan):
-            rows = 24 // G
-            assert plan.keep_rows == 3 and plan.cfg.BLOCK_M < rows - plan.keep_rows, (plan.keep_rows, plan.cfg)
-        grad = randn(weight.shape, gen, torch.float32, device)
-        for training, n in ((True, 2), (False, 1)):
-            u0, v0 = vec_pair(weight, 0, gen)
-            res = _forward_backward(weight, u0, v0, grad, dim=0, n=n, training=training,
-                                    num_programs=G, phase_by_phase=phase_by_phase)
-            check_forward(weight, u0, v0, res, dim=0, n=n, eps=1e-12, training=training)
-            check_backward(res["grad_w"], grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=0)
-    finally:
-        snm._clear_plans()
-
-
-def test_keep_rows_sizing(monkeypatch):
-    """No L2 (CPU): nothing kept. A weight that fits in the kept share: every row kept.
-    A larger one: the kept rows of all programs fill that share and no more."""
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert snm._keep_rows(1536, 13824, 132, 4, cpu) == 0
-    share = int(snm._L2_KEEP_FRACTION * 50 * 2**20)
-    monkeypatch.setattr(snm, "_l2_bytes", lambda dev: 0 if dev.type == "cpu" else 50 * 2**20)
-    assert snm._keep_rows(128, 1152, 18, 4, cuda) >= 128
-    k = snm._keep_rows(1536, 13824, 132, 4, cuda)
-    assert 0 < k < 1536 // 132 and k * 132 * 13824 * 4 <= share < (k + 1) * 132 * 13824 * 4
-
-
 @pytest.mark.parametrize("case", MP_CASES[:2], ids=[c[0] for c in MP_CASES[:2]])
 def test_single_launch_one_program(case, device, gen):
     """num_programs=1, every phase in one launch (barriers pass at once)."""
@@ -754,7 +708,7 @@ def test_launch_config_blocks_are_powers_of_two(monkeypatch, tile):
                     b = getattr(cfg, name)
                     assert b >= 1 and b & (b - 1) == 0, (M, N, G, name, b)
                 w = torch.empty(M, N, device="meta")
-                plan = snm._backward_plan(w.shape, w.stride(), w.stride(), w.stride(), 4, 0,
+                plan = snm._backward_plan(w.shape, w.stride(), w.stride(), w.stride(), 0,
                                           torch.device("cpu"), G, True)
                 for b in (plan.cfg.BLOCK_M, plan.cfg.BLOCK_N):
                     assert b >= 1 and b & (b - 1) == 0, (M, N, G, "bwd", b)

@@ -57,11 +57,7 @@ Memory plan: when a whole row fits in one tile (``N <= 16384``,
 from it, so a read costs ``n + 1`` passes over ``A`` plus one write of
 ``W_sn``; wider rows take a second pass in ST (``2n + 1``). Each pass runs in
 the opposite direction of the one before, so the part of ``A`` still in L2
-(or L1, for a program's own rows) is read first. For that part to still be
-there when ``A`` is larger than L2, the one-pass ST loads each program's last
-``keep_rows`` rows with ``evict_last`` and the rest with ``evict_first``; the
-launcher sizes ``keep_rows`` so the kept rows of all programs fill a fraction
-of L2. The workspace is small next
+(or L1, for a program's own rows) is read first. The workspace is small next
 to ``A`` (``G x N`` partials) and stays in L2.
 
 Reductions are deterministic: every sum runs in a fixed order (no float
@@ -188,23 +184,8 @@ def _sum_partials(part_ptr, G, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptrs, mask, keep):
-    """A tile of A, marked to stay in L2 (``keep``: it is read again soon) or to leave it first.
-
-    A weight larger than L2 cannot stay there between two passes; without a hint,
-    the last pass's tiles would be pushed out by the tiles read (and written) before
-    them. The launcher sizes ``keep`` to a fraction of L2 (``_L2_KEEP_FRACTION``).
-    """
-    if keep:
-        a = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_last")
-    else:
-        a = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-    return a
-
-
-@triton.jit
 def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
-                   pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, keep_rows,
+                   pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
                    FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TILE: tl.constexpr):
     """Phase ST over own rows: ``s = A x``; training also ``t_part[p] = A[rows]^T s``.
@@ -232,8 +213,8 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
         for r in range(r0, r1, BLOCK_M):
             rows = r + tl.arange(0, BLOCK_M)
             rmask = rows < r1
-            a = _load_tile(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                           rmask[:, None] & cmask[None, :], r + BLOCK_M > r1 - keep_rows).to(acc_t)
+            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
             s = tl.sum(a * x[None, :], axis=1)
             tl.store(s_ptr + rows, s, mask=rmask)
             if TRAINING:
@@ -441,7 +422,7 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
 def spectral_norm_fwd_kernel(
     w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
     ws_ptr, sem_ptr,
-    M, N, n_iters, eps: tl.float64, is_last, keep_rows,
+    M, N, n_iters, eps: tl.float64, is_last,
     s_row, s_c0, s_c1, s_c2, s_c3,
     o_row, o_c0, o_c1, o_c2, o_c3,
     D1, D2, D3,
@@ -459,8 +440,6 @@ def spectral_norm_fwd_kernel(
     place (training), ``u_saved``/``v_saved`` the u, v that sigma used (what
     autograd keeps), ``sigma`` and the module's ``sigma_buf`` (for logging).
     ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
-    ``keep_rows``: phase ST loads each program's last ``keep_rows`` rows with ``evict_last``
-    (the rescale reads them first, from L2), the others with ``evict_first``.
     ``ROW_IN_TILE`` (``BLOCK_N >= N``): phase ST reads each tile of A once.
     """
     pid = tl.program_id(0)
@@ -479,7 +458,7 @@ def spectral_norm_fwd_kernel(
 
     if PHASE == -1 or PHASE == 0:
         _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
-                       s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, keep_rows,
+                       s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
                        True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
     if TRAINING:
         if PHASE == -1:
@@ -502,7 +481,7 @@ def spectral_norm_fwd_kernel(
                                                     eps, c0, c1, N, BLOCK_C)
                 if it < n_iters - 1:
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
-                                   s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, keep_rows,
+                                   s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
                                    False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
                 else:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
@@ -530,7 +509,7 @@ def spectral_norm_fwd_kernel(
                                D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
             else:
                 _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
-                               s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, keep_rows,
+                               s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
                                False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
     else:
         if PHASE == -1:
@@ -548,7 +527,7 @@ def spectral_norm_fwd_kernel(
 @triton.jit
 def spectral_norm_bwd_kernel(
     g_ptr, w_ptr, dw_ptr, u_ptr, v_ptr, sigma_ptr, ws_ptr, sem_ptr,
-    M, N, keep_rows,
+    M, N,
     g_row, g_c0, g_c1, g_c2, g_c3,
     s_row, s_c0, s_c1, s_c2, s_c3,
     d_row, d_c0, d_c1, d_c2, d_c3,
@@ -561,9 +540,7 @@ def spectral_norm_bwd_kernel(
     ``<G, W_sn> = <G, W> / sigma``: one global reduction (partials in
     ``ws[0:G]``, fixed-order sum after the barrier), then one elementwise
     pass, last-to-first so the part of G still in L2 is read first. W is read
-    once and dW written once, both ``evict_first`` so they leave L2 to G; the dot
-    pass marks each program's last ``keep_rows`` rows of G ``evict_last`` (the
-    elementwise pass starts with them) and the others ``evict_first``.
+    once and dW written once, both ``evict_first`` so they leave L2 to G.
     Floor: read G and W, write dW; this kernel also re-reads G (from L2 as far as it holds).
     """
     pid = tl.program_id(0)
@@ -580,8 +557,8 @@ def spectral_norm_bwd_kernel(
             for c in range(0, N, BLOCK_N):
                 cols = c + tl.arange(0, BLOCK_N)
                 mask = rmask[:, None] & (cols < N)[None, :]
-                g = _load_tile(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
-                               mask, r + BLOCK_M > r1 - keep_rows).to(acc_t)  # re-read in reverse
+                g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
+                            mask=mask, other=0.0).to(acc_t)
                 w = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
                             mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)  # not re-read
                 part += g * w
@@ -602,7 +579,7 @@ def spectral_norm_bwd_kernel(
                 mask = rmask[:, None] & cmask[None, :]
                 v = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
                 g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
-                            mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)  # last use
+                            mask=mask, other=0.0).to(acc_t)
                 dw = (g - inner * u[:, None] * v[None, :]) / sigma
                 tl.store(dw_ptr + _offsets(rows, cols, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3, NCOL),
                          dw.to(dw_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")

@@ -57,15 +57,13 @@ _MIN_ELEMENTS_PER_PROGRAM = int(os.environ.get("SN_FUSED_MIN_ELEMENTS_PER_PROGRA
 _TILE_ELEMENTS = int(os.environ.get("SN_FUSED_TILE_ELEMENTS", 16384))  # of A per program per loop step
 _MAX_ROW_IN_TILE = int(os.environ.get("SN_FUSED_MAX_ROW_IN_TILE", 16384))  # widest row read in one tile
 # The backward streams G and W tile by tile (no row needs to be whole): tiles of this many
-# elements per operand, at most _BWD_BLOCK_N columns wide.
+# elements per operand, at most _BWD_BLOCK_N columns wide. 32768/4096 was the fastest
+# choice on the large shapes in both H100 backward sweeps (bench/NOTES.md, v4 and v5).
 _BWD_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_BWD_TILE_ELEMENTS", 32768))
 _BWD_BLOCK_N = int(os.environ.get("SN_FUSED_BWD_BLOCK_N", 4096))
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
-# Share of L2 that the first pass over A (forward) or G (backward) asks to keep for the
-# second pass (evict_last on each program's last rows): see kernels._load_tile.
-_L2_KEEP_FRACTION = float(os.environ.get("SN_FUSED_L2_KEEP_FRACTION", 0.5))
 
 
 # --------------------------------------------------------------------------- layout
@@ -155,27 +153,6 @@ def new_semaphore(device: torch.device | str | None = None) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _l2_bytes(device: torch.device) -> int:
-    """L2 size of a CUDA device (0 elsewhere: the interpreter has no cache to plan for)."""
-    if device.type != "cuda":
-        return 0
-    return _l2_bytes_cuda(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _l2_bytes_cuda(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).L2_cache_size
-
-
-def _keep_rows(M: int, N: int, grid: int, itemsize: int, device: torch.device) -> int:
-    """Rows per program whose tiles the first pass marks to stay in L2 for the second.
-
-    All programs together keep ``_L2_KEEP_FRACTION`` of L2; a weight that fits keeps
-    every row. Then the second pass (which starts with those rows) reads them from L2.
-    """
-    return int(_L2_KEEP_FRACTION * _l2_bytes(device)) // max(grid * N * itemsize, 1)
 
 
 def _max_programs(device_index: int) -> int:
@@ -346,11 +323,10 @@ class _Plan:
     ws_numel: int
     phases: tuple  # (PHASE, is_last) per launch
     cooperative: bool
-    keep_rows: int  # see _keep_rows
 
 
 @functools.lru_cache(maxsize=1024)
-def _forward_plan(shape, w_stride, o_stride, itemsize, dim, device, n_power_iterations, training,
+def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, training,
                   num_programs, phase_by_phase) -> _Plan:
     layout = _matrix_layout(dim, torch.empty_strided(shape, w_stride, device="meta"),
                             torch.empty_strided(shape, o_stride, device="meta"))
@@ -360,24 +336,24 @@ def _forward_plan(shape, w_stride, o_stride, itemsize, dim, device, n_power_iter
     phases = _forward_phases(training, n_power_iterations) if phase_by_phase else [(kernels.PHASE_ALL, True)]
     return _Plan(cfg, (layout.M, layout.N) + layout.strides[0] + layout.strides[1] + layout.inner_sizes,
                  len(layout.sizes), layout.M + layout.N + cfg.grid * (layout.N + 4) + 1, tuple(phases),
-                 not phase_by_phase, _keep_rows(layout.M, layout.N, cfg.grid, itemsize, device))
+                 not phase_by_phase)
 
 
 def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
                     n_power_iterations, eps, training, num_programs=None, phase_by_phase=None):
     try:
-        plan = _forward_plan(weight.shape, weight.stride(), out.stride(), weight.itemsize, dim,
-                             weight.device, n_power_iterations, training, num_programs, phase_by_phase)
+        plan = _forward_plan(weight.shape, weight.stride(), out.stride(), dim, weight.device,
+                             n_power_iterations, training, num_programs, phase_by_phase)
     except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
-        plan = _forward_plan(*_concrete(weight.shape, weight.stride(), out.stride()), weight.itemsize, dim,
-                             weight.device, n_power_iterations, training, num_programs, phase_by_phase)
+        plan = _forward_plan(*_concrete(weight.shape, weight.stride(), out.stride()), dim, weight.device,
+                             n_power_iterations, training, num_programs, phase_by_phase)
     cfg = plan.cfg
     dtypes = (weight.dtype, sigma_buf.dtype, sem.dtype)
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
     M, N, *strides = plan.ints
     for phase, is_last in plan.phases:
         args = (weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
-                M, N, n_power_iterations, eps, int(is_last), plan.keep_rows, *strides,
+                M, N, n_power_iterations, eps, int(is_last), *strides,
                 plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_C,
                 cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE)
         _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 10,
@@ -402,7 +378,7 @@ def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor
 
 
 @functools.lru_cache(maxsize=1024)
-def _backward_plan(shape, g_stride, w_stride, d_stride, g_itemsize, dim, device, num_programs, phase_by_phase):
+def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_programs, phase_by_phase):
     metas = [torch.empty_strided(shape, st, device="meta") for st in (g_stride, w_stride, d_stride)]
     layout = _matrix_layout(dim, *metas)
     if layout is None:
@@ -417,27 +393,26 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, g_itemsize, dim, device,
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = [(kernels.PHASE_DOT, False), (kernels.PHASE_GRAD, True)] if phase_by_phase else [(kernels.PHASE_ALL, True)]
     ints = (layout.M, layout.N) + layout.strides[0] + layout.strides[1] + layout.strides[2] + layout.inner_sizes
-    return _Plan(cfg, ints, len(layout.sizes), cfg.grid, tuple(phases), not phase_by_phase,
-                 _keep_rows(layout.M, layout.N, cfg.grid, g_itemsize, device))
+    return _Plan(cfg, ints, len(layout.sizes), cfg.grid, tuple(phases), not phase_by_phase)
 
 
 def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
                      num_programs=None, phase_by_phase=None):
     try:
-        plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), grad.itemsize,
-                              dim, weight.device, num_programs, phase_by_phase)
+        plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
+                              weight.device, num_programs, phase_by_phase)
     except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
-                              grad.itemsize, dim, weight.device, num_programs, phase_by_phase)
+                              dim, weight.device, num_programs, phase_by_phase)
     if plan is None:  # a grad layout that does not merge with the weight's: copy it like the weight
         grad = grad.clone(memory_format=torch.contiguous_format)
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
-                              grad.itemsize, dim, weight.device, num_programs, phase_by_phase)
+                              dim, weight.device, num_programs, phase_by_phase)
     cfg = plan.cfg
     dtypes = (grad.dtype, weight.dtype, sigma.dtype, sem.dtype)
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
     for phase, _ in plan.phases:
-        args = (grad, weight, grad_weight, u, v, sigma, ws, sem, *plan.ints[:2], plan.keep_rows, *plan.ints[2:],
+        args = (grad, weight, grad_weight, u, v, sigma, ws, sem, *plan.ints,
                 plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P)
         _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative, 8,
                 (plan, phase) + dtypes, grad_weight)
