@@ -829,16 +829,19 @@ def fused_follows_pytorch_ops(W, u, v, programs, tol, ctx, **kwargs):
         torch.testing.assert_close(got, exp, equal_nan=True, **tol, msg=lambda m: f"{name} ({ctx}): {m}")
 
 
+@pytest.mark.parametrize("N", [5, 300])
 @pytest.mark.parametrize("programs", [None, 3], ids=["default-launch", "3-programs-phase-by-phase"])
-def test_overflow_fallback_across_programs(programs, seed):
+def test_overflow_fallback_across_programs(programs, N, seed):
     """The overflow fallback (t = A^T u redone when ||t||^2 is not finite) with partials from
     several programs: one huge row among ordinary ones, float32. Same u, v, sigma, W_sn as
-    PyTorch's own ops, NaN/Inf pattern included."""
+    PyTorch's own ops, NaN/Inf pattern included. N = 300: 512-wide row tiles, which the
+    fallback reads in narrower column blocks (FIX_BLOCK_N, 256), the last one partly
+    masked: a block it skipped would leave A^T s's Inf/NaN in t (checked by mutation)."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(7, 5, generator=g).to(DEVICE)
-    W[3] = 3e25  # ||W v||^2 and A^T s overflow float32; A^T u does not
+    W = torch.randn(7, N, generator=g).to(DEVICE)
+    W[3] = 3e25  # ||W v||^2 and A^T s overflow float32 (so PyTorch's u is 0); A^T u does not
     u = F.normalize(torch.randn(7, generator=g), dim=0).to(DEVICE)
-    v = F.normalize(torch.randn(5, generator=g), dim=0).to(DEVICE)
+    v = F.normalize(torch.randn(N, generator=g), dim=0).to(DEVICE)
     for n in (1, 2):
         fused_follows_pytorch_ops(W, u, v, programs, dict(rtol=1e-5, atol=1e-6), f"n={n} (seed {seed})",
                                   n_power_iterations=n)

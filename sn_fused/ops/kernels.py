@@ -455,6 +455,11 @@ def spectral_norm_fwd_kernel(
     part_t_ws = part_s_ws + G
     flag_ws = part_t_ws + 3 * G  # after part_nf, part_ts; phase-by-phase mode: PHASE_FIX_T's decision
     one = eps * 0 + 1.0  # a runtime scalar of eps' type; unused as dv when FROM_V
+    # The overflow fallback's A^T u pass reads column blocks of at most 256. It is rarely
+    # taken, but BLOCK_N-wide tiles there (ROW_IN_TILE: up to 16384 columns) cost registers
+    # on the common path too: ptxas spilled ~1 KB per thread with them, 0 with 256
+    # (tests/test_compile_sm90.py); the small shapes had got ~1 us slower (bench/NOTES.md).
+    FIX_BLOCK_N: tl.constexpr = BLOCK_N if BLOCK_N <= 256 else 256
 
     if PHASE == -1 or PHASE == 0:
         _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
@@ -472,7 +477,7 @@ def spectral_norm_fwd_kernel(
                 # branch or none: its barriers cannot deadlock.
                 if _not_finite(tsq):
                     _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2,
-                                        s_c3, D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+                                        s_c3, D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
                     grid_barrier(sem_ptr)
                     _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
                     grid_barrier(sem_ptr)
@@ -495,7 +500,7 @@ def spectral_norm_fwd_kernel(
             tl.store(flag_ws, overflow.to(flag_ws.dtype.element_ty))  # the same value from every program
             if overflow:
                 _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+                                    D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
         elif PHASE == 4:
             if tl.load(flag_ws) != 0:
                 _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
