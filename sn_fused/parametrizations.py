@@ -96,7 +96,8 @@ class _SpectralNorm(Module):
                 sem = buffers["_sem"] = new_semaphore(weight.device)
             return spectral_norm_fused(
                 weight, buffers["_u"], buffers["_v"], buffers["_sigma"], sem, dim=self.dim,
-                n_power_iterations=self.n_power_iterations, eps=self.eps, training=self.training)
+                n_power_iterations=self.n_power_iterations, eps=self.eps, training=self.training,
+                weight_checked=True)  # fused_supported just said yes: do not check the weight twice
         weight_sn, sigma = reference.spectral_norm_reference(
             weight, self._u, self._v, dim=self.dim, n_power_iterations=self.n_power_iterations,
             eps=self.eps, training=self.training)

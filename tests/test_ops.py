@@ -761,6 +761,57 @@ def test_bad_semaphore_is_refused_before_launch(bad, device, gen):
     assert calls == []
 
 
+@pytest.mark.parametrize("bad", ["other_device", "two_elements", "int32", "not_a_tensor"])
+def test_bad_sigma_buffer_is_refused_before_launch(bad, device, gen):
+    """The kernel also writes sigma into the caller's logging buffer: one element, floating
+    point, on the weight's device -- anything else would be written out of bounds, to
+    another device's memory, or as garbage bits."""
+    weight = randn((6, 5), gen, torch.float32, device)
+    u, v = vec_pair(weight, 0, gen)
+    sigma_buf = {"other_device": lambda: torch.zeros((), device="meta"),
+                 "two_elements": lambda: torch.zeros(2, device=device),
+                 "int32": lambda: torch.zeros((), dtype=torch.int32, device=device),
+                 "not_a_tensor": lambda: 0.0}[bad]()
+    sem = ops.new_semaphore(device)
+    u0 = u.clone()
+    with count_launches() as calls:
+        with pytest.raises(ValueError, match="sigma_buf must be a 1-element floating-point tensor"):
+            ops.spectral_norm_forward_fused(weight, u, v, sigma_buf, sem)
+        for checked in (False, True):
+            with pytest.raises(ValueError, match="sigma_buf must be"):
+                ops.spectral_norm_fused(weight, u, v, sigma_buf, sem, weight_checked=checked)
+    assert calls == [] and torch.equal(u, u0)
+
+
+def test_layer_read_checks_the_weight_once(monkeypatch, device, gen):
+    """The layer asks fused_supported to choose its path, then tells the op the weight is
+    checked (weight_checked=True): one support check per read, not two. u, v and the
+    buffers are still checked on that path (a bad u is refused before any launch)."""
+    from sn_fused import parametrizations, spectral_norm
+
+    m = spectral_norm(torch.nn.Linear(5, 6, bias=False).to(device))
+    calls = {"layer": 0, "op": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(parametrizations, "fused_supported", counting("layer", parametrizations.fused_supported))
+    monkeypatch.setattr(snm, "fused_supported", counting("op", snm.fused_supported))
+    m.weight
+    assert calls == {"layer": 1, "op": 0}, calls
+    p = m.parametrizations.weight[0]
+    ops.spectral_norm_fused(m.parametrizations.weight.original, p._u.clone(), p._v.clone(),
+                            torch.zeros((), device=device), ops.new_semaphore(device))
+    assert calls == {"layer": 1, "op": 1}, calls  # the public entry point checks the weight itself
+    m.parametrizations.weight[0]._u = torch.ones(7, device=device)
+    with count_launches() as launches, pytest.raises(ValueError, match="u has shape"):
+        m.weight
+    assert launches == []
+
+
 # --------------------------------------------------------------------------- autograd
 
 

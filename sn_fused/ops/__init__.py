@@ -4,6 +4,7 @@ from .spectral_norm import (  # noqa: F401
     INTERPRET,
     check_inputs,
     check_semaphore,
+    check_sigma_buffer,
     fused_supported,
     new_semaphore,
     spectral_norm_backward_fused,

@@ -35,6 +35,7 @@ __all__ = [
     "INTERPRET",
     "check_inputs",
     "check_semaphore",
+    "check_sigma_buffer",
     "fused_supported",
     "new_semaphore",
     "spectral_norm_fused",
@@ -124,16 +125,21 @@ def _empty_like_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def fused_supported(weight: torch.Tensor, dim: int = 0) -> bool:
     """Whether the fused kernels can take this weight (else the reference path is used)."""
-    if weight.ndim < 2 or weight.dtype not in _FUSED_DTYPES or weight.numel() == 0:
+    # Called on every read of a layer's weight: the cheapest tests first (is_cuda, not
+    # device.type, which builds a torch.device).
+    dtype = weight.dtype
+    if dtype not in _FUSED_DTYPES:
         return False
-    if weight.device.type != "cuda" and not (
-            INTERPRET and weight.device.type == "cpu" and weight.dtype != torch.bfloat16):
+    if not weight.is_cuda and not (INTERPRET and weight.device.type == "cpu" and dtype != torch.bfloat16):
         return False  # CPU tensors only through the interpreter, which has no bfloat16
-    if weight.ndim - 1 > _MAX_COL_DIMS and _matrix_layout(dim % weight.ndim, weight) is None:
+    ndim = weight.ndim
+    numel = weight.numel()
+    if ndim < 2 or numel == 0:
+        return False
+    if ndim - 1 > _MAX_COL_DIMS and _matrix_layout(dim % ndim, weight) is None:
         return False
     # 32-bit offsets inside the kernels: the workspace indices (program * M, program * N,
     # with at most _MAX_GRID programs) must fit, and so must the largest element offset.
-    numel = weight.numel()
     M = weight.shape[dim]
     if max(M, numel // M) * _MAX_GRID >= 2**31:
         return False
@@ -466,14 +472,22 @@ class _SpectralNormFunction(torch.autograd.Function):
 def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                         sigma_buf: torch.Tensor, sem: torch.Tensor, *, dim: int = 0,
                         n_power_iterations: int = 1, eps: float = 1e-12,
-                        training: bool = True) -> torch.Tensor:
+                        training: bool = True, weight_checked: bool = False) -> torch.Tensor:
     """``W / sigma`` through one kernel launch (see ``reference.spectral_norm_reference``).
 
     Inputs are checked here, once, before autograd records anything; the
     eager forward and backward behind it launch without checking again.
+    ``weight_checked=True``: the caller has just found ``fused_supported(weight, dim)``
+    with ``dim`` in ``[0, weight.ndim)`` (the layer does, to choose this path over the
+    reference), so the weight itself is not checked again; u, v, the buffers and the
+    arguments still are.
     """
-    dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
+    if weight_checked:
+        _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
+    else:
+        dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     check_semaphore(sem, weight)
+    check_sigma_buffer(sigma_buf, weight)
     if not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling():
         # Nothing to record (no_grad reads, e.g. sampling or evaluation): skip autograd.Function,
         # ~10 us of host time per read. Traced calls keep the op, whatever the grad mode.
@@ -503,6 +517,14 @@ def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim:
         raise RuntimeError(f"spectral_norm: no fused kernel for a {weight.device.type} weight of "
                            f"dtype {weight.dtype} and shape {tuple(weight.shape)} (use "
                            f"sn_fused.reference, or set TRITON_INTERPRET=1 for CPU tensors)")
+    dim %= weight.ndim
+    _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
+    return dim
+
+
+def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
+                            n_power_iterations, eps) -> None:
+    """``check_inputs`` past the weight: u, v, n_power_iterations, eps (``dim`` normalized)."""
     m = weight.shape[dim]
     for name, vec, length in (("u", u, m), ("v", v, weight.numel() // m)):
         if vec.ndim != 1 or vec.shape[0] != length:
@@ -518,7 +540,6 @@ def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim:
                          f"got n_power_iterations={n_power_iterations}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
-    return dim % weight.ndim
 
 
 def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
@@ -535,6 +556,16 @@ def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
                          f"on {getattr(sem, 'device', None)}")
 
 
+def check_sigma_buffer(sigma_buf: torch.Tensor, weight: torch.Tensor) -> None:
+    """The logging buffer sigma is also written to: one floating-point element on the weight's
+    device (any floating dtype: the kernel rounds sigma to it)."""
+    if (not isinstance(sigma_buf, torch.Tensor) or sigma_buf.numel() != 1
+            or not sigma_buf.is_floating_point() or sigma_buf.device != weight.device):
+        raise ValueError(f"spectral_norm: sigma_buf must be a 1-element floating-point tensor on "
+                         f"{weight.device}, got {getattr(sigma_buf, 'dtype', type(sigma_buf))} "
+                         f"{tuple(getattr(sigma_buf, 'shape', ()))} on {getattr(sigma_buf, 'device', None)}")
+
+
 def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_iterations=1,
                                 eps=1e-12, training=True, **launch):
     """The forward launcher: allocates the outputs, launches, returns ``(W_sn, u, v, sigma)``.
@@ -543,6 +574,7 @@ def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_
     """
     dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     check_semaphore(sem, weight)
+    check_sigma_buffer(sigma_buf, weight)
     return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training,
                               **launch)
 
