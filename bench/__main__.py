@@ -387,6 +387,9 @@ def run_steps(cases: list[tuple], device: torch.device, budget, batch: int | Non
             rows.append(row)
             if "error" not in row:
                 ready.append((bench, row))
+            else:  # e.g. out of memory: free it before the next case of the group is built
+                bench = None
+                harness.release_memory(device)
             progress.advance(result=row["error"] if "error" in row else f"warm-up {row['warmup_s']:.1f} s")
         if ready:
             harness.time_steps([b for b, _ in ready], [r for _, r in ready], device, budget)

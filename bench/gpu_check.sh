@@ -10,12 +10,13 @@
 # Optional, same call:
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table: a same-card A/B of a kernel change
-#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (default: --profile --bwd-sweep
-#                            --compile-probe; ~30 s of the table's ~70 s)
+#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: --profile --bwd-sweep
+#                            --compile-probe, ~30 s of the table's ~70 s; "" for none; final mode only)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/; at most 240 s
 #                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
-#                            warm-up alone on an H100; each step prints its result when it ends)
+#                            warm-up alone on an H100; each step prints its warm-up when it ends,
+#                            and each (model, mode) group its ms/step once its steps are timed)
 #
 # Sizes seen on an H100 (2026-11-26): GPU tests ~75 s, kernel table + sweeps + probes ~70 s,
 # baseline table ~15 s, --quick ~100-120 s; plus ~1-2 min to start the machine.
@@ -49,7 +50,7 @@ timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --time
 if [ "$mode" != bench ]; then
   echo "== kernel table"
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS:---profile --bwd-sweep --compile-probe})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --bwd-sweep --compile-probe})
   [ "$mode" = dev ] && extra=(--sweep --profile)
   timeout 200 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then

@@ -129,8 +129,10 @@ def time_eager_interleaved(fns: list[Callable[[], Any]], device: torch.device, b
             k *= 4
         loops.append(max(1, min(100_000, int(target / max(elapsed / k, 1e-7)))))
     samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, n, out in zip(fns, loops, samples):
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)  # each round starts one later: no call is always first
+            fn, n, out = fns[i], loops[i], samples[i]
             sync(device)
             t0 = time.perf_counter()
             for _ in range(n):
@@ -232,7 +234,8 @@ def release_memory(device: torch.device) -> None:
 
 
 def reset_compiler() -> None:
-    """Forget compiled code (a fresh code cache per case: no recompile limits, no reuse)."""
+    """Forget compiled code (a fresh code cache per layer case, or per (model, mode) group of
+    training steps: no reuse between them)."""
     torch.compiler.reset()
 
 
@@ -423,6 +426,11 @@ def build_step(model_name: str, sn: str, mode: str, device: torch.device, n_powe
             if t is not None:
                 with contextlib.suppress(Exception):
                     torch._dynamo.mark_static_address(t)
+        # Every case compiles this same code object (one cache entry per model): the steps of
+        # a (model, mode) group live side by side, so Dynamo's default limit of 8 entries must
+        # not send a large group back to eager without a word.
+        with contextlib.suppress(AttributeError):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         loss_fn = torch.compile(loss_fn, mode=None if mode == "compile" else mode)
     mark_step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None
 
@@ -482,9 +490,14 @@ def time_steps(benches: list[StepBench], rows: list[dict[str, Any]], device: tor
     try:
         seconds = time_eager_interleaved([b.step for b in benches], device, budget.step_s,
                                          rounds=budget.step_rounds, warmup=0)
-    except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
-        for row in rows:
-            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    except Exception:  # noqa: BLE001 -- one step failed: time each alone, so the others still count
+        for bench, row in zip(benches, rows):
+            try:
+                row["step_ms"] = time_eager(bench.step, device, budget.step_s, rounds=budget.step_rounds,
+                                            warmup=0) * 1e3
+                row["timing"] = "alone (an interleaved round failed)"
+            except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         return
     for row, sec in zip(rows, seconds):
         row["step_ms"] = sec * 1e3

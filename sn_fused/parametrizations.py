@@ -91,11 +91,16 @@ class _SpectralNorm(Module):
             # Buffers straight from the dict: Module.__getattr__ costs ~1 us per name on
             # this hot path (every read of module.weight), the dict lookup ~0.1 us.
             buffers = self._buffers
-            sem = buffers["_sem"]
-            if sem.device != weight.device:  # e.g. buffers replaced by load_state_dict(assign=True)
+            sem, sigma_buf = buffers["_sem"], buffers["_sigma"]
+            # The two non-persistent buffers do not come with load_state_dict(assign=True): when
+            # the weight arrives on another device, they are made anew there.
+            if sem.device != weight.device:
                 sem = buffers["_sem"] = new_semaphore(weight.device)
+            if sigma_buf.device != weight.device:
+                sigma_buf = buffers["_sigma"] = torch.full((), float("nan"), dtype=sigma_buf.dtype,
+                                                           device=weight.device)
             return spectral_norm_fused(
-                weight, buffers["_u"], buffers["_v"], buffers["_sigma"], sem, dim=self.dim,
+                weight, buffers["_u"], buffers["_v"], sigma_buf, sem, dim=self.dim,
                 n_power_iterations=self.n_power_iterations, eps=self.eps, training=self.training,
                 weight_checked=True)  # fused_supported just said yes: do not check the weight twice
         weight_sn, sigma = reference.spectral_norm_reference(

@@ -694,6 +694,23 @@ def test_state_dict_save_load_continues_identically(seed, tmp_path):
         torch.testing.assert_close(ya, yc, rtol=1e-4, atol=1e-5)
 
 
+def test_non_persistent_buffers_follow_the_weight_device(seed):
+    """``_sem`` and ``_sigma`` are not in the state_dict, so load_state_dict(assign=True) can
+    bring the weight (and u, v) to another device while they stay behind. The layer makes
+    them anew on the weight's device instead of handing the kernel a foreign pointer (found
+    in review once the op began refusing a sigma_buf on another device). Here "another
+    device" is meta, the only second device a CPU machine has."""
+    torch.manual_seed(seed)
+    m = sn_fused.spectral_norm(nn.Linear(6, 4, device=DEVICE))
+    p = m.parametrizations.weight[0]
+    ref = copy.deepcopy(m)
+    p._sem, p._sigma = p._sem.to("meta"), p._sigma.to("meta")
+    w = m.weight
+    assert p._sem.device == p._sigma.device == w.device and p._sem.dtype == torch.int32
+    torch.testing.assert_close(w, ref.weight, rtol=0, atol=0)
+    torch.testing.assert_close(p._sigma, ref.parametrizations.weight[0]._sigma, rtol=0, atol=0)
+
+
 def test_deterministic_algorithms(seed):
     torch.manual_seed(seed)
     m = sn_fused.spectral_norm(nn.Conv2d(3, 5, 3, device=DEVICE), n_power_iterations=2)

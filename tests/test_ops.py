@@ -783,6 +783,19 @@ def test_bad_sigma_buffer_is_refused_before_launch(bad, device, gen):
     assert calls == [] and torch.equal(u, u0)
 
 
+def test_weight_checked_normalizes_a_negative_dim(device, gen):
+    """weight_checked skips the weight's checks, not dim's normalization: dim=-1 with it
+    reads the same matrix as dim=1 without it (found in review: the layout was built from the
+    raw -1 and the result was silently wrong)."""
+    weight = randn((6, 5), gen, torch.float32, device)
+    u, v = vec_pair(weight, 1, gen)
+    outs = []
+    for dim, checked in ((1, False), (-1, True)):
+        outs.append(ops.spectral_norm_fused(weight, u.clone(), v.clone(), torch.zeros((), device=device),
+                                            ops.new_semaphore(device), dim=dim, weight_checked=checked))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
 def test_layer_read_checks_the_weight_once(monkeypatch, device, gen):
     """The layer asks fused_supported to choose its path, then tells the op the weight is
     checked (weight_checked=True): one support check per read, not two. u, v and the

@@ -456,9 +456,9 @@ def spectral_norm_fwd_kernel(
     flag_ws = part_t_ws + 3 * G  # after part_nf, part_ts; phase-by-phase mode: PHASE_FIX_T's decision
     one = eps * 0 + 1.0  # a runtime scalar of eps' type; unused as dv when FROM_V
     # The overflow fallback's A^T u pass reads column blocks of at most 256. It is rarely
-    # taken, but BLOCK_N-wide tiles there (ROW_IN_TILE: up to 16384 columns) cost registers
-    # on the common path too: ptxas spilled ~1 KB per thread with them, 0 with 256
-    # (tests/test_compile_sm90.py); the small shapes had got ~1 us slower (bench/NOTES.md).
+    # taken, but BLOCK_N-wide tiles there (ROW_IN_TILE: up to 16384 columns) raise the
+    # register count of the whole kernel: 223 per thread against 178 for 512x4608 as
+    # launched on sm_90 (no spills either way: tests/test_compile_sm90.py).
     FIX_BLOCK_N: tl.constexpr = BLOCK_N if BLOCK_N <= 256 else 256
 
     if PHASE == -1 or PHASE == 0:

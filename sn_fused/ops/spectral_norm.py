@@ -483,6 +483,7 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     arguments still are.
     """
     if weight_checked:
+        dim %= weight.ndim  # the layer's is normalized already; a caller's negative dim must be too
         _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
     else:
         dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
