@@ -117,4 +117,8 @@ def test_launched_kernels_do_not_spill_on_sm90():
     value in registers (ptxas reports 0 spill bytes) on small, large, wide and tall weights.
     A spill would put local-memory traffic into loops that are meant to be bound by A alone.
     Compiled with the pinned Triton's own ptxas; needs no GPU."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton wheel ships no ptxas")
     run_compiler_script(SPILL_SCRIPT)
