@@ -345,7 +345,7 @@ def run_layers(cases: list[tuple], device: torch.device, budget, bandwidth: floa
         except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
             rows.append(dict(shape=layer.name, label=layer.label, groups=list(layer.groups), M=layer.M,
                              N=layer.N, numel=layer.numel, dtype=dtype, n=n, impl=impl,
-                             errors={"build": f"{type(exc).__name__}: {exc}"[:500]}))
+                             errors={"build": harness.error_text(exc)}))
             progress.advance()
             continue
         ref = reference.get(key) if impl not in ("torch_param", "torch_legacy") else None
@@ -383,7 +383,7 @@ def run_steps(cases: list[tuple], device: torch.device, budget, batch: int | Non
                 row = harness.warm_up_step(bench, device, budget)
             except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
                 bench, row = None, dict(model=model, sn=sn, mode=mode, n=n, batch=batch,
-                                        error=f"{type(exc).__name__}: {exc}"[:500])
+                                        error=harness.error_text(exc))
             rows.append(row)
             if "error" not in row:
                 ready.append((bench, row))

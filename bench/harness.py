@@ -47,7 +47,8 @@ from .shapes import Layer
 __all__ = [
     "DTYPES", "IMPLS", "IMPL_LABELS", "LayerBench", "Budget",
     "sync", "time_eager", "time_eager_interleaved", "time_graph", "capture_graph", "count_launches", "copy_bandwidth",
-    "build_layer", "measure_layer", "build_step", "warm_up_step", "time_steps", "floors_us", "release_memory",
+    "build_layer", "measure_layer", "build_step", "warm_up_step", "time_steps", "error_text", "floors_us",
+    "release_memory",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -334,7 +335,7 @@ def measure_layer(bench: LayerBench, device: torch.device, budget: Budget, bandw
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
-            row["errors"][key] = f"{type(exc).__name__}: {exc}"[:500]
+            row["errors"][key] = error_text(exc)
             return None
 
     def warm_up() -> float:
@@ -475,7 +476,7 @@ def warm_up_step(bench: StepBench, device: torch.device, budget: Budget) -> dict
         sync(device)
         row["warmup_s"] = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
-        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        row["error"] = error_text(exc)
     after = _dynamo_counters()
     if bench.mode != "eager" and after:
         row.update({k: after[k] - before.get(k, 0) for k in after})
@@ -497,11 +498,16 @@ def time_steps(benches: list[StepBench], rows: list[dict[str, Any]], device: tor
                                             warmup=0) * 1e3
                 row["timing"] = "alone (an interleaved round failed)"
             except Exception as exc:  # noqa: BLE001 -- recorded, the run goes on
-                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                row["error"] = error_text(exc)
         return
     for row, sec in zip(rows, seconds):
         row["step_ms"] = sec * 1e3
         row["timing"] = "interleaved"
+
+
+def error_text(exc: BaseException) -> str:
+    """How a failed case is recorded in the results (type and message, at most 500 characters)."""
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def finite(x: Any) -> bool:

@@ -24,6 +24,11 @@ from .ops import fused_supported, new_semaphore, spectral_norm_fused
 __all__ = ["spectral_norm", "_SpectralNorm"]
 
 
+def _new_sigma_buffer(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The last-sigma logging buffer before any read: NaN (no sigma computed yet)."""
+    return torch.full((), float("nan"), dtype=dtype, device=device)
+
+
 class _SpectralNorm(Module):
     r"""Parametrization ``W -> W / sigma(W)``; ``sigma`` by power iteration.
 
@@ -74,9 +79,8 @@ class _SpectralNorm(Module):
             v = weight_mat.new_empty(w).normal_(0, 1)
             self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
-            self.register_buffer(
-                "_sigma", torch.full((), float("nan"), dtype=weight.real.dtype, device=weight.device),
-                persistent=False)
+            self.register_buffer("_sigma", _new_sigma_buffer(weight.real.dtype, weight.device),
+                                 persistent=False)
             self.register_buffer("_sem", new_semaphore(weight.device), persistent=False)
 
             # Start with u, v initialized to some reasonable values by performing a number
@@ -97,8 +101,7 @@ class _SpectralNorm(Module):
             if sem.device != weight.device:
                 sem = buffers["_sem"] = new_semaphore(weight.device)
             if sigma_buf.device != weight.device:
-                sigma_buf = buffers["_sigma"] = torch.full((), float("nan"), dtype=sigma_buf.dtype,
-                                                           device=weight.device)
+                sigma_buf = buffers["_sigma"] = _new_sigma_buffer(sigma_buf.dtype, weight.device)
             return spectral_norm_fused(
                 weight, buffers["_u"], buffers["_v"], sigma_buf, sem, dim=self.dim,
                 n_power_iterations=self.n_power_iterations, eps=self.eps, training=self.training,

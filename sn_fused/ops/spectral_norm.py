@@ -552,9 +552,7 @@ def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
     if (not isinstance(sem, torch.Tensor) or sem.dtype != torch.int32 or sem.ndim != 1
             or sem.shape[0] < 2 or sem.stride(0) != 1 or sem.device != weight.device):
         raise ValueError(f"spectral_norm: sem must be a contiguous int32 tensor of 2 elements on "
-                         f"{weight.device} (new_semaphore()), got "
-                         f"{getattr(sem, 'dtype', type(sem))} {tuple(getattr(sem, 'shape', ()))} "
-                         f"on {getattr(sem, 'device', None)}")
+                         f"{weight.device} (new_semaphore()), got {_describe(sem)}")
 
 
 def check_sigma_buffer(sigma_buf: torch.Tensor, weight: torch.Tensor) -> None:
@@ -563,8 +561,12 @@ def check_sigma_buffer(sigma_buf: torch.Tensor, weight: torch.Tensor) -> None:
     if (not isinstance(sigma_buf, torch.Tensor) or sigma_buf.numel() != 1
             or not sigma_buf.is_floating_point() or sigma_buf.device != weight.device):
         raise ValueError(f"spectral_norm: sigma_buf must be a 1-element floating-point tensor on "
-                         f"{weight.device}, got {getattr(sigma_buf, 'dtype', type(sigma_buf))} "
-                         f"{tuple(getattr(sigma_buf, 'shape', ()))} on {getattr(sigma_buf, 'device', None)}")
+                         f"{weight.device}, got {_describe(sigma_buf)}")
+
+
+def _describe(x) -> str:
+    """``dtype shape on device`` of a bad tensor argument (or its type, if it is none)."""
+    return f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))} on {getattr(x, 'device', None)}"
 
 
 def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_iterations=1,
