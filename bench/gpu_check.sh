@@ -11,7 +11,8 @@
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table: a same-card A/B of a kernel change
 #   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: --profile --bwd-sweep
-#                            --compile-probe, ~30 s of the table's ~70 s; "" for none; final mode only)
+#                            --on-chip-sweep --compile-probe, ~45 s of the table's ~85 s; "" for none;
+#                            final mode only)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/; at most 240 s
 #                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
@@ -50,9 +51,9 @@ timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --time
 if [ "$mode" != bench ]; then
   echo "== kernel table"
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --bwd-sweep --compile-probe})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --bwd-sweep --on-chip-sweep --compile-probe})
   [ "$mode" = dev ] && extra=(--sweep --profile)
-  timeout 200 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
+  timeout 240 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only, graph times)"
     (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --graph-only --no-torch) 2>&1 \

@@ -6,13 +6,14 @@ eager host-inclusive calls, and prints the floor from the copy bandwidth measure
 in the same run. ``--sweep`` also tries launch-config variants (elements per
 program) so tuning decisions come from measurements.
 
-    python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--profile] [--compile-probe]
-                                 [--graph-only] [--no-torch] [--out DIR]
+    python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--on-chip-sweep] [--profile]
+                                 [--compile-probe] [--graph-only] [--no-torch] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -96,6 +97,22 @@ def measure(M, N, impl, graph_only=False):
     )
 
 
+@contextlib.contextmanager
+def launch_knobs(**values):
+    """Set launcher knobs (module globals of ``sn_fused.ops.spectral_norm``) for a measurement,
+    then restore them; cached plans and launchers are dropped on the way in and out."""
+    saved = {k: getattr(ops_mod, k) for k in values}
+    for k, v in values.items():
+        setattr(ops_mod, k, v)
+    ops_mod._clear_plans()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ops_mod, k, v)
+        ops_mod._clear_plans()
+
+
 KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 16384),
              _MIN_ELEMENTS_PER_PROGRAM=(8192,))
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
@@ -110,20 +127,15 @@ def knob_sweep():
         line = []
         for knob, values in [("default", (None,))] + list(KNOBS.items()):
             for val in values:
-                if knob != "default":
-                    setattr(ops_mod, knob, val)
-                ops_mod._clear_plans()
-                try:
-                    m = layer(M, N, "sn_fused")
-                    t = graph_time_us(lambda: m.weight)
-                except Exception as e:  # e.g. a grid too large for a cooperative launch
-                    t = float("nan")
-                    print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
+                with launch_knobs(**({} if knob == "default" else {knob: val})):
+                    try:
+                        m = layer(M, N, "sn_fused")
+                        t = graph_time_us(lambda: m.weight)
+                    except Exception as e:  # e.g. a grid too large for a cooperative launch
+                        t = float("nan")
+                        print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
                 results.append(dict(M=M, N=N, knob=knob, value=val, fwd_graph_us=t))
                 line.append(f"{knob.strip('_')[:8]}={val}:{t:.1f}")
-                for k, v in defaults.items():
-                    setattr(ops_mod, k, v)
-        ops_mod._clear_plans()
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
     return results
 
@@ -145,15 +157,42 @@ def bwd_sweep():
         g = torch.randn_like(w)
         line = []
         for tile, bn in BWD_KNOBS:
-            ops_mod._BWD_TILE_ELEMENTS, ops_mod._BWD_BLOCK_N = tile, bn
-            ops_mod._clear_plans()
-            t = graph_time_us(lambda: ops_mod.spectral_norm_backward_fused(g, w, us, vs, sigma, p._sem))
+            with launch_knobs(_BWD_TILE_ELEMENTS=tile, _BWD_BLOCK_N=bn):
+                t = graph_time_us(lambda: ops_mod.spectral_norm_backward_fused(g, w, us, vs, sigma, p._sem))
             results.append(dict(M=M, N=N, tile=tile, block_n=bn, bwd_graph_us=t))
             line.append(f"{tile}/{bn}:{t:.1f}")
-        ops_mod._BWD_TILE_ELEMENTS, ops_mod._BWD_BLOCK_N = defaults
-        ops_mod._clear_plans()
         floor_b = 3 * M * N * 4 / copy_bandwidth.last * 1e6
         print(f"{M:>5}x{N:<6} floor {floor_b:6.1f} | " + " ".join(line), flush=True)
+    return results
+
+
+# ON_CHIP (kernels.py) against the streaming path on the weights small enough for it, and with
+# the partials limit raised, to find where every program reading the whole table stops paying.
+ON_CHIP_KNOBS = [("streaming", dict(_ON_CHIP=False)), ("default", {}),
+                 ("limit 2^20", dict(_ON_CHIP_MAX_PARTIALS=2**20))]
+ON_CHIP_SHAPES = [(64, 27), (128, 27), (1, 128), (1, 8192), (128, 128), (128, 1152), (24576, 20), (4096, 64),
+                  (256, 2304), (1000, 1536)]
+
+
+def on_chip_sweep():
+    """Forward graph time (and fwd+bwd) per path: streaming, default, a high partials limit."""
+    results = []
+    print("# ON_CHIP sweep: fwd graph us (f+b graph us) [G, forward on_chip] per variant; partials limit "
+          f"(default {ops_mod._ON_CHIP_MAX_PARTIALS})")
+    for M, N in ON_CHIP_SHAPES:
+        line, seen = [], set()
+        for name, knobs in ON_CHIP_KNOBS:
+            with launch_knobs(**knobs):
+                cfg = ops_mod._launch_config(M, N, torch.device("cuda", torch.cuda.current_device()), None)
+                key = (cfg, ops_mod._ON_CHIP)  # the forward's plan; the backward's follows _ON_CHIP
+                if key in seen:  # the same launches as a variant already timed
+                    continue
+                seen.add(key)
+                r = measure(M, N, "sn_fused", graph_only=True)
+            results.append(dict(M=M, N=N, path=name, grid=cfg.grid, on_chip=cfg.ON_CHIP,
+                                fwd_graph_us=r["fwd_graph"], fwdbwd_graph_us=r["fwdbwd_graph"]))
+            line.append(f"{name}: {r['fwd_graph']:.1f} ({r['fwdbwd_graph']:.1f}) [{cfg.grid}, {int(cfg.ON_CHIP)}]")
+        print(f"{M:>5}x{N:<6} " + " | ".join(line), flush=True)
     return results
 
 
@@ -239,6 +278,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile-probe", action="store_true", help="host cost of a read under torch.compile")
     ap.add_argument("--bwd-sweep", action="store_true", help="backward tile shapes (also part of --sweep)")
+    ap.add_argument("--on-chip-sweep", action="store_true",
+                    help="ON_CHIP vs streaming forward on small weights (also part of --sweep)")
     ap.add_argument("--graph-only", action="store_true", help="skip the eager (host-inclusive) timings")
     ap.add_argument("--no-torch", action="store_true",
                     help="time sn_fused only (e.g. an older checkout, for a same-card A/B)")
@@ -267,6 +308,8 @@ def main():
         sweep = knob_sweep()
     if args.sweep or args.bwd_sweep:
         sweep += bwd_sweep()
+    if args.sweep or args.on_chip_sweep:
+        sweep += on_chip_sweep()
     if args.profile:
         host_profile()
     if args.compile_probe:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -18,3 +20,38 @@ def fused_device_or_skip() -> str:
         return "cuda"
     pytest.skip("needs TRITON_INTERPRET=1 (set before importing triton) or a CUDA GPU",
                 allow_module_level=True)
+
+
+@contextlib.contextmanager
+def on_chip_path(enabled: bool):
+    """Let the kernels take their ON_CHIP path where it applies (the default), or never.
+
+    Small weights take ON_CHIP by default, so without this the streaming kernels (phases R
+    and F, the column-owner combine, the backward's re-read) would be tested on large
+    weights only.
+    """
+    from sn_fused.ops import spectral_norm as snm
+
+    old = snm._ON_CHIP
+    snm._ON_CHIP = enabled
+    snm._clear_plans()
+    try:
+        yield
+    finally:
+        snm._ON_CHIP = old
+        snm._clear_plans()
+
+
+@pytest.fixture(params=[True, False], ids=["on-chip", "streaming"])
+def on_chip(request):
+    """Both paths of the kernels (see ``on_chip_path``); the value says which one runs."""
+    with on_chip_path(request.param):
+        yield request.param
+
+
+def takes_on_chip(weight: torch.Tensor, dim: int, num_programs: int | None) -> bool:
+    """Whether the launcher's plan for this weight reads it ON_CHIP (forward)."""
+    from sn_fused.ops import spectral_norm as snm
+
+    M = weight.shape[dim]
+    return snm._launch_config(M, weight.numel() // M, weight.device, num_programs).ON_CHIP

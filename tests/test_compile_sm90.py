@@ -31,14 +31,26 @@ SCRIPT = textwrap.dedent("""
     fwd["sem_ptr"] = "*i32"
     bwd = {n: "*bf16" for n in ("g_ptr", "w_ptr", "dw_ptr", "u_ptr", "v_ptr", "sigma_ptr")}
     bwd.update(ws_ptr="*fp32", sem_ptr="*i32")
-    cases = [
-        (K.spectral_norm_fwd_kernel, fwd, dict(NCOL=1, TRAINING=True, PHASE=-1, BLOCK_M=16, BLOCK_N=512,
-                                               BLOCK_R=16, BLOCK_C=128, BLOCK_P=128, BLOCK_Q=32, ROW_IN_TILE=False)),
-        (K.spectral_norm_fwd_kernel, fwd, dict(NCOL=1, TRAINING=True, PHASE=-1, BLOCK_M=2, BLOCK_N=8192,
-                                               BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True)),
-        (K.spectral_norm_fwd_kernel, fwd, dict(NCOL=3, TRAINING=False, PHASE=-1, BLOCK_M=4, BLOCK_N=64,
-                                               BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True)),
-        (K.spectral_norm_bwd_kernel, bwd, dict(NCOL=2, PHASE=-1, BLOCK_M=8, BLOCK_N=256, BLOCK_P=64)),
+
+    def fwd_case(**blocks):
+        return (K.spectral_norm_fwd_kernel, fwd, {**dict(NCOL=1, TRAINING=True, PHASE=-1), **blocks})
+
+    def bwd_case(**blocks):
+        return (K.spectral_norm_bwd_kernel, bwd, dict(PHASE=-1, **blocks))
+
+    cases = [  # streaming and ON_CHIP, training and eval, strided (NCOL > 1) layouts
+        fwd_case(BLOCK_M=16, BLOCK_N=512, BLOCK_R=16, BLOCK_C=128, BLOCK_P=128, BLOCK_Q=32, ROW_IN_TILE=False,
+                 ON_CHIP=False),
+        fwd_case(BLOCK_M=2, BLOCK_N=8192, BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True,
+                 ON_CHIP=False),
+        fwd_case(BLOCK_M=4, BLOCK_N=64, BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True,
+                 ON_CHIP=False, NCOL=3, TRAINING=False),
+        fwd_case(BLOCK_M=8, BLOCK_N=2048, BLOCK_R=8, BLOCK_C=64, BLOCK_P=32, BLOCK_Q=4, ROW_IN_TILE=True,
+                 ON_CHIP=True),
+        fwd_case(BLOCK_M=64, BLOCK_N=32, BLOCK_R=64, BLOCK_C=1, BLOCK_P=64, BLOCK_Q=64, ROW_IN_TILE=True,
+                 ON_CHIP=True, NCOL=2, TRAINING=False),
+        bwd_case(NCOL=2, BLOCK_M=8, BLOCK_N=256, BLOCK_P=64, ON_CHIP=False),
+        bwd_case(NCOL=1, BLOCK_M=8, BLOCK_N=2048, BLOCK_P=32, ON_CHIP=True),
     ]
     for fn, pointers, constexprs in cases:
         src = ASTSource(fn, signature(fn, pointers, constexprs), constexprs)
@@ -97,16 +109,22 @@ SPILL_SCRIPT = textwrap.dedent("""
         assert len(found) == 2, out
         return found
 
-    for M, N in [(128, 1152), (512, 4608), (1536, 13824), (24576, 20)]:
+    # The grid the launcher gives each weight on a 132-SM card (small ones get fewer programs);
+    # the first three take the ON_CHIP path, the others the streaming one.
+    for M, N in [(128, 1152), (24576, 20), (1, 8192), (512, 4608), (1536, 13824), (1000, 1536)]:
         w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
+        grid = min(132, -(-M * N // snm._MIN_ELEMENTS_PER_PROGRAM))
+        on_chip = snm._launch_config(M, N, w.device, grid).ON_CHIP
         launches.clear()
         snm._launch_forward(w, torch.empty_like(w), u, v, torch.empty_like(u), torch.empty_like(v),
                             torch.empty(()), torch.empty(()), snm.new_semaphore(), 0, 1, 1e-12, True,
-                            num_programs=132, phase_by_phase=False)
+                            num_programs=grid, phase_by_phase=False)
         snm._launch_backward(w, w, torch.empty_like(w), u, v, torch.ones(()), snm.new_semaphore(), 0,
-                             num_programs=132, phase_by_phase=False)
+                             num_programs=grid, phase_by_phase=False)
         spills = [spill_bytes(*launch) for launch in launches]
-        print(f"{M}x{N} spill bytes (stores, loads): forward {spills[0]}, backward {spills[1]}")
+        print(f"{M}x{N} ({grid} programs, on_chip={on_chip}) spill bytes (stores, loads): "
+              f"forward {spills[0]}, backward {spills[1]}")
+        assert on_chip == ((M, N) in [(128, 1152), (24576, 20), (1, 8192)]), (M, N, on_chip)
         assert spills == [[0, 0], [0, 0]], f"{M}x{N}: {spills}"
     print("OK")
 """)

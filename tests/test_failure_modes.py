@@ -54,7 +54,7 @@ from sn_fused import reference
 from sn_fused.ops import INTERPRET, check_inputs, kernels, new_semaphore
 from sn_fused.ops import spectral_norm as opsmod
 from sn_fused.ops import spectral_norm_backward_fused, spectral_norm_forward_fused
-from conftest import fused_device_or_skip
+from conftest import fused_device_or_skip, takes_on_chip
 
 DEVICE = fused_device_or_skip()
 
@@ -848,7 +848,7 @@ def fused_follows_pytorch_ops(W, u, v, programs, tol, ctx, **kwargs):
 
 @pytest.mark.parametrize("N", [5, 300])
 @pytest.mark.parametrize("programs", [None, 3], ids=["default-launch", "3-programs-phase-by-phase"])
-def test_overflow_fallback_across_programs(programs, N, seed):
+def test_overflow_fallback_across_programs(programs, N, on_chip, seed):
     """The overflow fallback (t = A^T u redone when ||t||^2 is not finite) with partials from
     several programs: one huge row among ordinary ones, float32. Same u, v, sigma, W_sn as
     PyTorch's own ops, NaN/Inf pattern included. N = 300: 512-wide row tiles, which the
@@ -857,6 +857,7 @@ def test_overflow_fallback_across_programs(programs, N, seed):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(7, N, generator=g).to(DEVICE)
     W[3] = 3e25  # ||W v||^2 and A^T s overflow float32 (so PyTorch's u is 0); A^T u does not
+    assert takes_on_chip(W, 0, programs) == on_chip
     u = F.normalize(torch.randn(7, generator=g), dim=0).to(DEVICE)
     v = F.normalize(torch.randn(N, generator=g), dim=0).to(DEVICE)
     for n in (1, 2):
@@ -866,7 +867,7 @@ def test_overflow_fallback_across_programs(programs, N, seed):
 
 @pytest.mark.parametrize("eps", [0.0, 1e-30])
 @pytest.mark.parametrize("programs", [None, 3], ids=["default-launch", "3-programs-phase-by-phase"])
-def test_tiny_t_with_tiny_eps_follows_pytorch(eps, programs, seed):
+def test_tiny_t_with_tiny_eps_follows_pytorch(eps, programs, on_chip, seed):
     """With eps below the float32 underflow of ||t||^2, PyTorch's norm underflows (to 0) and
     its v and sigma follow from that: the 2^64-scaled sum must only rescue sigma, not change
     dv (found in review: v was off by ~1e5 with eps = 1e-30, and finite where PyTorch's is
@@ -878,7 +879,7 @@ def test_tiny_t_with_tiny_eps_follows_pytorch(eps, programs, seed):
     fused_follows_pytorch_ops(W, u, v, programs, dict(rtol=1e-4, atol=0), f"seed {seed}", eps=eps)
 
 
-def test_overflowing_norm_gives_pytorchs_result():
+def test_overflowing_norm_gives_pytorchs_result(on_chip):
     """||W v||^2 overflows float32. PyTorch: u = v = 0, sigma = 0, W_sn = +-Inf.
 
     Regression: the kernel formed t = A^T s / du before normalizing s, so A^T s overflowed

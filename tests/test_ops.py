@@ -31,6 +31,7 @@ import pytest
 import torch
 import triton
 
+from conftest import takes_on_chip
 from sn_fused import ops, reference
 from sn_fused.ops import kernels
 from sn_fused.ops import spectral_norm as snm
@@ -507,9 +508,11 @@ def _forward_backward(weight, u0, v0, grad, *, dim, n, training, **launch):
 
 @pytest.mark.parametrize("num_programs", [1, 2, 3, 5])
 @pytest.mark.parametrize("case", MP_CASES, ids=[c[0] for c in MP_CASES])
-def test_multi_program_phase_by_phase(case, num_programs, device, gen):
-    """Per-program partials and fixed-order combines, launched one phase at a time."""
+def test_multi_program_phase_by_phase(case, num_programs, on_chip, device, gen):
+    """Per-program partials and fixed-order combines, launched one phase at a time; both
+    forward paths (ON_CHIP: every program sums the whole table of partials)."""
     weight, dim = make_weight(case, gen, torch.float32, device)
+    assert takes_on_chip(weight, dim, num_programs) == on_chip
     grad = randn(weight.shape, gen, torch.float32, device)
     for training, n in ((True, 2), (False, 1)):
         u0, v0 = vec_pair(weight, dim, gen)
@@ -517,7 +520,7 @@ def test_multi_program_phase_by_phase(case, num_programs, device, gen):
         with count_launches() as calls:
             first = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training, **launch)
         G = min(num_programs, weight.shape[dim])
-        n_fwd = len(snm._forward_phases(training, n))
+        n_fwd = len(snm._forward_phases(training, n, on_chip))
         assert n_fwd >= (2 if training else 1) + (n - 1) * training  # one launch per barrier gap
         assert_launch_kinds(calls, ["fwd"] * n_fwd + ["bwd"] * 2, device)
         assert all(c[1] == G and c[2] != kernels.PHASE_ALL for c in calls)
@@ -563,9 +566,11 @@ def test_wide_rows_column_blocks(case, num_programs, phase_by_phase, wide_rows, 
 
 
 @pytest.mark.parametrize("case", MP_CASES[:2], ids=[c[0] for c in MP_CASES[:2]])
-def test_single_launch_one_program(case, device, gen):
-    """num_programs=1, every phase in one launch (barriers pass at once)."""
+def test_single_launch_one_program(case, on_chip, device, gen):
+    """num_programs=1, every phase in one launch (barriers pass at once); ON_CHIP: the whole
+    read in registers, no workspace."""
     weight, dim = make_weight(case, gen, torch.float32, device)
+    assert takes_on_chip(weight, dim, 1) == on_chip
     grad = randn(weight.shape, gen, torch.float32, device)
     for training, n in ((True, 1), (True, 3), (False, 1)):
         u0, v0 = vec_pair(weight, dim, gen)
@@ -590,13 +595,14 @@ def test_single_launch_one_program(case, device, gen):
 
 
 @pytest.mark.parametrize("num_programs", [2, 3, 5, None])
-def test_single_launch_multi_program(num_programs, device, gen):
+def test_single_launch_multi_program(num_programs, on_chip, device, gen):
     """Grid barriers with several co-resident programs: GPU only."""
     if device == "cpu":
         pytest.skip("a spin barrier with >1 program deadlocks in the Triton interpreter "
                     "(programs run sequentially); covered phase by phase on CPU")
     # ConvTranspose2d(256, 64, 3), channels last: A is 64 x 2304 (several programs by default)
     weight, dim = make_weight(("convT", (256, 64, 3, 3), _cl, 1), gen, torch.float32, device)
+    assert takes_on_chip(weight, dim, num_programs) == on_chip
     grad = randn(weight.shape, gen, torch.float32, device)
     for training, n in ((True, 1), (True, 2), (False, 1)):
         u0, v0 = vec_pair(weight, dim, gen)
@@ -642,10 +648,11 @@ LAUNCH_IDS = ["single-launch", "phases-G1", "phases-G3"]
 
 @pytest.mark.parametrize("launch", LAUNCH_MODES, ids=LAUNCH_IDS)
 @pytest.mark.parametrize("out_layout", ["like-weight", "contiguous"])
-def test_forward_writes_every_output_element(launch, out_layout, device, gen):
+def test_forward_writes_every_output_element(launch, out_layout, on_chip, device, gen):
     """Outputs (and the workspace) pre-filled with NaN: every element must be written."""
     case = ("4d-sliced-channels_last", (6, 5, 4, 3), lambda t: _cl(t)[:, 1:4], 1)
     weight, dim = make_weight(case, gen, torch.float32, device)
+    assert takes_on_chip(weight, dim, launch["num_programs"]) == on_chip
     for training, n in ((True, 2), (False, 1)):
         u0, v0 = vec_pair(weight, dim, gen)
         u, v = u0.clone(), v0.clone()

@@ -25,7 +25,9 @@ Workspace (``ws``, accumulation dtype: fp32, or fp64 for fp64 weights)::
     part_t [G]      per-program sum of t_j^2
     part_nf[G]      per-program sum of (t_j - t_j): 0, or NaN if a t_j is not finite
     part_ts[G]      per-program sum of (t_j * 2^64)^2 (used when sum t_j^2 would underflow)
-    flag   [1]      phase-by-phase mode only: whether PHASE_FIX_T took the fallback
+    flag   [1]      phase-by-phase mode only: whether the fallback was taken
+
+ON_CHIP uses ``t_part`` and ``part_s`` only (and ``s``, ``flag`` phase by phase).
 
 Training read, ``n`` power iterations (``|`` = grid barrier)::
 
@@ -51,6 +53,25 @@ PyTorch-isms: a 1-element vector's norm is ``|x_0|``, not ``sqrt(x_0^2)``
 (no overflow above ~1.8e19 in float32), and a tiny ``||t||^2`` is taken from a
 2^64-scaled sum, so sigma does not underflow to 0 when the eps clamp has made
 t tiny.
+
+A on chip (``ON_CHIP``, small weights): when a program's rows fit in one
+tile and the ``G x N`` table of partials is small (the launcher's
+``_ON_CHIP_MAX_PARTIALS``), the tile is loaded once and kept in registers
+for the whole read, and after the first barrier *every* program sums the
+whole table (the same partials in the same order: the same bits in every
+program)::
+
+    ST: s = A x, t_p = A[own rows]^T s      (registers; partials stored)
+    | every program: du, u = s/du (own rows), t = (sum_p t_p) / du (all columns),
+      dv, v = t/dv (own columns), sigma; then the products of the next
+      iteration (behind one more barrier: they overwrite the partials), or
+      W_sn = A / sigma from the same registers.
+
+One barrier per iteration instead of two, no round trips through the
+workspace after it, and no second read of ``A``; one program (``G == 1``)
+touches no workspace at all. Phase by phase, ON_CHIP runs ST, then R (all of
+the above after the barrier, with s and A re-read), FIX_T and FIX_R (the
+fallback, flagged by R), and the ST of the next iteration.
 
 Memory plan: when a whole row fits in one tile (``N <= 16384``,
 ``ROW_IN_TILE``), ST loads each tile of ``A`` once and computes both products
@@ -168,7 +189,13 @@ def _vector_norm(part_ptr, first_ptr, G, n, BLOCK_P: tl.constexpr):
     """
     sumsq = _sum_partials(part_ptr, G, BLOCK_P)
     x0 = tl.load(first_ptr, cache_modifier=".cg")
-    return tl.where(n == 1, tl.abs(x0), tl.sqrt(sumsq)), sumsq
+    return _norm_of(sumsq, x0, n), sumsq
+
+
+@triton.jit
+def _norm_of(sumsq, x0, n):
+    """``||x||`` of an n-vector from ``sum x_i^2`` and ``x_0``: ``|x_0|`` when n == 1."""
+    return tl.where(n == 1, tl.abs(x0), tl.sqrt(sumsq))
 
 
 @triton.jit
@@ -288,12 +315,7 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
     order), so it is deterministic. Writes the partial ``sum t_j^2``.
     """
     du = _clamp(_vector_norm(part_s_ptr, s_ptr, G, M, BLOCK_P)[0], eps)
-    for r in range(r0, r1, BLOCK_R):
-        rows = r + tl.arange(0, BLOCK_R)
-        rmask = rows < r1
-        u = (tl.load(s_ptr + rows, mask=rmask, other=0.0) / du).to(u_ptr.dtype.element_ty)
-        tl.store(u_ptr + rows, u, mask=rmask)
-        tl.store(u_saved_ptr + rows, u, mask=rmask)
+    _store_normalized(s_ptr, u_ptr, u_saved_ptr, du, r0, r1, BLOCK_R)
     _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
 
 
@@ -311,13 +333,7 @@ def _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
     for c in range(c0, c1, BLOCK_C):
         cols = c + tl.arange(0, BLOCK_C)
         cmask = cols < c1
-        t = tl.zeros([BLOCK_C], acc_t)
-        for q0 in range(0, G, BLOCK_Q):
-            qs = q0 + tl.arange(0, BLOCK_Q)
-            tile = tl.load(tpart_ptr + qs[:, None] * N + cols[None, :],
-                           mask=(qs < G)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
-            t += tl.sum(tile, axis=0)
-        t = t / du
+        t = _sum_columns(tpart_ptr, G, N, cols, cmask, BLOCK_C, BLOCK_Q) / du
         tl.store(t_ptr + cols, t, mask=cmask)
         part += t * t
         nonfinite += t - t
@@ -326,6 +342,22 @@ def _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
     tl.store(part_t_ptr + pid, tl.sum(part, axis=0))
     tl.store(part_t_ptr + G + pid, tl.sum(nonfinite, axis=0))
     tl.store(part_t_ptr + 2 * G + pid, tl.sum(scaled, axis=0))
+
+
+@triton.jit
+def _sum_columns(tpart_ptr, G, N, cols, cmask, BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """``sum_q t_part[q, cols]`` over the G programs' partials, in a fixed order.
+
+    Each step loads a ``[BLOCK_Q, BLOCK]`` tile of partials (independent loads: one L2
+    round trip per step), sums it as a tree, and adds the steps in q order.
+    """
+    t = tl.zeros([BLOCK], tpart_ptr.dtype.element_ty)
+    for q0 in range(0, G, BLOCK_Q):
+        qs = q0 + tl.arange(0, BLOCK_Q)
+        tile = tl.load(tpart_ptr + qs[:, None] * N + cols[None, :],
+                       mask=(qs < G)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+        t += tl.sum(tile, axis=0)
+    return t
 
 
 @triton.jit
@@ -344,7 +376,26 @@ def _t_stats(part_t_ptr, t_ptr, G, N, BLOCK_P: tl.constexpr):
 @triton.jit
 def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite, eps, c0, c1, N,
                             BLOCK_C: tl.constexpr):
-    """Phase F: ``v = t / max(||t||, eps)`` for own columns. Returns ``(sigma, dv)``.
+    """Phase F: ``v = t / max(||t||, eps)`` for own columns. Returns ``(sigma, dv)``."""
+    sigma, dv = _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N)
+    _store_normalized(t_ptr, v_ptr, v_saved_ptr, dv, c0, c1, BLOCK_C)
+    return sigma, dv
+
+
+@triton.jit
+def _store_normalized(x_ptr, out_ptr, saved_ptr, d, lo, hi, BLOCK: tl.constexpr):
+    """``out[i] = saved[i] = x[i] / d`` for ``lo <= i < hi``, rounded to out's dtype (u or v)."""
+    for i in range(lo, hi, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        mask = offs < hi
+        y = (tl.load(x_ptr + offs, mask=mask, other=0.0) / d).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, y, mask=mask)
+        tl.store(saved_ptr + offs, y, mask=mask)
+
+
+@triton.jit
+def _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N):
+    """``(sigma, dv)`` from t's statistics: ``dv = max(||t||, eps)``, ``v = t / dv``.
 
     ``sigma = u^T A v = t^T v = ||t||^2 / dv`` (no pass over A needed); for a
     1-element t, ``|t_0| * (|t_0| / dv)``, which does not square t_0. When
@@ -359,12 +410,6 @@ def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonf
     down = 5.421010862427522e-20  # 2^-64, exact
     dv = _clamp(norm_t, eps)
     tiny = (tsq < 8.673617379884035e-19) & (N != 1) & (dv > 0)  # 2^-60; dv = 0 (eps = 0): 0/0 as PyTorch
-    for c in range(c0, c1, BLOCK_C):
-        cols = c + tl.arange(0, BLOCK_C)
-        cmask = cols < c1
-        v = (tl.load(t_ptr + cols, mask=cmask, other=0.0) / dv).to(v_ptr.dtype.element_ty)
-        tl.store(v_ptr + cols, v, mask=cmask)
-        tl.store(v_saved_ptr + cols, v, mask=cmask)
     sigma = tl.where(N == 1, norm_t * (norm_t / dv), tsq / dv)
     sigma = tl.where(tiny, ((tsq_up / dv) * down) * down, sigma)
     return tl.where(_not_finite(dv) & (dv == dv), nonfinite, sigma), dv
@@ -389,22 +434,8 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
     the tiles still in L2 are read first. A is not read again in this launch
     and W_sn not at all, so both go through L2 with ``evict_first``: they do
     not push out the tiles of A that are still to be re-read.
-
-    sigma is rounded to the weight's dtype first: PyTorch's sigma is a tensor
-    of that dtype, and ``weight / sigma`` divides by the rounded value (NaN if
-    it overflowed the dtype, see below).
     """
-    acc_t = sigma.dtype
-    sigma_w = sigma.to(out_ptr.dtype.element_ty)
-    if pid == 0:
-        tl.store(sigma_ptr, sigma_w)
-        tl.store(sigma_buf_ptr, sigma_w)
-    sigma_acc = sigma_w.to(acc_t)
-    # A finite sigma that rounds to Inf (float16 above 65504) would make W_sn a silent 0 (and
-    # its gradient too). PyTorch's own float16 norms overflow before that (its u or v become
-    # 0, sigma 0, W_sn +-Inf, NaN where W is 0): not finite either way. The kernel's norms
-    # are float32 by design, so it reaches sigma itself; it answers NaN, never a silent 0.
-    sigma_acc = tl.where(_not_finite(sigma_acc) & ~_not_finite(sigma), sigma_acc - sigma_acc, sigma_acc)
+    sigma_acc = _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid)
     n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
@@ -413,9 +444,199 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
             rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)  # last row block first
             mask = (rows >= r0)[:, None] & cmask[None, :]
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                        mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)
-            tl.store(out_ptr + _offsets(rows, cols, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL),
-                     (a / sigma_acc).to(out_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+                        mask=mask, other=0.0, eviction_policy="evict_first")
+            _store_rescaled(out_ptr, a, sigma_acc, rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3,
+                            D1, D2, D3, NCOL)
+
+
+@triton.jit
+def _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid):
+    """Program 0 stores sigma (output and the module's buffer); returns the divisor of W.
+
+    sigma is rounded to the weight's dtype first: PyTorch's sigma is a tensor
+    of that dtype, and ``weight / sigma`` divides by the rounded value (NaN if
+    it overflowed the dtype, see below).
+    """
+    sigma_w = sigma.to(out_ptr.dtype.element_ty)
+    if pid == 0:
+        tl.store(sigma_ptr, sigma_w)
+        tl.store(sigma_buf_ptr, sigma_w)
+    sigma_acc = sigma_w.to(sigma.dtype)
+    # A finite sigma that rounds to Inf (float16 above 65504) would make W_sn a silent 0 (and
+    # its gradient too). PyTorch's own float16 norms overflow before that (its u or v become
+    # 0, sigma 0, W_sn +-Inf, NaN where W is 0): not finite either way. The kernel's norms
+    # are float32 by design, so it reaches sigma itself; it answers NaN, never a silent 0.
+    return tl.where(_not_finite(sigma_acc) & ~_not_finite(sigma), sigma_acc - sigma_acc, sigma_acc)
+
+
+@triton.jit
+def _store_rescaled(out_ptr, a, sigma_acc, rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
+                    NCOL: tl.constexpr):
+    """``W_sn[rows, cols] = a / sigma`` (``a``: that tile of W, in the weight's dtype)."""
+    tl.store(out_ptr + _offsets(rows, cols, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL),
+             (a.to(sigma_acc.dtype) / sigma_acc).to(out_ptr.dtype.element_ty), mask=mask,
+             eviction_policy="evict_first")
+
+
+# --------------------------------------------------------------------------- A on chip
+# ON_CHIP: a program's rows of A fit in one [BLOCK_M, BLOCK_N] tile, and the G x N table of
+# partial A^T s sums is small enough for every program to read it whole. Then the tile is
+# loaded once and kept in registers for the whole read (both products, the rescale, the
+# overflow fallback), and after the one barrier every program sums the whole table itself:
+# each holds all of t, so ||t||, v and sigma need no second barrier and no round trip through
+# the workspace. One program (G == 1) touches no workspace at all.
+
+
+@triton.jit
+def _own_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """ON_CHIP: all of a program's rows of A as one tile (weight dtype), its rows and columns."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < r1)[:, None] & (cols < N)[None, :]
+    a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                mask=mask, other=0.0)
+    return a, rows, cols, mask
+
+
+@triton.jit
+def _first(x, idx):
+    """``x[idx == 0]`` as a scalar (0 if this program does not hold index 0)."""
+    return tl.sum(tl.where(idx == 0, x, tl.zeros_like(x)), axis=0)
+
+
+@triton.jit
+def _on_chip_u(s, sumsq, rows, r1, u_ptr, u_saved_ptr, eps, M):
+    """``u = s / du`` for own rows (stored); returns ``(u, du)``. ``du = max(||s||, eps)``."""
+    du = _clamp(_norm_of(sumsq, _first(s, rows), M), eps)
+    u = (s / du).to(u_ptr.dtype.element_ty)
+    rmask = rows < r1
+    tl.store(u_ptr + rows, u, mask=rmask)
+    tl.store(u_saved_ptr + rows, u, mask=rmask)
+    return u, du
+
+
+@triton.jit
+def _on_chip_t_stats(t, cols, N):
+    """``(||t||, ||t||^2, ||2^64 t||^2, non-finite marker)`` of a whole t held in registers
+    (what ``_t_stats`` assembles from the programs' partials)."""
+    tsq = tl.sum(t * t, axis=0)
+    t_up = t * 18446744073709551616.0  # 2^64, exact
+    return _norm_of(tsq, _first(t, cols), N), tsq, tl.sum(t_up * t_up, axis=0), tl.sum(t - t, axis=0)
+
+
+@triton.jit
+def _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps):
+    """``v = t / dv`` for own columns (stored). Returns ``(sigma, v as the next x)``."""
+    sigma, dv = _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N)
+    v = (t / dv).to(v_ptr.dtype.element_ty)
+    own = (cols >= c0) & (cols < c1)
+    tl.store(v_ptr + cols, v, mask=own)
+    tl.store(v_saved_ptr + cols, v, mask=own)
+    return sigma, v.to(t.dtype)
+
+
+@triton.jit
+def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
+                  tpart_ws, part_s_ws, sem_ptr, pid, G, r0, r1, c0, c1, M, N, n_iters, eps,
+                  s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
+                  NCOL: tl.constexpr, TRAINING: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """A whole read (PHASE == -1) with A in registers: one barrier per iteration (none if G == 1).
+
+    Training, per iteration::
+
+        s = A x, t_p = A[own rows]^T s   (registers)
+        | every program: sum s^2 and t = sum_p t_p over all columns (fixed order, the same
+          bits in every program), du, u = s / du (own rows), t /= du, v = t / dv, sigma
+        | (n > 1 only: the next products overwrite the partials others may still read)
+
+    then ``W_sn = A / sigma`` from the same registers. The overflow fallback (``A^T u``
+    in PyTorch's order) reuses the tile: two barriers, only when ``||t||^2`` is not finite.
+    """
+    acc_t = tpart_ws.dtype.element_ty
+    a, rows, cols, mask = _own_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
+                                    BLOCK_M, BLOCK_N)
+    cmask = cols < N
+    x = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+    if TRAINING:
+        for it in range(n_iters):
+            s = tl.sum(a.to(acc_t) * x[None, :], axis=1)
+            t = tl.sum(a.to(acc_t) * s[:, None], axis=0)
+            sumsq = tl.sum(s * s, axis=0)
+            if G > 1:
+                tl.store(part_s_ws + pid, sumsq)
+                tl.store(tpart_ws + pid * N + cols, t, mask=cmask)
+                grid_barrier(sem_ptr)
+                sumsq = _sum_partials(part_s_ws, G, BLOCK_P)
+                t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
+            u, du = _on_chip_u(s, sumsq, rows, r1, u_ptr, u_saved_ptr, eps, M)
+            t = t / du
+            norm_t, tsq, tsq_up, nonfinite = _on_chip_t_stats(t, cols, N)
+            # Every program holds the same t (same partials, same order): all take this branch
+            # or none, so its barriers cannot deadlock.
+            if _not_finite(tsq):
+                t = tl.sum(a.to(acc_t) * u.to(acc_t)[:, None], axis=0)
+                if G > 1:
+                    grid_barrier(sem_ptr)  # every program has read the partials above
+                    tl.store(tpart_ws + pid * N + cols, t, mask=cmask)
+                    grid_barrier(sem_ptr)
+                    t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
+                norm_t, tsq, tsq_up, nonfinite = _on_chip_t_stats(t, cols, N)
+            sigma, x = _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps)
+            if it < n_iters - 1:
+                if G > 1:
+                    grid_barrier(sem_ptr)  # the next products overwrite partials others may still read
+            else:
+                _store_rescaled(out_ptr, a, _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid),
+                                rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL)
+    else:
+        # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd.
+        s = tl.sum(a.to(acc_t) * x[None, :], axis=1)
+        sigma = tl.sum(tl.load(u_ptr + rows, mask=rows < r1, other=0.0).to(acc_t) * s, axis=0)
+        if G > 1:
+            tl.store(part_s_ws + pid, sigma)
+            grid_barrier(sem_ptr)
+            sigma = _sum_partials(part_s_ws, G, BLOCK_P)
+        _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_M)
+        _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_N)
+        _store_rescaled(out_ptr, a, _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid),
+                        rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL)
+
+
+@triton.jit
+def _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
+                     s_ws, tpart_ws, part_s_ws, flag_ws, pid, G, r0, r1, c0, c1, M, N, eps, is_last,
+                     s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
+                     NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, FIXED: tl.constexpr):
+    """Phase-by-phase mode of ``_read_on_chip`` (the interpreter's multi-program test).
+
+    PHASE_R (not ``FIXED``): what the single launch does after its barrier, with s and A
+    re-read instead of kept; if ``||t||^2`` is not finite it only sets the flag, and
+    PHASE_FIX_T writes ``A^T u``. PHASE_FIX_R (``FIXED``): if flagged, t is that sum.
+    Then v, sigma, and on the last iteration the rescale.
+    """
+    a, rows, cols, mask = _own_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
+                                    BLOCK_M, BLOCK_N)
+    cmask = cols < N
+    t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
+    if FIXED:
+        norm_t, tsq, tsq_up, nonfinite = _on_chip_t_stats(t, cols, N)
+        go = tl.load(flag_ws) != 0
+    else:
+        s = tl.load(s_ws + rows, mask=rows < r1, other=0.0)
+        u, du = _on_chip_u(s, _sum_partials(part_s_ws, G, BLOCK_P), rows, r1, u_ptr, u_saved_ptr, eps, M)
+        t = t / du
+        norm_t, tsq, tsq_up, nonfinite = _on_chip_t_stats(t, cols, N)
+        overflow = _not_finite(tsq)
+        tl.store(flag_ws, overflow.to(flag_ws.dtype.element_ty))  # the same value from every program
+        go = overflow == 0
+    if go:
+        sigma = _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps)[0]
+        if is_last:
+            _store_rescaled(out_ptr, a, _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid),
+                            rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL)
 
 
 @triton.jit
@@ -428,7 +649,7 @@ def spectral_norm_fwd_kernel(
     D1, D2, D3,
     NCOL: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr, ON_CHIP: tl.constexpr,
 ):
     """One read of the spectral-normalized weight (see the module docstring).
 
@@ -441,6 +662,7 @@ def spectral_norm_fwd_kernel(
     autograd keeps), ``sigma`` and the module's ``sigma_buf`` (for logging).
     ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
     ``ROW_IN_TILE`` (``BLOCK_N >= N``): phase ST reads each tile of A once.
+    ``ON_CHIP``: each program's rows are one tile, kept in registers (``_read_on_chip``).
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -461,72 +683,88 @@ def spectral_norm_fwd_kernel(
     # launched on sm_90 (no spills either way: tests/test_compile_sm90.py).
     FIX_BLOCK_N: tl.constexpr = BLOCK_N if BLOCK_N <= 256 else 256
 
-    if PHASE == -1 or PHASE == 0:
-        _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
-                       s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                       True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
-    if TRAINING:
-        if PHASE == -1:
-            for it in range(n_iters):
-                grid_barrier(sem_ptr)
-                _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                              pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
-                grid_barrier(sem_ptr)
-                norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
-                # Every program sees the same partials in the same order, so all take this
-                # branch or none: its barriers cannot deadlock.
-                if _not_finite(tsq):
-                    _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2,
-                                        s_c3, D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
+    if ON_CHIP and PHASE == -1:
+        _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
+                      tpart_ws, part_s_ws, sem_ptr, pid, G, r0, r1, c0, c1, M, N, n_iters, eps,
+                      s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
+                      NCOL, TRAINING, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q)
+    else:
+        if PHASE == -1 or PHASE == 0:
+            _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
+                           s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                           True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
+        if TRAINING:
+            if PHASE == -1:
+                for it in range(n_iters):
                     grid_barrier(sem_ptr)
-                    _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
+                    _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
+                                  pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
                     grid_barrier(sem_ptr)
                     norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
+                    # Every program sees the same partials in the same order, so all take this
+                    # branch or none: its barriers cannot deadlock.
+                    if _not_finite(tsq):
+                        _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2,
+                                            s_c3, D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
+                        grid_barrier(sem_ptr)
+                        _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
+                        grid_barrier(sem_ptr)
+                        norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
+                    sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite,
+                                                        eps, c0, c1, N, BLOCK_C)
+                    if it < n_iters - 1:
+                        _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
+                                       s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                                       False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
+                    else:
+                        _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                                       s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
+                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+            elif PHASE == 1 or (ON_CHIP and PHASE == 4):
+                if ON_CHIP:  # PHASE_R, or PHASE_FIX_R after a fallback: v, sigma (and the rescale)
+                    _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr,
+                                     sigma_buf_ptr, s_ws, tpart_ws, part_s_ws, flag_ws, pid, G, r0, r1, c0, c1,
+                                     M, N, eps, is_last, s_row, s_c0, s_c1, s_c2, s_c3,
+                                     o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
+                                     NCOL, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q, PHASE == 4)
+                else:
+                    _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
+                                  pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
+            elif PHASE == 3:
+                if ON_CHIP:  # PHASE_R made the decision
+                    overflow = tl.load(flag_ws) != 0
+                else:
+                    overflow = _not_finite(_sum_partials(part_t_ws, G, BLOCK_P))
+                    tl.store(flag_ws, overflow.to(flag_ws.dtype.element_ty))  # the same from every program
+                if overflow:
+                    _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
+                                        D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
+            elif PHASE == 4:
+                if tl.load(flag_ws) != 0:
+                    _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
+            elif PHASE == 2:
+                norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                 sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite,
                                                     eps, c0, c1, N, BLOCK_C)
-                if it < n_iters - 1:
-                    _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
-                                   s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
-                else:
+                if is_last:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
-        elif PHASE == 1:
-            _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                          pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
-        elif PHASE == 3:
-            overflow = _not_finite(_sum_partials(part_t_ws, G, BLOCK_P))
-            tl.store(flag_ws, overflow.to(flag_ws.dtype.element_ty))  # the same value from every program
-            if overflow:
-                _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                                    D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
-        elif PHASE == 4:
-            if tl.load(flag_ws) != 0:
-                _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
-        elif PHASE == 2:
-            norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
-            sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite,
-                                                eps, c0, c1, N, BLOCK_C)
-            if is_last:
+                else:
+                    _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
+                                   s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
+                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
+        else:
+            if PHASE == -1:
+                grid_barrier(sem_ptr)
+            if PHASE == -1 or PHASE == 2:
+                # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd.
+                sigma = _sum_partials(part_s_ws, G, BLOCK_P)
+                _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_R)
+                _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
                 _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
-            else:
-                _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
-                               s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                               False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
-    else:
-        if PHASE == -1:
-            grid_barrier(sem_ptr)
-        if PHASE == -1 or PHASE == 2:
-            # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd.
-            sigma = _sum_partials(part_s_ws, G, BLOCK_P)
-            _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_R)
-            _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
-            _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
-                           s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                           D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -538,7 +776,7 @@ def spectral_norm_bwd_kernel(
     d_row, d_c0, d_c1, d_c2, d_c3,
     D1, D2, D3,
     NCOL: tl.constexpr, PHASE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ON_CHIP: tl.constexpr,
 ):
     """``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma the forward's (constants).
 
@@ -547,6 +785,9 @@ def spectral_norm_bwd_kernel(
     pass, last-to-first so the part of G still in L2 is read first. W is read
     once and dW written once, both ``evict_first`` so they leave L2 to G.
     Floor: read G and W, write dW; this kernel also re-reads G (from L2 as far as it holds).
+    ``ON_CHIP`` (a program's rows in one tile): the single launch keeps its tile of G, u and v
+    in registers across the barrier, so nothing is re-read; one program has no barrier and
+    touches no workspace.
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -554,7 +795,28 @@ def spectral_norm_bwd_kernel(
     r1 = ((pid + 1) * M) // G
     acc_t = ws_ptr.dtype.element_ty
     n_cblocks = tl.cdiv(N, BLOCK_N)
-    if PHASE == -1 or PHASE == 0:
+    if ON_CHIP and PHASE == -1:
+        rows = r0 + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        rmask = rows < r1
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
+                    mask=mask, other=0.0).to(acc_t)
+        w = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                    mask=mask, other=0.0).to(acc_t)
+        u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+        v = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+        sigma = tl.load(sigma_ptr).to(acc_t)
+        inner = tl.sum(tl.sum(g * w, axis=1), axis=0)  # the same sums as the streaming DOT phase
+        if G > 1:
+            tl.store(ws_ptr + pid, inner)
+            grid_barrier(sem_ptr + 1)
+            inner = _sum_partials(ws_ptr, G, BLOCK_P)
+        dw = (g - (inner / sigma) * u[:, None] * v[None, :]) / sigma
+        tl.store(dw_ptr + _offsets(rows, cols, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3, NCOL),
+                 dw.to(dw_ptr.dtype.element_ty), mask=mask)
+    if (PHASE == -1 and not ON_CHIP) or PHASE == 0:
         part = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
         for r in range(r0, r1, BLOCK_M):
             rows = r + tl.arange(0, BLOCK_M)
@@ -568,9 +830,9 @@ def spectral_norm_bwd_kernel(
                             mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)  # not re-read
                 part += g * w
         tl.store(ws_ptr + pid, tl.sum(tl.sum(part, axis=1), axis=0))
-    if PHASE == -1:
+    if PHASE == -1 and not ON_CHIP:
         grid_barrier(sem_ptr + 1)  # the backward's semaphore: sem[1]
-    if PHASE == -1 or PHASE == 1:
+    if (PHASE == -1 and not ON_CHIP) or PHASE == 1:
         sigma = tl.load(sigma_ptr).to(acc_t)
         inner = _sum_partials(ws_ptr, G, BLOCK_P) / sigma
         for j in range(tl.cdiv(r1 - r0, BLOCK_M)):

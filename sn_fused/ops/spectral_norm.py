@@ -62,6 +62,12 @@ _MAX_ROW_IN_TILE = int(os.environ.get("SN_FUSED_MAX_ROW_IN_TILE", 16384))  # wid
 # choice on the large shapes in both H100 backward sweeps (bench/NOTES.md, v4 and v5).
 _BWD_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_BWD_TILE_ELEMENTS", 32768))
 _BWD_BLOCK_N = int(os.environ.get("SN_FUSED_BWD_BLOCK_N", 4096))
+# ON_CHIP launches (kernels.py: a program's rows kept in registers; the forward with one
+# barrier per iteration) where each program's rows fit in one tile; the forward also needs the
+# G x N table of partial sums, which every program then reads whole, to have at most
+# _ON_CHIP_MAX_PARTIALS elements. SN_FUSED_ON_CHIP=0: never (the streaming kernels only).
+_ON_CHIP = os.environ.get("SN_FUSED_ON_CHIP", "1") != "0"
+_ON_CHIP_MAX_PARTIALS = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_PARTIALS", 32768))
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
@@ -179,9 +185,22 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _num_warps(tile: int) -> int:
-    """Warps for a loop step over ``tile`` elements of A (``SN_FUSED_NUM_WARPS`` overrides)."""
-    return _NUM_WARPS or (8 if tile >= 4096 else (4 if tile >= 1024 else 2))
+# Rows at most this wide are "narrow": their loads do not vectorize (a row of 20 float32 is
+# not 16-byte aligned), so a thread keeps a 64-bit address per element of its tiles.
+_NARROW_BLOCK_N = 64
+
+
+def _num_warps(tile: int, block_n: int) -> int:
+    """Warps for a loop step over ``tile`` elements of A (``SN_FUSED_NUM_WARPS`` overrides).
+
+    Narrow 16384-element tiles get 16 warps: with 8, 64 elements and their addresses per
+    thread spill (ptxas, sm_90: 24576x20 at its 60 programs, ~1 KB per thread).
+    """
+    if _NUM_WARPS:
+        return _NUM_WARPS
+    if tile >= 16384 and block_n <= _NARROW_BLOCK_N:
+        return 16
+    return 8 if tile >= 4096 else (4 if tile >= 1024 else 2)
 
 
 def _floor_power_of_2(n: int) -> int:
@@ -201,6 +220,7 @@ class _LaunchConfig:
     num_warps: int
     num_stages: int | None
     ROW_IN_TILE: bool
+    ON_CHIP: bool
 
 
 def _launch_config(M: int, N: int, device: torch.device, num_programs: int | None) -> _LaunchConfig:
@@ -228,10 +248,16 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     block_r = min(_next_power_of_2(_cdiv(M, G)), 4096)
     block_c = min(_next_power_of_2(_cdiv(N, G)), 4096)
     block_p = _next_power_of_2(G)
-    # Phase R sums the G partials of its columns BLOCK_Q programs per load ([BLOCK_Q, BLOCK_C] tile).
-    block_q = min(block_p, _floor_power_of_2(_TILE_ELEMENTS // 2 // block_c))
-    return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q, _num_warps(block_m * block_n),
-                         _NUM_STAGES or None, row_in_tile)
+    # A program's rows in one tile, and a table of partials small enough for every program to
+    # read whole: the read keeps its tile in registers (kernels.py, "A on chip").
+    # Rows wider than 8192 stay streaming: a 16384-wide row, x and t spill at 8 warps (sm_90).
+    on_chip = (_ON_CHIP and row_in_tile and block_m == rows and block_n <= 8192
+               and G * N <= _ON_CHIP_MAX_PARTIALS)
+    # The G partials of a column are summed BLOCK_Q programs per load: [BLOCK_Q, BLOCK_C] tiles
+    # of own columns (phase R), or [BLOCK_Q, BLOCK_N] tiles of all columns (ON_CHIP).
+    block_q = min(block_p, _floor_power_of_2(_TILE_ELEMENTS // 2 // (block_n if on_chip else block_c)))
+    return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q,
+                         _num_warps(block_m * block_n, block_n), _NUM_STAGES or None, row_in_tile, on_chip)
 
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
@@ -292,14 +318,23 @@ def _workspace_dtype(weight: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------- forward op
 
 
-def _forward_phases(training: bool, n_power_iterations: int) -> list[tuple[int, bool]]:
-    """The (PHASE, is_last) launch sequence of the phase-by-phase mode (see kernels.py)."""
+def _forward_phases(training: bool, n_power_iterations: int, on_chip: bool = False) -> list[tuple[int, bool]]:
+    """The (PHASE, is_last) launch sequence of the phase-by-phase mode (see kernels.py).
+
+    ON_CHIP has no PHASE_F: its PHASE_R (or PHASE_FIX_R, after a fallback) finishes the
+    iteration, and the next iteration starts with a PHASE_ST of its own.
+    """
     if not training:
         return [(kernels.PHASE_ST, False), (kernels.PHASE_F, True)]
     phases = [(kernels.PHASE_ST, False)]
     for it in range(n_power_iterations):
-        phases += [(kernels.PHASE_R, False), (kernels.PHASE_FIX_T, False), (kernels.PHASE_FIX_R, False),
-                   (kernels.PHASE_F, it == n_power_iterations - 1)]
+        last = it == n_power_iterations - 1
+        if on_chip:
+            phases += [(kernels.PHASE_R, last), (kernels.PHASE_FIX_T, False), (kernels.PHASE_FIX_R, last)]
+            phases += [] if last else [(kernels.PHASE_ST, False)]
+        else:
+            phases += [(kernels.PHASE_R, False), (kernels.PHASE_FIX_T, False), (kernels.PHASE_FIX_R, False),
+                       (kernels.PHASE_F, last)]
     return phases
 
 
@@ -339,7 +374,8 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
-    phases = _forward_phases(training, n_power_iterations) if phase_by_phase else [(kernels.PHASE_ALL, True)]
+    phases = (_forward_phases(training, n_power_iterations, cfg.ON_CHIP) if phase_by_phase
+              else [(kernels.PHASE_ALL, True)])
     return _Plan(cfg, (layout.M, layout.N) + layout.strides[0] + layout.strides[1] + layout.inner_sizes,
                  len(layout.sizes), layout.M + layout.N + cfg.grid * (layout.N + 4) + 1, tuple(phases),
                  not phase_by_phase)
@@ -361,7 +397,7 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
         args = (weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
                 M, N, n_power_iterations, eps, int(is_last), *strides,
                 plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_C,
-                cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE)
+                cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP)
         _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 10,
                 (plan, phase, is_last) + dtypes, out)
 
@@ -393,8 +429,14 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     # Same grid as the forward; tiles of its own: the forward's whole-row tiles (up to 16384
     # wide, for its one-load-two-products phase) only add registers here.
     block_n = min(_next_power_of_2(layout.N), _floor_power_of_2(_BWD_BLOCK_N))
-    block_m = min(_next_power_of_2(_cdiv(layout.M, cfg.grid)), _floor_power_of_2(_BWD_TILE_ELEMENTS // block_n))
-    cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n))
+    # Narrow rows: at most 8192-element tiles (16384 spill even with 16 warps: ptxas, sm_90).
+    tile = min(_BWD_TILE_ELEMENTS, 8192) if block_n <= _NARROW_BLOCK_N else _BWD_TILE_ELEMENTS
+    rows = _next_power_of_2(_cdiv(layout.M, cfg.grid))
+    block_m = min(rows, _floor_power_of_2(tile // block_n))
+    # A program's rows in one tile: kept in registers across the barrier (kernels.py).
+    on_chip = _ON_CHIP and block_m == rows and block_n >= layout.N
+    cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, ON_CHIP=on_chip,
+                              num_warps=_num_warps(block_m * block_n, block_n))
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = [(kernels.PHASE_DOT, False), (kernels.PHASE_GRAD, True)] if phase_by_phase else [(kernels.PHASE_ALL, True)]
@@ -419,7 +461,7 @@ def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
     for phase, _ in plan.phases:
         args = (grad, weight, grad_weight, u, v, sigma, ws, sem, *plan.ints,
-                plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P)
+                plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP)
         _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative, 8,
                 (plan, phase) + dtypes, grad_weight)
 
