@@ -111,7 +111,7 @@ SPILL_SCRIPT = textwrap.dedent("""
 
     # The grid the launcher gives each weight on a 132-SM card (small ones get fewer programs);
     # the first three take the ON_CHIP path, the others the streaming one.
-    for M, N in [(128, 1152), (24576, 20), (1, 8192), (512, 4608), (1536, 13824), (1000, 1536)]:
+    for M, N in [(128, 1152), (24576, 20), (1, 8192), (512, 4608), (1536, 13824), (1000, 1536), (4096, 1024)]:
         w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
         grid = min(132, -(-M * N // snm._MIN_ELEMENTS_PER_PROGRAM))
         on_chip = snm._launch_config(M, N, w.device, grid).ON_CHIP

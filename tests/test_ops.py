@@ -723,6 +723,35 @@ def test_launch_config_blocks_are_powers_of_two(monkeypatch, tile):
         snm._clear_plans()
 
 
+def test_on_chip_plans_hold_every_row_in_one_tile(monkeypatch):
+    """ON_CHIP reads a program's rows as ONE tile: a plan that chose it for rows that do not
+    fit would silently skip rows. Checked for every program of many (M, N, G), forward and
+    backward; and the choices on the real shapes at the grid an H100 gets."""
+    rng = random.Random(zlib.crc32(b"on-chip-plans"))
+    dims = [1, 2, 3, 7, 20, 27, 64, 65, 127, 128, 129, 1000, 1152, 4096, 8191, 8193, 16384, 24576]
+    try:
+        for _ in range(400):
+            M, N, G = rng.choice(dims), rng.choice(dims), rng.choice([1, 2, 3, 18, 60, 132])
+            cfg = snm._launch_config(M, N, torch.device("cpu"), G)
+            w = torch.empty(M, N, device="meta")
+            bwd = snm._backward_plan(w.shape, w.stride(), w.stride(), w.stride(), 0, torch.device("cpu"), G, False).cfg
+            for plan_cfg in (cfg, bwd):
+                if plan_cfg.ON_CHIP:
+                    rows = max((p + 1) * M // plan_cfg.grid - p * M // plan_cfg.grid for p in range(plan_cfg.grid))
+                    assert rows <= plan_cfg.BLOCK_M and N <= plan_cfg.BLOCK_N, (M, N, G, plan_cfg)
+            if cfg.ON_CHIP:
+                assert cfg.grid * N <= snm._ON_CHIP_MAX_PARTIALS, (M, N, G)
+        expected = {(128, 1152, 18): True, (24576, 20, 60): True, (128, 27, 1): True, (1, 8192, 1): True,
+                    (1, 16384, 1): False, (1000, 1536, 132): False, (512, 4608, 132): False}
+        for (M, N, G), on_chip in expected.items():
+            assert snm._launch_config(M, N, torch.device("cpu"), G).ON_CHIP == on_chip, (M, N, G)
+        assert snm._launch_config(24576, 20, torch.device("cpu"), 60).num_warps == 16  # narrow rows
+        monkeypatch.setattr(snm, "_ON_CHIP", False)
+        assert not any(snm._launch_config(M, N, torch.device("cpu"), G).ON_CHIP for M, N, G in expected)
+    finally:
+        snm._clear_plans()
+
+
 # --------------------------------------------------------------------------- semaphore
 
 

@@ -509,8 +509,9 @@ def _first(x, idx):
 def _on_chip_u(s, sumsq, rows, r1, u_ptr, u_saved_ptr, eps, M):
     """``u = s / du`` for own rows (stored); returns ``(u, du)``. ``du = max(||s||, eps)``."""
     du = _clamp(_norm_of(sumsq, _first(s, rows), M), eps)
-    u = (s / du).to(u_ptr.dtype.element_ty)
     rmask = rows < r1
+    # Masked rows are 0, not 0/du: du can be 0 (eps = 0), and the fallback's A^T u sums them.
+    u = tl.where(rmask, s / du, tl.zeros_like(s)).to(u_ptr.dtype.element_ty)
     tl.store(u_ptr + rows, u, mask=rmask)
     tl.store(u_saved_ptr + rows, u, mask=rmask)
     return u, du

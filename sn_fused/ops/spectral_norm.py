@@ -429,8 +429,16 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     # Same grid as the forward; tiles of its own: the forward's whole-row tiles (up to 16384
     # wide, for its one-load-two-products phase) only add registers here.
     block_n = min(_next_power_of_2(layout.N), _floor_power_of_2(_BWD_BLOCK_N))
-    # Narrow rows: at most 8192-element tiles (16384 spill even with 16 warps: ptxas, sm_90).
-    tile = min(_BWD_TILE_ELEMENTS, 8192) if block_n <= _NARROW_BLOCK_N else _BWD_TILE_ELEMENTS
+    # The big default tile was measured fastest with _BWD_BLOCK_N-wide blocks (8 rows). With
+    # narrower blocks it holds more rows per thread and spills (ptxas, sm_90: 4096x1024 ~6 KB
+    # per thread), so those get 16384 elements, and narrow rows 8192 (16384 spill even with 16
+    # warps).
+    if block_n <= _NARROW_BLOCK_N:
+        tile = min(_BWD_TILE_ELEMENTS, 8192)
+    elif block_n < _BWD_BLOCK_N:
+        tile = min(_BWD_TILE_ELEMENTS, 16384)
+    else:
+        tile = _BWD_TILE_ELEMENTS
     rows = _next_power_of_2(_cdiv(layout.M, cfg.grid))
     block_m = min(rows, _floor_power_of_2(tile // block_n))
     # A program's rows in one tile: kept in registers across the barrier (kernels.py).
