@@ -12,7 +12,8 @@ Cases (small: the interpreter runs every program in Python):
   1-row Linear with 5 power iterations;
 * the ops with 3 programs launched phase by phase, which exercises the
   per-program partials and the fixed-order combines of the multi-program GPU
-  path.
+  path: once as launched (small weights take the ON_CHIP kernels) and once
+  with the streaming kernels that large weights take (``SN_FUSED_ON_CHIP=0``).
 
 Each compares W_sn, u, v, sigma and dL/dW with ``sn_fused.reference`` in
 float64 (relative error, norm-wise).
@@ -100,6 +101,22 @@ def _phases_case(layer, n: int, programs: int) -> dict[str, Any]:
                 sigma=_rel(sigma, ref_sigma), grad=_rel(grad, ref_grad))
 
 
+def _streaming(case):
+    """Run ``case`` with the ON_CHIP kernels switched off (what large weights take)."""
+    from sn_fused.ops import spectral_norm as ops_mod
+
+    def run_case():
+        saved = ops_mod._ON_CHIP
+        ops_mod._ON_CHIP = False
+        ops_mod._clear_plans()
+        try:
+            return case()
+        finally:
+            ops_mod._ON_CHIP = saved
+            ops_mod._clear_plans()
+    return run_case
+
+
 def cases():
     from .shapes import Layer
 
@@ -110,6 +127,8 @@ def cases():
         ("module Linear(128, 1) 1x128 n=5", lambda: _module_case(Layer("linear", (128, 1)), 5)),
         ("ops Conv2d(32, 64, 3) 64x288 n=2, 3 programs phase by phase",
          lambda: _phases_case(Layer("conv2d", (32, 64, 3)), 2, 3)),
+        ("ops Conv2d(32, 64, 3) 64x288 n=2, 3 programs phase by phase, streaming kernels",
+         _streaming(lambda: _phases_case(Layer("conv2d", (32, 64, 3)), 2, 3))),
     ]
 
 
