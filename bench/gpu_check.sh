@@ -11,15 +11,15 @@
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table: a same-card A/B of a kernel change
 #   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: --profile --bwd-sweep
-#                            --on-chip-sweep --compile-probe, ~45 s of the table's ~85 s; "" for none;
-#                            final mode only)
+#                            --on-chip-sweep --compile-probe; "" for none; final mode only)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/; at most 240 s
 #                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
 #                            warm-up alone on an H100; each step prints its warm-up when it ends,
 #                            and each (model, mode) group its ms/step once its steps are timed)
 #
-# Sizes seen on an H100 (2026-11-26): GPU tests ~75 s, kernel table + sweeps + probes ~70 s,
+# Sizes seen on an H100 (2026-11-26, before the ON_CHIP tests and sweep were added: expect more,
+# ~+30 s each): GPU tests ~75 s, kernel table + sweeps + probes ~70 s,
 # baseline table ~15 s, --quick ~100-120 s; plus ~1-2 min to start the machine.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
@@ -45,7 +45,7 @@ trap pack EXIT
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== GPU tests"
-timeout 150 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --timeout=150 \
+timeout 200 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --timeout=150 \
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
 
 if [ "$mode" != bench ]; then
