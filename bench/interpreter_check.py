@@ -106,14 +106,8 @@ def _streaming(case):
     from sn_fused.ops import spectral_norm as ops_mod
 
     def run_case():
-        saved = ops_mod._ON_CHIP
-        ops_mod._ON_CHIP = False
-        ops_mod._clear_plans()
-        try:
+        with ops_mod._launch_knobs(_ON_CHIP=False):
             return case()
-        finally:
-            ops_mod._ON_CHIP = saved
-            ops_mod._clear_plans()
     return run_case
 
 

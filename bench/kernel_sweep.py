@@ -13,7 +13,6 @@ program) so tuning decisions come from measurements.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
@@ -97,22 +96,6 @@ def measure(M, N, impl, graph_only=False):
     )
 
 
-@contextlib.contextmanager
-def launch_knobs(**values):
-    """Set launcher knobs (module globals of ``sn_fused.ops.spectral_norm``) for a measurement,
-    then restore them; cached plans and launchers are dropped on the way in and out."""
-    saved = {k: getattr(ops_mod, k) for k in values}
-    for k, v in values.items():
-        setattr(ops_mod, k, v)
-    ops_mod._clear_plans()
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(ops_mod, k, v)
-        ops_mod._clear_plans()
-
-
 KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 16384),
              _MIN_ELEMENTS_PER_PROGRAM=(8192,))
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
@@ -127,7 +110,7 @@ def knob_sweep():
         line = []
         for knob, values in [("default", (None,))] + list(KNOBS.items()):
             for val in values:
-                with launch_knobs(**({} if knob == "default" else {knob: val})):
+                with ops_mod._launch_knobs(**({} if knob == "default" else {knob: val})):
                     try:
                         m = layer(M, N, "sn_fused")
                         t = graph_time_us(lambda: m.weight)
@@ -157,7 +140,7 @@ def bwd_sweep():
         g = torch.randn_like(w)
         line = []
         for tile, bn in BWD_KNOBS:
-            with launch_knobs(_BWD_TILE_ELEMENTS=tile, _BWD_BLOCK_N=bn):
+            with ops_mod._launch_knobs(_BWD_TILE_ELEMENTS=tile, _BWD_BLOCK_N=bn):
                 t = graph_time_us(lambda: ops_mod.spectral_norm_backward_fused(g, w, us, vs, sigma, p._sem))
             results.append(dict(M=M, N=N, tile=tile, block_n=bn, bwd_graph_us=t))
             line.append(f"{tile}/{bn}:{t:.1f}")
@@ -182,7 +165,7 @@ def on_chip_sweep():
     for M, N in ON_CHIP_SHAPES:
         line, seen = [], set()
         for name, knobs in ON_CHIP_KNOBS:
-            with launch_knobs(**knobs):
+            with ops_mod._launch_knobs(**knobs):
                 cfg = ops_mod._launch_config(M, N, torch.device("cuda", torch.cuda.current_device()), None)
                 key = (cfg, ops_mod._ON_CHIP)  # the forward's plan; the backward's follows _ON_CHIP
                 if key in seen:  # the same launches as a variant already timed

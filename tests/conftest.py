@@ -32,14 +32,8 @@ def on_chip_path(enabled: bool):
     """
     from sn_fused.ops import spectral_norm as snm
 
-    old = snm._ON_CHIP
-    snm._ON_CHIP = enabled
-    snm._clear_plans()
-    try:
+    with snm._launch_knobs(_ON_CHIP=enabled):
         yield
-    finally:
-        snm._ON_CHIP = old
-        snm._clear_plans()
 
 
 @pytest.fixture(params=[True, False], ids=["on-chip", "streaming"])

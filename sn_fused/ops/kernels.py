@@ -335,13 +335,21 @@ def _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
         cmask = cols < c1
         t = _sum_columns(tpart_ptr, G, N, cols, cmask, BLOCK_C, BLOCK_Q) / du
         tl.store(t_ptr + cols, t, mask=cmask)
-        part += t * t
-        nonfinite += t - t
-        t_up = t * 18446744073709551616.0  # 2^64, exact
-        scaled += t_up * t_up
+        sq, nf, sq_up = _t_terms(t)
+        part += sq
+        nonfinite += nf
+        scaled += sq_up
     tl.store(part_t_ptr + pid, tl.sum(part, axis=0))
     tl.store(part_t_ptr + G + pid, tl.sum(nonfinite, axis=0))
     tl.store(part_t_ptr + 2 * G + pid, tl.sum(scaled, axis=0))
+
+
+@triton.jit
+def _t_terms(t):
+    """Per element: ``t^2``, ``t - t`` (0, or NaN where t is not finite) and ``(t 2^64)^2``
+    (which does not underflow where ``t^2`` does): summed, t's statistics."""
+    t_up = t * 18446744073709551616.0  # 2^64, exact
+    return t * t, t - t, t_up * t_up
 
 
 @triton.jit
@@ -521,9 +529,9 @@ def _on_chip_u(s, sumsq, rows, r1, u_ptr, u_saved_ptr, eps, M):
 def _on_chip_t_stats(t, cols, N):
     """``(||t||, ||t||^2, ||2^64 t||^2, non-finite marker)`` of a whole t held in registers
     (what ``_t_stats`` assembles from the programs' partials)."""
-    tsq = tl.sum(t * t, axis=0)
-    t_up = t * 18446744073709551616.0  # 2^64, exact
-    return _norm_of(tsq, _first(t, cols), N), tsq, tl.sum(t_up * t_up, axis=0), tl.sum(t - t, axis=0)
+    sq, nf, sq_up = _t_terms(t)
+    tsq = tl.sum(sq, axis=0)
+    return _norm_of(tsq, _first(t, cols), N), tsq, tl.sum(sq_up, axis=0), tl.sum(nf, axis=0)
 
 
 @triton.jit
@@ -721,16 +729,16 @@ def spectral_norm_fwd_kernel(
                         _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                        D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
-            elif PHASE == 1 or (ON_CHIP and PHASE == 4):
-                if ON_CHIP:  # PHASE_R, or PHASE_FIX_R after a fallback: v, sigma (and the rescale)
-                    _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr,
-                                     sigma_buf_ptr, s_ws, tpart_ws, part_s_ws, flag_ws, pid, G, r0, r1, c0, c1,
-                                     M, N, eps, is_last, s_row, s_c0, s_c1, s_c2, s_c3,
-                                     o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
-                                     NCOL, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q, PHASE == 4)
-                else:
-                    _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
-                                  pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
+            elif ON_CHIP and (PHASE == 1 or PHASE == 4):
+                # PHASE_R, or PHASE_FIX_R after a fallback: v, sigma (and the rescale)
+                _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr,
+                                 sigma_buf_ptr, s_ws, tpart_ws, part_s_ws, flag_ws, pid, G, r0, r1, c0, c1,
+                                 M, N, eps, is_last, s_row, s_c0, s_c1, s_c2, s_c3,
+                                 o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
+                                 NCOL, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q, PHASE == 4)
+            elif PHASE == 1:
+                _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
+                              pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
             elif PHASE == 3:
                 if ON_CHIP:  # PHASE_R made the decision
                     overflow = tl.load(flag_ws) != 0
@@ -766,6 +774,12 @@ def spectral_norm_fwd_kernel(
                 _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _grad_tile(g, inner, u, v, sigma):
+    """``dW = (G - <G, W_sn> u v^T) / sigma`` on a tile (``inner = <G, W_sn>``)."""
+    return (g - inner * u[:, None] * v[None, :]) / sigma
 
 
 @triton.jit
@@ -814,7 +828,7 @@ def spectral_norm_bwd_kernel(
             tl.store(ws_ptr + pid, inner)
             grid_barrier(sem_ptr + 1)
             inner = _sum_partials(ws_ptr, G, BLOCK_P)
-        dw = (g - (inner / sigma) * u[:, None] * v[None, :]) / sigma
+        dw = _grad_tile(g, inner / sigma, u, v, sigma)
         tl.store(dw_ptr + _offsets(rows, cols, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3, NCOL),
                  dw.to(dw_ptr.dtype.element_ty), mask=mask)
     if (PHASE == -1 and not ON_CHIP) or PHASE == 0:
@@ -848,6 +862,6 @@ def spectral_norm_bwd_kernel(
                 v = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
                 g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
                             mask=mask, other=0.0).to(acc_t)
-                dw = (g - inner * u[:, None] * v[None, :]) / sigma
+                dw = _grad_tile(g, inner, u, v, sigma)
                 tl.store(dw_ptr + _offsets(rows, cols, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3, NCOL),
                          dw.to(dw_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")

@@ -19,6 +19,7 @@ modules never share one, and the barrier leaves it in a valid state
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -318,7 +319,7 @@ def _workspace_dtype(weight: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------- forward op
 
 
-def _forward_phases(training: bool, n_power_iterations: int, on_chip: bool = False) -> list[tuple[int, bool]]:
+def _forward_phases(training: bool, n_power_iterations: int, on_chip: bool) -> list[tuple[int, bool]]:
     """The (PHASE, is_last) launch sequence of the phase-by-phase mode (see kernels.py).
 
     ON_CHIP has no PHASE_F: its PHASE_R (or PHASE_FIX_R, after a fallback) finishes the
@@ -348,6 +349,23 @@ def _clear_plans() -> None:
     _forward_plan.cache_clear()
     _backward_plan.cache_clear()
     _RUNNERS.clear()
+
+
+@contextlib.contextmanager
+def _launch_knobs(**values):
+    """Set tuning knobs (this module's ``_NAME`` globals) for a block, then restore them.
+
+    Cached plans and launchers are dropped on the way in and out, so every launch inside
+    sees the new values and none after it keeps them. For sweeps and tests, not thread-safe.
+    """
+    saved = {name: globals()[name] for name in values}
+    globals().update(values)
+    _clear_plans()
+    try:
+        yield
+    finally:
+        globals().update(saved)
+        _clear_plans()
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a cheap key for _RUNNERS
