@@ -724,7 +724,7 @@ def test_launch_config_blocks_are_powers_of_two(monkeypatch, tile):
         snm._clear_plans()
 
 
-def test_on_chip_plans_hold_every_row_in_one_tile(monkeypatch):
+def test_on_chip_plans_hold_every_row_in_one_tile():
     """ON_CHIP reads a program's rows as ONE tile: a plan that chose it for rows that do not
     fit would silently skip rows. Checked for every program of many (M, N, G), forward and
     backward; and the choices on the real shapes at the grid an H100 gets."""
@@ -747,10 +747,10 @@ def test_on_chip_plans_hold_every_row_in_one_tile(monkeypatch):
         for (M, N, G), on_chip in expected.items():
             assert snm._launch_config(M, N, torch.device("cpu"), G).ON_CHIP == on_chip, (M, N, G)
         assert snm._launch_config(24576, 20, torch.device("cpu"), 60).num_warps == 16  # narrow rows
-        monkeypatch.setattr(snm, "_ON_CHIP", False)
-        assert not any(snm._launch_config(M, N, torch.device("cpu"), G).ON_CHIP for M, N, G in expected)
+        with snm._launch_knobs(_ON_CHIP=False):
+            assert not any(snm._launch_config(M, N, torch.device("cpu"), G).ON_CHIP for M, N, G in expected)
     finally:
-        snm._clear_plans()
+        snm._clear_plans()  # the backward plans made above
 
 
 # --------------------------------------------------------------------------- semaphore
