@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from .ops import fused_supported, new_semaphore, spectral_norm_fused
+from .ops.spectral_norm import _input_signature, _spectral_norm_checked
 
 __all__ = ["spectral_norm", "_SpectralNorm"]
 
@@ -43,6 +44,11 @@ class _SpectralNorm(Module):
       kernels (non-persistent). One per module, so two modules running at
       the same time on two streams never share one.
     """
+
+    #: ``(_input_signature(...), (dim, n_power_iterations, eps))`` of the last read whose inputs
+    #: passed the fused path's checks; reads with the same skip them. A class attribute, so
+    #: instances made without ``__init__`` (``sn_fused.convert``) start unchecked too.
+    _checked_signature = None
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0,
                  eps: float = 1e-12) -> None:
@@ -91,21 +97,35 @@ class _SpectralNorm(Module):
         if weight.ndim == 1:
             # Faster and more exact path, no need to approximate anything
             return F.normalize(weight, dim=0, eps=self.eps)
+        # Buffers straight from the dict: Module.__getattr__ costs ~1 us per name on this hot
+        # path (every read of module.weight), the dict lookup ~0.1 us.
+        buffers = self._buffers
+        u, v, sigma_buf, sem = buffers["_u"], buffers["_v"], buffers["_sigma"], buffers["_sem"]
+        args = (self.dim, self.n_power_iterations, self.eps)
+        compiling = torch.compiler.is_compiling()  # traced once: checks cost nothing at run time
+        if not compiling:
+            try:
+                signature = (_input_signature(weight, u, v, sigma_buf, sem), args)
+            except AttributeError:  # a buffer that is not a tensor: the checks below say so
+                signature = None
+            if signature is not None and signature == self._checked_signature:
+                return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *args, self.training)
         if fused_supported(weight, self.dim):
-            # Buffers straight from the dict: Module.__getattr__ costs ~1 us per name on
-            # this hot path (every read of module.weight), the dict lookup ~0.1 us.
-            buffers = self._buffers
-            sem, sigma_buf = buffers["_sem"], buffers["_sigma"]
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
-            # the weight arrives on another device, they are made anew there.
-            if sem.device != weight.device:
+            # the weight arrives on another device, they are made anew there. (Anything else
+            # wrong with them is for the op's checks to say: an AttributeError here would
+            # surface as "no attribute 'weight'", parametrize's property being a property.)
+            if isinstance(sem, Tensor) and sem.device != weight.device:
                 sem = buffers["_sem"] = new_semaphore(weight.device)
-            if sigma_buf.device != weight.device:
+            if isinstance(sigma_buf, Tensor) and sigma_buf.device != weight.device:
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(sigma_buf.dtype, weight.device)
-            return spectral_norm_fused(
-                weight, buffers["_u"], buffers["_v"], sigma_buf, sem, dim=self.dim,
-                n_power_iterations=self.n_power_iterations, eps=self.eps, training=self.training,
+            weight_sn = spectral_norm_fused(
+                weight, u, v, sigma_buf, sem, dim=self.dim, n_power_iterations=self.n_power_iterations,
+                eps=self.eps, training=self.training,
                 weight_checked=True)  # fused_supported just said yes: do not check the weight twice
+            if not compiling:  # these inputs passed every check: skip them while nothing changes
+                self._checked_signature = (_input_signature(weight, u, v, sigma_buf, sem), args)
+            return weight_sn
         weight_sn, sigma = reference.spectral_norm_reference(
             weight, self._u, self._v, dim=self.dim, n_power_iterations=self.n_power_iterations,
             eps=self.eps, training=self.training)

@@ -21,6 +21,7 @@ behind ``@pytest.mark.slow`` and ``SN_FUSED_SLOW=1``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -833,14 +834,11 @@ def test_weight_checked_normalizes_a_negative_dim(device, gen):
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
-def test_layer_read_checks_the_weight_once(monkeypatch, device, gen):
-    """The layer asks fused_supported to choose its path, then tells the op the weight is
-    checked (weight_checked=True): one support check per read, not two. u, v and the
-    buffers are still checked on that path (a bad u is refused before any launch)."""
-    from sn_fused import parametrizations, spectral_norm
+def _counting_checks(monkeypatch):
+    """Count the layer's support checks and the op's input checks (the weight's and the rest)."""
+    from sn_fused import parametrizations
 
-    m = spectral_norm(torch.nn.Linear(5, 6, bias=False).to(device))
-    calls = {"layer": 0, "op": 0}
+    calls = {"layer": 0, "op": 0, "vectors": 0}
 
     def counting(name, fn):
         def wrapped(*a, **k):
@@ -850,16 +848,107 @@ def test_layer_read_checks_the_weight_once(monkeypatch, device, gen):
 
     monkeypatch.setattr(parametrizations, "fused_supported", counting("layer", parametrizations.fused_supported))
     monkeypatch.setattr(snm, "fused_supported", counting("op", snm.fused_supported))
+    monkeypatch.setattr(snm, "_check_vectors_and_args", counting("vectors", snm._check_vectors_and_args))
+    return calls
+
+
+def test_layer_read_checks_the_weight_once(monkeypatch, device, gen):
+    """The layer asks fused_supported to choose its path, then tells the op the weight is
+    checked (weight_checked=True): one support check per checked read, not two. u, v and the
+    buffers are still checked on that path (a bad u is refused before any launch)."""
+    from sn_fused import spectral_norm
+
+    m = spectral_norm(torch.nn.Linear(5, 6, bias=False).to(device))
+    calls = _counting_checks(monkeypatch)
+    m.parametrizations.weight[0]._checked_signature = None  # forget the read at registration
     m.weight
-    assert calls == {"layer": 1, "op": 0}, calls
+    assert calls == {"layer": 1, "op": 0, "vectors": 1}, calls
     p = m.parametrizations.weight[0]
     ops.spectral_norm_fused(m.parametrizations.weight.original, p._u.clone(), p._v.clone(),
                             torch.zeros((), device=device), ops.new_semaphore(device))
-    assert calls == {"layer": 1, "op": 1}, calls  # the public entry point checks the weight itself
+    assert calls == {"layer": 1, "op": 1, "vectors": 2}, calls  # the public entry point checks the weight itself
     m.parametrizations.weight[0]._u = torch.ones(7, device=device)
     with count_launches() as launches, pytest.raises(ValueError, match="u has shape"):
         m.weight
     assert launches == []
+
+
+def _swap_u(p, device):
+    p._u = torch.ones(7, device=device)
+
+
+def _u_none(p, device):
+    p._u = None
+
+
+def _resize_u(p, device):
+    p._u.resize_(7)
+
+
+def _u_data_of_another_dtype(p, device):
+    p._u.data = p._u.data.double()
+
+
+def _v_strided(p, device):
+    p._v = torch.ones(2 * p._v.numel(), device=device)[::2]
+
+
+def _sem_int64(p, device):
+    p._sem = torch.zeros(2, dtype=torch.int64, device=device)
+
+
+def _sem_none(p, device):
+    p._sem = None
+
+
+def _sigma_two_elements(p, device):
+    p._sigma.data = torch.zeros(2, device=device)
+
+
+def _eps_negative(p, device):
+    p.eps = -1.0
+
+
+@pytest.mark.parametrize("change,error", [
+    (_swap_u, "u has shape"), (_u_none, "u must be a tensor"), (_resize_u, "u has shape"), (_u_data_of_another_dtype, "u has dtype"),
+    (_v_strided, "v must be contiguous"), (_sem_int64, "sem must be"), (_sem_none, "sem must be"),
+    (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"),
+], ids=lambda x: x.__name__.lstrip("_") if callable(x) else None)
+def test_layer_checks_once_until_an_input_changes(monkeypatch, change, error, device, gen):
+    """A layer checks its inputs on the first read and skips the checks while their
+    _input_signature holds. Any change the checks would see -- a buffer swapped, resized in
+    place, given other data, dtype or strides, a bad eps -- is checked again and refused
+    before any launch."""
+    from sn_fused import spectral_norm
+
+    m = spectral_norm(torch.nn.Linear(5, 6, bias=False).to(device))
+    calls = _counting_checks(monkeypatch)
+    for _ in range(3):
+        m.weight
+    assert calls == {"layer": 0, "op": 0, "vectors": 0}, calls  # checked at registration's read
+    change(m.parametrizations.weight[0], device)
+    with count_launches() as launches, pytest.raises((ValueError, TypeError), match=error):
+        m.weight
+    assert launches == []
+
+
+def test_layer_checks_again_after_to(monkeypatch, device, gen):
+    """``.double()`` converts the weight and the buffers: the next read is checked again,
+    passes, and reads the float64 weight (the same numbers as a fresh float64 layer's)."""
+    from sn_fused import spectral_norm
+
+    m = spectral_norm(torch.nn.Linear(5, 6, bias=False).to(device))
+    m.weight
+    calls = _counting_checks(monkeypatch)
+    m.double()
+    twin = copy.deepcopy(m)
+    twin.parametrizations.weight[0]._checked_signature = None
+    w, w_twin = m.weight, twin.weight
+    assert calls == {"layer": 2, "op": 0, "vectors": 2}, calls
+    assert w.dtype == torch.float64
+    torch.testing.assert_close(w, w_twin, rtol=0, atol=0)
+    m.weight
+    assert calls == {"layer": 2, "op": 0, "vectors": 2}, calls
 
 
 # --------------------------------------------------------------------------- autograd
@@ -1080,12 +1169,12 @@ def _opcheck_args(device, gen):
 
 # Under TRITON_INTERPRET=1, torch's wrap_triton returns the InterpretedFunction itself
 # (torch/_library/triton.py: "TRITON_INTERPRET=1 makes @triton.jit return
-# InterpretedFunction"), so there is no triton_kernel_wrapper HOP to trace: the
-# triton_op's fake kernel (the op's Python body, registered by triton_op) launches the
-# interpreter on FakeTensors ("Attempted to set the storage of a tensor on device
-# 'meta' to a storage on different device 'cpu'"). The schema and autograd-registration
-# checks do not trace and pass.
-CPU_OPCHECK_UTILS = ("test_schema", "test_autograd_registration")
+# InterpretedFunction"), so there is no triton_kernel_wrapper HOP to trace. The fake
+# kernel (the op's Python body, registered by triton_op) is still checked: the launcher
+# skips the launch on FakeTensors, as the HOP does on a GPU. Functionalized tracing
+# (test_aot_dispatch_*) runs the body on FunctionalTensors, which reach the interpreter
+# ("Attempted to access the data pointer on an invalid python storage").
+CPU_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 @pytest.mark.parametrize("op", ["spectral_norm_forward", "spectral_norm_backward"])
@@ -1095,25 +1184,27 @@ def test_opcheck(op, device, gen):
     kwargs = {} if device == "cuda" else dict(test_utils=CPU_OPCHECK_UTILS)
     result = torch.library.opcheck(getattr(torch.ops.sn_fused, op), args, **kwargs)
     assert all(v == "SUCCESS" for v in result.values()), result
+    from torch.testing._internal.optests.generate_tests import DEFAULT_TEST_UTILS
+
+    assert set(result) == set(DEFAULT_TEST_UTILS if device == "cuda" else CPU_OPCHECK_UTILS)
 
 
-@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor:UserWarning")
 @pytest.mark.parametrize("op", ["spectral_norm_forward", "spectral_norm_backward"])
-def test_opcheck_fake_tensor_interpreter(op, gen, request):
-    """The tracing checks on the interpreter: expected to fail (see CPU_OPCHECK_UTILS above);
-    strict, so a torch that lifts the limitation makes this XPASS and fail loudly."""
+def test_opcheck_aot_dispatch_interpreter(op, gen, request):
+    """Functionalized tracing on the interpreter: expected to fail (see CPU_OPCHECK_UTILS
+    above); strict, so a torch that lifts the limitation makes this XPASS and fail loudly."""
     if not INTERPRET:
         pytest.skip("interpreter-only limitation (the CUDA run does the full opcheck)")
     from torch.testing._internal.optests.generate_tests import OpCheckError
 
     request.applymarker(pytest.mark.xfail(
         strict=True, raises=OpCheckError,
-        reason="torch limitation, not an sn_fused bug: under TRITON_INTERPRET=1 wrap_triton returns "
-               "the InterpretedFunction unwrapped, so the triton_op's fake kernel runs the "
-               "interpreter on FakeTensors"))
+        reason="torch limitation, not an sn_fused bug: under TRITON_INTERPRET=1 there is no "
+               "triton_kernel_wrapper HOP, so functionalization runs the interpreter on "
+               "FunctionalTensors"))
     fwd, bwd = _opcheck_args("cpu", gen)
     torch.library.opcheck(getattr(torch.ops.sn_fused, op), fwd if op == "spectral_norm_forward" else bwd,
-                          test_utils="test_faketensor")
+                          test_utils="test_aot_dispatch_dynamic")
 
 
 # --------------------------------------------------------------------------- slow sweeps

@@ -854,3 +854,62 @@ def test_module_to_double_after_registration(device, seed):
     x = make_x().double()
     assert_close(ours(x), ref(x), dtype=torch.float32)  # buffers came from fp32
     assert_uv_close(ours, ref, torch.float32)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+class _GraphRecorder:
+    """A ``torch.compile`` backend that keeps each graph Dynamo captures and runs it as is.
+
+    No AOTAutograd and no Inductor: those need the triton_kernel_wrapper HOP, which the
+    interpreter has not got (tests/test_ops.py, CPU_OPCHECK_UTILS); ``tests/test_gpu.py``
+    compiles with Inductor on a GPU. What this checks on every machine is Dynamo's side:
+    the layer, the autograd.Function and the ops trace as one graph, and running that graph
+    gives the eager numbers.
+    """
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def targets(self):
+        """Every call target in the captured graphs and their subgraphs (autograd.Function
+        bodies are subgraphs of an ``autograd_function_apply`` node)."""
+        return {node.target for gm in self.graphs for sub in gm.modules()
+                if isinstance(sub, torch.fx.GraphModule) for node in sub.graph.nodes
+                if node.op == "call_function"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("train, n_iter", [(True, 1), (True, 2), (False, 1)], ids=["train-n1", "train-n2", "eval"])
+def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, device, seed):
+    """``torch.compile(fullgraph=True)``: no graph break, and the same numbers as eager --
+    outputs, every gradient, and u, v, sigma after each step, bit for bit (the same kernels
+    run on the same inputs)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        sn(nn.Conv2d(3, 4, 3, padding=1, device=device), n_power_iterations=n_iter), nn.LeakyReLU(0.1),
+        sn(nn.ConvTranspose2d(4, 2, 2, stride=2, device=device), n_power_iterations=n_iter),  # dim=1
+        nn.Flatten(), sn(nn.Linear(2 * 10 * 10, 3, device=device), n_power_iterations=n_iter),
+    ).train(train)
+    twin = copy.deepcopy(model)
+    recorder = _GraphRecorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    for step in range(3):
+        x = torch.randn(2, 3, 5, 5, device=device)
+        out, expected = compiled(x), twin(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=f"step {step}")
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=f"step {step}: {name}")
+        for (name, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"step {step}: {name}")
+    assert len(recorder.graphs) == 1  # one graph for the three steps: no break, no recompile
+    fused = fused_supported(orig(model[0]), 0)
+    ops = {torch.ops.sn_fused.spectral_norm_forward, torch.ops.sn_fused.spectral_norm_backward}
+    assert (ops <= recorder.targets()) == fused, recorder.targets()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import triton_op, wrap_triton
 
 from . import kernels
@@ -294,6 +295,13 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
         # The interpreter runs programs one after another: the first would spin forever.
         raise RuntimeError(f"spectral_norm: a single launch of {grid} programs with grid barriers "
                            f"deadlocks in the Triton interpreter; use phase_by_phase=True (the default)")
+    if INTERPRET and isinstance(out, FakeTensor):
+        # A fake kernel (torch.compile's tracing, opcheck) only needs the outputs' metadata,
+        # which the caller has allocated. On a GPU, wrap_triton's HOP skips the launch on fake
+        # tensors; the interpreter's InterpretedFunction, which wrap_triton returns unwrapped,
+        # would try to run the kernel on them. Functionalized tracing (FunctionalTensor:
+        # aot_eager, Inductor) still reaches the interpreter and fails loudly there.
+        return
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
         options["num_stages"] = cfg.num_stages
@@ -557,12 +565,33 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     check_semaphore(sem, weight)
     check_sigma_buffer(sigma_buf, weight)
+    return _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
+
+
+def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
+    """``spectral_norm_fused`` past its checks (``dim`` normalized): what the layer calls
+    when the same inputs passed them before (``_input_signature``)."""
     if not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling():
         # Nothing to record (no_grad reads, e.g. sampling or evaluation): skip autograd.Function,
         # ~10 us of host time per read. Traced calls keep the op, whatever the grad mode.
         return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)[0]
     return _SpectralNormFunction.apply(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
                                        eps, training)
+
+
+def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma_buf: torch.Tensor,
+                     sem: torch.Tensor) -> tuple:
+    """Everything about the tensors that ``fused_supported`` and the checks look at.
+
+    Tensors with equal signatures (and the same dim, n_power_iterations, eps) pass or fail
+    them alike: shape, strides, dtype and device of each. The layer keeps the signature of
+    its last checked read and skips the checks while it holds: ~15 us less host time per
+    read, measured on a CPU with the launch stubbed out; the signature itself costs ~2.
+    """
+    return (weight.shape, weight.stride(), weight.dtype, weight.device,
+            u.shape, u.stride(), u.dtype, u.device, v.shape, v.stride(), v.dtype, v.device,
+            sigma_buf.shape, sigma_buf.dtype, sigma_buf.device,
+            sem.shape, sem.stride(), sem.dtype, sem.device)
 
 
 def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim: int,
@@ -596,6 +625,8 @@ def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     """``check_inputs`` past the weight: u, v, n_power_iterations, eps (``dim`` normalized)."""
     m = weight.shape[dim]
     for name, vec, length in (("u", u, m), ("v", v, weight.numel() // m)):
+        if not isinstance(vec, torch.Tensor):
+            raise TypeError(f"spectral_norm: {name} must be a tensor, got {type(vec).__name__}")
         if vec.ndim != 1 or vec.shape[0] != length:
             raise ValueError(f"spectral_norm: {name} has shape {tuple(vec.shape)}, expected ({length},)")
         if vec.dtype != weight.dtype:
