@@ -519,9 +519,13 @@ def _finish_interpreter_check(proc: subprocess.Popen, json_path: str, timeout: f
 
 
 def interpreter_check_main(json_path: str) -> int:
-    from . import interpreter_check
+    from . import host_time, interpreter_check
 
     check = interpreter_check.run()
+    try:  # in the same child: CPU weights take the fused path only under the interpreter
+        check["host_time"] = host_time.measure()
+    except Exception as exc:  # noqa: BLE001 -- reported, does not fail the check
+        check["host_time"] = dict(error=harness.error_text(exc))
     with open(json_path, "w") as f:
         json.dump(check, f)
     return 0 if check["ok"] else 1
@@ -558,6 +562,13 @@ def run_cpu_mode(args: argparse.Namespace, device: torch.device) -> int:
         print(line)
     if check.get("output") and not check["ok"]:
         print(check["output"])
+    if "us" in check.get("host_time", {}):
+        from . import host_time
+
+        for line in host_time.format_lines(check["host_time"]):
+            print(line)
+    elif "host_time" in check:
+        print(f"host time: {check['host_time']['error']}")
 
     from . import shapes
 

@@ -9,7 +9,8 @@
 #
 # Optional, same call:
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
-#                            and bench/) in the kernel table: a same-card A/B of a kernel change
+#                            and bench/) in the kernel table, graph and eager, with its host
+#                            profile: a same-card A/B of a kernel or host-path change
 #   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: --profile --bwd-sweep
 #                            --on-chip-sweep --compile-probe; "" for none; final mode only)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
@@ -55,8 +56,9 @@ if [ "$mode" != bench ]; then
   [ "$mode" = dev ] && extra=(--sweep --profile)
   timeout 240 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
-    echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only, graph times)"
-    (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --graph-only --no-torch) 2>&1 \
+    # Graph and eager times, and the host profile: a same-card A/B of the kernels and of the host path.
+    echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only)"
+    (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --no-torch --profile) 2>&1 \
       | tee "$OUT/kernel_sweep-baseline.log" || status=1
   fi
 fi

@@ -1,0 +1,109 @@
+"""Host time of a layer read with the kernel launches stubbed out (CPU mode, any machine).
+
+On a GPU, ``python -m bench.kernel_sweep --profile`` times whole eager reads. Without
+one, this times what the host does around the launches -- parametrize, the layer, the
+checks, the allocations, autograd -- next to what any per-layer design pays:
+
+* **sn_fused**: ``m.weight`` of an ``sn_fused.spectral_norm`` Linear(16, 8) under
+  ``TRITON_INTERPRET=1`` (CPU tensors take the fused path), with the launcher's
+  ``_launch`` replaced by a no-op;
+* **floor**: the same Linear with torch's parametrize around a one-input
+  ``autograd.Function`` that only allocates its output (and its gradient);
+* **no SN**: a view of a plain weight.
+
+"+ backward" adds ``torch.autograd.backward`` of the read (the gradient accumulates in
+``.grad``). Each number is the minimum over interleaved rounds, so a busy machine shows
+as spread, not as a shift of one row. A real read adds the launch itself (~7 us per
+tiny kernel on an H100's host, ``kernel_sweep --profile``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+from unittest import mock
+
+ROUNDS = 40
+CALLS = 200  # per round and row
+
+
+def _floor_module():
+    import torch
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    class _Alloc(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, weight):
+            return torch.empty_like(weight)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.empty_like(grad)
+
+    class _Floor(nn.Module):
+        def forward(self, weight):
+            return _Alloc.apply(weight)
+
+    return parametrize.register_parametrization(nn.Linear(16, 8, bias=False), "weight", _Floor())
+
+
+def _rows() -> dict[str, Callable[[], Any]]:
+    import torch
+    from torch import nn
+
+    import sn_fused
+
+    torch.manual_seed(0)
+    fused = sn_fused.spectral_norm(nn.Linear(16, 8, bias=False))
+    floor = _floor_module()
+    plain = nn.Linear(16, 8, bias=False)
+    grad = torch.randn(8, 16)
+
+    def no_grad_read():
+        with torch.no_grad():
+            return fused.weight
+
+    return {
+        "sn_fused read": lambda: fused.weight,
+        "sn_fused read + backward": lambda: torch.autograd.backward(fused.weight, grad),
+        "sn_fused read, no_grad": no_grad_read,
+        "floor read": lambda: floor.weight,
+        "floor read + backward": lambda: torch.autograd.backward(floor.weight, grad),
+        "no SN: view + backward": lambda: torch.autograd.backward(plain.weight.view_as(plain.weight), grad),
+    }
+
+
+def measure(rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, Any]:
+    """``{"us": {row: min us per call}, "spread": {row: median / min}, ...}``."""
+    from sn_fused.ops import INTERPRET
+    from sn_fused.ops import spectral_norm as ops_mod
+
+    if not INTERPRET:
+        raise RuntimeError("host_time needs TRITON_INTERPRET=1 (CPU weights take the fused path then)")
+    with mock.patch.object(ops_mod, "_launch", lambda *args, **kwargs: None):
+        rows = _rows()
+        times: dict[str, list[float]] = {name: [] for name in rows}
+        for fn in rows.values():  # warm up: plans, caches, the first checked read
+            for _ in range(calls):
+                fn()
+        for _ in range(rounds):
+            for name, fn in rows.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    best = {name: min(ts) for name, ts in times.items()}
+    spread = {name: sorted(ts)[len(ts) // 2] / best[name] for name, ts in times.items()}
+    return dict(us=best, spread=spread, rounds=rounds, calls=calls,
+                what="host us per call, kernel launches stubbed out; min over interleaved rounds")
+
+
+def format_lines(result: dict[str, Any]) -> list[str]:
+    us = result["us"]
+    lines = [f"Host time per layer read, kernel launches stubbed out (min of {result['rounds']} rounds; "
+             f"median/min up to {max(result['spread'].values()):.2f}):"]
+    lines += [f"  {name:<26} {value:7.1f} us" for name, value in us.items()]
+    lines.append(f"  sn_fused over the floor: {us['sn_fused read'] - us['floor read']:.1f} us per read, "
+                 f"{us['sn_fused read + backward'] - us['floor read + backward']:.1f} us with its backward")
+    return lines
