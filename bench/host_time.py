@@ -54,11 +54,12 @@ def _rows() -> dict[str, Callable[[], Any]]:
 
     import sn_fused
 
-    torch.manual_seed(0)
-    fused = sn_fused.spectral_norm(nn.Linear(16, 8, bias=False))
-    floor = _floor_module()
-    plain = nn.Linear(16, 8, bias=False)
-    grad = torch.randn(8, 16)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        torch.manual_seed(0)
+        fused = sn_fused.spectral_norm(nn.Linear(16, 8, bias=False))
+        floor = _floor_module()
+        plain = nn.Linear(16, 8, bias=False)
+        grad = torch.randn(8, 16)
 
     def no_grad_read():
         with torch.no_grad():

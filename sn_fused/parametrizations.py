@@ -45,10 +45,10 @@ class _SpectralNorm(Module):
       the same time on two streams never share one.
     """
 
-    #: ``(_input_signature(...), (dim, n_power_iterations, eps))`` of the last read whose inputs
-    #: passed the fused path's checks; reads with the same skip them. A class attribute, so
+    #: ``(_input_signature(...), dim in [0, ndim))`` of the last read whose inputs passed the
+    #: fused path's checks; reads with the same signature skip them. A class attribute, so
     #: instances made without ``__init__`` (``sn_fused.convert``) start unchecked too.
-    _checked_signature = None
+    _checked_read = None
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0,
                  eps: float = 1e-12) -> None:
@@ -101,30 +101,39 @@ class _SpectralNorm(Module):
         # path (every read of module.weight), the dict lookup ~0.1 us.
         buffers = self._buffers
         u, v, sigma_buf, sem = buffers["_u"], buffers["_v"], buffers["_sigma"], buffers["_sem"]
-        args = (self.dim, self.n_power_iterations, self.eps)
+        dim, n_power_iterations, eps = self.dim, self.n_power_iterations, self.eps
         compiling = torch.compiler.is_compiling()  # traced once: checks cost nothing at run time
         if not compiling:
             try:
-                signature = (_input_signature(weight, u, v, sigma_buf, sem), args)
+                signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
             except AttributeError:  # a buffer that is not a tensor: the checks below say so
                 signature = None
-            if signature is not None and signature == self._checked_signature:
-                return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *args, self.training)
-        if fused_supported(weight, self.dim):
+            checked = self._checked_read
+            if signature is not None and checked is not None and checked[0] == signature:
+                return _spectral_norm_checked(weight, u, v, sigma_buf, sem, checked[1], n_power_iterations,
+                                              eps, self.training)
+        if fused_supported(weight, dim):
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there. (Anything else
             # wrong with them is for the op's checks to say: an AttributeError here would
             # surface as "no attribute 'weight'", parametrize's property being a property.)
+            remade = False
             if isinstance(sem, Tensor) and sem.device != weight.device:
                 sem = buffers["_sem"] = new_semaphore(weight.device)
+                remade = True
             if isinstance(sigma_buf, Tensor) and sigma_buf.device != weight.device:
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(sigma_buf.dtype, weight.device)
+                remade = True
             weight_sn = spectral_norm_fused(
-                weight, u, v, sigma_buf, sem, dim=self.dim, n_power_iterations=self.n_power_iterations,
-                eps=self.eps, training=self.training,
+                weight, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n_power_iterations, eps=eps,
+                training=self.training,
                 weight_checked=True)  # fused_supported just said yes: do not check the weight twice
-            if not compiling:  # these inputs passed every check: skip them while nothing changes
-                self._checked_signature = (_input_signature(weight, u, v, sigma_buf, sem), args)
+            if not compiling and signature is not None:
+                # These inputs passed every check (the signature taken before them, so a change
+                # made meanwhile by another thread is checked next time): skip them while it holds.
+                if remade:
+                    signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
+                self._checked_read = (signature, dim % weight.ndim)
             return weight_sn
         weight_sn, sigma = reference.spectral_norm_reference(
             weight, self._u, self._v, dim=self.dim, n_power_iterations=self.n_power_iterations,

@@ -23,5 +23,4 @@ def test_host_time_measures_and_restores_the_launcher():
     assert set(result["us"]) == {"sn_fused read", "sn_fused read + backward", "sn_fused read, no_grad",
                                  "floor read", "floor read + backward", "no SN: view + backward"}
     assert all(math.isfinite(v) and v > 0 for v in result["us"].values()), result
-    assert all(v >= 1 for v in result["spread"].values()), result
     assert len(host_time.format_lines(result)) == len(result["us"]) + 2

@@ -860,7 +860,7 @@ def test_layer_read_checks_the_weight_once(monkeypatch, device, gen):
 
     m = spectral_norm(torch.nn.Linear(5, 6, bias=False).to(device))
     calls = _counting_checks(monkeypatch)
-    m.parametrizations.weight[0]._checked_signature = None  # forget the read at registration
+    m.parametrizations.weight[0]._checked_read = None  # forget the read at registration
     m.weight
     assert calls == {"layer": 1, "op": 0, "vectors": 1}, calls
     p = m.parametrizations.weight[0]
@@ -909,10 +909,23 @@ def _eps_negative(p, device):
     p.eps = -1.0
 
 
+def _eps_tensor(p, device):
+    p.eps = torch.tensor(1e-12)
+
+
+def _n_float(p, device):
+    p.n_power_iterations = 1.0  # == 1: the signature tells them apart by type
+
+
+def _n_bool(p, device):
+    p.n_power_iterations = True
+
+
 @pytest.mark.parametrize("change,error", [
     (_swap_u, "u has shape"), (_u_none, "u must be a tensor"), (_resize_u, "u has shape"), (_u_data_of_another_dtype, "u has dtype"),
     (_v_strided, "v must be contiguous"), (_sem_int64, "sem must be"), (_sem_none, "sem must be"),
-    (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"),
+    (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_tensor, "eps"),
+    (_n_float, "n_power_iterations"), (_n_bool, "n_power_iterations"),
 ], ids=lambda x: x.__name__.lstrip("_") if callable(x) else None)
 def test_layer_checks_once_until_an_input_changes(monkeypatch, change, error, device, gen):
     """A layer checks its inputs on the first read and skips the checks while their
@@ -932,6 +945,24 @@ def test_layer_checks_once_until_an_input_changes(monkeypatch, change, error, de
     assert launches == []
 
 
+def test_layer_negative_dim_set_after_reads(device, gen):
+    """A negative dim set on a layer after it was checked: every read, checked or not, uses
+    it normalized (found in review: the skipped-check reads passed -1 on to the kernels,
+    which then laid the matrix out wrong and addressed the weight out of bounds)."""
+    from sn_fused import spectral_norm
+
+    m = spectral_norm(torch.nn.Linear(2, 5, bias=False).to(device), dim=1)  # weight (5, 2), u of 2
+    twin = copy.deepcopy(m)
+    m.weight, twin.weight
+    m.parametrizations.weight[0].dim = -1
+    for read in range(3):
+        w, w_twin = m.weight, twin.weight
+        torch.testing.assert_close(w, w_twin, rtol=0, atol=0, msg=f"read {read}")
+    for name in ("_u", "_v", "_sigma"):
+        torch.testing.assert_close(getattr(m.parametrizations.weight[0], name),
+                                   getattr(twin.parametrizations.weight[0], name), rtol=0, atol=0)
+
+
 def test_layer_checks_again_after_to(monkeypatch, device, gen):
     """``.double()`` converts the weight and the buffers: the next read is checked again,
     passes, and reads the float64 weight (the same numbers as a fresh float64 layer's)."""
@@ -942,7 +973,7 @@ def test_layer_checks_again_after_to(monkeypatch, device, gen):
     calls = _counting_checks(monkeypatch)
     m.double()
     twin = copy.deepcopy(m)
-    twin.parametrizations.weight[0]._checked_signature = None
+    twin.parametrizations.weight[0]._checked_read = None
     w, w_twin = m.weight, twin.weight
     assert calls == {"layer": 2, "op": 0, "vectors": 2}, calls
     assert w.dtype == torch.float64

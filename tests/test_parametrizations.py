@@ -910,6 +910,8 @@ def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, device, seed):
         for (name, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"step {step}: {name}")
     assert len(recorder.graphs) == 1  # one graph for the three steps: no break, no recompile
+    model(x), compiled(x)  # eager and compiled reads of the same layers, alternating
+    assert len(recorder.graphs) == 1
     fused = fused_supported(orig(model[0]), 0)
     ops = {torch.ops.sn_fused.spectral_norm_forward, torch.ops.sn_fused.spectral_norm_backward}
     assert (ops <= recorder.targets()) == fused, recorder.targets()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.library import triton_op, wrap_triton
 
 from . import kernels
@@ -295,12 +296,14 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
         # The interpreter runs programs one after another: the first would spin forever.
         raise RuntimeError(f"spectral_norm: a single launch of {grid} programs with grid barriers "
                            f"deadlocks in the Triton interpreter; use phase_by_phase=True (the default)")
-    if INTERPRET and isinstance(out, FakeTensor):
-        # A fake kernel (torch.compile's tracing, opcheck) only needs the outputs' metadata,
-        # which the caller has allocated. On a GPU, wrap_triton's HOP skips the launch on fake
+    if INTERPRET and isinstance(out, FakeTensor) and get_proxy_mode() is None:
+        # A fake kernel (Dynamo's tracing, opcheck) only needs the outputs' metadata, which
+        # the caller has allocated. On a GPU, wrap_triton's HOP skips the launch on fake
         # tensors; the interpreter's InterpretedFunction, which wrap_triton returns unwrapped,
-        # would try to run the kernel on them. Functionalized tracing (FunctionalTensor:
-        # aot_eager, Inductor) still reaches the interpreter and fails loudly there.
+        # would try to run the kernel on them. Not while a graph is being recorded (make_fx):
+        # with no HOP to record, skipping would leave the kernel out of the graph. There, and
+        # in functionalized tracing (FunctionalTensor: aot_eager, Inductor), the interpreter
+        # still fails loudly.
         return
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
@@ -580,18 +583,21 @@ def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations
 
 
 def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma_buf: torch.Tensor,
-                     sem: torch.Tensor) -> tuple:
-    """Everything about the tensors that ``fused_supported`` and the checks look at.
+                     sem: torch.Tensor, dim, n_power_iterations, eps) -> tuple:
+    """Everything ``fused_supported`` and the checks look at: inputs with equal signatures pass
+    or fail them alike.
 
-    Tensors with equal signatures (and the same dim, n_power_iterations, eps) pass or fail
-    them alike: shape, strides, dtype and device of each. The layer keeps the signature of
-    its last checked read and skips the checks while it holds: ~15 us less host time per
-    read, measured on a CPU with the launch stubbed out; the signature itself costs ~2.
+    Shape, strides, dtype and device of each tensor; type and value of each other argument
+    (``True == 1`` and ``1.0 == 1``, but the checks refuse a bool or float count). The layer
+    keeps the signature of its last checked read and skips the checks while it holds: ~15 us
+    less host time per read, measured on a CPU with the launch stubbed out; the signature
+    itself costs ~2.
     """
     return (weight.shape, weight.stride(), weight.dtype, weight.device,
             u.shape, u.stride(), u.dtype, u.device, v.shape, v.stride(), v.dtype, v.device,
             sigma_buf.shape, sigma_buf.dtype, sigma_buf.device,
-            sem.shape, sem.stride(), sem.dtype, sem.device)
+            sem.shape, sem.stride(), sem.dtype, sem.device,
+            type(dim), dim, type(n_power_iterations), n_power_iterations, type(eps), eps)
 
 
 def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim: int,
