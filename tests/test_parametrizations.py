@@ -915,3 +915,29 @@ def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, device, seed):
     fused = fused_supported(orig(model[0]), 0)
     ops = {torch.ops.sn_fused.spectral_norm_forward, torch.ops.sn_fused.spectral_norm_backward}
     assert (ops <= recorder.targets()) == fused, recorder.targets()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_make_fx_of_a_layer_never_drops_the_kernel(grad, seed):
+    """``make_fx`` (fake tensors, no Dynamo) of a model with an sn_fused layer: its graph
+    holds the SN read, or tracing fails loudly -- never a graph that leaves the kernel out.
+    (Under the interpreter there is no HOP to record the kernel, so the launcher must not
+    skip it while a graph is recorded; found in review.)"""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(seed)
+    m = sn(nn.Linear(8, 6, bias=False)).eval()
+    state = {k: v.detach().clone() for k, v in [*m.named_parameters(), *m.named_buffers()]}
+    x = torch.randn(3, 8)
+
+    def f(state, x):
+        return torch.func.functional_call(m, state, (x,))
+
+    expected = f(state, x)
+    with torch.set_grad_enabled(grad):
+        try:
+            graph = make_fx(f, tracing_mode="fake")(state, x)
+        except RuntimeError:
+            assert INTERPRET and fused_supported(orig(m), 0)  # loud, and only where no HOP exists
+            return
+    torch.testing.assert_close(graph(state, x), expected)
