@@ -304,6 +304,12 @@ def markdown_report(results: dict) -> str:
     check = results.get("interpreter_check")
     if check:
         parts.append(f"- interpreter check: {check.get('summary')}")
+        if "us" in check.get("host_time", {}):
+            from .host_time import format_lines
+
+            first, *rows = format_lines(check["host_time"])
+            parts.append(f"- {first}")
+            parts += [f"  - {row.strip()}" for row in rows]
     for t in tables(results, detail=True):
         parts += ["", format_markdown(t)]
     errors = error_lines(results)
