@@ -101,6 +101,9 @@ def measure(rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, Any]:
 
 
 def format_lines(result: dict[str, Any]) -> list[str]:
+    """``measure()``'s result as text lines (or its ``{"error": ...}``, as one line)."""
+    if "error" in result:
+        return [f"Host time per layer read: not measured ({result['error']})"]
     us = result["us"]
     lines = [f"Host time per layer read, kernel launches stubbed out (min of {result['rounds']} rounds; "
              f"median/min up to {max(result['spread'].values()):.2f}):"]

@@ -304,7 +304,7 @@ def markdown_report(results: dict) -> str:
     check = results.get("interpreter_check")
     if check:
         parts.append(f"- interpreter check: {check.get('summary')}")
-        if "us" in check.get("host_time", {}):
+        if "host_time" in check:
             from .host_time import format_lines
 
             first, *rows = format_lines(check["host_time"])

@@ -136,10 +136,9 @@ class _SpectralNorm(Module):
                 self._checked_read = (signature, dim % weight.ndim)
             return weight_sn
         weight_sn, sigma = reference.spectral_norm_reference(
-            weight, self._u, self._v, dim=self.dim, n_power_iterations=self.n_power_iterations,
-            eps=self.eps, training=self.training)
+            weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps, training=self.training)
         with torch.no_grad():
-            self._sigma.copy_(sigma.real if sigma.is_complex() else sigma)
+            sigma_buf.copy_(sigma.real if sigma.is_complex() else sigma)
         return weight_sn
 
     def right_inverse(self, value: Tensor) -> Tensor:

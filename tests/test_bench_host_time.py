@@ -24,3 +24,5 @@ def test_host_time_measures_and_restores_the_launcher():
                                  "floor read", "floor read + backward", "no SN: view + backward"}
     assert all(math.isfinite(v) and v > 0 for v in result["us"].values()), result
     assert len(host_time.format_lines(result)) == len(result["us"]) + 2
+    assert host_time.format_lines(dict(error="RuntimeError: x")) == [
+        "Host time per layer read: not measured (RuntimeError: x)"]

@@ -922,7 +922,8 @@ def _n_bool(p, device):
 
 
 @pytest.mark.parametrize("change,error", [
-    (_swap_u, "u has shape"), (_u_none, "u must be a tensor"), (_resize_u, "u has shape"), (_u_data_of_another_dtype, "u has dtype"),
+    (_swap_u, "u has shape"), (_u_none, "u must be a tensor"), (_resize_u, "u has shape"),
+    (_u_data_of_another_dtype, "u has dtype"),
     (_v_strided, "v must be contiguous"), (_sem_int64, "sem must be"), (_sem_none, "sem must be"),
     (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_tensor, "eps"),
     (_n_float, "n_power_iterations"), (_n_bool, "n_power_iterations"),
