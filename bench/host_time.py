@@ -8,7 +8,10 @@ checks, the allocations, autograd -- next to what any per-layer design pays:
   ``TRITON_INTERPRET=1`` (CPU tensors take the fused path), with the launcher's
   ``_launch`` replaced by a no-op;
 * **floor**: the same Linear with torch's parametrize around a one-input
-  ``autograd.Function`` that only allocates its output (and its gradient);
+  ``autograd.Function`` that only allocates its output (and its gradient), read
+  through sn_fused's fast getter (``parametrizations._install_fast_read``, which
+  serves any single parametrization) -- and once more through torch's own getter,
+  which is what that getter costs;
 * **no SN**: a view of a plain weight.
 
 "+ backward" adds ``torch.autograd.backward`` of the read (the gradient accumulates in
@@ -27,10 +30,12 @@ ROUNDS = 40
 CALLS = 200  # per round and row
 
 
-def _floor_module():
+def _floor_module(fast_read: bool):
     import torch
     from torch import nn
     from torch.nn.utils import parametrize
+
+    from sn_fused.parametrizations import _install_fast_read
 
     class _Alloc(torch.autograd.Function):
         @staticmethod
@@ -45,7 +50,10 @@ def _floor_module():
         def forward(self, weight):
             return _Alloc.apply(weight)
 
-    return parametrize.register_parametrization(nn.Linear(16, 8, bias=False), "weight", _Floor())
+    module = parametrize.register_parametrization(nn.Linear(16, 8, bias=False), "weight", _Floor())
+    if fast_read:
+        _install_fast_read(module, "weight")
+    return module
 
 
 def _rows() -> dict[str, Callable[[], Any]]:
@@ -57,7 +65,8 @@ def _rows() -> dict[str, Callable[[], Any]]:
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
         torch.manual_seed(0)
         fused = sn_fused.spectral_norm(nn.Linear(16, 8, bias=False))
-        floor = _floor_module()
+        floor = _floor_module(fast_read=True)
+        floor_torch_getter = _floor_module(fast_read=False)
         plain = nn.Linear(16, 8, bias=False)
         grad = torch.randn(8, 16)
 
@@ -71,6 +80,7 @@ def _rows() -> dict[str, Callable[[], Any]]:
         "sn_fused read, no_grad": no_grad_read,
         "floor read": lambda: floor.weight,
         "floor read + backward": lambda: torch.autograd.backward(floor.weight, grad),
+        "floor read, torch's getter": lambda: floor_torch_getter.weight,
         "no SN: view + backward": lambda: torch.autograd.backward(plain.weight.view_as(plain.weight), grad),
     }
 

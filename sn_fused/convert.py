@@ -33,7 +33,7 @@ from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook as _Le
 from torch.nn.utils.spectral_norm import SpectralNormStateDictHook as _LegacyStateDictHook
 
 from .ops import new_semaphore
-from .parametrizations import _SpectralNorm
+from .parametrizations import _install_fast_read, _new_sigma_buffer, _SpectralNorm
 
 __all__ = ["convert", "convert_state_dict", "load_legacy_state_dict"]
 
@@ -80,9 +80,7 @@ def _fused_from_state(weight: Tensor, u: Tensor | None, v: Tensor | None, *, dim
         sn.n_power_iterations = n_power_iterations
         sn.register_buffer("_u", u)
         sn.register_buffer("_v", v)
-        sn.register_buffer(
-            "_sigma", torch.full((), float("nan"), dtype=weight.real.dtype, device=weight.device),
-            persistent=False)
+        sn.register_buffer("_sigma", _new_sigma_buffer(weight, weight.real.dtype), persistent=False)
         sn.register_buffer("_sem", new_semaphore(weight.device), persistent=False)
     sn.train(training)
     return sn
@@ -134,6 +132,7 @@ def _convert_legacy(module: Module, fn: _LegacySpectralNorm, hook_id: int) -> No
     parametrize.register_parametrization(module, name, sn, unsafe=True)
     # ...and then leave the list as sn_fused.spectral_norm would (safe checks on assignment).
     module.parametrizations[name].unsafe = False
+    _install_fast_read(module, name)
 
 
 def _convert_parametrizations(module: Module) -> None:
@@ -158,6 +157,7 @@ def _convert_parametrizations(module: Module) -> None:
                 sn = _fused_from_state(weight, None, None, dim=p.dim, eps=p.eps,
                                        n_power_iterations=1, training=p.training)
             plist[i] = sn  # ModuleList.__setitem__: the other entries stay as they are
+            _install_fast_read(module, name)
 
 
 # --------------------------------------------------------------------------- convert

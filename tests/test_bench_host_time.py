@@ -21,7 +21,8 @@ def test_host_time_measures_and_restores_the_launcher():
     result = host_time.measure(rounds=2, calls=3)
     assert snm._launch is launch
     assert set(result["us"]) == {"sn_fused read", "sn_fused read + backward", "sn_fused read, no_grad",
-                                 "floor read", "floor read + backward", "no SN: view + backward"}
+                                 "floor read", "floor read + backward", "floor read, torch's getter",
+                                 "no SN: view + backward"}
     assert all(math.isfinite(v) and v > 0 for v in result["us"].values()), result
     assert len(host_time.format_lines(result)) == len(result["us"]) + 2
     assert host_time.format_lines(dict(error="RuntimeError: x")) == [

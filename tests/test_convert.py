@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
+from unittest import mock
 
 import pytest
 import torch
@@ -86,6 +87,16 @@ def _fused_sns(model):
             for plist in m.parametrizations.values() for p in plist if isinstance(p, FusedSN)]
 
 
+def _list_forwards(model, x) -> int:
+    """How many weights a forward of ``model`` read through torch's ``ParametrizationList.forward``
+    (sn_fused's fast read skips it where it is the only parametrization of its weight)."""
+    forward = parametrize.ParametrizationList.forward
+    with mock.patch.object(parametrize.ParametrizationList, "forward", autospec=True,
+                           side_effect=forward) as counted:
+        model(x)
+    return counted.call_count
+
+
 def _no_torch_sn_left(model):
     for m in model.modules():
         assert not any(isinstance(h, LegacySpectralNorm) for h in m._forward_pre_hooks.values())
@@ -130,6 +141,7 @@ def test_convert_parametrization_form():
 
     assert_same(_eval_out(model, x), before)
     assert not any(p._sigma.isnan() for p in _fused_sns(model))  # sn_fused's read ran
+    assert _list_forwards(model, x) == 0  # the fast read, installed
 
     # Training mode: the next read matches an unconverted PyTorch twin, forward and backward.
     model.train()
@@ -173,6 +185,7 @@ def test_convert_legacy_form():
     assert list(model.state_dict()) == list(twin.state_dict())
 
     assert_same(_eval_out(model, x), before)
+    assert _list_forwards(model, x) == 0
 
     model.train()
     twin.train()
@@ -205,6 +218,7 @@ def test_convert_mixed():
     assert type(model[2]) is nn.Conv2d and model[2].weight is plain_weight  # no SN: untouched
     assert model[4].parametrizations.weight[0].dim == 1
     assert_same(_eval_out(model, x), before)
+    assert _list_forwards(model, x) == 1  # the stacked weight, through torch's getter
 
 
 # --------------------------------------------------------------------------- legacy checkpoints

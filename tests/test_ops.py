@@ -889,6 +889,12 @@ def _u_data_of_another_dtype(p, device):
     p._u.data = p._u.data.double()
 
 
+def _u_wrapper_subclass(p, device):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    p._u = TwoTensor(p._u.clone(), p._u.clone())  # same shape, strides, dtype: only the type differs
+
+
 def _v_strided(p, device):
     p._v = torch.ones(2 * p._v.numel(), device=device)[::2]
 
@@ -923,7 +929,7 @@ def _n_bool(p, device):
 
 @pytest.mark.parametrize("change,error", [
     (_swap_u, "u has shape"), (_u_none, "u must be a tensor"), (_resize_u, "u has shape"),
-    (_u_data_of_another_dtype, "u has dtype"),
+    (_u_data_of_another_dtype, "u has dtype"), (_u_wrapper_subclass, "cannot read u of type TwoTensor"),
     (_v_strided, "v must be contiguous"), (_sem_int64, "sem must be"), (_sem_none, "sem must be"),
     (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_tensor, "eps"),
     (_n_float, "n_power_iterations"), (_n_bool, "n_power_iterations"),

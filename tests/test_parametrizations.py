@@ -18,10 +18,12 @@ are known to exercise the kernels where they should.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import zlib
+from unittest import mock
 
 import pytest
 import torch
@@ -526,6 +528,107 @@ def test_cached_one_iteration_per_block(kind, n_iter, device, seed):
     assert_uv_differ(ours, once_ref)
 
 
+# --------------------------------------------------------------------------- the fast read
+
+
+class _Double(nn.Module):
+    """A second parametrization to stack with spectral norm."""
+
+    def forward(self, x):
+        return 2 * x
+
+
+def _count_list_forwards(monkeypatch) -> list:
+    """Record every ``ParametrizationList.forward`` call (torch's getter makes one per read)."""
+    calls = []
+    forward = parametrize.ParametrizationList.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(parametrize.ParametrizationList, "forward", counting)
+    return calls
+
+
+_READ_CASES = {
+    # name: (setup(module, hook_calls) -> context manager of the read, torch's getter expected)
+    "plain": (lambda m, calls: contextlib.nullcontext(), False),
+    "cached": (lambda m, calls: parametrize.cached(), True),
+    "stacked_after": (lambda m, calls: (parametrize.register_parametrization(m, "weight", _Double()),
+                                        contextlib.nullcontext())[1], True),
+    "list_forward_hook": (lambda m, calls: (m.parametrizations.weight.register_forward_hook(
+        lambda mod, args, out: calls.append("fwd") or 3 * out), contextlib.nullcontext())[1], True),
+    "list_forward_pre_hook": (lambda m, calls: (m.parametrizations.weight.register_forward_pre_hook(
+        lambda mod, args: calls.append("pre")), contextlib.nullcontext())[1], True),
+    "global_forward_hook": (lambda m, calls: _global_forward_hook(calls), True),
+    "list_compiled": (lambda m, calls: _fake_compiled_call(m.parametrizations.weight, calls), True),
+    "jit_tracing": (lambda m, calls: mock.patch.object(torch._C, "_get_tracing_state", lambda: object()),
+                    True),
+    # The parametrization's own hooks need no fallback: the fast read calls it through
+    # Module.__call__ then.
+    "sn_forward_hook": (lambda m, calls: (m.parametrizations.weight[0].register_forward_hook(
+        lambda mod, args, out: calls.append("sn") or 3 * out), contextlib.nullcontext())[1], False),
+}
+
+
+@contextlib.contextmanager
+def _global_forward_hook(calls):
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: calls.append(type(mod).__name__))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _fake_compiled_call(plist, calls):
+    """What ``plist.compile()`` leaves behind (``Module.__call__`` then calls it), minus Dynamo."""
+    call_impl = plist._call_impl
+
+    def compiled(*args, **kwargs):
+        calls.append("compiled")
+        return call_impl(*args, **kwargs)
+
+    plist._compiled_call_impl = compiled
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("case", list(_READ_CASES))
+def test_fast_read_only_where_torch_getter_is_the_same_call(case, monkeypatch, seed):
+    """``module.weight`` skips torch's ParametrizationList.forward only where that changes nothing.
+
+    Every case is set up on both modules alike; then each read must give PyTorch's weight,
+    u and v, run the same hooks, and go through torch's getter exactly where the case says.
+    """
+    ref, ours, make_x = make_pair("conv2d", seed)
+    scramble_uv(ref, ours)
+    setup, torch_getter = _READ_CASES[case]
+    ref_hooks, our_hooks = [], []
+    ref_ctx, our_ctx = setup(ref, ref_hooks), setup(ours, our_hooks)
+    calls = _count_list_forwards(monkeypatch)
+    with ref_ctx:
+        w_ref = ref.weight
+    n_ref = len(calls)
+    with our_ctx:
+        w_ours = ours.weight
+    n_ours = len(calls) - n_ref
+    assert n_ref == 1
+    assert n_ours == (1 if torch_getter else 0)
+    assert our_hooks == ref_hooks
+    if "hook" in case or "compiled" in case:
+        assert our_hooks, "the case's hook did not run"
+    assert_close(w_ours, w_ref)
+    assert_uv_close(ours, ref, torch.float32)
+    x = make_x()  # and a training step through the fast (or torch's) read
+    out_ref = ref(x)
+    r = torch.randn_like(out_ref)
+    _loss(out_ref, r).backward()
+    _loss(ours(x), r).backward()
+    assert_close(orig(ours).grad, orig(ref).grad)
+    assert_uv_close(ours, ref, torch.float32)
+
+
 # --------------------------------------------------------------------------- remove_parametrizations
 
 
@@ -538,6 +641,7 @@ def test_remove_parametrizations(kind, leave, device, seed):
     parametrize.remove_parametrizations(ref, "weight", leave_parametrized=leave)
     parametrize.remove_parametrizations(ours, "weight", leave_parametrized=leave)
     assert not parametrize.is_parametrized(ours)
+    assert type(ours) is type(ref)  # the class parametrize made, with the fast read on it, is gone
     assert isinstance(ours.weight, nn.Parameter)
     assert set(dict(ours.named_buffers())) == set(dict(ref.named_buffers()))
     assert list(ours.state_dict()) == list(ref.state_dict())
@@ -811,6 +915,25 @@ def test_complex_linear(n_iter, device, seed):
     assert_close(ours.weight, ref.weight)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_wrapper_subclass_weight(device, seed):
+    """A weight that is a wrapper tensor subclass (here ``TwoTensor``; DTensor is one too) has
+    no storage of its own for a kernel: it takes the reference path, whose torch ops dispatch
+    through the subclass as in PyTorch's spectral norm, and trains like it."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(seed)
+    base = nn.Linear(6, 4, device=device)
+    w = base.weight.detach()
+    base.weight = nn.Parameter(TwoTensor(w.clone(), 2 * w))
+    assert not fused_supported(base.weight, 0)
+    ref, ours, _ = make_pair("linear", seed, device=device, base=base)
+    assert type(par(ours)._u) is TwoTensor
+    train_in_lockstep(ref, ours, lambda: TwoTensor(*[torch.randn(5, 6, device=device)] * 2), torch.float32)
+    with torch.no_grad():
+        assert_close(ours.weight.b, ref.weight.b)  # both halves, not only what assert_close compares
+
+
 # --------------------------------------------------------------------------- misc semantics
 
 
@@ -915,6 +1038,75 @@ def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, device, seed):
     fused = fused_supported(orig(model[0]), 0)
     ops = {torch.ops.sn_fused.spectral_norm_forward, torch.ops.sn_fused.spectral_norm_backward}
     assert (ops <= recorder.targets()) == fused, recorder.targets()
+
+
+@contextlib.contextmanager
+def _reference_launchers():
+    """Replace the two launchers with the float reference, writing the same outputs.
+
+    AOTAutograd (functionalization, the joint graph) cannot run the interpreter's kernels
+    (no HOP on CPU); with these stand-ins it traces everything around them: the autograd
+    Function, its packed arguments, the ops' in-place mutations of u, v, sigma_buf.
+    """
+    from sn_fused import reference
+    from sn_fused.ops import spectral_norm as ops_mod
+
+    def forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim, n_power_iterations, eps,
+                training, **launch):
+        u_new, v_new = u.clone(), v.clone()
+        w_sn, s = reference.spectral_norm_reference(weight, u_new, v_new, dim=dim, eps=eps, training=training,
+                                                    n_power_iterations=n_power_iterations)
+        for dst, src in ((out, w_sn), (u_saved, u_new), (v_saved, v_new), (sigma, s), (sigma_buf, s)):
+            dst.copy_(src)
+        if training:
+            u.copy_(u_new)
+            v.copy_(v_new)
+
+    def backward(grad, weight, grad_weight, u, v, sigma, sem, dim, **launch):
+        grad_weight.copy_(reference.spectral_norm_backward_reference(grad, weight, u, v, sigma, dim))
+
+    with mock.patch.object(ops_mod, "_launch_forward", forward), \
+            mock.patch.object(ops_mod, "_launch_backward", backward):
+        yield
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU weights take the fused path (the autograd Function) "
+                                          "only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("train, n_iter", [(True, 1), (True, 2), (False, 1)], ids=["train-n1", "train-n2", "eval"])
+def test_torch_compile_aot_autograd_around_the_launchers(train, n_iter, seed):
+    """``torch.compile`` through AOTAutograd (the part Inductor builds on), on CPU: with the
+    launchers replaced by the reference (``_reference_launchers``), the compiled model's
+    outputs, gradients and u, v, sigma equal eager's over three steps, from one forward and
+    one backward graph. On a GPU the kernels themselves are compiled (tests/test_gpu.py)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        sn(nn.Conv2d(3, 4, 3, padding=1), n_power_iterations=n_iter), nn.LeakyReLU(0.1),
+        sn(nn.ConvTranspose2d(4, 2, 2, stride=2), n_power_iterations=n_iter),  # dim=1
+        nn.Flatten(), sn(nn.Linear(2 * 10 * 10, 3), n_power_iterations=n_iter),
+    ).train(train)
+    twin = copy.deepcopy(model)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    with _reference_launchers():
+        for step in range(3):
+            x = torch.randn(2, 3, 5, 5)
+            out, expected = compiled(x), twin(x)
+            torch.testing.assert_close(out, expected, msg=f"step {step}")
+            out.square().sum().backward()
+            expected.square().sum().backward()
+            for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+                torch.testing.assert_close(a.grad, b.grad, msg=f"step {step}: {name}")
+            for (name, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
+                torch.testing.assert_close(a, b, equal_nan=True, msg=f"step {step}: {name}")
+    assert len(graphs) == 2  # one forward, one backward graph for all steps
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

@@ -31,6 +31,7 @@ import triton
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.library import triton_op, wrap_triton
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import kernels
 
@@ -51,6 +52,11 @@ __all__ = [
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Weights of other types are tested for being wrapper subclasses (TwoTensor, DTensor, ...): a
+# kernel cannot read them (their data lives in inner tensors), while the reference's torch ops
+# dispatch through them as PyTorch's own spectral norm does. FakeTensor and FunctionalTensor
+# (tracing) are not wrapper subclasses in this sense: they take the op.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _MAX_COL_DIMS = 4
 _MAX_GRID = 1024  # programs; far above any GPU's co-resident count at one program per SM
 # Launch tuning. Module globals so that bench/kernel_sweep.py can sweep them
@@ -139,6 +145,8 @@ def fused_supported(weight: torch.Tensor, dim: int = 0) -> bool:
     dtype = weight.dtype
     if dtype not in _FUSED_DTYPES:
         return False
+    if type(weight) not in _PLAIN_TENSOR_TYPES and is_traceable_wrapper_subclass(weight):
+        return False  # TwoTensor, DTensor, ...: no storage of their own to launch on; see _PLAIN_TENSOR_TYPES
     if not weight.is_cuda and not (INTERPRET and weight.device.type == "cpu" and dtype != torch.bfloat16):
         return False  # CPU tensors only through the interpreter, which has no bfloat16
     ndim = weight.ndim
@@ -519,10 +527,18 @@ class _SpectralNormFunction(torch.autograd.Function):
     the pair is tied together here; Dynamo traces an autograd.Function
     fine, so ``torch.compile`` sees both ops. Eager calls skip the
     dispatcher and call the same launchers the ops call.
+
+    ``apply(weight, state)``: everything but the weight comes in one tuple
+    ``(u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)``.
+    ``Function.apply`` inspects each argument (and ``backward`` returns one
+    gradient per argument); none of these needs a gradient, and packing them
+    saves ~4 us of host time per read on a CPU. Dynamo traces the tuple like
+    separate arguments (the same graph, bit for bit: tests/test_parametrizations.py).
     """
 
     @staticmethod
-    def forward(ctx, weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
+    def forward(ctx, weight, state):
+        u, v, sigma_buf, sem, dim, n_power_iterations, eps, training = state
         if torch.compiler.is_compiling():
             out, u_saved, v_saved, sigma = torch.ops.sn_fused.spectral_norm_forward(
                 weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
@@ -542,7 +558,7 @@ class _SpectralNormFunction(torch.autograd.Function):
                 grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
         else:  # grad_out has the output's shape, dtype and device: autograd checked it
             grad_weight = _backward_unchecked(grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
-        return grad_weight, None, None, None, None, None, None, None, None
+        return grad_weight, None
 
 
 # --------------------------------------------------------------------------- entry points
@@ -578,8 +594,8 @@ def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations
         # Nothing to record (no_grad reads, e.g. sampling or evaluation): skip autograd.Function,
         # ~10 us of host time per read. Traced calls keep the op, whatever the grad mode.
         return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)[0]
-    return _SpectralNormFunction.apply(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
-                                       eps, training)
+    return _SpectralNormFunction.apply(weight, (u, v, sigma_buf, sem, dim, n_power_iterations,
+                                                eps, training))
 
 
 def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma_buf: torch.Tensor,
@@ -587,14 +603,15 @@ def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sig
     """Everything ``fused_supported`` and the checks look at: inputs with equal signatures pass
     or fail them alike.
 
-    Shape, strides, dtype and device of each tensor; type and value of each other argument
+    Type (the weight's, u's and v's), shape, strides, dtype and device of each tensor; type and
+    value of each other argument
     (``True == 1`` and ``1.0 == 1``, but the checks refuse a bool or float count). The layer
     keeps the signature of its last checked read and skips the checks while it holds: ~15 us
     less host time per read, measured on a CPU with the launch stubbed out; the signature
     itself costs ~2.
     """
-    return (weight.shape, weight.stride(), weight.dtype, weight.device,
-            u.shape, u.stride(), u.dtype, u.device, v.shape, v.stride(), v.dtype, v.device,
+    return (type(weight), weight.shape, weight.stride(), weight.dtype, weight.device,
+            type(u), u.shape, u.stride(), u.dtype, u.device, type(v), v.shape, v.stride(), v.dtype, v.device,
             sigma_buf.shape, sigma_buf.dtype, sigma_buf.device,
             sem.shape, sem.stride(), sem.dtype, sem.device,
             type(dim), dim, type(n_power_iterations), n_power_iterations, type(eps), eps)
@@ -633,6 +650,10 @@ def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     for name, vec, length in (("u", u, m), ("v", v, weight.numel() // m)):
         if not isinstance(vec, torch.Tensor):
             raise TypeError(f"spectral_norm: {name} must be a tensor, got {type(vec).__name__}")
+        if type(vec) not in _PLAIN_TENSOR_TYPES and is_traceable_wrapper_subclass(vec):
+            raise TypeError(f"spectral_norm: the fused kernels cannot read {name} of type "
+                            f"{type(vec).__name__} (a wrapper tensor subclass) for a {type(weight).__name__} "
+                            f"weight")
         if vec.ndim != 1 or vec.shape[0] != length:
             raise ValueError(f"spectral_norm: {name} has shape {tuple(vec.shape)}, expected ({length},)")
         if vec.dtype != weight.dtype:
