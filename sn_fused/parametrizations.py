@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module
+from torch.fx import _symbolic_trace as _fx_symbolic_trace
 from torch.nn.modules import module as _module_mod
 from torch.nn.utils import parametrize
 
 from . import reference
 from .ops import fused_supported, new_semaphore, spectral_norm_fused
-from .ops.spectral_norm import _input_signature, _spectral_norm_checked
+from .ops.spectral_norm import _input_signature, _plain_tensor, _spectral_norm_checked
 
 __all__ = ["spectral_norm", "_SpectralNorm"]
 
@@ -118,14 +119,16 @@ class _SpectralNorm(Module):
                                               eps, self.training)
         if fused_supported(weight, dim):
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
-            # the weight arrives on another device, they are made anew there. (Anything else
+            # the weight arrives on another device, they are made anew there, and so when a plain
+            # weight replaces a wrapper-subclass one (DTensor, TwoTensor). (Anything else
             # wrong with them is for the op's checks to say: an AttributeError here would
             # surface as "no attribute 'weight'", parametrize's property being a property.)
             remade = False
-            if isinstance(sem, Tensor) and sem.device != weight.device:
+            if isinstance(sem, Tensor) and (sem.device != weight.device or not _plain_tensor(sem)):
                 sem = buffers["_sem"] = new_semaphore(weight.device)
                 remade = True
-            if isinstance(sigma_buf, Tensor) and sigma_buf.device != weight.device:
+            if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device
+                                                  or not _plain_tensor(sigma_buf)):
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(weight, sigma_buf.dtype)
                 remade = True
             weight_sn = spectral_norm_fused(
@@ -152,10 +155,12 @@ class _SpectralNorm(Module):
 
 
 def _calls_forward(module: Module) -> bool:
-    """Whether ``module(*args)`` is just ``module.forward(*args)``: no hooks of its own, not
-    ``compile()``-d (what ``Module.__call__`` checks; global hooks and tracing are checked apart)."""
+    """Whether ``module(*args)`` is just ``module.forward(*args)`` of the class's forward: no hooks
+    of its own, not ``compile()``-d, no ``forward`` set on the instance (accelerate's hooks
+    wrap it so). What ``Module.__call__`` checks; global hooks and tracing are checked apart."""
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or module._compiled_call_impl is not None)
+                or module._backward_pre_hooks or module._compiled_call_impl is not None
+                or "forward" in module.__dict__)
 
 
 def _install_fast_read(module: Module, name: str) -> None:
@@ -167,10 +172,13 @@ def _install_fast_read(module: Module, name: str) -> None:
     ``Module.__call__``, and a ``hasattr`` that raises AttributeError to find the end of
     the chain. Where the list holds a single parametrization of a single tensor and nothing
     could tell the difference -- no hooks on the list or the parametrization, no global
-    module hooks, nothing ``compile()``-d, no ``torch.jit.trace``, no
-    ``parametrize.cached()`` block -- the read is what those calls come down to:
-    ``plist[0].forward(plist.original)``. In every other case torch's getter runs, so
-    stacked parametrizations, hooks, caching and tracing behave exactly as in PyTorch.
+    module hooks, no ``forward`` replaced on the list (accelerate's offloading hooks), nothing
+    ``compile()``-d, no ``torch.jit.trace``, no FX tracing (``symbolic_trace`` must record the
+    list as a module call, not the weight as a constant), no ``parametrize.cached()`` block --
+    the read is what those calls come down to: ``plist[0].forward(plist.original)``. In every
+    other case torch's getter runs, so stacked parametrizations, hooks, caching and tracing
+    behave exactly as in PyTorch. (``ParametrizationList``'s own methods are taken to be
+    torch's: the tests patch them to count the calls.)
 
     The property goes on the class ``register_parametrization`` made for this module (its
     deep copies share it: the getter reads whichever parametrization their list holds);
@@ -188,7 +196,9 @@ def _install_fast_read(module: Module, name: str) -> None:
         if (original is not None and len(plist._modules) == 1 and not parametrize._cache_enabled
                 and not (_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks
                          or _module_mod._global_backward_hooks or _module_mod._global_backward_pre_hooks)
-                and torch._C._get_tracing_state() is None and _calls_forward(plist)):
+                and torch._C._get_tracing_state() is None
+                and not _fx_symbolic_trace._is_fx_tracing_flag  # is_fx_tracing(), without its warning
+                and _calls_forward(plist)):
             parametrization = plist._modules["0"]
             if _calls_forward(parametrization):
                 return parametrization.forward(original)

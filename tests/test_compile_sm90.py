@@ -26,10 +26,9 @@ SCRIPT = textwrap.dedent("""
                 for name in fn.arg_names}
 
     target = GPUTarget("cuda", 90, 32)
-    fwd = {n: "*fp32" for n in ("w_ptr", "out_ptr", "u_ptr", "v_ptr", "u_saved_ptr", "v_saved_ptr",
-                                "sigma_ptr", "sigma_buf_ptr", "ws_ptr")}
+    fwd = {n: "*fp32" for n in ("w_ptr", "out_ptr", "u_ptr", "v_ptr", "saved_ptr", "sigma_buf_ptr", "ws_ptr")}
     fwd["sem_ptr"] = "*i32"
-    bwd = {n: "*bf16" for n in ("g_ptr", "w_ptr", "dw_ptr", "u_ptr", "v_ptr", "sigma_ptr")}
+    bwd = {n: "*bf16" for n in ("g_ptr", "w_ptr", "dw_ptr", "saved_ptr")}
     bwd.update(ws_ptr="*fp32", sem_ptr="*i32")
 
     def fwd_case(**blocks):
@@ -116,10 +115,10 @@ SPILL_SCRIPT = textwrap.dedent("""
         grid = min(132, -(-M * N // snm._MIN_ELEMENTS_PER_PROGRAM))
         on_chip = snm._launch_config(M, N, w.device, grid).ON_CHIP
         launches.clear()
-        snm._launch_forward(w, torch.empty_like(w), u, v, torch.empty_like(u), torch.empty_like(v),
-                            torch.empty(()), torch.empty(()), snm.new_semaphore(), 0, 1, 1e-12, True,
-                            num_programs=grid, phase_by_phase=False)
-        snm._launch_backward(w, w, torch.empty_like(w), u, v, torch.ones(()), snm.new_semaphore(), 0,
+        saved = torch.ones(M + N + 1)
+        snm._launch_forward(w, torch.empty_like(w), u, v, saved, torch.empty(()), snm.new_semaphore(), 0, 1,
+                            1e-12, True, num_programs=grid, phase_by_phase=False)
+        snm._launch_backward(w, w, torch.empty_like(w), saved, snm.new_semaphore(), 0,
                              num_programs=grid, phase_by_phase=False)
         spills = [spill_bytes(*launch) for launch in launches]
         print(f"{M}x{N} ({grid} programs, on_chip={on_chip}) spill bytes (stores, loads): "

@@ -441,12 +441,10 @@ def _run_case(case):
     if case["poison"]:
         nan = float("nan")
         out = torch.empty_like(W, memory_format=torch.preserve_format).fill_(nan)
-        us = torch.full((M,), nan, dtype=dtype, device=DEVICE)
-        vs = torch.full((N,), nan, dtype=dtype, device=DEVICE)
-        sigma = torch.full((), nan, dtype=dtype, device=DEVICE)
+        saved = torch.full((M + N + 1,), nan, dtype=dtype, device=DEVICE)
+        us, vs, sigma = sn_fused.ops.split_saved(saved, M, N)
         with mock.patch("torch.empty", poisoned_empty):
-            opsmod._launch_forward(W, out, u, v, us, vs, sigma, sigma_buf, sem, dim_n, n, eps,
-                                   training, **launch)
+            opsmod._launch_forward(W, out, u, v, saved, sigma_buf, sem, dim_n, n, eps, training, **launch)
     else:
         out, us, vs, sigma = sn_fused.ops.spectral_norm_forward_fused(
             W, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n, eps=eps, training=training, **launch)
@@ -488,7 +486,7 @@ def _run_case(case):
         if case["poison"]:
             dW = torch.empty_like(W, memory_format=torch.preserve_format).fill_(float("nan"))
             with mock.patch("torch.empty", poisoned_empty):
-                opsmod._launch_backward(G, W, dW, us, vs, sigma, sem, dim_n, **launch)
+                opsmod._launch_backward(G, W, dW, opsmod._pack_saved(us, vs, sigma), sem, dim_n, **launch)
         else:
             dW = sn_fused.ops.spectral_norm_backward_fused(G, W, us, vs, sigma, sem, dim=dim_n, **launch)
         assert torch.equal(G, G_before) and torch.equal(W, W_before), f"backward modified its inputs ({ctx})"
@@ -559,8 +557,9 @@ def test_fuzz_checks_catch_wrong_results(poison):
     real_fwd, real_bwd = opsmod._launch_forward, opsmod._launch_backward
 
     def forward(which):
-        def launch(W, out, u, v, us, vs, sigma, sigma_buf, *args, **kwargs):
-            real_fwd(W, out, u, v, us, vs, sigma, sigma_buf, *args, **kwargs)
+        def launch(W, out, u, v, saved, sigma_buf, *args, **kwargs):
+            real_fwd(W, out, u, v, saved, sigma_buf, *args, **kwargs)
+            us, _, sigma = sn_fused.ops.split_saved(saved, u.numel(), v.numel())
             if which == "sigma":  # 1e-4 off, W_sn consistent with it
                 sigma.mul_(1 + 1e-4)
                 sigma_buf.copy_(sigma)

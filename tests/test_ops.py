@@ -662,13 +662,12 @@ def test_forward_writes_every_output_element(launch, out_layout, on_chip, device
             u.fill_(NAN)  # never read in training mode
         out = (torch.full_like(weight, NAN) if out_layout == "like-weight"
                else torch.full(weight.shape, NAN, device=device))
-        u_saved, v_saved = torch.full_like(u0, NAN), torch.full_like(v0, NAN)
-        sigma = torch.full((), NAN, device=device)
+        saved = torch.full((u0.numel() + v0.numel() + 1,), NAN, device=device)
+        u_saved, v_saved, sigma = ops.split_saved(saved, u0.numel(), v0.numel())
         sigma_buf = torch.full((), NAN, device=device)
         sem = ops.new_semaphore(device)
         with poisoned_empty():
-            snm._launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
-                                n, 1e-12, training, **launch)
+            snm._launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim, n, 1e-12, training, **launch)
         for name, t in dict(out=out, u=u, v=v, u_saved=u_saved, v_saved=v_saved, sigma=sigma,
                             sigma_buf=sigma_buf).items():
             assert torch.isfinite(t).all(), f"{name}: {(~torch.isfinite(t)).sum()} elements not written"
@@ -695,7 +694,7 @@ def test_backward_writes_every_output_element(launch, device, gen):
     grad_w = torch.full_like(weight, NAN)
     sem = ops.new_semaphore(device)
     with poisoned_empty():
-        snm._launch_backward(grad, weight, grad_w, res["u_saved"], res["v_saved"], res["sigma"],
+        snm._launch_backward(grad, weight, grad_w, snm._pack_saved(res["u_saved"], res["v_saved"], res["sigma"]),
                              sem, dim, **launch)
     assert torch.isfinite(grad_w).all(), f"{(~torch.isfinite(grad_w)).sum()} elements not written"
     check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
@@ -778,7 +777,13 @@ def test_semaphore_rest_state_single_launch(device, gen):
             assert all(s in SEM_STATES for s in state), f"semaphore left at {state}"
 
 
-@pytest.mark.parametrize("bad", ["one_element", "int64", "strided", "2d"])
+def _two_tensor(t):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    return TwoTensor(t, t.clone())  # a wrapper subclass: no storage of its own for a kernel
+
+
+@pytest.mark.parametrize("bad", ["one_element", "int64", "strided", "2d", "wrapper_subclass"])
 def test_bad_semaphore_is_refused_before_launch(bad, device, gen):
     """The kernels use sem[0] (forward) and sem[1] (backward) of the tensor they are given:
     a shorter or differently typed tensor would be written out of bounds or misread."""
@@ -787,7 +792,8 @@ def test_bad_semaphore_is_refused_before_launch(bad, device, gen):
     sem = {"one_element": lambda: torch.zeros(1, dtype=torch.int32, device=device),
            "int64": lambda: torch.zeros(2, dtype=torch.int64, device=device),
            "strided": lambda: torch.zeros(4, dtype=torch.int32, device=device)[::2],
-           "2d": lambda: torch.zeros(1, 2, dtype=torch.int32, device=device)}[bad]()
+           "2d": lambda: torch.zeros(1, 2, dtype=torch.int32, device=device),
+           "wrapper_subclass": lambda: _two_tensor(torch.zeros(2, dtype=torch.int32, device=device))}[bad]()
     sigma_buf = torch.zeros((), device=device)
     with count_launches() as calls:
         with pytest.raises(ValueError, match="sem must be"):
@@ -799,7 +805,7 @@ def test_bad_semaphore_is_refused_before_launch(bad, device, gen):
     assert calls == []
 
 
-@pytest.mark.parametrize("bad", ["other_device", "two_elements", "int32", "not_a_tensor"])
+@pytest.mark.parametrize("bad", ["other_device", "two_elements", "int32", "not_a_tensor", "wrapper_subclass"])
 def test_bad_sigma_buffer_is_refused_before_launch(bad, device, gen):
     """The kernel also writes sigma into the caller's logging buffer: one element, floating
     point, on the weight's device -- anything else would be written out of bounds, to
@@ -809,7 +815,8 @@ def test_bad_sigma_buffer_is_refused_before_launch(bad, device, gen):
     sigma_buf = {"other_device": lambda: torch.zeros((), device="meta"),
                  "two_elements": lambda: torch.zeros(2, device=device),
                  "int32": lambda: torch.zeros((), dtype=torch.int32, device=device),
-                 "not_a_tensor": lambda: 0.0}[bad]()
+                 "not_a_tensor": lambda: 0.0,
+                 "wrapper_subclass": lambda: _two_tensor(torch.zeros((), device=device))}[bad]()
     sem = ops.new_semaphore(device)
     u0 = u.clone()
     with count_launches() as calls:
@@ -1201,7 +1208,7 @@ def _opcheck_args(device, gen):
     fwd = (weight, u, v, sigma_buf, sem, 0, 1, 1e-12, True)
     out, u_s, v_s, sigma = ops.spectral_norm_forward_fused(weight, u.clone(), v.clone(),
                                                            sigma_buf.clone(), sem.clone())
-    bwd = (randn((5, 7), gen, torch.float32, device), weight, u_s, v_s, sigma, sem, 0)
+    bwd = (randn((5, 7), gen, torch.float32, device), weight, u_s._base, sem, 0)  # saved: [v | u | sigma]
     return fwd, bwd
 
 

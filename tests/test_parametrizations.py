@@ -563,6 +563,7 @@ _READ_CASES = {
         lambda mod, args: calls.append("pre")), contextlib.nullcontext())[1], True),
     "global_forward_hook": (lambda m, calls: _global_forward_hook(calls), True),
     "list_compiled": (lambda m, calls: _fake_compiled_call(m.parametrizations.weight, calls), True),
+    "list_instance_forward": (lambda m, calls: _wrap_instance_forward(m.parametrizations.weight, calls), True),
     "jit_tracing": (lambda m, calls: mock.patch.object(torch._C, "_get_tracing_state", lambda: object()),
                     True),
     # The parametrization's own hooks need no fallback: the fast read calls it through
@@ -580,6 +581,17 @@ def _global_forward_hook(calls):
         yield
     finally:
         handle.remove()
+
+
+def _wrap_instance_forward(plist, calls):
+    """A ``forward`` set on the list instance, as accelerate's ``add_hook_to_module`` does (its
+    offloading hooks move ``original`` in and out of ``meta`` around it)."""
+    def forward(*args, **kwargs):
+        calls.append("instance forward")
+        return type(plist).forward(plist, *args, **kwargs)
+
+    plist.forward = forward
+    return contextlib.nullcontext()
 
 
 def _fake_compiled_call(plist, calls):
@@ -616,7 +628,7 @@ def test_fast_read_only_where_torch_getter_is_the_same_call(case, monkeypatch, s
     assert n_ref == 1
     assert n_ours == (1 if torch_getter else 0)
     assert our_hooks == ref_hooks
-    if "hook" in case or "compiled" in case:
+    if "hook" in case or "compiled" in case or "instance" in case:
         assert our_hooks, "the case's hook did not run"
     assert_close(w_ours, w_ref)
     assert_uv_close(ours, ref, torch.float32)
@@ -627,6 +639,32 @@ def test_fast_read_only_where_torch_getter_is_the_same_call(case, monkeypatch, s
     _loss(ours(x), r).backward()
     assert_close(orig(ours).grad, orig(ref).grad)
     assert_uv_close(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace_records_the_parametrization(train, seed):
+    """``torch.fx.symbolic_trace`` (also behind torchvision's feature extractors and FX
+    quantization) records the ParametrizationList as a module call, as with PyTorch's SN: the
+    traced module reads the weight anew on every call (found in review: the fast read went
+    round the tracer's patched ``Module.__call__`` and froze the weight into a constant)."""
+    ref, ours, make_x = make_pair("linear", seed, train=train)
+    traced_ref, traced = torch.fx.symbolic_trace(ref), torch.fx.symbolic_trace(ours)
+    nodes = [(n.op, n.target) for n in traced.graph.nodes]
+    assert nodes == [(n.op, n.target) for n in traced_ref.graph.nodes]
+    assert ("call_module", "parametrizations.weight") in nodes
+    for step in range(2):
+        x = make_x()
+        out_ref = traced_ref(x)
+        out = traced(x)
+        assert_close(out, out_ref, msg=f"step {step}")
+        assert_uv_close(ours, ref, torch.float32)
+        r = torch.randn_like(out_ref)
+        _loss(out_ref, r).backward()
+        _loss(out, r).backward()
+        assert_close(orig(ours).grad, orig(ref).grad, msg=f"step {step}")
+        with torch.no_grad():  # a new weight: the traced module must follow it
+            orig(ref).mul_(1.5)
+            orig(ours).mul_(1.5)
 
 
 # --------------------------------------------------------------------------- remove_parametrizations
@@ -641,7 +679,6 @@ def test_remove_parametrizations(kind, leave, device, seed):
     parametrize.remove_parametrizations(ref, "weight", leave_parametrized=leave)
     parametrize.remove_parametrizations(ours, "weight", leave_parametrized=leave)
     assert not parametrize.is_parametrized(ours)
-    assert type(ours) is type(ref)  # the class parametrize made, with the fast read on it, is gone
     assert isinstance(ours.weight, nn.Parameter)
     assert set(dict(ours.named_buffers())) == set(dict(ref.named_buffers()))
     assert list(ours.state_dict()) == list(ref.state_dict())
@@ -934,6 +971,31 @@ def test_wrapper_subclass_weight(device, seed):
         assert_close(ours.weight.b, ref.weight.b)  # both halves, not only what assert_close compares
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_weight_after_wrapper_subclass_weight(device, seed):
+    """A layer born with a wrapper-subclass weight (its ``_sigma`` is one too) that then loads a
+    plain checkpoint with ``assign=True`` (the non-persistent ``_sigma`` stays as it was):
+    reads make the buffer anew and take the fused path where there is one (found in review: the
+    kernel got the leftover TwoTensor ``_sigma``)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(seed)
+    base = nn.Linear(6, 4, device=device)
+    plain_state = {k: t.detach().clone() for k, t in base.state_dict().items()}
+    base.weight = nn.Parameter(TwoTensor(base.weight.detach().clone(), base.weight.detach().clone()))
+    ref, ours, _ = make_pair("linear", seed, device=device, base=base)
+    assert type(par(ours)._sigma) is TwoTensor
+    for m in (ref, ours):
+        state = {**plain_state, "parametrizations.weight.original": plain_state["weight"]}
+        del state["weight"]
+        state.update({k: t.a.clone() for k, t in m.state_dict().items() if k.endswith(("_u", "_v"))})
+        m.load_state_dict(state, assign=True)
+    assert type(orig(ours)) is nn.Parameter and type(par(ours)._u) is torch.Tensor
+    train_in_lockstep(ref, ours, lambda: torch.randn(5, 6, device=device), torch.float32)
+    if fused_supported(orig(ours), 0):  # (the reference path just copies sigma into the old buffer)
+        assert type(par(ours)._sigma) is torch.Tensor
+
+
 # --------------------------------------------------------------------------- misc semantics
 
 
@@ -1051,8 +1113,8 @@ def _reference_launchers():
     from sn_fused import reference
     from sn_fused.ops import spectral_norm as ops_mod
 
-    def forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim, n_power_iterations, eps,
-                training, **launch):
+    def forward(weight, out, u, v, saved, sigma_buf, sem, dim, n_power_iterations, eps, training, **launch):
+        u_saved, v_saved, sigma = ops_mod.split_saved(saved, u.numel(), v.numel())
         u_new, v_new = u.clone(), v.clone()
         w_sn, s = reference.spectral_norm_reference(weight, u_new, v_new, dim=dim, eps=eps, training=training,
                                                     n_power_iterations=n_power_iterations)
@@ -1062,7 +1124,9 @@ def _reference_launchers():
             u.copy_(u_new)
             v.copy_(v_new)
 
-    def backward(grad, weight, grad_weight, u, v, sigma, sem, dim, **launch):
+    def backward(grad, weight, grad_weight, saved, sem, dim, **launch):
+        M = weight.shape[dim]
+        u, v, sigma = ops_mod.split_saved(saved, M, weight.numel() // M)
         grad_weight.copy_(reference.spectral_norm_backward_reference(grad, weight, u, v, sigma, dim))
 
     with mock.patch.object(ops_mod, "_launch_forward", forward), \

@@ -10,4 +10,5 @@ from .spectral_norm import (  # noqa: F401
     spectral_norm_backward_fused,
     spectral_norm_forward_fused,
     spectral_norm_fused,
+    split_saved,
 )

@@ -650,7 +650,7 @@ def _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sig
 
 @triton.jit
 def spectral_norm_fwd_kernel(
-    w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
+    w_ptr, out_ptr, u_ptr, v_ptr, saved_ptr, sigma_buf_ptr,
     ws_ptr, sem_ptr,
     M, N, n_iters, eps: tl.float64, is_last,
     s_row, s_c0, s_c1, s_c2, s_c3,
@@ -667,8 +667,10 @@ def spectral_norm_fwd_kernel(
     buffer costs extra slice/scatter copies).
 
     Outputs: ``out = W / sigma`` (weight's strides), ``u``/``v`` updated in
-    place (training), ``u_saved``/``v_saved`` the u, v that sigma used (what
-    autograd keeps), ``sigma`` and the module's ``sigma_buf`` (for logging).
+    place (training), ``saved = [v_saved (N) | u_saved (M) | sigma]``: the u, v that sigma
+    used and sigma, what autograd keeps for the backward (one buffer: one allocation and
+    one saved tensor on the host; v first, so the backward's loads of v are as aligned as
+    the buffer), and the module's ``sigma_buf`` (for logging).
     ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
     ``ROW_IN_TILE`` (``BLOCK_N >= N``): phase ST reads each tile of A once.
     ``ON_CHIP``: each program's rows are one tile, kept in registers (``_read_on_chip``).
@@ -679,6 +681,9 @@ def spectral_norm_fwd_kernel(
     r1 = ((pid + 1) * M) // G
     c0 = (pid * N) // G
     c1 = ((pid + 1) * N) // G
+    v_saved_ptr = saved_ptr
+    u_saved_ptr = saved_ptr + N
+    sigma_ptr = u_saved_ptr + M
     s_ws = ws_ptr
     t_ws = ws_ptr + M
     tpart_ws = t_ws + N
@@ -784,7 +789,7 @@ def _grad_tile(g, inner, u, v, sigma):
 
 @triton.jit
 def spectral_norm_bwd_kernel(
-    g_ptr, w_ptr, dw_ptr, u_ptr, v_ptr, sigma_ptr, ws_ptr, sem_ptr,
+    g_ptr, w_ptr, dw_ptr, saved_ptr, ws_ptr, sem_ptr,
     M, N,
     g_row, g_c0, g_c1, g_c2, g_c3,
     s_row, s_c0, s_c1, s_c2, s_c3,
@@ -793,7 +798,8 @@ def spectral_norm_bwd_kernel(
     NCOL: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ON_CHIP: tl.constexpr,
 ):
-    """``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma the forward's (constants).
+    """``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma the forward's (constants:
+    ``saved = [v (N) | u (M) | sigma]``, as the forward kernel wrote it).
 
     ``<G, W_sn> = <G, W> / sigma``: one global reduction (partials in
     ``ws[0:G]``, fixed-order sum after the barrier), then one elementwise
@@ -808,6 +814,9 @@ def spectral_norm_bwd_kernel(
     G = tl.num_programs(0)
     r0 = (pid * M) // G
     r1 = ((pid + 1) * M) // G
+    # saved = [v | u | sigma]: u and sigma are addressed as saved_ptr + (offset), not through a
+    # pointer made once (saved_ptr + N), which would hold two more registers across the loops
+    # (a 4-byte spill in the streaming backward, ptxas sm_90, 512x4608).
     acc_t = ws_ptr.dtype.element_ty
     n_cblocks = tl.cdiv(N, BLOCK_N)
     if ON_CHIP and PHASE == -1:
@@ -820,9 +829,9 @@ def spectral_norm_bwd_kernel(
                     mask=mask, other=0.0).to(acc_t)
         w = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
                     mask=mask, other=0.0).to(acc_t)
-        u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t)
-        v = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
-        sigma = tl.load(sigma_ptr).to(acc_t)
+        u = tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(acc_t)
+        v = tl.load(saved_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+        sigma = tl.load(saved_ptr + (N + M)).to(acc_t)
         inner = tl.sum(tl.sum(g * w, axis=1), axis=0)  # the same sums as the streaming DOT phase
         if G > 1:
             tl.store(ws_ptr + pid, inner)
@@ -848,18 +857,18 @@ def spectral_norm_bwd_kernel(
     if PHASE == -1 and not ON_CHIP:
         grid_barrier(sem_ptr + 1)  # the backward's semaphore: sem[1]
     if (PHASE == -1 and not ON_CHIP) or PHASE == 1:
-        sigma = tl.load(sigma_ptr).to(acc_t)
+        sigma = tl.load(saved_ptr + (N + M)).to(acc_t)
         inner = _sum_partials(ws_ptr, G, BLOCK_P) / sigma
         for j in range(tl.cdiv(r1 - r0, BLOCK_M)):
             # Rows last-to-first, columns last-to-first: the reverse of the dot pass.
             rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
             rmask = rows >= r0
-            u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+            u = tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(acc_t)
             for i in range(n_cblocks):
                 cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
                 cmask = cols < N
                 mask = rmask[:, None] & cmask[None, :]
-                v = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+                v = tl.load(saved_ptr + cols, mask=cmask, other=0.0).to(acc_t)
                 g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
                             mask=mask, other=0.0).to(acc_t)
                 dw = _grad_tile(g, inner, u, v, sigma)

@@ -9,8 +9,8 @@ Layers, top to bottom::
            -> kernels.spectral_norm_fwd_kernel / spectral_norm_bwd_kernel
 
 Memory plan per call: the output (``W_sn``, same strides as ``W``), the
-saved ``u``/``v``/``sigma`` that autograd keeps (PyTorch clones u and v
-too), and an uninitialised fp32 workspace of ``M + N + G*(N + 4) + 1``
+``saved = [v | u | sigma]`` buffer that autograd keeps (the u, v that sigma used --
+PyTorch clones u and v too -- and sigma, in one allocation), and an uninitialised fp32 workspace of ``M + N + G*(N + 4) + 1``
 elements that the kernel fully writes before it reads. The grid-barrier
 semaphore is the caller's (one per module, see ``_SpectralNorm``), so two
 modules never share one, and the barrier leaves it in a valid state
@@ -45,6 +45,7 @@ __all__ = [
     "spectral_norm_fused",
     "spectral_norm_forward_fused",
     "spectral_norm_backward_fused",
+    "split_saved",
 ]
 
 #: True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``
@@ -145,7 +146,7 @@ def fused_supported(weight: torch.Tensor, dim: int = 0) -> bool:
     dtype = weight.dtype
     if dtype not in _FUSED_DTYPES:
         return False
-    if type(weight) not in _PLAIN_TENSOR_TYPES and is_traceable_wrapper_subclass(weight):
+    if not _plain_tensor(weight):
         return False  # TwoTensor, DTensor, ...: no storage of their own to launch on; see _PLAIN_TENSOR_TYPES
     if not weight.is_cuda and not (INTERPRET and weight.device.type == "cpu" and dtype != torch.bfloat16):
         return False  # CPU tensors only through the interpreter, which has no bfloat16
@@ -418,7 +419,7 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
                  not phase_by_phase)
 
 
-def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
+def _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim,
                     n_power_iterations, eps, training, num_programs=None, phase_by_phase=None):
     try:
         plan = _forward_plan(weight.shape, weight.stride(), out.stride(), dim, weight.device,
@@ -431,11 +432,11 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
     M, N, *strides = plan.ints
     for phase, is_last in plan.phases:
-        args = (weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, ws, sem,
+        args = (weight, out, u, v, saved, sigma_buf, ws, sem,
                 M, N, n_power_iterations, eps, int(is_last), *strides,
                 plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_C,
                 cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP)
-        _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 10,
+        _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 8,
                 (plan, phase, is_last) + dtypes, out)
 
 
@@ -443,14 +444,14 @@ def _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, 
 def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                           sigma_buf: torch.Tensor, sem: torch.Tensor, dim: int,
                           n_power_iterations: int, eps: float, training: bool
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One read: ``(W / sigma, u_used, v_used, sigma)``; u, v updated in place when training.
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One read: ``(W / sigma, saved)``, ``saved = [v_used | u_used | sigma]`` (what the
+    backward op takes); u, v updated in place when training.
 
     ``sigma_buf`` (the module's logging buffer) receives sigma too.
     """
-    return spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, dim=dim,
-                                       n_power_iterations=n_power_iterations, eps=eps,
-                                       training=training)
+    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
+    return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
 
 
 # --------------------------------------------------------------------------- backward op
@@ -489,7 +490,7 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     return _Plan(cfg, ints, len(layout.sizes), cfg.grid, tuple(phases), not phase_by_phase)
 
 
-def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
+def _launch_backward(grad, weight, grad_weight, saved, sem, dim,
                      num_programs=None, phase_by_phase=None):
     try:
         plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
@@ -502,21 +503,21 @@ def _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim,
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
                               dim, weight.device, num_programs, phase_by_phase)
     cfg = plan.cfg
-    dtypes = (grad.dtype, weight.dtype, sigma.dtype, sem.dtype)
+    dtypes = (grad.dtype, weight.dtype, saved.dtype, sem.dtype)
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
     for phase, _ in plan.phases:
-        args = (grad, weight, grad_weight, u, v, sigma, ws, sem, *plan.ints,
+        args = (grad, weight, grad_weight, saved, ws, sem, *plan.ints,
                 plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP)
-        _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative, 8,
+        _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative, 6,
                 (plan, phase) + dtypes, grad_weight)
 
 
 @triton_op("sn_fused::spectral_norm_backward", mutates_args={"sem"})
-def spectral_norm_backward(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
-                           v: torch.Tensor, sigma: torch.Tensor, sem: torch.Tensor,
-                           dim: int) -> torch.Tensor:
-    """``dL/dW = (G - <G, W / sigma> u v^T) / sigma`` (u, v, sigma: the forward's)."""
-    return spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, dim=dim)
+def spectral_norm_backward(grad: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
+                           sem: torch.Tensor, dim: int) -> torch.Tensor:
+    """``dL/dW = (G - <G, W / sigma> u v^T) / sigma`` (``saved``: the forward op's)."""
+    dim = _check_backward_inputs(grad, weight, saved, sem, dim)
+    return _backward_unchecked(grad, weight, saved, sem, dim)
 
 
 class _SpectralNormFunction(torch.autograd.Function):
@@ -532,32 +533,30 @@ class _SpectralNormFunction(torch.autograd.Function):
     ``(u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)``.
     ``Function.apply`` inspects each argument (and ``backward`` returns one
     gradient per argument); none of these needs a gradient, and packing them
-    saves ~4 us of host time per read on a CPU. Dynamo traces the tuple like
-    separate arguments (the same graph, bit for bit: tests/test_parametrizations.py).
+    saves ~4 us of host time per read on a CPU. Dynamo traces through the tuple
+    (tests/test_parametrizations.py: one graph, equal to eager bit for bit).
     """
 
     @staticmethod
     def forward(ctx, weight, state):
         u, v, sigma_buf, sem, dim, n_power_iterations, eps, training = state
         if torch.compiler.is_compiling():
-            out, u_saved, v_saved, sigma = torch.ops.sn_fused.spectral_norm_forward(
+            out, saved = torch.ops.sn_fused.spectral_norm_forward(
                 weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
         else:  # eager: the op's launcher, without the dispatcher's per-call cost or a second check
-            out, u_saved, v_saved, sigma = _forward_unchecked(
-                weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
-        ctx.save_for_backward(weight, u_saved, v_saved, sigma)
+            out, saved = _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
+        ctx.save_for_backward(weight, saved)
         ctx.sem = sem
         ctx.dim = dim
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, u_saved, v_saved, sigma = ctx.saved_tensors
+        weight, saved = ctx.saved_tensors
         if torch.compiler.is_compiling():
-            grad_weight = torch.ops.sn_fused.spectral_norm_backward(
-                grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
+            grad_weight = torch.ops.sn_fused.spectral_norm_backward(grad_out, weight, saved, ctx.sem, ctx.dim)
         else:  # grad_out has the output's shape, dtype and device: autograd checked it
-            grad_weight = _backward_unchecked(grad_out, weight, u_saved, v_saved, sigma, ctx.sem, ctx.dim)
+            grad_weight = _backward_unchecked(grad_out, weight, saved, ctx.sem, ctx.dim)
         return grad_weight, None
 
 
@@ -603,8 +602,7 @@ def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sig
     """Everything ``fused_supported`` and the checks look at: inputs with equal signatures pass
     or fail them alike.
 
-    Type (the weight's, u's and v's), shape, strides, dtype and device of each tensor; type and
-    value of each other argument
+    Type, shape, strides, dtype and device of each tensor; type and value of each other argument
     (``True == 1`` and ``1.0 == 1``, but the checks refuse a bool or float count). The layer
     keeps the signature of its last checked read and skips the checks while it holds: ~15 us
     less host time per read, measured on a CPU with the launch stubbed out; the signature
@@ -612,8 +610,8 @@ def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sig
     """
     return (type(weight), weight.shape, weight.stride(), weight.dtype, weight.device,
             type(u), u.shape, u.stride(), u.dtype, u.device, type(v), v.shape, v.stride(), v.dtype, v.device,
-            sigma_buf.shape, sigma_buf.dtype, sigma_buf.device,
-            sem.shape, sem.stride(), sem.dtype, sem.device,
+            type(sigma_buf), sigma_buf.shape, sigma_buf.dtype, sigma_buf.device,
+            type(sem), sem.shape, sem.stride(), sem.dtype, sem.device,
             type(dim), dim, type(n_power_iterations), n_power_iterations, type(eps), eps)
 
 
@@ -623,6 +621,13 @@ def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim:
 
     Returns ``dim`` in ``[0, weight.ndim)``: the launchers take it from here.
     """
+    dim = _check_weight(weight, dim)
+    _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
+    return dim
+
+
+def _check_weight(weight: torch.Tensor, dim: int) -> int:
+    """``check_inputs`` for the weight alone; returns ``dim`` normalized."""
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES:
         raise TypeError(f"spectral_norm: the fused kernels take float16/bfloat16/float32/float64 "
                         f"weights, got {getattr(weight, 'dtype', type(weight))}")
@@ -638,9 +643,7 @@ def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim:
         raise RuntimeError(f"spectral_norm: no fused kernel for a {weight.device.type} weight of "
                            f"dtype {weight.dtype} and shape {tuple(weight.shape)} (use "
                            f"sn_fused.reference, or set TRITON_INTERPRET=1 for CPU tensors)")
-    dim %= weight.ndim
-    _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
-    return dim
+    return dim % weight.ndim
 
 
 def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
@@ -650,7 +653,7 @@ def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     for name, vec, length in (("u", u, m), ("v", v, weight.numel() // m)):
         if not isinstance(vec, torch.Tensor):
             raise TypeError(f"spectral_norm: {name} must be a tensor, got {type(vec).__name__}")
-        if type(vec) not in _PLAIN_TENSOR_TYPES and is_traceable_wrapper_subclass(vec):
+        if not _plain_tensor(vec):
             raise TypeError(f"spectral_norm: the fused kernels cannot read {name} of type "
                             f"{type(vec).__name__} (a wrapper tensor subclass) for a {type(weight).__name__} "
                             f"weight")
@@ -675,7 +678,7 @@ def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
     The forward's barriers use ``sem[0]``, the backward's ``sem[1]``; anything shorter
     would be written out of bounds.
     """
-    if (not isinstance(sem, torch.Tensor) or sem.dtype != torch.int32 or sem.ndim != 1
+    if (not _plain_tensor(sem) or sem.dtype != torch.int32 or sem.ndim != 1
             or sem.shape[0] < 2 or sem.stride(0) != 1 or sem.device != weight.device):
         raise ValueError(f"spectral_norm: sem must be a contiguous int32 tensor of 2 elements on "
                          f"{weight.device} (new_semaphore()), got {_describe(sem)}")
@@ -684,10 +687,15 @@ def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
 def check_sigma_buffer(sigma_buf: torch.Tensor, weight: torch.Tensor) -> None:
     """The logging buffer sigma is also written to: one floating-point element on the weight's
     device (any floating dtype: the kernel rounds sigma to it)."""
-    if (not isinstance(sigma_buf, torch.Tensor) or sigma_buf.numel() != 1
+    if (not _plain_tensor(sigma_buf) or sigma_buf.numel() != 1
             or not sigma_buf.is_floating_point() or sigma_buf.device != weight.device):
         raise ValueError(f"spectral_norm: sigma_buf must be a 1-element floating-point tensor on "
                          f"{weight.device}, got {_describe(sigma_buf)}")
+
+
+def _plain_tensor(x) -> bool:
+    """A tensor with storage of its own (not a wrapper subclass such as DTensor)."""
+    return isinstance(x, torch.Tensor) and (type(x) in _PLAIN_TENSOR_TYPES or not is_traceable_wrapper_subclass(x))
 
 
 def _describe(x) -> str:
@@ -695,45 +703,96 @@ def _describe(x) -> str:
     return f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))} on {getattr(x, 'device', None)}"
 
 
-def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_iterations=1,
-                                eps=1e-12, training=True, **launch):
-    """The forward launcher: allocates the outputs, launches, returns ``(W_sn, u, v, sigma)``.
-
-    ``launch`` may force ``num_programs`` / ``phase_by_phase`` (tests).
-    """
+def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps) -> int:
+    """Every check of a forward launch; returns ``dim`` normalized."""
     dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     check_semaphore(sem, weight)
     check_sigma_buffer(sigma_buf, weight)
-    return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training,
-                              **launch)
+    return dim
+
+
+def _check_backward_inputs(grad, weight, saved, sem, dim) -> int:
+    """Every check of a backward launch (the op's: ``saved`` is the forward op's buffer);
+    returns ``dim`` normalized."""
+    dim = _check_weight(weight, dim)
+    M = weight.shape[dim]
+    length = weight.numel() // M + M + 1
+    if (not isinstance(saved, torch.Tensor) or saved.ndim != 1 or saved.shape[0] != length
+            or saved.stride(0) != 1 or saved.dtype != weight.dtype or saved.device != weight.device):
+        raise ValueError(f"spectral_norm backward: saved must be the forward's [v | u | sigma] buffer: "
+                         f"contiguous, ({length},), {weight.dtype} on {weight.device}; got {_describe(saved)}")
+    check_semaphore(sem, weight)
+    _check_grad(grad, weight)
+    return dim
+
+
+def _check_grad(grad, weight) -> None:
+    if (not isinstance(grad, torch.Tensor) or grad.shape != weight.shape or grad.dtype != weight.dtype
+            or grad.device != weight.device):
+        raise ValueError(f"spectral_norm backward: grad ({_describe(grad)}) must match the weight "
+                         f"({_describe(weight)})")
+
+
+def split_saved(saved: torch.Tensor, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(u, v, sigma)``: views of a forward's ``saved = [v (N) | u (M) | sigma]`` buffer."""
+    v, u, sigma = saved.split([N, M, 1])
+    return u, v, sigma.view(())
+
+
+def _pack_saved(u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The ``[v | u | sigma]`` buffer the backward kernel reads: the one that ``u``, ``v`` and
+    ``sigma`` are views of when they come from ``spectral_norm_forward_fused`` (no copy),
+    else a new one (each already checked: contiguous, of the weight's dtype and device)."""
+    base = v._base
+    if base is not None and u._base is base and sigma._base is base and base.ndim == 1 \
+            and base.stride(0) == 1 and base.numel() == v.numel() + u.numel() + 1:
+        start, size = base.data_ptr(), base.element_size()
+        if (v.data_ptr(), u.data_ptr(), sigma.data_ptr()) == (
+                start, start + v.numel() * size, start + (v.numel() + u.numel()) * size):
+            return base
+    return torch.cat([v, u, sigma.reshape(1)])
+
+
+def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_iterations=1,
+                                eps=1e-12, training=True, **launch):
+    """The forward launcher: allocates the outputs, launches, returns ``(W_sn, u, v, sigma)``:
+    the u, v that sigma used and sigma (views of the one buffer autograd would keep, see
+    ``split_saved``).
+
+    ``launch`` may force ``num_programs`` / ``phase_by_phase`` (tests).
+    """
+    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
+    out, saved = _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training,
+                                    **launch)
+    return (out, *split_saved(saved, u.shape[0], v.shape[0]))
 
 
 def _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training, **launch):
-    """Allocate the outputs and launch; the inputs passed ``check_inputs`` (``dim`` normalized)."""
+    """Allocate the outputs and launch; the inputs passed ``check_inputs`` (``dim`` normalized).
+
+    Returns ``(W_sn, saved)``.
+    """
     out = _empty_like_weight(weight)
-    u_saved = torch.empty_like(u, memory_format=torch.contiguous_format)
-    v_saved = torch.empty_like(v, memory_format=torch.contiguous_format)
-    sigma = torch.empty((), dtype=weight.dtype, device=weight.device)
-    _launch_forward(weight, out, u, v, u_saved, v_saved, sigma, sigma_buf, sem, dim,
-                    n_power_iterations, eps, training, **launch)
-    return out, u_saved, v_saved, sigma
+    saved = torch.empty(u.shape[0] + v.shape[0] + 1, dtype=weight.dtype, device=weight.device)
+    _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim, n_power_iterations, eps, training, **launch)
+    return out, saved
 
 
 def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **launch):
-    """The backward launcher (``launch`` may force num_programs / phase_by_phase)."""
+    """The backward launcher, with the forward's u, v, sigma (``launch`` may force
+    num_programs / phase_by_phase)."""
     dim = check_inputs(weight, u, v, dim=dim)
     check_semaphore(sem, weight)
-    if grad.shape != weight.shape or grad.dtype != weight.dtype or grad.device != weight.device:
-        raise ValueError(f"spectral_norm backward: grad ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) "
-                         f"must match the weight ({tuple(weight.shape)}, {weight.dtype}, {weight.device})")
-    if sigma.numel() != 1 or sigma.dtype != weight.dtype or sigma.device != weight.device:
+    _check_grad(grad, weight)
+    if not isinstance(sigma, torch.Tensor) or sigma.numel() != 1 or sigma.dtype != weight.dtype \
+            or sigma.device != weight.device:
         raise ValueError(f"spectral_norm backward: sigma must be a 1-element {weight.dtype} tensor on "
-                         f"{weight.device}, got {tuple(sigma.shape)} {sigma.dtype} on {sigma.device}")
-    return _backward_unchecked(grad, weight, u, v, sigma, sem, dim, **launch)
+                         f"{weight.device}, got {_describe(sigma)}")
+    return _backward_unchecked(grad, weight, _pack_saved(u, v, sigma), sem, dim, **launch)
 
 
-def _backward_unchecked(grad, weight, u, v, sigma, sem, dim, **launch):
+def _backward_unchecked(grad, weight, saved, sem, dim, **launch):
     """Allocate dW and launch; the inputs were checked (``dim`` normalized)."""
     grad_weight = _empty_like_weight(weight)
-    _launch_backward(grad, weight, grad_weight, u, v, sigma, sem, dim, **launch)
+    _launch_backward(grad, weight, grad_weight, saved, sem, dim, **launch)
     return grad_weight
