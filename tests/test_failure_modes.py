@@ -942,7 +942,15 @@ _BWD_BAD = {
     "u_too_long": lambda g, w, u, v, s: (g, w, torch.cat([u, u]), v, s),
     "v_too_long": lambda g, w, u, v, s: (g, w, u, torch.cat([v, v]), s),
     "grad_other_dtype": lambda g, w, u, v, s: (g.double(), w, u, v, s),
+    "grad_wrapper_subclass": lambda g, w, u, v, s: (_two_tensor(g), w, u, v, s),
+    "sigma_wrapper_subclass": lambda g, w, u, v, s: (g, w, u, v, _two_tensor(s)),
 }
+
+
+def _two_tensor(t):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    return TwoTensor(t, t.clone())  # no storage of its own: a kernel cannot read it
 
 
 @pytest.mark.parametrize("case", list(_BWD_BAD))
@@ -955,6 +963,29 @@ def test_backward_op_checks_inputs(case, launches):
     with pytest.raises((ValueError, TypeError, RuntimeError)):
         spectral_norm_backward_fused(*args, new_semaphore(DEVICE))
     assert launches.total == 0
+
+
+_SAVED_BAD = {
+    "none": lambda saved: None,
+    "one_short": lambda saved: saved[:-1],
+    "float64": lambda saved: saved.double(),
+    "strided": lambda saved: torch.stack([saved, saved], 1).flatten()[::2],
+    "2d": lambda saved: saved[None],
+}
+
+
+@pytest.mark.parametrize("case", list(_SAVED_BAD))
+def test_backward_op_checks_saved(case, launches):
+    """The backward op takes the forward op's ``saved = [v | u | sigma]``: one of another
+    length, dtype, layout or type is refused before any launch."""
+    w, u, v = _op_inputs()
+    out, saved = torch.ops.sn_fused.spectral_norm_forward(w, u, v, torch.zeros((), device=DEVICE),
+                                                          new_semaphore(DEVICE), 0, 1, 1e-12, True)
+    before = launches.total
+    with pytest.raises(ValueError, match="saved must be the forward's"):
+        torch.ops.sn_fused.spectral_norm_backward(torch.randn_like(w), w, _SAVED_BAD[case](saved),
+                                                  new_semaphore(DEVICE), 0)
+    assert launches.total == before
 
 
 # --------------------------------------------------------------------------- fixed bugs (regressions)

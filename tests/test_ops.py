@@ -1130,6 +1130,54 @@ def test_launch_fast_path_not_disabled_without_hooks():
     assert not snm._launch_hooks_set(), "no launch hook installed, yet the fast path is off"
 
 
+class _StandInKernel:
+    """``kernel[grid](*args, **options)`` compiles (recorded) and returns a compiled kernel whose
+    ``[grid, 1, 1]`` is a runner (recorded): the two Triton calls ``_launch`` makes on a GPU."""
+
+    def __init__(self):
+        self.compiles, self.runs = [], []
+
+    def __getitem__(self, grid):
+        def compile_and_run(*args, **options):
+            self.compiles.append(options)
+            self.runs.append(args)
+            return {(grid[0], 1, 1): lambda *a: self.runs.append(a)}  # compiled[grid, 1, 1]: the runner
+        return compile_and_run
+
+
+def test_launch_keeps_one_runner_per_key_and_alignment(monkeypatch):
+    """``_launch``'s eager GPU path, on CPU with a stand-in kernel: the first call compiles and
+    keeps the runner; the same key and alignment run the kept runner; a tensor of another
+    16-byte alignment compiles again; with a launch hook installed, or an output that is not a
+    plain tensor (tracing), every call takes ``wrap_triton``."""
+    monkeypatch.setattr(snm, "INTERPRET", False)
+    monkeypatch.setattr(snm, "_RUNNERS", {})
+    wrapped = []
+    monkeypatch.setattr(snm, "wrap_triton", lambda k: {(1,): lambda *a, **o: wrapped.append(a)})
+    kernel = _StandInKernel()
+    cfg = snm._launch_config(4, 8, torch.device("cpu"), 1)
+    buf = torch.zeros(64)
+    aligned, unaligned = buf[:8], buf[1:9]
+
+    def launch(t, out=buf):
+        snm._launch(kernel, 1, (t, out, 3), cfg, False, 2, ("plan",), out)
+
+    launch(aligned)
+    launch(aligned)
+    assert len(kernel.compiles) == 1 and len(kernel.runs) == 2
+    assert kernel.compiles[0] == dict(num_warps=cfg.num_warps, launch_cooperative_grid=False)
+    launch(unaligned)
+    assert len(kernel.compiles) == 2 and len(kernel.runs) == 3
+    launch(unaligned)
+    assert len(kernel.compiles) == 2 and len(kernel.runs) == 4
+    assert kernel.runs[-1][0] is unaligned and wrapped == []
+    monkeypatch.setattr(snm, "_launch_hooks_set", lambda: True)
+    launch(aligned)
+    monkeypatch.setattr(snm, "_launch_hooks_set", lambda: False)
+    launch(aligned, out=torch.nn.Parameter(buf))  # not a plain torch.Tensor: not an eager call
+    assert len(wrapped) == 2 and len(kernel.runs) == 4
+
+
 # --------------------------------------------------------------------------- input validation
 
 

@@ -1070,11 +1070,14 @@ class _GraphRecorder:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("train, n_iter", [(True, 1), (True, 2), (False, 1)], ids=["train-n1", "train-n2", "eval"])
-def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, device, seed):
+@pytest.mark.parametrize("train, n_iter, dynamic", [(True, 1, False), (True, 2, False), (False, 1, False),
+                                                    (True, 1, True)],
+                         ids=["train-n1", "train-n2", "eval", "train-n1-dynamic"])
+def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, dynamic, device, seed):
     """``torch.compile(fullgraph=True)``: no graph break, and the same numbers as eager --
     outputs, every gradient, and u, v, sigma after each step, bit for bit (the same kernels
-    run on the same inputs)."""
+    run on the same inputs). ``dynamic=True``: the batch size changes every step, one graph
+    serves them all (found in review: ``math.isfinite`` on the symbolic eps broke the graph)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
         sn(nn.Conv2d(3, 4, 3, padding=1, device=device), n_power_iterations=n_iter), nn.LeakyReLU(0.1),
@@ -1083,9 +1086,9 @@ def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, device, seed):
     ).train(train)
     twin = copy.deepcopy(model)
     recorder = _GraphRecorder()
-    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    compiled = torch.compile(model, backend=recorder, fullgraph=True, dynamic=dynamic)
     for step in range(3):
-        x = torch.randn(2, 3, 5, 5, device=device)
+        x = torch.randn(2 + step * dynamic, 3, 5, 5, device=device)
         out, expected = compiled(x), twin(x)
         torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=f"step {step}")
         out.square().sum().backward()
