@@ -651,8 +651,8 @@ def _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sig
 @triton.jit
 def spectral_norm_fwd_kernel(
     w_ptr, out_ptr, u_ptr, v_ptr, saved_ptr, sigma_buf_ptr,
-    ws_ptr, sem_ptr,
-    M, N, n_iters, eps: tl.float64, is_last,
+    ws_ptr, sem_ptr, eps: tl.float64,
+    M, N, n_iters, is_last,
     s_row, s_c0, s_c1, s_c2, s_c3,
     o_row, o_c0, o_c1, o_c2, o_c3,
     D1, D2, D3,

@@ -403,10 +403,10 @@ class _Plan:
     """
 
     cfg: _LaunchConfig
-    ints: tuple  # M, N, then the strides of each tensor, then D1, D2, D3
-    ncol: int
     ws_numel: int
-    phases: tuple  # (PHASE, is_last) per launch
+    # Per launch: the kernel's arguments after the tensors (and, forward, eps): sizes, strides,
+    # flags, blocks. Built once here, so a launch only prepends what changes from call to call.
+    launches: tuple
     cooperative: bool
 
 
@@ -420,9 +420,12 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = (_forward_phases(training, n_power_iterations, cfg.ON_CHIP) if phase_by_phase
               else [(kernels.PHASE_ALL, True)])
-    return _Plan(cfg, (layout.M, layout.N) + layout.strides[0] + layout.strides[1] + layout.inner_sizes,
-                 len(layout.sizes), layout.M + layout.N + cfg.grid * (layout.N + 4) + 1, tuple(phases),
-                 not phase_by_phase)
+    launches = tuple(
+        (layout.M, layout.N, n_power_iterations, int(is_last), *layout.strides[0], *layout.strides[1],
+         *layout.inner_sizes, len(layout.sizes), training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R,
+         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP)
+        for phase, is_last in phases)
+    return _Plan(cfg, layout.M + layout.N + cfg.grid * (layout.N + 4) + 1, launches, not phase_by_phase)
 
 
 def _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim,
@@ -433,17 +436,11 @@ def _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim,
     except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
         plan = _forward_plan(*_concrete(weight.shape, weight.stride(), out.stride()), dim, weight.device,
                              n_power_iterations, training, num_programs, phase_by_phase)
-    cfg = plan.cfg
-    dtypes = (weight.dtype, sigma_buf.dtype, sem.dtype)
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
-    M, N, *strides = plan.ints
-    for phase, is_last in plan.phases:
-        args = (weight, out, u, v, saved, sigma_buf, ws, sem,
-                M, N, n_power_iterations, eps, int(is_last), *strides,
-                plan.ncol, training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R, cfg.BLOCK_C,
-                cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP)
-        _launch(kernels.spectral_norm_fwd_kernel, cfg.grid, args, cfg, plan.cooperative, 8,
-                (plan, phase, is_last) + dtypes, out)
+    head = (weight, out, u, v, saved, sigma_buf, ws, sem, eps)
+    for i, tail in enumerate(plan.launches):
+        _launch(kernels.spectral_norm_fwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 8,
+                (plan, i, weight.dtype, sigma_buf.dtype, sem.dtype), out)
 
 
 @triton_op("sn_fused::spectral_norm_forward", mutates_args={"u", "v", "sigma_buf", "sem"})
@@ -491,9 +488,12 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
                               num_warps=_num_warps(block_m * block_n, block_n))
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
-    phases = [(kernels.PHASE_DOT, False), (kernels.PHASE_GRAD, True)] if phase_by_phase else [(kernels.PHASE_ALL, True)]
-    ints = (layout.M, layout.N) + layout.strides[0] + layout.strides[1] + layout.strides[2] + layout.inner_sizes
-    return _Plan(cfg, ints, len(layout.sizes), cfg.grid, tuple(phases), not phase_by_phase)
+    phases = [kernels.PHASE_DOT, kernels.PHASE_GRAD] if phase_by_phase else [kernels.PHASE_ALL]
+    launches = tuple(
+        (layout.M, layout.N, *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.inner_sizes,
+         len(layout.sizes), phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP)
+        for phase in phases)
+    return _Plan(cfg, cfg.grid, launches, not phase_by_phase)
 
 
 def _launch_backward(grad, weight, grad_weight, saved, sem, dim,
@@ -508,14 +508,11 @@ def _launch_backward(grad, weight, grad_weight, saved, sem, dim,
         grad = grad.clone(memory_format=torch.contiguous_format)
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
                               dim, weight.device, num_programs, phase_by_phase)
-    cfg = plan.cfg
-    dtypes = (grad.dtype, weight.dtype, saved.dtype, sem.dtype)
     ws = torch.empty(plan.ws_numel, dtype=_workspace_dtype(weight), device=weight.device)
-    for phase, _ in plan.phases:
-        args = (grad, weight, grad_weight, saved, ws, sem, *plan.ints,
-                plan.ncol, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP)
-        _launch(kernels.spectral_norm_bwd_kernel, cfg.grid, args, cfg, plan.cooperative, 6,
-                (plan, phase) + dtypes, grad_weight)
+    head = (grad, weight, grad_weight, saved, ws, sem)
+    for i, tail in enumerate(plan.launches):
+        _launch(kernels.spectral_norm_bwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 6,
+                (plan, i, grad.dtype, weight.dtype, saved.dtype, sem.dtype), grad_weight)
 
 
 @triton_op("sn_fused::spectral_norm_backward", mutates_args={"sem"})
