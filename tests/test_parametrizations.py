@@ -428,6 +428,25 @@ def test_weight_gradient(kind, n_iter, train, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "convtranspose2d"])
+def test_gradient_penalty(kind, device, seed):
+    """WGAN-GP / R1: the penalty on the input gradient (``create_graph=True``) trains the
+    weights through the layer's read as with PyTorch's SN: every parameter's gradient of
+    ``out + ||d out / d x||^2`` agrees (the double backward runs through the convolution or
+    linear; the spectral norm's own backward once)."""
+    ref, ours, make_x = make_pair(kind, seed, device=device)
+    x = make_x()
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        out = m(xi).square().sum()
+        grad_x, = torch.autograd.grad(out, xi, create_graph=True)
+        (out + grad_x.square().sum()).backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert_close(a.grad, b.grad, msg=name)
+    assert_uv_close(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, n_iter", kind_iters())
 def test_two_forwards_one_backward(kind, n_iter, device, seed):
     """loss = D(x1).mean() - D(x2).mean(): u, v change between the forwards; backward still works."""
