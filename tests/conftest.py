@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -49,3 +50,23 @@ def takes_on_chip(weight: torch.Tensor, dim: int, num_programs: int | None) -> b
 
     M = weight.shape[dim]
     return snm._launch_config(M, weight.numel() // M, weight.device, num_programs).ON_CHIP
+
+
+def two_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` wrapped in torch's ``TwoTensor`` (with a copy): a wrapper subclass, which has no
+    storage of its own for a kernel to read (DTensor is one too)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    return TwoTensor(t, t.clone())
+
+
+@contextlib.contextmanager
+def list_forward_calls():
+    """Count ``ParametrizationList.forward`` calls: torch's getter makes one per read of a
+    parametrized tensor, sn_fused's fast read none. Yields the mock (``call_count``)."""
+    from torch.nn.utils import parametrize
+
+    forward = parametrize.ParametrizationList.forward
+    with mock.patch.object(parametrize.ParametrizationList, "forward", autospec=True,
+                           side_effect=forward) as counted:
+        yield counted

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
-from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 
 import sn_fused
+from conftest import list_forward_calls
 from sn_fused.parametrizations import _SpectralNorm as FusedSN
 
 # Set before sn_fused (hence Triton) is imported, like the library reads it.
@@ -90,9 +90,7 @@ def _fused_sns(model):
 def _list_forwards(model, x) -> int:
     """How many weights a forward of ``model`` read through torch's ``ParametrizationList.forward``
     (sn_fused's fast read skips it where it is the only parametrization of its weight)."""
-    forward = parametrize.ParametrizationList.forward
-    with mock.patch.object(parametrize.ParametrizationList, "forward", autospec=True,
-                           side_effect=forward) as counted:
+    with list_forward_calls() as counted:
         model(x)
     return counted.call_count
 

@@ -54,7 +54,7 @@ from sn_fused import reference
 from sn_fused.ops import INTERPRET, check_inputs, kernels, new_semaphore
 from sn_fused.ops import spectral_norm as opsmod
 from sn_fused.ops import spectral_norm_backward_fused, spectral_norm_forward_fused
-from conftest import fused_device_or_skip, takes_on_chip
+from conftest import fused_device_or_skip, takes_on_chip, two_tensor
 
 DEVICE = fused_device_or_skip()
 
@@ -942,15 +942,9 @@ _BWD_BAD = {
     "u_too_long": lambda g, w, u, v, s: (g, w, torch.cat([u, u]), v, s),
     "v_too_long": lambda g, w, u, v, s: (g, w, u, torch.cat([v, v]), s),
     "grad_other_dtype": lambda g, w, u, v, s: (g.double(), w, u, v, s),
-    "grad_wrapper_subclass": lambda g, w, u, v, s: (_two_tensor(g), w, u, v, s),
-    "sigma_wrapper_subclass": lambda g, w, u, v, s: (g, w, u, v, _two_tensor(s)),
+    "grad_wrapper_subclass": lambda g, w, u, v, s: (two_tensor(g), w, u, v, s),
+    "sigma_wrapper_subclass": lambda g, w, u, v, s: (g, w, u, v, two_tensor(s)),
 }
-
-
-def _two_tensor(t):
-    from torch.testing._internal.two_tensor import TwoTensor
-
-    return TwoTensor(t, t.clone())  # no storage of its own: a kernel cannot read it
 
 
 @pytest.mark.parametrize("case", list(_BWD_BAD))

@@ -32,7 +32,7 @@ import pytest
 import torch
 import triton
 
-from conftest import takes_on_chip
+from conftest import takes_on_chip, two_tensor
 from sn_fused import ops, reference
 from sn_fused.ops import kernels
 from sn_fused.ops import spectral_norm as snm
@@ -777,12 +777,6 @@ def test_semaphore_rest_state_single_launch(device, gen):
             assert all(s in SEM_STATES for s in state), f"semaphore left at {state}"
 
 
-def _two_tensor(t):
-    from torch.testing._internal.two_tensor import TwoTensor
-
-    return TwoTensor(t, t.clone())  # a wrapper subclass: no storage of its own for a kernel
-
-
 @pytest.mark.parametrize("bad", ["one_element", "int64", "strided", "2d", "wrapper_subclass"])
 def test_bad_semaphore_is_refused_before_launch(bad, device, gen):
     """The kernels use sem[0] (forward) and sem[1] (backward) of the tensor they are given:
@@ -793,7 +787,7 @@ def test_bad_semaphore_is_refused_before_launch(bad, device, gen):
            "int64": lambda: torch.zeros(2, dtype=torch.int64, device=device),
            "strided": lambda: torch.zeros(4, dtype=torch.int32, device=device)[::2],
            "2d": lambda: torch.zeros(1, 2, dtype=torch.int32, device=device),
-           "wrapper_subclass": lambda: _two_tensor(torch.zeros(2, dtype=torch.int32, device=device))}[bad]()
+           "wrapper_subclass": lambda: two_tensor(torch.zeros(2, dtype=torch.int32, device=device))}[bad]()
     sigma_buf = torch.zeros((), device=device)
     with count_launches() as calls:
         with pytest.raises(ValueError, match="sem must be"):
@@ -816,7 +810,7 @@ def test_bad_sigma_buffer_is_refused_before_launch(bad, device, gen):
                  "two_elements": lambda: torch.zeros(2, device=device),
                  "int32": lambda: torch.zeros((), dtype=torch.int32, device=device),
                  "not_a_tensor": lambda: 0.0,
-                 "wrapper_subclass": lambda: _two_tensor(torch.zeros((), device=device))}[bad]()
+                 "wrapper_subclass": lambda: two_tensor(torch.zeros((), device=device))}[bad]()
     sem = ops.new_semaphore(device)
     u0 = u.clone()
     with count_launches() as calls:
@@ -897,9 +891,7 @@ def _u_data_of_another_dtype(p, device):
 
 
 def _u_wrapper_subclass(p, device):
-    from torch.testing._internal.two_tensor import TwoTensor
-
-    p._u = TwoTensor(p._u.clone(), p._u.clone())  # same shape, strides, dtype: only the type differs
+    p._u = two_tensor(p._u.clone())  # same shape, strides, dtype: only the type differs
 
 
 def _v_strided(p, device):

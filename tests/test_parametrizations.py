@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as torch_sn
 
 import sn_fused
+from conftest import list_forward_calls
 from sn_fused.ops import INTERPRET, fused_supported
 
 sn = sn_fused.spectral_norm
@@ -557,19 +558,6 @@ class _Double(nn.Module):
         return 2 * x
 
 
-def _count_list_forwards(monkeypatch) -> list:
-    """Record every ``ParametrizationList.forward`` call (torch's getter makes one per read)."""
-    calls = []
-    forward = parametrize.ParametrizationList.forward
-
-    def counting(self, *args, **kwargs):
-        calls.append(self)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(parametrize.ParametrizationList, "forward", counting)
-    return calls
-
-
 _READ_CASES = {
     # name: (setup(module, hook_calls) -> context manager of the read, torch's getter expected)
     "plain": (lambda m, calls: contextlib.nullcontext(), False),
@@ -626,7 +614,7 @@ def _fake_compiled_call(plist, calls):
 
 
 @pytest.mark.parametrize("case", list(_READ_CASES))
-def test_fast_read_only_where_torch_getter_is_the_same_call(case, monkeypatch, seed):
+def test_fast_read_only_where_torch_getter_is_the_same_call(case, seed):
     """``module.weight`` skips torch's ParametrizationList.forward only where that changes nothing.
 
     Every case is set up on both modules alike; then each read must give PyTorch's weight,
@@ -637,13 +625,13 @@ def test_fast_read_only_where_torch_getter_is_the_same_call(case, monkeypatch, s
     setup, torch_getter = _READ_CASES[case]
     ref_hooks, our_hooks = [], []
     ref_ctx, our_ctx = setup(ref, ref_hooks), setup(ours, our_hooks)
-    calls = _count_list_forwards(monkeypatch)
-    with ref_ctx:
-        w_ref = ref.weight
-    n_ref = len(calls)
-    with our_ctx:
-        w_ours = ours.weight
-    n_ours = len(calls) - n_ref
+    with list_forward_calls() as calls:
+        with ref_ctx:
+            w_ref = ref.weight
+        n_ref = calls.call_count
+        with our_ctx:
+            w_ours = ours.weight
+        n_ours = calls.call_count - n_ref
     assert n_ref == 1
     assert n_ours == (1 if torch_getter else 0)
     assert our_hooks == ref_hooks

@@ -304,8 +304,9 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     ``out`` is an output the launcher allocated: a plain ``torch.Tensor`` exactly
     when this is a real eager call (a FakeTensor / FunctionalTensor under tracing).
     """
-    eager = not INTERPRET and type(out) is torch.Tensor and not torch.compiler.is_compiling()
-    if eager and not _launch_hooks_set():
+    cached = (not INTERPRET and type(out) is torch.Tensor and not torch.compiler.is_compiling()
+              and not _launch_hooks_set())
+    if cached:
         # The common case first, with nothing built that it does not use (~2 us less host time
         # per launch on a CPU, measured up to the runner call).
         key = key + tuple([a.data_ptr() % 16 == 0 for a in args[:n_tensors]])
@@ -329,7 +330,7 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
         options["num_stages"] = cfg.num_stages
-    if not eager or _launch_hooks_set():
+    if not cached:
         wrap_triton(kernel)[(grid,)](*args, **options)
         return
     compiled = kernel[(grid,)](*args, **options)  # compiles on first use; key set above
@@ -586,13 +587,7 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     reference), so the weight itself is not checked again; u, v, the buffers and the
     arguments still are.
     """
-    if weight_checked:
-        dim %= weight.ndim  # the layer's is normalized already; a caller's negative dim must be too
-        _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
-    else:
-        dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
-    check_semaphore(sem, weight)
-    check_sigma_buffer(sigma_buf, weight)
+    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, weight_checked)
     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
 
 
@@ -714,9 +709,15 @@ def _describe(x) -> str:
     return f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))} on {getattr(x, 'device', None)}"
 
 
-def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps) -> int:
-    """Every check of a forward launch; returns ``dim`` normalized."""
-    dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
+def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps,
+                          weight_checked: bool = False) -> int:
+    """Every check of a forward launch (but the weight's, if ``weight_checked``); returns ``dim``
+    normalized."""
+    if weight_checked:
+        dim %= weight.ndim  # the layer's is normalized already; a caller's negative dim must be too
+        _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
+    else:
+        dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     check_semaphore(sem, weight)
     check_sigma_buffer(sigma_buf, weight)
     return dim
