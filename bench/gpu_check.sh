@@ -48,6 +48,10 @@ trap pack EXIT
 echo "== GPU tests"
 timeout 200 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --timeout=150 \
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
+# The layer's autograd corners on CUDA: double backward, torch.func, forward AD, export, compile.
+timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=100 -p no:cacheprovider \
+  -k "double_backward or torch_func or forward_mode_ad or torch_export or fullgraph or gradient_penalty" \
+  -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/gpu_tests.log" || status=1
 
 if [ "$mode" != bench ]; then
   echo "== kernel table"

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn import Module
 from torch.fx import _symbolic_trace as _fx_symbolic_trace
 from torch.nn.modules import module as _module_mod
@@ -109,6 +110,12 @@ class _SpectralNorm(Module):
         dim, n_power_iterations, eps = self.dim, self.n_power_iterations, self.eps
         compiling = torch.compiler.is_compiling()  # traced once: checks cost nothing at run time
         if not compiling:
+            if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
+                # torch.func (grad, vmap, jacrev, functional_call per-sample gradients) and
+                # forward-mode AD (dual tensors): the kernels' autograd.Function has no
+                # functorch rules and no jvp, while torch's ops behave there exactly as
+                # PyTorch's SN does (and fail where it fails).
+                return self._reference_read(weight, transformed=True)
             try:
                 signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
             except AttributeError:  # a buffer that is not a tensor: the checks below say so
@@ -142,16 +149,43 @@ class _SpectralNorm(Module):
                     signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
                 self._checked_read = (signature, dim % weight.ndim)
             return weight_sn
+        return self._reference_read(weight)
+
+    def _reference_read(self, weight: Tensor, transformed: bool = False) -> Tensor:
+        """The read as torch ops (``reference.spectral_norm_reference``), where the kernels
+        cannot run or must not (``transformed``: under torch.func or forward-mode AD)."""
+        buffers = self._buffers
         weight_sn, sigma = reference.spectral_norm_reference(
-            weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps, training=self.training)
-        with torch.no_grad():
-            sigma_buf.copy_(sigma.real if sigma.is_complex() else sigma)
+            weight, buffers["_u"], buffers["_v"], dim=self.dim, n_power_iterations=self.n_power_iterations,
+            eps=self.eps, training=self.training)
+        sigma = sigma.real if sigma.is_complex() else sigma
+        if not transformed:
+            with torch.no_grad():
+                buffers["_sigma"].copy_(sigma)
+            return weight_sn
+        sigma = _unwrap_functorch(sigma.detach())
+        if sigma is not None:
+            # Outside torch.func's view, as torch's own printing of a transformed tensor does: a
+            # grad transform refuses any in-place write to a tensor it did not wrap.
+            with torch.no_grad(), torch._C._DisableFuncTorch():
+                buffers["_sigma"].copy_(sigma)
         return weight_sn
 
     def right_inverse(self, value: Tensor) -> Tensor:
         # we may want to assert here that the passed value already
         # satisfies constraints
         return value
+
+
+def _unwrap_functorch(t: Tensor) -> Tensor | None:
+    """``t``'s value outside any ``torch.func`` transform, to log it into a buffer; None under
+    ``vmap`` with ``t`` batched (one value per vmapped weight: nothing to log)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return None
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def _calls_forward(module: Module) -> bool:

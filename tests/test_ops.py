@@ -1031,6 +1031,35 @@ def test_gradcheck_training_converged(device, gen):
     assert torch.autograd.gradcheck(f, (weight.clone().requires_grad_(),), fast_mode=True)
 
 
+@pytest.mark.parametrize("shape,dim", [((4, 3), 0), ((2, 3, 2), 1)], ids=["4x3", "3d-dim1"])
+def test_gradgradcheck_eval(shape, dim, device, gen):
+    """Double backward, float64: under ``create_graph=True`` the weight gradient is
+    differentiable in the weight and in the incoming gradient (eval mode: u, v fixed, so
+    the function is deterministic; in training mode u, v depend on W outside autograd)."""
+    weight, u0, v0, sigma_buf, sem = _setup_autograd(shape, dim, torch.float64, device, gen)
+
+    def f(w):
+        return ops.spectral_norm_fused(w, u0, v0, sigma_buf, sem, dim=dim, training=False)
+
+    assert torch.autograd.gradgradcheck(f, (weight.requires_grad_(),), fast_mode=weight.ndim > 2)
+
+
+def test_create_graph_gradient_equals_the_kernels(device, gen):
+    """The differentiable backward (torch ops, ``create_graph=True``) gives the gradient of the
+    kernel path to rounding, and the plain backward stays the kernel's one launch."""
+    weight, u0, v0, sigma_buf, sem = _setup_autograd((33, 31), 0, torch.float32, device, gen)
+    grad = randn(weight.shape, gen, torch.float32, device)
+    w = weight.requires_grad_()
+    out = ops.spectral_norm_fused(w, u0, v0, sigma_buf, sem, dim=0, training=True)
+    differentiable, = torch.autograd.grad(out, w, grad, create_graph=True, retain_graph=True)
+    assert differentiable.grad_fn is not None
+    with count_launches() as calls:
+        kernel, = torch.autograd.grad(out, w, grad)
+    assert kernel.grad_fn is None
+    assert_launch_kinds(calls, ["bwd"], device)
+    torch.testing.assert_close(differentiable, kernel, rtol=1e-5, atol=1e-6 * kernel.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_grad_matches_reference_autograd(dtype, device, gen):
     for case in (CASE["31x33"], CASE["convT4d-channels_last-dim1"]):
@@ -1223,6 +1252,44 @@ def test_input_validation(entry, device):
                    n_power_iterations=args["n_power_iterations"], eps=args["eps"])
         assert calls == [] and calls.driver == 0, f"{name}: a kernel was launched before the error"
         assert torch.equal(args["u"], u_before) and torch.equal(args["v"], v_before), name
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "vmap_input", "dual"])
+@pytest.mark.parametrize("entry", ["forward_fused", "backward_fused", "spectral_norm_fused"])
+def test_torch_func_transforms_refused_before_launch(entry, transform, device):
+    """Under ``torch.func`` the launchers refuse to run, with the reason (a kernel cannot read a
+    vmap-batched tensor; the layers take the reference path there), even where the weight
+    itself is not transformed (``vmap_input``); so with a dual weight (forward-mode AD:
+    the kernels have no jvp, and a no-grad read would drop the tangent without a word)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, vmap
+
+    args = _valid(device)
+    sem = ops.new_semaphore(device)
+    sigma = torch.ones((), device=device)
+
+    def call(weight):
+        if entry == "backward_fused":
+            return ops.spectral_norm_backward_fused(torch.ones_like(weight), weight, args["u"], args["v"],
+                                                    sigma, sem)
+        fn = ops.spectral_norm_forward_fused if entry == "forward_fused" else ops.spectral_norm_fused
+        out = fn(weight, args["u"], args["v"], torch.zeros((), device=device), sem, training=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    u_before, v_before = args["u"].clone(), args["v"].clone()
+    match = "forward-mode AD" if transform == "dual" else "torch.func transforms"
+    with count_launches() as calls, pytest.raises(RuntimeError, match=match):
+        if transform == "dual":
+            with fwAD.dual_level():
+                call(fwAD.make_dual(args["weight"], torch.ones_like(args["weight"])))
+        elif transform == "vmap":
+            vmap(call)(torch.stack([args["weight"], args["weight"]]))
+        elif transform == "grad":
+            grad(lambda w: call(w).sum())(args["weight"])
+        else:
+            vmap(lambda x: call(args["weight"]).sum() * x)(torch.ones(2, device=device))
+    assert calls == [] and calls.driver == 0
+    assert torch.equal(args["u"], u_before) and torch.equal(args["v"], v_before)
 
 
 def test_bfloat16_refused_on_interpreter():

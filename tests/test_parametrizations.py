@@ -448,6 +448,113 @@ def test_gradient_penalty(kind, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["linear", "conv2d_dim-1", "convtranspose2d"])
+def test_double_backward_through_the_weight(kind, dtype, device, seed):
+    """Second derivatives in the weight (a Hessian-vector product: meta-learning, curvature
+    penalties): ``create_graph=True`` makes the weight gradient differentiable, and its
+    gradient agrees with PyTorch's SN (training mode: u, v constants of the read)."""
+    ref, ours, make_x = make_pair(kind, seed, dtype=dtype, device=device)
+    x = make_x()
+    direction = torch.randn(orig(ref).shape, generator=torch.Generator().manual_seed(seed),
+                            dtype=dtype).to(device)
+    grads, hvps = [], []
+    for m in (ref, ours):
+        w = orig(m)
+        grad_w, = torch.autograd.grad(m(x).square().sum(), w, create_graph=True)
+        hvp, = torch.autograd.grad((grad_w * direction).sum(), w)
+        grads.append(grad_w)
+        hvps.append(hvp)
+    assert_close(grads[1], grads[0], msg="first derivative")
+    assert_close(hvps[1], hvps[0], msg="Hessian-vector product")
+    assert_uv_close(ours, ref, dtype)
+
+
+def _func_transform(case, m, x):
+    """Run one ``torch.func`` use of module ``m`` on input ``x``; returns its result."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    params = {k: p.detach() for k, p in m.named_parameters()}
+    key = "parametrizations.weight.original"
+
+    def loss(p, x):
+        return functional_call(m, p, (x,)).square().sum()
+
+    if case == "grad":
+        return grad(loss)(params, x)[key]
+    if case == "per_sample_grad":  # Opacus-style: vmap over the batch of grad over the parameters
+        return vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))[key]
+    if case == "jacrev":
+        return jacrev(lambda w: functional_call(m, {**params, key: w}, (x,)))(params[key])
+    if case == "vmap_input":  # the weight read inside vmap, not batched
+        return vmap(lambda xi: functional_call(m, params, (xi.unsqueeze(0),)))(x)
+    if case == "vmap_weights":  # model ensembling: one weight per vmapped member
+        stacked = {k: torch.stack([p, 2 * p]) for k, p in params.items()}
+        return vmap(lambda p: functional_call(m, p, (x,)))(stacked)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", ["grad", "per_sample_grad", "jacrev", "vmap_input", "vmap_weights"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d_dim-1"])
+def test_torch_func_transforms(kind, case, train, device, seed):
+    """``torch.func`` (grad, per-sample gradients, jacrev, vmap) over sn_fused layers gives what it
+    gives over PyTorch's SN: the same numbers and the same u, v updates, or the same error
+    (vmap over the weights in training mode: the in-place power method cannot be batched)."""
+    ref, ours, make_x = make_pair(kind, seed, dtype=torch.float64, device=device, train=train)
+    x = make_x()
+    try:
+        want = _func_transform(case, ref, x)
+    except RuntimeError as error:
+        assert case == "vmap_weights" and train, error  # the one use PyTorch's SN refuses
+        with pytest.raises(RuntimeError, match=str(error).splitlines()[0][:40]):
+            _func_transform(case, ours, x)
+        return
+    got = _func_transform(case, ours, x)
+    assert_close(got, want, msg=case)
+    assert_uv_close(ours, ref, torch.float64)
+    if case != "vmap_weights":  # one sigma per ensemble member there: _sigma is not written
+        assert_close(par(ours)._sigma, torch_sigma(ref), msg="_sigma")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["linear", "convtranspose2d"])
+def test_forward_mode_ad(kind, train, device, seed):
+    """Forward-mode AD (a dual weight in ``forward_ad.dual_level()``): the output's tangent is
+    PyTorch's SN's (eval), or the same error (training: PyTorch's power method writes u, v
+    through out= ops, which have no forward AD). Never an output silently without tangent."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    ref, ours, make_x = make_pair(kind, seed, dtype=torch.float64, device=device, train=train)
+    x = make_x()
+    key = "parametrizations.weight.original"
+    tangent = torch.randn(orig(ref).shape, generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64).to(device)
+
+    def jvp(m):
+        with fwAD.dual_level():
+            params = {k: p.detach() for k, p in m.named_parameters()}
+            out = functional_call(m, {**params, key: fwAD.make_dual(params[key], tangent)}, (x,))
+            primal, out_tangent = fwAD.unpack_dual(out)
+            assert out_tangent is not None
+            return primal, out_tangent
+
+    try:
+        want = jvp(ref)
+    except NotImplementedError as error:
+        assert train, error
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            jvp(ours)
+        return
+    got = jvp(ours)
+    assert_close(got[0], want[0], msg="primal")
+    assert_close(got[1], want[1], msg="tangent")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, n_iter", kind_iters())
 def test_two_forwards_one_backward(kind, n_iter, device, seed):
     """loss = D(x1).mean() - D(x2).mean(): u, v change between the forwards; backward still works."""
@@ -1181,6 +1288,38 @@ def test_torch_compile_aot_autograd_around_the_launchers(train, n_iter, seed):
             for (name, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
                 torch.testing.assert_close(a, b, equal_nan=True, msg=f"step {step}: {name}")
     assert len(graphs) == 2  # one forward, one backward graph for all steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_torch_export(train, device, seed):
+    """``torch.export.export`` of a model with sn_fused layers (a generator exported for
+    serving, say): the exported program holds one forward op per layer where the kernels
+    run, and its module gives the eager outputs and, in training mode, the eager u, v
+    updates (export lifts the buffer mutations into the program), step after step."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        sn(nn.Conv2d(3, 4, 3, padding=1, device=device)), nn.LeakyReLU(0.1),
+        sn(nn.ConvTranspose2d(4, 2, 2, stride=2, device=device)),  # dim=1
+    ).train(train)
+    for layer in (model[0], model[2]):
+        scramble_uv(layer)  # far from converged: each training read visibly moves u, v
+    twin = copy.deepcopy(model)
+    start = {name: b.clone() for name, b in twin.named_buffers()}
+    x = torch.randn(2, 3, 5, 5, device=device)
+    program = torch.export.export(model, (x,))
+    exported = program.module()
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    fused = fused_supported(orig(model[0]), 0)
+    assert targets.count(torch.ops.sn_fused.spectral_norm_forward.default) == (2 if fused else 0), targets
+    for step in range(2):
+        x = torch.randn(2, 3, 5, 5, device=device)
+        torch.testing.assert_close(exported(x), twin(x), msg=f"step {step}")
+        buffers = dict(exported.named_buffers())
+        for name, b in twin.named_buffers():
+            if name.endswith(("_u", "_v")):
+                torch.testing.assert_close(buffers[name], b, msg=f"step {step}: {name}")
+                assert torch.equal(b, start[name]) != train, f"step {step}: {name} moved in eval, or not in training"
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

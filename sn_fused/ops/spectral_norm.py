@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd import forward_ad
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.library import triton_op, wrap_triton
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .. import reference
 from . import kernels
 
 __all__ = [
@@ -566,9 +568,34 @@ class _SpectralNormFunction(torch.autograd.Function):
         weight, saved = ctx.saved_tensors
         if torch.compiler.is_compiling():
             grad_weight = torch.ops.sn_fused.spectral_norm_backward(grad_out, weight, saved, ctx.sem, ctx.dim)
+        elif torch.is_grad_enabled():  # backward(create_graph=True): the gradient must be differentiable
+            grad_weight = _backward_differentiable(grad_out, weight, saved, ctx.dim)
         else:  # grad_out has the output's shape, dtype and device: autograd checked it
             grad_weight = _backward_unchecked(grad_out, weight, saved, ctx.sem, ctx.dim)
         return grad_weight, None
+
+
+def _backward_differentiable(grad, weight, saved, dim):
+    r"""The weight gradient as torch ops of ``grad`` and ``weight``, for autograd to differentiate
+    again: double backward (Hessian-vector products, meta-learning), which PyTorch's SN supports.
+
+    The backward kernel's output has no ``grad_fn``: a second ``torch.autograd.grad`` through it
+    would fail, or, where the loss has other paths to the weight, silently drop this one. So
+    under ``create_graph=True`` (the engine then runs ``backward`` with grad mode on) the same
+    closed form runs as torch ops instead, at torch's speed. ``sigma`` is recomputed from the
+    weight, ``sigma = u^T A v`` with the saved u, v as constants, not read from ``saved``:
+    that is the function of ``W`` PyTorch's SN differentiates, and the second derivative needs
+    its dependence on ``W``:
+
+    .. math::
+        rac{\partial L}{\partial W} = rac{G - \langle G, W 
+angle / \sigma(W)\; u v^T}{\sigma(W)},
+        \qquad \sigma(W) = u^T A v
+    """
+    weight_mat = reference.reshape_weight_to_matrix(weight, dim)
+    u, v, _ = split_saved(saved, *weight_mat.shape)
+    sigma = torch.vdot(u, torch.mv(weight_mat, v))
+    return reference.spectral_norm_backward_reference(grad, weight, u, v, sigma, dim)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -636,6 +663,16 @@ def _check_weight(weight: torch.Tensor, dim: int) -> int:
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES:
         raise TypeError(f"spectral_norm: the fused kernels take float16/bfloat16/float32/float64 "
                         f"weights, got {getattr(weight, 'dtype', type(weight))}")
+    if torch._C._are_functorch_transforms_active():
+        # A kernel cannot read a vmap-batched tensor, and the autograd.Function has no functorch
+        # rules; the reference's torch ops run under the transforms as PyTorch's SN does.
+        raise RuntimeError("spectral_norm: the fused kernels do not run under torch.func transforms "
+                           "(grad, vmap, jacrev, ...); sn_fused.spectral_norm layers run PyTorch's ops "
+                           "there, and so does sn_fused.reference.spectral_norm_reference")
+    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(weight).tangent is not None:
+        raise RuntimeError("spectral_norm: the fused kernels have no forward-mode AD (the weight is a "
+                           "dual tensor); sn_fused.spectral_norm layers run PyTorch's ops under "
+                           "forward_ad.dual_level(), and so does sn_fused.reference.spectral_norm_reference")
     if weight.ndim < 2:
         raise ValueError(f"spectral_norm: the fused kernels take weights with 2 or more dims, "
                          f"got shape {tuple(weight.shape)}")
