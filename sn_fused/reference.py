@@ -81,13 +81,13 @@ def spectral_norm_backward_reference(grad: torch.Tensor, weight: torch.Tensor, u
         \frac{\partial L}{\partial W} = \frac{G - \langle G, W_{sn}\rangle\, u v^T}{\sigma},
         \qquad W_{sn} = W / \sigma
 
-    reshaped back like ``W``. This is what the fused backward kernel computes.
+    This is what the fused backward kernel computes. Only ``u v^T`` is reshaped (to ``W``'s
+    shape): ``G`` and ``W`` take elementwise ops and a sum, so the formula also runs on a
+    vmap-batched ``G`` (``is_grads_batched=True``), whose reshapes vmap cannot always batch.
     """
-    g_mat = reshape_weight_to_matrix(grad, dim)
-    w_mat = reshape_weight_to_matrix(weight, dim)
-    inner = (g_mat * w_mat).sum() / sigma
-    d_mat = (g_mat - inner * torch.outer(u, v)) / sigma
-    return matrix_to_weight_shape(d_mat, weight, dim)
+    inner = (grad * weight).sum() / sigma
+    uv = matrix_to_weight_shape(torch.outer(u, v), weight, dim)
+    return (grad - inner * uv) / sigma
 
 
 def matrix_to_weight_shape(mat: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1044,6 +1044,29 @@ def test_gradgradcheck_eval(shape, dim, device, gen):
     assert torch.autograd.gradgradcheck(f, (weight.requires_grad_(),), fast_mode=weight.ndim > 2)
 
 
+@pytest.mark.parametrize("how", ["is_grads_batched", "jacobian_vectorize"])
+def test_batched_gradients(how, device, gen):
+    """Autograd's vmapped backward (``is_grads_batched=True``, ``jacobian(vectorize=True)``)
+    hands the backward a batched gradient, which no kernel can read: torch ops compute it,
+    equal to the reference's (found in review: "Cannot access storage of BatchedTensorImpl")."""
+    weight, u0, v0, sigma_buf, sem = _setup_autograd((2, 3, 2), 1, torch.float64, device, gen)
+
+    def fused(w):
+        return ops.spectral_norm_fused(w, u0, v0, sigma_buf, sem, dim=1, training=False)
+
+    def ref(w):
+        return reference.spectral_norm_reference(w, u0.clone(), v0.clone(), dim=1, training=False)[0]
+
+    if how == "is_grads_batched":
+        grads = randn((3, *weight.shape), gen, torch.float64, device)
+        got, want = (torch.autograd.grad(f(w), w, grads, is_grads_batched=True)[0]
+                     for f, w in ((fused, weight.clone().requires_grad_()), (ref, weight.clone().requires_grad_())))
+    else:
+        got = torch.autograd.functional.jacobian(fused, weight, vectorize=True)
+        want = torch.autograd.functional.jacobian(ref, weight)  # row by row, no vmap
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_create_graph_gradient_equals_the_kernels(device, gen):
     """The differentiable backward (torch ops, ``create_graph=True``) gives the gradient of the
     kernel path to rounding, and the plain backward stays the kernel's one launch."""
@@ -1254,7 +1277,7 @@ def test_input_validation(entry, device):
         assert torch.equal(args["u"], u_before) and torch.equal(args["v"], v_before), name
 
 
-@pytest.mark.parametrize("transform", ["vmap", "grad", "vmap_input", "dual"])
+@pytest.mark.parametrize("transform", ["vmap", "grad", "vmap_input", "dual", "batched_grad"])
 @pytest.mark.parametrize("entry", ["forward_fused", "backward_fused", "spectral_norm_fused"])
 def test_torch_func_transforms_refused_before_launch(entry, transform, device):
     """Under ``torch.func`` the launchers refuse to run, with the reason (a kernel cannot read a
@@ -1268,18 +1291,23 @@ def test_torch_func_transforms_refused_before_launch(entry, transform, device):
     sem = ops.new_semaphore(device)
     sigma = torch.ones((), device=device)
 
-    def call(weight):
+    def call(weight, grad=None):
         if entry == "backward_fused":
-            return ops.spectral_norm_backward_fused(torch.ones_like(weight), weight, args["u"], args["v"],
-                                                    sigma, sem)
+            grad = torch.ones_like(weight) if grad is None else grad
+            return ops.spectral_norm_backward_fused(grad, weight, args["u"], args["v"], sigma, sem)
         fn = ops.spectral_norm_forward_fused if entry == "forward_fused" else ops.spectral_norm_fused
         out = fn(weight, args["u"], args["v"], torch.zeros((), device=device), sem, training=False)
         return out[0] if isinstance(out, tuple) else out
 
     u_before, v_before = args["u"].clone(), args["v"].clone()
-    match = "forward-mode AD" if transform == "dual" else "torch.func transforms"
+    if transform == "batched_grad" and entry != "backward_fused":
+        pytest.skip("a gradient goes to the backward launcher only")
+    match = {"dual": "forward-mode AD", "batched_grad": "batched gradient"}.get(transform, "torch.func transforms")
     with count_launches() as calls, pytest.raises(RuntimeError, match=match):
-        if transform == "dual":
+        if transform == "batched_grad":  # autograd's own vmap (is_grads_batched=True)
+            from torch._vmap_internals import _vmap
+            _vmap(lambda g: call(args["weight"], g))(torch.ones(2, *args["weight"].shape, device=device))
+        elif transform == "dual":
             with fwAD.dual_level():
                 call(fwAD.make_dual(args["weight"], torch.ones_like(args["weight"])))
         elif transform == "vmap":

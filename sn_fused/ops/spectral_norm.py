@@ -568,7 +568,10 @@ class _SpectralNormFunction(torch.autograd.Function):
         weight, saved = ctx.saved_tensors
         if torch.compiler.is_compiling():
             grad_weight = torch.ops.sn_fused.spectral_norm_backward(grad_out, weight, saved, ctx.sem, ctx.dim)
-        elif torch.is_grad_enabled():  # backward(create_graph=True): the gradient must be differentiable
+        elif torch.is_grad_enabled() or _transformed(grad_out):
+            # backward(create_graph=True): the gradient must be differentiable; batched gradients
+            # (is_grads_batched=True, jacobian(vectorize=True)): grad_out is vmapped, which a
+            # kernel cannot read. Torch ops do both.
             grad_weight = _backward_differentiable(grad_out, weight, saved, ctx.dim)
         else:  # grad_out has the output's shape, dtype and device: autograd checked it
             grad_weight = _backward_unchecked(grad_out, weight, saved, ctx.sem, ctx.dim)
@@ -577,7 +580,8 @@ class _SpectralNormFunction(torch.autograd.Function):
 
 def _backward_differentiable(grad, weight, saved, dim):
     r"""The weight gradient as torch ops of ``grad`` and ``weight``, for autograd to differentiate
-    again: double backward (Hessian-vector products, meta-learning), which PyTorch's SN supports.
+    again: double backward (Hessian-vector products, meta-learning), which PyTorch's SN supports;
+    and for vmap to batch (``grad`` batched: ``is_grads_batched=True``, ``jacobian(vectorize=True)``).
 
     The backward kernel's output has no ``grad_fn``: a second ``torch.autograd.grad`` through it
     would fail, or, where the loss has other paths to the weight, silently drop this one. So
@@ -663,7 +667,7 @@ def _check_weight(weight: torch.Tensor, dim: int) -> int:
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES:
         raise TypeError(f"spectral_norm: the fused kernels take float16/bfloat16/float32/float64 "
                         f"weights, got {getattr(weight, 'dtype', type(weight))}")
-    if torch._C._are_functorch_transforms_active():
+    if _transformed(weight):
         # A kernel cannot read a vmap-batched tensor, and the autograd.Function has no functorch
         # rules; the reference's torch ops run under the transforms as PyTorch's SN does.
         raise RuntimeError("spectral_norm: the fused kernels do not run under torch.func transforms "
@@ -775,7 +779,18 @@ def _check_backward_inputs(grad, weight, saved, sem, dim) -> int:
     return dim
 
 
+def _transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` comes under a transform whose tensors a kernel cannot read: ``torch.func``
+    (grad, vmap, jacrev, ...), or autograd's own vmap of batched gradients
+    (``is_grads_batched=True``, ``jacobian(vectorize=True)``)."""
+    return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
 def _check_grad(grad, weight) -> None:
+    if _transformed(grad):
+        raise RuntimeError("spectral_norm backward: the fused kernel cannot read a batched gradient "
+                           "(is_grads_batched=True, torch.func); the autograd Function runs torch ops "
+                           "for those")
     if (not _plain_tensor(grad) or grad.shape != weight.shape or grad.dtype != weight.dtype
             or grad.device != weight.device):
         raise ValueError(f"spectral_norm backward: grad ({_describe(grad)}) must match the weight "
