@@ -105,17 +105,17 @@ class _SpectralNorm(Module):
             return F.normalize(weight, dim=0, eps=self.eps)
         # Buffers straight from the dict: Module.__getattr__ costs ~1 us per name on this hot
         # path (every read of module.weight), the dict lookup ~0.1 us.
+        if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
+            # torch.func (grad, vmap, jacrev, functional_call per-sample gradients) and
+            # forward-mode AD (dual tensors), eager or compiled: the kernels' autograd.Function
+            # has no functorch rules and no jvp, while torch's ops behave there exactly as
+            # PyTorch's SN does (and fail where it fails).
+            return self._reference_read(weight, transformed=True)
         buffers = self._buffers
         u, v, sigma_buf, sem = buffers["_u"], buffers["_v"], buffers["_sigma"], buffers["_sem"]
         dim, n_power_iterations, eps = self.dim, self.n_power_iterations, self.eps
         compiling = torch.compiler.is_compiling()  # traced once: checks cost nothing at run time
         if not compiling:
-            if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
-                # torch.func (grad, vmap, jacrev, functional_call per-sample gradients) and
-                # forward-mode AD (dual tensors): the kernels' autograd.Function has no
-                # functorch rules and no jvp, while torch's ops behave there exactly as
-                # PyTorch's SN does (and fail where it fails).
-                return self._reference_read(weight, transformed=True)
             try:
                 signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
             except AttributeError:  # a buffer that is not a tensor: the checks below say so
@@ -153,7 +153,9 @@ class _SpectralNorm(Module):
 
     def _reference_read(self, weight: Tensor, transformed: bool = False) -> Tensor:
         """The read as torch ops (``reference.spectral_norm_reference``), where the kernels
-        cannot run or must not (``transformed``: under torch.func or forward-mode AD)."""
+        cannot run or must not (``transformed``: under torch.func or forward-mode AD; there
+        ``_sigma`` is not written under ``torch.compile``, whose tracing of the transforms
+        has no way around their refusal of the write)."""
         buffers = self._buffers
         weight_sn, sigma = reference.spectral_norm_reference(
             weight, buffers["_u"], buffers["_v"], dim=self.dim, n_power_iterations=self.n_power_iterations,
@@ -163,7 +165,7 @@ class _SpectralNorm(Module):
             with torch.no_grad():
                 buffers["_sigma"].copy_(sigma)
             return weight_sn
-        sigma = _unwrap_functorch(sigma.detach())
+        sigma = None if torch.compiler.is_compiling() else _unwrap_functorch(sigma.detach())
         if sigma is not None:
             # Outside torch.func's view, as torch's own printing of a transformed tensor does: a
             # grad transform refuses any in-place write to a tensor it did not wrap.

@@ -70,3 +70,16 @@ def list_forward_calls():
     with mock.patch.object(parametrize.ParametrizationList, "forward", autospec=True,
                            side_effect=forward) as counted:
         yield counted
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from a clean Dynamo cache: the layers' code objects (the fast getter,
+    ``_SpectralNorm.forward``) are shared by every model, so compiles across tests would add up
+    to Dynamo's recompile limit and fail a ``fullgraph=True`` test that is fine on its own."""
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    yield

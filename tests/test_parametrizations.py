@@ -501,7 +501,8 @@ def _func_transform(case, m, x):
 def test_torch_func_transforms(kind, case, train, device, seed):
     """``torch.func`` (grad, per-sample gradients, jacrev, vmap) over sn_fused layers gives what it
     gives over PyTorch's SN: the same numbers and the same u, v updates, or the same error
-    (vmap over the weights in training mode: the in-place power method cannot be batched)."""
+    (vmap over the weights in training mode: the in-place power method cannot be batched);
+    ``_sigma`` logs the read's sigma."""
     ref, ours, make_x = make_pair(kind, seed, dtype=torch.float64, device=device, train=train)
     x = make_x()
     try:
@@ -511,11 +512,46 @@ def test_torch_func_transforms(kind, case, train, device, seed):
         with pytest.raises(RuntimeError, match=str(error).splitlines()[0][:40]):
             _func_transform(case, ours, x)
         return
+    par(ours)._sigma.fill_(float("nan"))  # registration logged one already: this read must write it
     got = _func_transform(case, ours, x)
     assert_close(got, want, msg=case)
     assert_uv_close(ours, ref, torch.float64)
-    if case != "vmap_weights":  # one sigma per ensemble member there: _sigma is not written
+    if case == "vmap_weights":  # one sigma per ensemble member: _sigma is not written
+        assert par(ours)._sigma.isnan()
+    else:
         assert_close(par(ours)._sigma, torch_sigma(ref), msg="_sigma")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["grad", "vmap_input", "jvp"])
+def test_torch_func_transforms_compiled(case, device, seed):
+    """The same under ``torch.compile(fullgraph=True)`` (Dynamo traces the transforms; eval mode,
+    where PyTorch's SN supports them all): PyTorch's numbers, one graph, no break (found in
+    review: the check for transforms sat behind the compiling test, so the fused op was
+    traced under them and failed)."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    ref, ours, make_x = make_pair("conv2d_dim-1", seed, dtype=torch.float64, device=device, train=False)
+    x = make_x()
+    key = "parametrizations.weight.original"
+
+    def run(m):
+        params = {k: p.detach() for k, p in m.named_parameters()}
+
+        def f(w, x):
+            p = {**params, key: w}
+            if case == "grad":
+                return grad(lambda w: functional_call(m, {**p, key: w}, (x,)).square().sum())(w)
+            if case == "vmap_input":
+                return vmap(lambda xi: functional_call(m, p, (xi.unsqueeze(0),)))(x)
+            return jvp(lambda w: functional_call(m, {**p, key: w}, (x,)), (w,), (torch.ones_like(w),))[1]
+
+        recorder = _GraphRecorder()
+        out = torch.compile(f, backend=recorder, fullgraph=True)(params[key], x)
+        assert len(recorder.graphs) == 1
+        return out
+
+    assert_close(run(ours), run(ref), msg=case)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -549,9 +585,11 @@ def test_forward_mode_ad(kind, train, device, seed):
         with pytest.raises(NotImplementedError, match="forward AD"):
             jvp(ours)
         return
+    par(ours)._sigma.fill_(float("nan"))
     got = jvp(ours)
     assert_close(got[0], want[0], msg="primal")
     assert_close(got[1], want[1], msg="tangent")
+    assert_close(par(ours)._sigma, torch_sigma(ref), msg="_sigma (the primal's, no tangent)")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1219,6 +1257,33 @@ def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, dynamic, device
     assert (ops <= recorder.targets()) == fused, recorder.targets()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_double_backward_is_an_error(device, seed):
+    """A second derivative in the weight through a ``torch.compile``'d read (Dynamo alone; with
+    AOTAutograd torch itself refuses double backward): where the fused op runs, an error
+    saying so, never a Hessian-vector product without the SN term (found in review: with
+    another path from the loss to the weight it came back as that path's term alone);
+    on the reference path, PyTorch's numbers."""
+    ref, ours, make_x = make_pair("linear", seed, dtype=torch.float64, device=device)
+    x = make_x()
+    direction = torch.randn(orig(ref).shape, generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float64).to(device)
+
+    def hvp(m):
+        compiled = torch.compile(m, backend=_GraphRecorder(), fullgraph=True)
+        w = orig(m)
+        loss = compiled(x).square().sum() + w.pow(3).sum()  # a second path to the weight
+        grad_w, = torch.autograd.grad(loss, w, create_graph=True)
+        return torch.autograd.grad((grad_w * direction).sum(), w)[0]
+
+    want = hvp(ref)
+    if fused_supported(orig(ours), 0):
+        with pytest.raises(RuntimeError, match="double backward"):
+            hvp(ours)
+    else:
+        assert_close(hvp(ours), want)
+
+
 @contextlib.contextmanager
 def _reference_launchers():
     """Replace the two launchers with the float reference, writing the same outputs.
@@ -1296,7 +1361,9 @@ def test_torch_export(train, device, seed):
     """``torch.export.export`` of a model with sn_fused layers (a generator exported for
     serving, say): the exported program holds one forward op per layer where the kernels
     run, and its module gives the eager outputs and, in training mode, the eager u, v
-    updates (export lifts the buffer mutations into the program), step after step."""
+    updates (export lifts the buffer mutations into the program), step after step. It runs
+    forward only: a backward through it is an error (PyTorch's SN exports torch ops, which
+    autograd can differentiate)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
         sn(nn.Conv2d(3, 4, 3, padding=1, device=device)), nn.LeakyReLU(0.1),
@@ -1320,6 +1387,15 @@ def test_torch_export(train, device, seed):
             if name.endswith(("_u", "_v")):
                 torch.testing.assert_close(buffers[name], b, msg=f"step {step}: {name}")
                 assert torch.equal(b, start[name]) != train, f"step {step}: {name} moved in eval, or not in training"
+    # Forward only where the fused op is in the program (it mutates u, v, so torch.library takes
+    # no autograd formula for it; the layer's autograd.Function is not exported): a loud error.
+    out = exported(x).sum()
+    if fused:
+        with pytest.raises(RuntimeError, match="autograd"):
+            out.backward()
+    else:
+        out.backward()
+        assert all(p.grad is not None for p in exported.parameters())
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

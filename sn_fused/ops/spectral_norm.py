@@ -530,6 +530,16 @@ def spectral_norm_backward(grad: torch.Tensor, weight: torch.Tensor, saved: torc
     apart and checks each.
     """
     dim = _check_backward_inputs(grad, weight, saved, sem, dim)
+    if grad.requires_grad:
+        # A compiled read's backward graph calls this op (torch.compile(backend="eager"); AOTAutograd
+        # refuses double backward itself). Under backward(create_graph=True) its gradient would
+        # have no grad_fn, and a second derivative would lose this term without a word; the eager
+        # Function differentiates torch ops instead. (The op runs with grad mode off, so only
+        # an incoming gradient that requires grad shows create_graph; one that does not, from
+        # a loss linear in W_sn, still goes unnoticed.)
+        raise RuntimeError("sn_fused::spectral_norm_backward has no derivative: double backward "
+                           "(create_graph=True) through a torch.compile'd sn_fused read is not "
+                           "supported (an eager read supports it)")
     return _backward_unchecked(grad, weight, saved, sem, dim)
 
 
@@ -592,8 +602,7 @@ def _backward_differentiable(grad, weight, saved, dim):
     its dependence on ``W``:
 
     .. math::
-        rac{\partial L}{\partial W} = rac{G - \langle G, W 
-angle / \sigma(W)\; u v^T}{\sigma(W)},
+        \frac{\partial L}{\partial W} = \frac{G - \langle G, W \rangle / \sigma(W)\; u v^T}{\sigma(W)},
         \qquad \sigma(W) = u^T A v
     """
     weight_mat = reference.reshape_weight_to_matrix(weight, dim)
