@@ -654,6 +654,10 @@ def test_gradcheck_float64(kind, layout, device, seed):
     # Full Jacobians for two cases, random projections (fast_mode) for the rest.
     fast = (kind, layout) not in (("linear", "plain"), ("conv2d", "channels_last"))
     assert torch.autograd.gradcheck(p_ours, (w,), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=fast)
+    # Batched gradients (vmap over grad_outputs) and forward-mode AD, as gradcheck checks them
+    # for torch's own ops: the Function's torch-ops backward, the layer's reference read.
+    assert torch.autograd.gradcheck(p_ours, (w,), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True,
+                                    check_batched_grad=True, check_forward_ad=True)
     if has_uv(ours):
         # gradcheck's many evaluations (eval mode) left the buffers alone.
         assert torch.equal(par(ours)._u, u0) and torch.equal(par(ours)._v, v0)
