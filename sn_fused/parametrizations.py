@@ -48,7 +48,8 @@ class _SpectralNorm(Module):
       kernel itself, no extra launch.
     * ``_sem``: the grid-barrier semaphores of this parametrization's
       kernels (non-persistent). One per module, so two modules running at
-      the same time on two streams never share one.
+      the same time on two streams never share one. Zeroed again after
+      ``to()``, ``to_empty()`` and the like (``_apply``).
     """
 
     #: ``(_input_signature(...), dim in [0, ndim))`` of the last read whose inputs passed the
@@ -172,6 +173,20 @@ class _SpectralNorm(Module):
             with torch.no_grad(), torch._C._DisableFuncTorch():
                 buffers["_sigma"].copy_(sigma)
         return weight_sn
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(), .cuda(), .half(), ... and to_empty() all come here. to_empty() (after a
+        # meta-device init) gives every buffer uninitialized memory; PyTorch's u, v then wait
+        # for the user's init, but the semaphore is ours, and the grid barrier's invariant
+        # (the semaphore is 0 or 0x80000000 at rest) would not hold: a multi-program launch
+        # could leave a barrier early, a wrong result without a word. Zero is a rest state,
+        # so writing it after any _apply is safe (kernels on the stream come before it).
+        super()._apply(fn, recurse)
+        sem = self._buffers.get("_sem")
+        if isinstance(sem, Tensor) and _plain_tensor(sem) and sem.dtype == torch.int32:
+            with torch.no_grad():
+                sem.zero_()
+        return self
 
     def right_inverse(self, value: Tensor) -> Tensor:
         # we may want to assert here that the passed value already

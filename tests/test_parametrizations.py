@@ -1197,6 +1197,41 @@ def test_module_to_double_after_registration(device, seed):
     assert_uv_close(ours, ref, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_meta_init_then_to_empty(device, seed):
+    """Deferred init (a model built on the meta device, ``to_empty``, then initialized by the user,
+    as FSDP and big-model loaders do): the same outputs as PyTorch's SN, and the grid-barrier
+    semaphore back at rest (0). ``to_empty`` leaves buffers uninitialized, which would break the
+    barrier's invariant on a GPU; the poison below stands in for that memory."""
+    models = []
+    for register in (torch_sn, sn):
+        with torch.device("meta"):
+            models.append(register(nn.Conv2d(3, 5, 3)))
+    ref, ours = models
+    poisoned = {"n": 0}
+
+    def to_empty_poisoned(t):  # to_empty(), with int32 memory that happens to hold garbage
+        out = torch.empty_like(t, device=device)
+        if out.dtype == torch.int32:
+            poisoned["n"] += 1
+            out.fill_(0x1234567)
+        return out
+
+    for m in (ref, ours):
+        m._apply(to_empty_poisoned)
+        torch.manual_seed(seed)
+        with torch.no_grad():  # the user's init, the same for both
+            orig(m).normal_()
+            m.bias.zero_()
+            par(m)._u.copy_(F.normalize(torch.randn(par(m)._u.shape), dim=0))
+            par(m)._v.copy_(F.normalize(torch.randn(par(m)._v.shape), dim=0))
+    assert poisoned["n"] == 1  # ours has the one int32 buffer
+    assert torch.equal(par(ours)._sem, torch.zeros(2, dtype=torch.int32, device=device))
+    x = torch.randn(2, 3, 6, 6, device=device)
+    assert_close(ours(x), ref(x))
+    assert_uv_close(ours, ref, torch.float32)
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 
