@@ -56,6 +56,12 @@ class _SpectralNorm(Module):
     #: fused path's checks; reads with the same signature skip them. A class attribute, so
     #: instances made without ``__init__`` (``sn_fused.convert``) start unchecked too.
     _checked_read = None
+    #: ``_sem._version`` when this layer last made the semaphore or put it at rest. The kernels'
+    #: own writes leave the version alone, so any other version means torch code wrote into
+    #: it -- AveragedModel(use_buffers=True) averaging every buffer, a cast, a fill -- and the
+    #: grid barrier's invariant (0 or 0x80000000 at rest) may no longer hold: the next read
+    #: makes a new one. None (instances made by ``convert``): not known, made anew once.
+    _sem_version = None
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0,
                  eps: float = 1e-12) -> None:
@@ -95,6 +101,7 @@ class _SpectralNorm(Module):
             self.register_buffer("_sigma", _new_sigma_buffer(weight, weight.real.dtype),
                                  persistent=False)
             self.register_buffer("_sem", new_semaphore(weight.device), persistent=False)
+            self._sem_version = self._sem._version
 
             # Start with u, v initialized to some reasonable values by performing a number
             # of iterations of the power method
@@ -104,14 +111,16 @@ class _SpectralNorm(Module):
         if weight.ndim == 1:
             # Faster and more exact path, no need to approximate anything
             return F.normalize(weight, dim=0, eps=self.eps)
+        if (torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+                or torch._C._get_tracing_state() is not None):
+            # torch.func (grad, vmap, jacrev, functional_call per-sample gradients),
+            # forward-mode AD (dual tensors), eager or compiled, and torch.jit.trace: the
+            # kernels' autograd.Function has no functorch rules and no jvp, and the JIT tracer
+            # records torch ops only, while torch's ops behave there exactly as PyTorch's SN
+            # does (and fail where it fails).
+            return self._reference_read(weight, transformed=True)
         # Buffers straight from the dict: Module.__getattr__ costs ~1 us per name on this hot
         # path (every read of module.weight), the dict lookup ~0.1 us.
-        if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
-            # torch.func (grad, vmap, jacrev, functional_call per-sample gradients) and
-            # forward-mode AD (dual tensors), eager or compiled: the kernels' autograd.Function
-            # has no functorch rules and no jvp, while torch's ops behave there exactly as
-            # PyTorch's SN does (and fail where it fails).
-            return self._reference_read(weight, transformed=True)
         buffers = self._buffers
         u, v, sigma_buf, sem = buffers["_u"], buffers["_v"], buffers["_sigma"], buffers["_sem"]
         dim, n_power_iterations, eps = self.dim, self.n_power_iterations, self.eps
@@ -122,19 +131,25 @@ class _SpectralNorm(Module):
             except AttributeError:  # a buffer that is not a tensor: the checks below say so
                 signature = None
             checked = self._checked_read
-            if signature is not None and checked is not None and checked[0] == signature:
+            if (signature is not None and checked is not None and checked[0] == signature
+                    and sem._version == self._sem_version):
                 return _spectral_norm_checked(weight, u, v, sigma_buf, sem, checked[1], n_power_iterations,
                                               eps, self.training)
         if fused_supported(weight, dim):
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there, and so when a plain
-            # weight replaces a wrapper-subclass one (DTensor, TwoTensor). (Anything else
-            # wrong with them is for the op's checks to say: an AttributeError here would
-            # surface as "no attribute 'weight'", parametrize's property being a property.)
+            # weight replaces a wrapper-subclass one (DTensor, TwoTensor); the semaphore also
+            # when torch code wrote into it (see _sem_version). (Anything else wrong with them
+            # is for the op's checks to say: an AttributeError here would surface as "no
+            # attribute 'weight'", parametrize's property being a property.)
             remade = False
-            if isinstance(sem, Tensor) and (sem.device != weight.device or not _plain_tensor(sem)):
-                sem = buffers["_sem"] = new_semaphore(weight.device)
-                remade = True
+            if isinstance(sem, Tensor):
+                if (sem.device != weight.device or not _plain_tensor(sem)
+                        or (not compiling and sem._version != self._sem_version)):  # written by torch code
+                    sem = buffers["_sem"] = new_semaphore(weight.device)
+                    remade = True
+                if not compiling:
+                    self._sem_version = sem._version
             if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device
                                                   or not _plain_tensor(sigma_buf)):
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(weight, sigma_buf.dtype)
@@ -183,9 +198,13 @@ class _SpectralNorm(Module):
         # so writing it after any _apply is safe (kernels on the stream come before it).
         super()._apply(fn, recurse)
         sem = self._buffers.get("_sem")
-        if isinstance(sem, Tensor) and _plain_tensor(sem) and sem.dtype == torch.int32:
-            with torch.no_grad():
-                sem.zero_()
+        if isinstance(sem, Tensor):
+            if _plain_tensor(sem) and sem.dtype == torch.int32:
+                with torch.no_grad():
+                    sem.zero_()
+            else:  # Module.type() casts integer buffers too
+                sem = self._buffers["_sem"] = new_semaphore(sem.device)
+            self._sem_version = sem._version
         return self
 
     def right_inverse(self, value: Tensor) -> Tensor:

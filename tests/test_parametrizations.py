@@ -1232,6 +1232,57 @@ def test_meta_init_then_to_empty(device, seed):
     assert_uv_close(ours, ref, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["ema_use_buffers", "fill", "type_float64"])
+def test_semaphore_written_by_torch_code_is_made_anew(how, device, seed):
+    """Tools that walk every buffer write into ``_sem`` too: ``AveragedModel(use_buffers=True)``
+    averages it (an EMA of 0 and 0x80000000 is garbage to the grid barrier: on a GPU a
+    multi-program read would leave a barrier early and be silently wrong), ``Module.type()``
+    casts it to float. The next read makes a semaphore at rest, and reads give PyTorch's
+    numbers (found in review: after ``.type(torch.float64)`` every read raised)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ref, ours, make_x = make_pair("conv2d", seed, device=device)
+    x = make_x()
+    if how == "ema_use_buffers":
+        averaged = [AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+                    for m in (ref, ours)]
+        for rest in (0, -(2**31)):  # the first update copies, the second averages
+            par(ours)._sem.fill_(rest)  # 0x80000000: where an odd number of barriers leaves it
+            for a, m in zip(averaged, (ref, ours)):
+                a.update_parameters(m)
+        ref, ours = averaged[0].module, averaged[1].module
+        assert par(ours)._sem.any()  # the EMA of 0 and 0x80000000: not a rest state
+    elif how == "fill":
+        par(ours)._sem.fill_(0x1234567)
+    else:
+        ref.type(torch.float64)
+        ours.type(torch.float64)
+        x = x.double()
+    fused = fused_supported(orig(ours), 0)  # the reference path does not use the semaphore
+    for step in range(2):
+        assert_close(ours(x), ref(x), dtype=torch.float32, msg=f"step {step}")  # fp32 buffers, cast or not
+        assert_uv_close(ours, ref, torch.float32)
+        sem = par(ours)._sem
+        assert sem.dtype == torch.int32 and (not sem.any() or not fused), sem
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_jit_trace(device, seed):
+    """``torch.jit.trace`` of an eval-mode model (the usual way to trace for serving): the traced
+    module gives PyTorch's numbers, and follows later changes of the weight (found in review:
+    tracing failed with "no attribute 'weight'"). Traced reads run torch ops: the tracer records
+    nothing else."""
+    ref, ours, make_x = make_pair("conv2d", seed, device=device, train=False)
+    x = make_x()
+    traced = [torch.jit.trace(m, (x,), check_trace=False) for m in (ref, ours)]
+    assert_close(traced[1](x), traced[0](x))
+    for m in (ref, ours):
+        with torch.no_grad():
+            orig(m).mul_(2).add_(0.1)
+    assert_close(traced[1](x), traced[0](x), msg="after a weight update")
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 
