@@ -175,6 +175,17 @@ def orig(m, name="weight"):
     return getattr(m.parametrizations, name).original
 
 
+#: ``orig(m)``'s name in ``m.named_parameters()``: the key ``torch.func.functional_call`` takes.
+ORIGINAL = "parametrizations.weight.original"
+
+
+def random_like_weight(m, seed, dtype):
+    """A fixed random tensor of ``orig(m)``'s shape on its device (a direction, a tangent), drawn
+    from a generator of its own so that the global random stream is left alone."""
+    w = orig(m)
+    return torch.randn(w.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(w.device)
+
+
 def has_uv(m):
     return hasattr(par(m), "_u")
 
@@ -456,8 +467,7 @@ def test_double_backward_through_the_weight(kind, dtype, device, seed):
     gradient agrees with PyTorch's SN (training mode: u, v constants of the read)."""
     ref, ours, make_x = make_pair(kind, seed, dtype=dtype, device=device)
     x = make_x()
-    direction = torch.randn(orig(ref).shape, generator=torch.Generator().manual_seed(seed),
-                            dtype=dtype).to(device)
+    direction = random_like_weight(ref, seed, dtype)
     grads, hvps = [], []
     for m in (ref, ours):
         w = orig(m)
@@ -475,17 +485,16 @@ def _func_transform(case, m, x):
     from torch.func import functional_call, grad, jacrev, vmap
 
     params = {k: p.detach() for k, p in m.named_parameters()}
-    key = "parametrizations.weight.original"
 
     def loss(p, x):
         return functional_call(m, p, (x,)).square().sum()
 
     if case == "grad":
-        return grad(loss)(params, x)[key]
+        return grad(loss)(params, x)[ORIGINAL]
     if case == "per_sample_grad":  # Opacus-style: vmap over the batch of grad over the parameters
-        return vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))[key]
+        return vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))[ORIGINAL]
     if case == "jacrev":
-        return jacrev(lambda w: functional_call(m, {**params, key: w}, (x,)))(params[key])
+        return jacrev(lambda w: functional_call(m, {**params, ORIGINAL: w}, (x,)))(params[ORIGINAL])
     if case == "vmap_input":  # the weight read inside vmap, not batched
         return vmap(lambda xi: functional_call(m, params, (xi.unsqueeze(0),)))(x)
     if case == "vmap_weights":  # model ensembling: one weight per vmapped member
@@ -533,21 +542,22 @@ def test_torch_func_transforms_compiled(case, device, seed):
 
     ref, ours, make_x = make_pair("conv2d_dim-1", seed, dtype=torch.float64, device=device, train=False)
     x = make_x()
-    key = "parametrizations.weight.original"
 
     def run(m):
         params = {k: p.detach() for k, p in m.named_parameters()}
 
+        def read(w, x):
+            return functional_call(m, {**params, ORIGINAL: w}, (x,))
+
         def f(w, x):
-            p = {**params, key: w}
             if case == "grad":
-                return grad(lambda w: functional_call(m, {**p, key: w}, (x,)).square().sum())(w)
+                return grad(lambda w: read(w, x).square().sum())(w)
             if case == "vmap_input":
-                return vmap(lambda xi: functional_call(m, p, (xi.unsqueeze(0),)))(x)
-            return jvp(lambda w: functional_call(m, {**p, key: w}, (x,)), (w,), (torch.ones_like(w),))[1]
+                return vmap(lambda xi: read(w, xi.unsqueeze(0)))(x)
+            return jvp(lambda w: read(w, x), (w,), (torch.ones_like(w),))[1]
 
         recorder = _GraphRecorder()
-        out = torch.compile(f, backend=recorder, fullgraph=True)(params[key], x)
+        out = torch.compile(f, backend=recorder, fullgraph=True)(params[ORIGINAL], x)
         assert len(recorder.graphs) == 1
         return out
 
@@ -566,14 +576,12 @@ def test_forward_mode_ad(kind, train, device, seed):
 
     ref, ours, make_x = make_pair(kind, seed, dtype=torch.float64, device=device, train=train)
     x = make_x()
-    key = "parametrizations.weight.original"
-    tangent = torch.randn(orig(ref).shape, generator=torch.Generator().manual_seed(seed),
-                          dtype=torch.float64).to(device)
+    tangent = random_like_weight(ref, seed, torch.float64)
 
     def jvp(m):
         with fwAD.dual_level():
             params = {k: p.detach() for k, p in m.named_parameters()}
-            out = functional_call(m, {**params, key: fwAD.make_dual(params[key], tangent)}, (x,))
+            out = functional_call(m, {**params, ORIGINAL: fwAD.make_dual(params[ORIGINAL], tangent)}, (x,))
             primal, out_tangent = fwAD.unpack_dual(out)
             assert out_tangent is not None
             return primal, out_tangent
@@ -1356,8 +1364,7 @@ def test_torch_compile_double_backward_is_an_error(device, seed):
     on the reference path, PyTorch's numbers."""
     ref, ours, make_x = make_pair("linear", seed, dtype=torch.float64, device=device)
     x = make_x()
-    direction = torch.randn(orig(ref).shape, generator=torch.Generator().manual_seed(seed),
-                            dtype=torch.float64).to(device)
+    direction = random_like_weight(ref, seed, torch.float64)
 
     def hvp(m):
         compiled = torch.compile(m, backend=_GraphRecorder(), fullgraph=True)
