@@ -59,7 +59,7 @@ if [ "$mode" != bench ]; then
   echo "== kernel table"
   # shellcheck disable=SC2206
   extra=(${SN_FUSED_SWEEP_ARGS---profile --bwd-sweep --on-chip-sweep --compile-probe})
-  [ "$mode" = dev ] && extra=(--sweep --profile)
+  [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 240 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     # Graph and eager times, and the host profile: a same-card A/B of the kernels and of the host path.

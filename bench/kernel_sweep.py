@@ -7,7 +7,8 @@ in the same run. ``--sweep`` also tries launch-config variants (elements per
 program) so tuning decisions come from measurements.
 
     python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--on-chip-sweep] [--profile]
-                                 [--compile-probe] [--graph-only] [--no-torch] [--out DIR]
+                                 [--compile-probe] [--graph-only] [--no-torch] [--no-table]
+                                 [--sweep-shapes MxN,...] [--reads MxN] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from sn_fused.ops import spectral_norm as ops_mod
 
 SHAPES = [(64, 27), (128, 1152), (512, 4608), (768, 6912), (1536, 13824), (4096, 4096), (1, 8192),
           (24576, 20), (1000, 1536)]
+
+
+def cuda_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def copy_bandwidth() -> float:
@@ -96,29 +101,47 @@ def measure(M, N, impl, graph_only=False):
     )
 
 
-KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 16384),
-             _MIN_ELEMENTS_PER_PROGRAM=(8192,))
+KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 8192, 32768),
+             _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768))
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 
-def knob_sweep():
-    """Forward graph time per shape with one launch knob changed at a time from the defaults."""
-    defaults = {k: getattr(ops_mod, k) for k in KNOBS}
+def first_read_error(m) -> float:
+    """Max relative error of the layer's first read against the float64 reference (same u, v)."""
+    from sn_fused.reference import spectral_norm_reference
+
+    p = m.parametrizations.weight[0]
+    w = m.parametrizations.weight.original.detach()
+    want, _ = spectral_norm_reference(w.double(), p._u.double().clone(), p._v.double().clone())
+    got = m.weight.detach().double()
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
+    """Forward graph time per shape with one launch knob changed at a time from the defaults.
+
+    Each variant's first read is also checked against the float64 reference (``err`` above
+    1e-5 is flagged), so a faster variant is known to compute the same thing.
+    """
+    defaults = {k: getattr(ops_mod, k) for k in knobs}
     results = []
-    print("# knob sweep: fwd graph us (one knob changed from the defaults %s)" % defaults)
-    for M, N in SWEEP_SHAPES:
+    print("# knob sweep: fwd graph us [G] (one knob changed from the defaults %s)" % defaults)
+    for M, N in shapes:
         line = []
-        for knob, values in [("default", (None,))] + list(KNOBS.items()):
+        for knob, values in [("default", (None,))] + list(knobs.items()):
             for val in values:
                 with ops_mod._launch_knobs(**({} if knob == "default" else {knob: val})):
+                    grid = ops_mod._launch_config(M, N, cuda_device(), None).grid
                     try:
                         m = layer(M, N, "sn_fused")
+                        err = first_read_error(m)
                         t = graph_time_us(lambda: m.weight)
                     except Exception as e:  # e.g. a grid too large for a cooperative launch
-                        t = float("nan")
+                        t = err = float("nan")
                         print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
-                results.append(dict(M=M, N=N, knob=knob, value=val, fwd_graph_us=t))
-                line.append(f"{knob.strip('_')[:8]}={val}:{t:.1f}")
+                results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, fwd_graph_us=t, rel_err=err))
+                flag = "" if err <= 1e-5 else f" ERR {err:.1e}"
+                line.append(f"{knob.strip('_')[:8]}={val}:{t:.1f}[{grid}]{flag}")
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
     return results
 
@@ -166,7 +189,7 @@ def on_chip_sweep():
         line, seen = [], set()
         for name, knobs in ON_CHIP_KNOBS:
             with ops_mod._launch_knobs(**knobs):
-                cfg = ops_mod._launch_config(M, N, torch.device("cuda", torch.cuda.current_device()), None)
+                cfg = ops_mod._launch_config(M, N, cuda_device(), None)
                 key = (cfg, ops_mod._ON_CHIP)  # the forward's plan; the backward's follows _ON_CHIP
                 if key in seen:  # the same launches as a variant already timed
                     continue
@@ -194,21 +217,23 @@ def compile_probe(M=128, N=1152):
     w = m.parametrizations.weight.original.detach()
     u, v, sb, sem = p._u, p._v, p._sigma, p._sem
 
+    # W_sn only: the launcher's u, v, sigma are views of one buffer, and a custom_op's
+    # outputs may not alias each other.
     @torch.library.custom_op("sn_fused_probe::forward", mutates_args={"u", "v", "sigma_buf", "sem"})
     def probe(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma_buf: torch.Tensor,
-              sem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return ops_mod.spectral_norm_forward_fused(weight, u, v, sigma_buf, sem)
+              sem: torch.Tensor) -> torch.Tensor:
+        return ops_mod.spectral_norm_forward_fused(weight, u, v, sigma_buf, sem)[0]
 
     @probe.register_fake
     def _(weight, u, v, sigma_buf, sem):
-        return torch.empty_like(weight), torch.empty_like(u), torch.empty_like(v), weight.new_empty(())
+        return torch.empty_like(weight)
 
     cases = {
         "eager launcher": lambda: ops_mod.spectral_norm_forward_fused(w, u, v, sb, sem)[0],
         "compiled triton_op (shipped)": torch.compile(
             lambda: torch.ops.sn_fused.spectral_norm_forward(w, u, v, sb, sem, 0, 1, 1e-12, True)[0],
             fullgraph=True),
-        "compiled custom_op (probe)": torch.compile(lambda: probe(w, u, v, sb, sem)[0], fullgraph=True),
+        "compiled custom_op (probe)": torch.compile(lambda: probe(w, u, v, sb, sem), fullgraph=True),
         "eager m.weight": lambda: m.weight,
         "compiled m.weight": torch.compile(lambda: m.weight, fullgraph=True),
     }
@@ -254,28 +279,58 @@ def host_profile(M=128, N=1152):
     pstats.Stats(pr).sort_stats("tottime").print_stats(18)
 
 
+def print_compiled(kernel) -> None:
+    """Registers, spills and shared memory of each compiled variant of a Triton kernel."""
+    for cache in getattr(kernel, "device_caches", {}).values():
+        for compiled in cache[0].values():
+            md = compiled.metadata
+            print(f"  compiled: {getattr(compiled, 'n_regs', '?')} registers, {getattr(compiled, 'n_spills', '?')} "
+                  f"spills, {getattr(md, 'shared', '?')} B shared, {getattr(md, 'num_warps', '?')} warps")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"128x1152,1x8192"`` -> ``[(128, 1152), (1, 8192)]``."""
+    return [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="launch knobs, one at a time (forward graph time)")
+    ap.add_argument("--sweep-shapes", default=None, metavar="MxN,...",
+                    help="shapes of --sweep (default %s)" % ",".join(f"{m}x{n}" for m, n in SWEEP_SHAPES))
+    ap.add_argument("--reads", default=None, metavar="MxN",
+                    help="only build one MxN layer and read it 3 times (a target for ncu --launch-skip 2)")
     ap.add_argument("--profile", action="store_true", help="break down the eager host time")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile-probe", action="store_true", help="host cost of a read under torch.compile")
-    ap.add_argument("--bwd-sweep", action="store_true", help="backward tile shapes (also part of --sweep)")
+    ap.add_argument("--bwd-sweep", action="store_true", help="backward tile shapes")
     ap.add_argument("--on-chip-sweep", action="store_true",
-                    help="ON_CHIP vs streaming forward on small weights (also part of --sweep)")
+                    help="ON_CHIP vs streaming forward on small weights")
+    ap.add_argument("--no-table", action="store_true", help="skip the per-shape table (sweeps/probes only)")
     ap.add_argument("--graph-only", action="store_true", help="skip the eager (host-inclusive) timings")
     ap.add_argument("--no-torch", action="store_true",
                     help="time sn_fused only (e.g. an older checkout, for a same-card A/B)")
     args = ap.parse_args()
+    if args.reads:
+        M, N = parse_shapes(args.reads)[0]
+        m = layer(M, N, "sn_fused")
+        for _ in range(3):
+            m.weight
+        torch.cuda.synchronize()
+        cfg = ops_mod._launch_config(M, N, cuda_device(), None)
+        print(f"# {M}x{N}: {cfg}")
+        print_compiled(ops_mod.kernels.spectral_norm_fwd_kernel)
+        return
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"# {dev}  torch {torch.__version__}  triton {triton.__version__}  "
           f"copy bandwidth {bw / 1e12:.2f} TB/s  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
+    shapes = [] if args.no_table else SHAPES
     hdr = (f"{'shape':>12} {'floor':>6} | {'SNF fwd':>8} {'x floor':>7} {'PT fwd':>7} | {'SNF eager':>9} "
            f"{'PT eager':>8} {'speedup':>7} | {'SNF f+b':>8} {'PT f+b':>7} | {'SNF f+b eager':>13} {'PT f+b eager':>12}")
     print(hdr)
-    for M, N in SHAPES:
+    for M, N in shapes:
         floor_f = 2 * M * N * 4 / bw * 1e6
         snf = measure(M, N, "sn_fused", args.graph_only)
         nan = float("nan")
@@ -288,20 +343,20 @@ def main():
               f"{snf['fwdbwd_eager']:13.1f} {pt['fwdbwd_eager']:12.1f}", flush=True)
     sweep = []
     if args.sweep:
-        sweep = knob_sweep()
-    if args.sweep or args.bwd_sweep:
+        sweep = knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES)
+    if args.bwd_sweep:
         sweep += bwd_sweep()
-    if args.sweep or args.on_chip_sweep:
+    if args.on_chip_sweep:
         sweep += on_chip_sweep()
-    if args.profile:
-        host_profile()
-    if args.compile_probe:
-        compile_probe()
-    if args.out:
+    if args.out:  # before the profiles: a failing probe must not lose the table
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernel_sweep.json"), "w") as f:
             json.dump(dict(device=dev, torch=torch.__version__, triton=triton.__version__,
                            copy_bandwidth=bw, rows=rows, sweep=sweep), f, indent=1)
+    if args.profile:
+        host_profile()
+    if args.compile_probe:
+        compile_probe()
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ SPILL_SCRIPT = textwrap.dedent("""
     # the first three take the ON_CHIP path, the others the streaming one.
     for M, N in [(128, 1152), (24576, 20), (1, 8192), (512, 4608), (1536, 13824), (1000, 1536), (4096, 1024)]:
         w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
-        grid = min(132, -(-M * N // snm._MIN_ELEMENTS_PER_PROGRAM))
+        grid = snm._default_grid(M, N, 132)
         on_chip = snm._launch_config(M, N, w.device, grid).ON_CHIP
         launches.clear()
         saved = torch.ones(M + N + 1)

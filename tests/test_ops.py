@@ -724,6 +724,20 @@ def test_launch_config_blocks_are_powers_of_two(monkeypatch, tile):
         snm._clear_plans()
 
 
+def test_default_grid():
+    """One program per _MIN_ELEMENTS_PER_PROGRAM elements (per half that for narrow rows),
+    capped; the grids an H100 (132 SMs) gives the shapes the knob sweep measured."""
+    per = snm._MIN_ELEMENTS_PER_PROGRAM
+    assert snm._default_grid(128, 1152, 132) == 18
+    assert snm._default_grid(24576, 20, 132) == 120  # narrow: 60 with the full count
+    assert snm._default_grid(4096, 64, 132) == 64
+    assert snm._default_grid(4096, 65, 132) == -(-4096 * 65 // per)
+    assert snm._default_grid(512, 4608, 132) == 132
+    assert snm._default_grid(1, 3, 132) == 1
+    with snm._launch_knobs(_MIN_ELEMENTS_PER_PROGRAM=1):
+        assert snm._default_grid(7, 3, 132) == 21  # the knob's floor: one element per program
+
+
 def test_on_chip_plans_hold_every_row_in_one_tile():
     """ON_CHIP reads a program's rows as ONE tile: a plan that chose it for rows that do not
     fit would silently skip rows. Checked for every program of many (M, N, G), forward and
@@ -747,6 +761,7 @@ def test_on_chip_plans_hold_every_row_in_one_tile():
         for (M, N, G), on_chip in expected.items():
             assert snm._launch_config(M, N, torch.device("cpu"), G).ON_CHIP == on_chip, (M, N, G)
         assert snm._launch_config(24576, 20, torch.device("cpu"), 60).num_warps == 16  # narrow rows
+        assert snm._launch_config(24576, 20, torch.device("cpu"), 120).ON_CHIP  # the H100's grid for it
         with snm._launch_knobs(_ON_CHIP=False):
             assert not any(snm._launch_config(M, N, torch.device("cpu"), G).ON_CHIP for M, N, G in expected)
     finally:

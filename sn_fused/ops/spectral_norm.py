@@ -237,6 +237,19 @@ class _LaunchConfig:
     ON_CHIP: bool
 
 
+def _default_grid(M: int, N: int, cap: int) -> int:
+    """Programs for an M x N weight: one per ``_MIN_ELEMENTS_PER_PROGRAM`` elements, at most ``cap``.
+
+    Narrow rows get one per half that: their loads do not vectorize, so a program takes
+    longer per element. 24576x20 on an H100: 120 programs 7.0 us against 60 programs 9.7 us
+    per read; 128x1152 is fastest at the full 8192 (knob sweep, bench/NOTES.md v9).
+    """
+    per_program = _MIN_ELEMENTS_PER_PROGRAM
+    if _next_power_of_2(N) <= _NARROW_BLOCK_N:
+        per_program = max(per_program // 2, 1)
+    return min(cap, _cdiv(M * N, per_program))
+
+
 def _launch_config(M: int, N: int, device: torch.device, num_programs: int | None) -> _LaunchConfig:
     """Grid and tiles. The grid never exceeds the co-resident bound (a spin barrier needs it)."""
     if num_programs is None:
@@ -245,7 +258,7 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
                       _MAX_GRID)
         else:
             cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
-        num_programs = min(cap, _cdiv(M * N, _MIN_ELEMENTS_PER_PROGRAM))
+        num_programs = _default_grid(M, N, cap)
     G = max(1, min(num_programs, M))
     # Tiles of ~_TILE_ELEMENTS. Rows up to _MAX_ROW_IN_TILE wide are read whole
     # (one pass over A for both products); wider ones in column blocks of a
