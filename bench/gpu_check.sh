@@ -19,10 +19,9 @@
 #                            warm-up alone on an H100; each step prints its warm-up when it ends,
 #                            and each (model, mode) group its ms/step once its steps are timed)
 #
-# Sizes seen on an H100 (2026-11-26, before the ON_CHIP tests and sweep were added: expect more,
-# ~+30 s each): GPU tests ~75 s, kernel table + sweeps + probes ~70 s,
-# baseline table ~15 s, --quick ~100-120 s; plus ~1-2 min to start the machine. The layer-corner
-# tests (session 7) are not yet timed on a GPU: ~1 min expected, capped at 120 s.
+# Sizes seen on an H100 (2026-11-26, session 8, `final` with a baseline): GPU tests 76 s, layer
+# corners 31 s, kernel table + sweeps + probes ~100 s, baseline table ~35 s, --quick 119 s:
+# 365 s in all, plus ~30 s to start the machine.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
