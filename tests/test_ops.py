@@ -627,7 +627,9 @@ def test_single_launch_multi_program(num_programs, on_chip, device, gen):
 
 @contextlib.contextmanager
 def poisoned_empty():
-    """Every floating ``torch.empty`` (the launchers' workspace) comes back full of NaN."""
+    """Every floating ``torch.empty`` (the launchers' workspace) comes back full of NaN, and
+    so does the kept workspace of launches that take none (``snm._workspace``), which must
+    also come out untouched."""
     real_empty = torch.empty
     poisoned = []
 
@@ -638,9 +640,46 @@ def poisoned_empty():
             poisoned.append(t.numel())
         return t
 
-    with mock.patch.object(torch, "empty", side_effect=empty):
+    with mock.patch.object(torch, "empty", side_effect=empty), \
+            mock.patch.object(snm, "_NO_WORKSPACE", {}) as kept:  # made anew, through empty()
         yield poisoned
     assert poisoned, "no workspace was allocated through torch.empty: the poisoning is void"
+    for ws in kept.values():
+        assert torch.isnan(ws).all(), "a launch that takes no workspace wrote into the kept one"
+
+
+def test_workspace_kept_only_where_no_launch_touches_it(device):
+    """One ON_CHIP program in one launch (forward and backward) touches no workspace, and gets
+    the one kept per device and dtype: no allocation per read. Every other plan, and any
+    traced call, gets a fresh workspace of its size."""
+    dev = torch.device(device)
+    w = torch.empty(8, 27, device=dev)
+
+    def plans(M, N, num_programs, phase_by_phase, dtype=torch.float32):
+        t = torch.empty(M, N, device=dev, dtype=dtype)
+        return (snm._forward_plan(t.shape, t.stride(), t.stride(), 0, dev, 1, True, num_programs,
+                                  phase_by_phase),
+                snm._backward_plan(t.shape, t.stride(), t.stride(), t.stride(), 0, dev, num_programs,
+                                   phase_by_phase))
+
+    kept = None
+    for plan in plans(8, 27, 1, False):
+        assert plan.cfg.ON_CHIP and plan.ws_numel == 0
+        ws = snm._workspace(plan, w)
+        assert ws is (kept if kept is not None else ws) and ws.dtype == torch.float32 and ws.device == dev
+        kept = ws
+    assert snm._workspace(plans(8, 27, 1, False, torch.float64)[0], w.double()).dtype == torch.float64
+    with snm._launch_knobs(_ON_CHIP=False):
+        streaming = plans(8, 27, 1, False)
+    for plan in plans(8, 27, 1, True) + plans(8, 27, 2, True) + streaming:
+        assert plan.ws_numel > 0
+        ws = snm._workspace(plan, w)
+        assert ws is not kept and ws.numel() == plan.ws_numel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:  # a traced call: never the kept tensor
+        fake = mode.from_tensor(w)
+        ws = snm._workspace(plans(8, 27, 1, False)[0], fake)
+        assert ws is not kept and ws.numel() == 1
 
 
 LAUNCH_MODES = [dict(num_programs=1, phase_by_phase=False), dict(num_programs=1, phase_by_phase=True),
