@@ -361,13 +361,25 @@ def test_forward_layouts_float64(case, device, gen):
         check_forward(weight, u0, v0, res, dim=dim, n=1, eps=1e-12, training=training)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
 def test_forward_power_iterations(n, device, gen):
+    """n = 0 (a layer's attribute set to 0 after registration, which PyTorch reads): no
+    iteration, u and v untouched, sigma = u^T A v from them."""
     for case in (CASE["64x63"], CASE["convT4d-channels_last-dim1"]):
         weight, dim = make_weight(case, gen, torch.float64, device)
         u0, v0 = vec_pair(weight, dim, gen)
         res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim, n=n, training=True)
         check_forward(weight, u0, v0, res, dim=dim, n=n, eps=1e-12, training=True)
+        if n == 0:
+            assert torch.equal(res["u"], u0) and torch.equal(res["v"], v0)
+
+
+def test_negative_power_iterations_refused(device, gen):
+    weight, dim = make_weight(CASE["64x63"], gen, torch.float32, device)
+    u0, v0 = vec_pair(weight, dim, gen)
+    with count_launches() as calls, pytest.raises(ValueError, match=r"non-negative .* got n_power_iterations=-1"):
+        fused_forward(weight, u0, v0, dim=dim, n=-1)
+    assert calls == []
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)

@@ -946,6 +946,31 @@ def test_n_power_iterations_not_positive(kind, n):
     _assert_untouched(m2)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv2d_dim-1"])
+def test_n_power_iterations_set_to_zero_after_registration(kind, seed):
+    """Refused at registration, but PyTorch reads a layer whose attribute is set to 0 later:
+    u, v stay, sigma = u^T A v from them. Values, u, v and gradients as PyTorch's, training
+    and eval."""
+    ref, ours, make_x = make_pair(kind, seed)
+    scramble_uv(ref, ours)
+    u0 = par(ours)._u.clone()
+    for m in (ref, ours):
+        par(m).n_power_iterations = 0
+    for train in (True, False, True):
+        for m in (ref, ours):
+            m.train(train)
+            m.zero_grad()
+        x = make_x()
+        out_ref, out = ref(x), ours(x)
+        assert_close(out, out_ref)
+        out_ref.square().sum().backward()
+        out.square().sum().backward()
+        assert_close(orig(ours).grad, orig(ref).grad)
+        assert_uv_close(ours, ref, torch.float32)
+        assert torch.equal(par(ours)._u, u0), "no power iteration: u must not move"
+    assert_close(par(ours)._sigma, torch_sigma(ref))
+
+
 @pytest.mark.parametrize("name", ["weights", "nothere", "bias_"])
 def test_missing_name(name):
     m1, m2 = nn.Linear(4, 3), nn.Linear(4, 3)

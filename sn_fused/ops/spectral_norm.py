@@ -433,6 +433,8 @@ class _Plan:
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, training,
                   num_programs, phase_by_phase) -> _Plan:
+    # No power iteration: u, v stay as they are and sigma = u^T A v, which is the eval read.
+    training = training and n_power_iterations > 0
     layout = _matrix_layout(dim, torch.empty_strided(shape, w_stride, device="meta"),
                             torch.empty_strided(shape, o_stride, device="meta"))
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
@@ -764,8 +766,10 @@ def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
             raise RuntimeError(f"spectral_norm: {name} is on {vec.device}, the weight on {weight.device}")
         if vec.stride(0) != 1:
             raise ValueError(f"spectral_norm: {name} must be contiguous")
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations <= 0:
-        raise ValueError("Expected n_power_iterations to be positive, but "
+    # 0 is a read: PyTorch's SN refuses it when registered, but a layer whose attribute is set
+    # to 0 afterwards reads sigma from the stored u, v (its power method's loop runs 0 times).
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
+        raise ValueError("Expected n_power_iterations to be non-negative (0: no power iteration), but "
                          f"got n_power_iterations={n_power_iterations}")
     # (not math.isfinite: Dynamo cannot call it on the SymFloat that dynamic=True makes of eps)
     if not isinstance(eps, (int, float)) or not -math.inf < eps < math.inf or eps < 0:
