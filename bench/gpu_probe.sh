@@ -26,7 +26,7 @@ status=0
   ncu --version | tail -1
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== ncu: one forward read per shape (the 3rd; --clock-control none leaves the clocks alone)"
+echo "== ncu: one warm forward read per shape (--launch-skip 2; --clock-control none leaves the clocks alone)"
 for s in ${SN_FUSED_NCU_SHAPES:-128x1152 1x8192 24576x20 512x4608}; do
   echo "==== $s"
   timeout 45 ncu --clock-control none --kernel-name regex:spectral_norm_fwd --launch-skip 2 --launch-count 1 \

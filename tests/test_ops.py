@@ -652,8 +652,11 @@ def poisoned_empty():
             poisoned.append(t.numel())
         return t
 
+    # The kept workspace is made anew, through empty(), and large: a stray write at any of the
+    # workspace's offsets lands inside it and shows.
     with mock.patch.object(torch, "empty", side_effect=empty), \
-            mock.patch.object(snm, "_NO_WORKSPACE", {}) as kept:  # made anew, through empty()
+            mock.patch.object(snm, "_NO_WORKSPACE", {}) as kept, \
+            mock.patch.object(snm, "_NO_WORKSPACE_NUMEL", 1 << 16):
         yield poisoned
     assert poisoned, "no workspace was allocated through torch.empty: the poisoning is void"
     for ws in kept.values():
@@ -665,7 +668,7 @@ def test_workspace_kept_only_where_no_launch_touches_it(device):
     the one kept per device and dtype: no allocation per read. Every other plan, and any
     traced call, gets a fresh workspace of its size."""
     dev = torch.device(device)
-    w = torch.empty(8, 27, device=dev)
+    w = torch.empty(8, 27, device=dev)  # stands for the launcher's output (a plain tensor)
 
     def plans(M, N, num_programs, phase_by_phase, dtype=torch.float32):
         t = torch.empty(M, N, device=dev, dtype=dtype)
@@ -692,6 +695,36 @@ def test_workspace_kept_only_where_no_launch_touches_it(device):
         fake = mode.from_tensor(w)
         ws = snm._workspace(plans(8, 27, 1, False)[0], fake)
         assert ws is not kept and ws.numel() == 1
+
+
+def test_layer_reads_use_the_kept_workspace(device, gen):
+    """A layer's read and backward (Parameter weight, saved for the backward) take the kept
+    workspace; a read under FakeTensorMode (FLOP/memory estimates with fake inputs) neither
+    uses nor replaces it, and eager reads after it still work."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import sn_fused
+    m = sn_fused.spectral_norm(torch.nn.Linear(27, 8, device=device))
+    taken = []
+    real_workspace = snm._workspace
+
+    def spy(plan, out):
+        ws = real_workspace(plan, out)
+        taken.append(ws)
+        return ws
+
+    with mock.patch.object(snm, "_NO_WORKSPACE", {}) as kept, mock.patch.object(snm, "_workspace", spy):
+        m.weight.sum().backward()
+        assert len(taken) == 2 and len(kept) == 1 and all(ws is next(iter(kept.values())) for ws in taken)
+        want = m.weight.detach().clone()
+        w, p = m.parametrizations.weight.original, m.parametrizations.weight[0]
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake_out = ops.spectral_norm_forward_fused(w.detach(), p._u.clone(), p._v.clone(), p._sigma.clone(),
+                                                       ops.new_semaphore(device), training=False)[0]
+        assert taken[-1] is not kept[(w.device, torch.float32)] and len(kept) == 1
+        assert type(kept[(w.device, torch.float32)]) is torch.Tensor and fake_out.shape == w.shape
+        m.eval()
+        torch.testing.assert_close(m.weight, want, rtol=1e-6, atol=0)
 
 
 LAUNCH_MODES = [dict(num_programs=1, phase_by_phase=False), dict(num_programs=1, phase_by_phase=True),
@@ -781,6 +814,8 @@ def test_default_grid():
     per = snm._MIN_ELEMENTS_PER_PROGRAM
     assert snm._default_grid(128, 1152, 132) == 18
     assert snm._default_grid(24576, 20, 132) == 120  # narrow: 60 with the full count
+    assert snm._default_grid(256, 27, 132) == 1  # narrow, but fits one program: no barrier
+    assert snm._default_grid(400, 27, 132) == 3
     assert snm._default_grid(4096, 64, 132) == 64
     assert snm._default_grid(4096, 65, 132) == -(-4096 * 65 // per)
     assert snm._default_grid(512, 4608, 132) == 132

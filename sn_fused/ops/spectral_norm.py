@@ -10,8 +10,9 @@ Layers, top to bottom::
 
 Memory plan per call: the output (``W_sn``, same strides as ``W``), the
 ``saved = [v | u | sigma]`` buffer that autograd keeps (the u, v that sigma used --
-PyTorch clones u and v too -- and sigma, in one allocation), and an uninitialised fp32 workspace of ``M + N + G*(N + 4) + 1``
-elements that the kernel fully writes before it reads. The grid-barrier
+PyTorch clones u and v too -- and sigma, in one allocation), and an uninitialised
+workspace (fp32, fp64 for fp64 weights) of ``M + N + G*(N + 4) + 1`` elements that the
+kernel fully writes before it reads -- none for one ON_CHIP program (``_workspace``). The grid-barrier
 semaphore is the caller's (one per module, see ``_SpectralNorm``), so two
 modules never share one, and the barrier leaves it in a valid state
 (0 or 0x80000000): no memset launch, CUDA-graph replay safe.
@@ -210,7 +211,8 @@ def _num_warps(tile: int, block_n: int) -> int:
     """Warps for a loop step over ``tile`` elements of A (``SN_FUSED_NUM_WARPS`` overrides).
 
     Narrow 16384-element tiles get 16 warps: with 8, 64 elements and their addresses per
-    thread spill (ptxas, sm_90: 24576x20 at its 60 programs, ~1 KB per thread).
+    thread spill (ptxas, sm_90: 24576x20 at 60 programs, ~1 KB per thread; the launcher now
+    gives it 120 programs, whose 8192-element tiles do not spill at 8).
     """
     if _NUM_WARPS:
         return _NUM_WARPS
@@ -247,7 +249,8 @@ def _default_grid(M: int, N: int, cap: int) -> int:
     per read; 128x1152 is fastest at the full 8192 (knob sweep, bench/NOTES.md v9).
     """
     per_program = _MIN_ELEMENTS_PER_PROGRAM
-    if _next_power_of_2(N) <= _NARROW_BLOCK_N:
+    if _next_power_of_2(N) <= _NARROW_BLOCK_N and M * N > per_program:
+        # (a weight that fits one program keeps it: a second would add a grid barrier)
         per_program = max(per_program // 2, 1)
     return min(cap, _cdiv(M * N, per_program))
 
@@ -455,26 +458,30 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
 
 # Per (device, dtype): the workspace argument of launches that touch none (ws_numel == 0).
 _NO_WORKSPACE: dict = {}
+_NO_WORKSPACE_NUMEL = 16  # (tests make it large, to see a stray write)
 
 
-def _workspace(plan: _Plan, weight: torch.Tensor) -> torch.Tensor:
+def _workspace(plan: _Plan, out: torch.Tensor) -> torch.Tensor:
     """The launch's workspace (accumulation dtype: the kernels read their sums' type from it).
 
-    A launch that touches none (one ON_CHIP program: every sum stays in registers) gets a
-    tensor kept per device and dtype, in eager calls: one allocation less per read and per
-    backward (~1 us of host time on a CPU, ~4 us on an H100's host). The kernels never read
-    or write it (a test poisons it and checks both). Traced calls (FakeTensor,
-    FunctionalTensor, torch.compile) allocate as always: a kept real tensor must not enter
-    a traced graph.
+    ``out``: the output the launcher just allocated (weight's dtype and device), a plain
+    ``torch.Tensor`` exactly in a real eager call (as in ``_launch``). A launch that touches
+    no workspace (one ON_CHIP program: every sum stays in registers) then gets a tensor kept
+    per device and dtype: one allocation less per read and per backward (~0.5 us of host
+    time on a CPU, ~4 us on an H100's host). The kernels never read or write it (a test
+    poisons it and checks both). Traced calls (FakeTensor, FunctionalTensor, torch.compile)
+    allocate as always: a kept tensor must not enter a traced graph, nor a fake one the cache.
     """
-    dtype = _workspace_dtype(weight)
-    if plan.ws_numel == 0 and type(weight) is torch.Tensor and not torch.compiler.is_compiling():
-        key = (weight.device, dtype)
+    dtype = _workspace_dtype(out)
+    if plan.ws_numel == 0 and type(out) is torch.Tensor and not torch.compiler.is_compiling():
+        key = (out.device, dtype)
         ws = _NO_WORKSPACE.get(key)
         if ws is None:
-            ws = _NO_WORKSPACE[key] = torch.empty(16, dtype=dtype, device=weight.device)
+            ws = torch.empty(_NO_WORKSPACE_NUMEL, dtype=dtype, device=out.device)
+            if type(ws) is torch.Tensor:  # not under a mode that fakes allocations
+                _NO_WORKSPACE[key] = ws
         return ws
-    return torch.empty(max(plan.ws_numel, 1), dtype=dtype, device=weight.device)
+    return torch.empty(max(plan.ws_numel, 1), dtype=dtype, device=out.device)
 
 
 def _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim,
@@ -485,7 +492,7 @@ def _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim,
     except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
         plan = _forward_plan(*_concrete(weight.shape, weight.stride(), out.stride()), dim, weight.device,
                              n_power_iterations, training, num_programs, phase_by_phase)
-    head = (weight, out, u, v, saved, sigma_buf, _workspace(plan, weight), sem, eps)
+    head = (weight, out, u, v, saved, sigma_buf, _workspace(plan, out), sem, eps)
     for i, tail in enumerate(plan.launches):
         _launch(kernels.spectral_norm_fwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 8,
                 (plan, i, weight.dtype, sigma_buf.dtype, sem.dtype), out)
@@ -558,7 +565,7 @@ def _launch_backward(grad, weight, grad_weight, saved, sem, dim,
         grad = grad.clone(memory_format=torch.contiguous_format)
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
                               dim, weight.device, num_programs, phase_by_phase)
-    head = (grad, weight, grad_weight, saved, _workspace(plan, weight), sem)
+    head = (grad, weight, grad_weight, saved, _workspace(plan, grad_weight), sem)
     for i, tail in enumerate(plan.launches):
         _launch(kernels.spectral_norm_bwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 6,
                 (plan, i, grad.dtype, weight.dtype, saved.dtype, sem.dtype), grad_weight)
