@@ -1350,7 +1350,6 @@ BAD_INPUTS = {
     "eps-negative": (lambda a: a.update(eps=-1e-12), ValueError, "eps"),
     "eps-nan": (lambda a: a.update(eps=NAN), ValueError, "eps"),
     "eps-inf": (lambda a: a.update(eps=math.inf), ValueError, "eps"),
-    "n_power_iterations-0": (lambda a: a.update(n_power_iterations=0), ValueError, "n_power_iterations"),
     "n_power_iterations-negative": (lambda a: a.update(n_power_iterations=-2), ValueError,
                                     "n_power_iterations"),
     "n_power_iterations-bool": (lambda a: a.update(n_power_iterations=True), ValueError,
