@@ -469,17 +469,17 @@ def _workspace(plan: _Plan, out: torch.Tensor) -> torch.Tensor:
     no workspace (one ON_CHIP program: every sum stays in registers) then gets a tensor kept
     per device and dtype: one allocation less per read and per backward (host time of a
     layer's read on a CPU: -2 to -4 us; a CUDA ``torch.empty`` cost ~4 us on an H100's host).
-    The kernels never read or write it (a test poisons it and checks both). Traced calls (FakeTensor, FunctionalTensor, torch.compile)
-    allocate as always: a kept tensor must not enter a traced graph, nor a fake one the cache.
+    The kernels never read or write it (a test poisons it and checks both). Traced calls
+    (FakeTensor, FunctionalTensor, torch.compile) allocate as always: a kept tensor must not
+    enter a traced graph, nor a fake one the cache (a mode that fakes ``torch.empty`` fakes
+    ``out`` too, so a plain ``out`` means a plain workspace).
     """
     dtype = _workspace_dtype(out)
     if plan.ws_numel == 0 and type(out) is torch.Tensor and not torch.compiler.is_compiling():
         key = (out.device, dtype)
         ws = _NO_WORKSPACE.get(key)
         if ws is None:
-            ws = torch.empty(_NO_WORKSPACE_NUMEL, dtype=dtype, device=out.device)
-            if type(ws) is torch.Tensor:  # not under a mode that fakes allocations
-                _NO_WORKSPACE[key] = ws
+            ws = _NO_WORKSPACE[key] = torch.empty(_NO_WORKSPACE_NUMEL, dtype=dtype, device=out.device)
         return ws
     return torch.empty(max(plan.ws_numel, 1), dtype=dtype, device=out.device)
 
