@@ -216,6 +216,27 @@ def test_two_modules_on_two_streams():
         assert _rel(outs[i], expected) < 1e-5
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_layer_on_a_device_that_is_not_the_current_one():
+    """A layer on cuda:1 read (forward and backward, first and kept launches) while cuda:0 is
+    current: the launches go to cuda:1, as PyTorch's ops would."""
+    torch.manual_seed(0)
+    m = sn_fused.spectral_norm(torch.nn.Linear(1152, 128)).to("cuda:1")
+    twin = copy.deepcopy(m)
+    g = torch.randn(128, 1152, device="cuda:1")
+    with torch.cuda.device(0):
+        for _ in range(3):
+            w = m.weight
+            w.backward(g)
+        torch.cuda.synchronize(1)
+    with torch.cuda.device(1):
+        for _ in range(3):
+            expected = twin.weight
+            expected.backward(g)
+    assert w.device == torch.device("cuda", 1) and _rel(w, expected) < 1e-5
+    assert _rel(m.parametrizations.weight.original.grad, twin.parametrizations.weight.original.grad) < 1e-5
+
+
 def test_launch_under_load_makes_progress():
     """A big matmul on another stream occupies SMs; the cooperative launch must still finish right."""
     torch.manual_seed(0)

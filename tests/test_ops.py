@@ -25,6 +25,7 @@ import copy
 import math
 import os
 import random
+import types
 import zlib
 from unittest import mock
 
@@ -808,6 +809,25 @@ def test_launch_config_blocks_are_powers_of_two(monkeypatch, tile):
         snm._clear_plans()
 
 
+def test_cooperative_launch_only_where_programs_wait_on_each_other():
+    """A single launch of several programs is cooperative (its grid barrier needs them
+    co-resident); one program, or a launch per phase, is an ordinary launch."""
+    dev = torch.device("cpu")
+    t = torch.empty(64, 27)
+
+    def cooperative(num_programs, phase_by_phase):
+        return (snm._forward_plan(t.shape, t.stride(), t.stride(), 0, dev, 1, True, num_programs,
+                                  phase_by_phase).cooperative,
+                snm._backward_plan(t.shape, t.stride(), t.stride(), t.stride(), 0, dev, num_programs,
+                                   phase_by_phase).cooperative)
+
+    assert cooperative(4, False) == (True, True)
+    assert cooperative(1, False) == (False, False)
+    assert cooperative(4, True) == (False, False)
+    with snm._launch_knobs(_ON_CHIP=False):
+        assert cooperative(1, False) == (False, False) and cooperative(3, False) == (True, True)
+
+
 def test_default_grid():
     """One program per _MIN_ELEMENTS_PER_PROGRAM elements (per half that for narrow rows),
     capped; the grids an H100 (132 SMs) gives the shapes the knob sweep measured."""
@@ -1277,7 +1297,7 @@ def test_launch_fast_path_not_disabled_without_hooks():
 
 class _StandInKernel:
     """``kernel[grid](*args, **options)`` compiles (recorded) and returns a compiled kernel whose
-    ``[grid, 1, 1]`` is a runner (recorded): the two Triton calls ``_launch`` makes on a GPU."""
+    ``run`` records its launches: the Triton calls ``_launch`` makes on a GPU."""
 
     def __init__(self):
         self.compiles, self.runs = [], []
@@ -1285,18 +1305,22 @@ class _StandInKernel:
     def __getitem__(self, grid):
         def compile_and_run(*args, **options):
             self.compiles.append(options)
-            self.runs.append(args)
-            return {(grid[0], 1, 1): lambda *a: self.runs.append(a)}  # compiled[grid, 1, 1]: the runner
+            self.runs.append(((grid[0], 1, 1), args))
+            return types.SimpleNamespace(run=lambda *a: self.runs.append((a[:3], a[9:], a[3:9])),
+                                         function="function", packed_metadata="metadata")
         return compile_and_run
 
 
 def test_launch_keeps_one_runner_per_key_and_alignment(monkeypatch):
     """``_launch``'s eager GPU path, on CPU with a stand-in kernel: the first call compiles and
-    keeps the runner; the same key and alignment run the kept runner; a tensor of another
-    16-byte alignment compiles again; with a launch hook installed, or an output that is not a
-    plain tensor (tracing), every call takes ``wrap_triton``."""
+    keeps a runner; the same key and alignment launch the compiled kernel directly (Inductor's
+    ``run`` arguments: the stream, function and metadata, no launch metadata, no hooks); a
+    tensor of another 16-byte alignment compiles again; with a launch hook installed, or an
+    output that is not a plain tensor (tracing), every call takes ``wrap_triton``."""
     monkeypatch.setattr(snm, "INTERPRET", False)
     monkeypatch.setattr(snm, "_RUNNERS", {})
+    monkeypatch.setattr(snm, "_raw_stream", lambda index: ("stream of", index))
+    monkeypatch.setattr(snm, "_current_device", lambda: None)  # a CPU tensor's device.index
     wrapped = []
     monkeypatch.setattr(snm, "wrap_triton", lambda k: {(1,): lambda *a, **o: wrapped.append(a)})
     kernel = _StandInKernel()
@@ -1311,16 +1335,44 @@ def test_launch_keeps_one_runner_per_key_and_alignment(monkeypatch):
     launch(aligned)
     assert len(kernel.compiles) == 1 and len(kernel.runs) == 2
     assert kernel.compiles[0] == dict(num_warps=cfg.num_warps, launch_cooperative_grid=False)
+    grid, args, rest = kernel.runs[1]
+    assert grid == (1, 1, 1) and args == (aligned, buf, 3)
+    assert rest == (("stream of", None), "function", "metadata", None, None, None)
     launch(unaligned)
     assert len(kernel.compiles) == 2 and len(kernel.runs) == 3
     launch(unaligned)
     assert len(kernel.compiles) == 2 and len(kernel.runs) == 4
-    assert kernel.runs[-1][0] is unaligned and wrapped == []
+    assert kernel.runs[-1][1][0] is unaligned and wrapped == []
     monkeypatch.setattr(snm, "_launch_hooks_set", lambda: True)
     launch(aligned)
     monkeypatch.setattr(snm, "_launch_hooks_set", lambda: False)
     launch(aligned, out=torch.nn.Parameter(buf))  # not a plain torch.Tensor: not an eager call
     assert len(wrapped) == 2 and len(kernel.runs) == 4
+
+
+def test_direct_runner_launches_on_the_weights_device(monkeypatch):
+    """A kept runner launches on its weight's device: directly when that is the current device,
+    else inside ``torch.cuda.device`` of it (the stream is that device's current one either way)."""
+    current, guards, runs = [0], [], []
+
+    @contextlib.contextmanager
+    def device_guard(index):
+        guards.append(index)
+        saved, current[0] = current[0], index
+        yield
+        current[0] = saved
+
+    monkeypatch.setattr(snm, "_current_device", lambda: current[0])
+    monkeypatch.setattr(snm, "_raw_stream", lambda index: f"stream {index}")
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    compiled = types.SimpleNamespace(run=lambda *a: runs.append((current[0],) + a[:4]), function="f",
+                                     packed_metadata="m")
+    runner = snm._direct_runner(compiled, 6, 1)
+    runner(("x",))
+    assert guards == [1] and runs == [(1, 6, 1, 1, "stream 1")] and current == [0]
+    current[0] = 1
+    runner(("x",))
+    assert guards == [1] and runs[-1] == (1, 6, 1, 1, "stream 1")
 
 
 # --------------------------------------------------------------------------- input validation

@@ -11,16 +11,18 @@ sliced weights are read in place and the output keeps the weight's layout.
 Work split (persistent grid of ``G`` co-resident programs)
 ---------------------------------------------------------
 Program ``p`` owns the whole rows ``[p*M//G, (p+1)*M//G)`` of ``A`` (row
-phases) and the columns ``[p*N//G, (p+1)*N//G)`` of the column vectors
-(column phases). Whole rows mean ``s = A v`` is complete inside a program,
-so the only cross-program traffic is small: ``G`` partial norms and a
-``G x N`` table of partial ``A^T u`` sums.
+phases) and, of the column vectors (column phases), the ``p``-th of G runs of
+whole 16-column blocks: ``[16*(p*B//G), 16*((p+1)*B//G))`` with ``B =
+ceil(N/16)``, cut at N. Whole rows mean ``s = A v`` is complete inside a
+program, so the only cross-program traffic is small: ``G`` partial norms and
+a ``G x N`` table of partial ``A^T u`` sums.
 
-Workspace (``ws``, accumulation dtype: fp32, or fp64 for fp64 weights)::
+Workspace (``ws``, accumulation dtype: fp32, or fp64 for fp64 weights; each
+region starts on a 16-element boundary, ``N16 = 16*ceil(N/16)``, ``M16`` alike)::
 
-    s      [M]      s = A x                 (own rows only)
-    t      [N]      t = A^T u               (own columns, read by all after a barrier)
-    t_part [G, N]   per-program A[own rows]^T s   (s not yet normalized)
+    s      [M16]     s = A x                 (own rows only)
+    t      [N16]     t = A^T u               (own columns, read by all after a barrier)
+    t_part [G, N16]  per-program A[own rows]^T s   (s not yet normalized)
     part_s [G]      per-program sum of s_i^2   (eval: sum of u_i s_i)
     part_t [G]      per-program sum of t_j^2
     part_nf[G]      per-program sum of (t_j - t_j): 0, or NaN if a t_j is not finite
@@ -199,6 +201,16 @@ def _norm_of(sumsq, x0, n):
 
 
 @triton.jit
+def _padded(n):
+    """``n`` rounded up to a multiple of 16: where workspace regions start, the partials
+    table's row stride and the bounds of a program's columns. Triton vectorizes a load or
+    store only where it can prove 16-byte alignment (pointer, offsets and mask bounds);
+    scalar accesses take 4x the memory instructions (one program of 1x8192 spent half its
+    issue slots waiting on the LG queue, ncu)."""
+    return tl.cdiv(n, 16) * 16
+
+
+@triton.jit
 def _not_finite(x):
     return (x - x) != 0  # Inf - Inf and NaN - NaN are NaN
 
@@ -251,7 +263,7 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
                 part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
         tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
         if TRAINING:
-            tl.store(tpart_ptr + pid * N + cols, t_acc, mask=cmask)
+            tl.store(tpart_ptr + pid * _padded(N) + cols, t_acc, mask=cmask)
         return
     for r in range(r0, r1, BLOCK_M):
         rows = r + tl.arange(0, BLOCK_M)
@@ -299,7 +311,7 @@ def _transposed_partial(w_ptr, x_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_
                         mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
             x = tl.load(x_ptr + rows, mask=rmask, other=0.0).to(acc_t)
             acc += a * x[:, None]
-        tl.store(tpart_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=cmask)
+        tl.store(tpart_ptr + pid * _padded(N) + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -362,7 +374,7 @@ def _sum_columns(tpart_ptr, G, N, cols, cmask, BLOCK: tl.constexpr, BLOCK_Q: tl.
     t = tl.zeros([BLOCK], tpart_ptr.dtype.element_ty)
     for q0 in range(0, G, BLOCK_Q):
         qs = q0 + tl.arange(0, BLOCK_Q)
-        tile = tl.load(tpart_ptr + qs[:, None] * N + cols[None, :],
+        tile = tl.load(tpart_ptr + qs[:, None] * _padded(N) + cols[None, :],
                        mask=(qs < G)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
         t += tl.sum(tile, axis=0)
     return t
@@ -575,7 +587,7 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
             sumsq = tl.sum(s * s, axis=0)
             if G > 1:
                 tl.store(part_s_ws + pid, sumsq)
-                tl.store(tpart_ws + pid * N + cols, t, mask=cmask)
+                tl.store(tpart_ws + pid * _padded(N) + cols, t, mask=cmask)
                 grid_barrier(sem_ptr)
                 sumsq = _sum_partials(part_s_ws, G, BLOCK_P)
                 t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
@@ -588,7 +600,7 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
                 t = tl.sum(a.to(acc_t) * u.to(acc_t)[:, None], axis=0)
                 if G > 1:
                     grid_barrier(sem_ptr)  # every program has read the partials above
-                    tl.store(tpart_ws + pid * N + cols, t, mask=cmask)
+                    tl.store(tpart_ws + pid * _padded(N) + cols, t, mask=cmask)
                     grid_barrier(sem_ptr)
                     t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
                 norm_t, tsq, tsq_up, nonfinite = _on_chip_t_stats(t, cols, N)
@@ -679,15 +691,15 @@ def spectral_norm_fwd_kernel(
     G = tl.num_programs(0)
     r0 = (pid * M) // G
     r1 = ((pid + 1) * M) // G
-    c0 = (pid * N) // G
-    c1 = ((pid + 1) * N) // G
+    c0 = (pid * (_padded(N) // 16)) // G * 16
+    c1 = tl.minimum(((pid + 1) * (_padded(N) // 16)) // G * 16, N)
     v_saved_ptr = saved_ptr
     u_saved_ptr = saved_ptr + N
     sigma_ptr = u_saved_ptr + M
     s_ws = ws_ptr
-    t_ws = ws_ptr + M
-    tpart_ws = t_ws + N
-    part_s_ws = tpart_ws + G * N
+    t_ws = ws_ptr + _padded(M)
+    tpart_ws = t_ws + _padded(N)
+    part_s_ws = tpart_ws + G * _padded(N)
     part_t_ws = part_s_ws + G
     flag_ws = part_t_ws + 3 * G  # after part_nf, part_ts; phase-by-phase mode: PHASE_FIX_T's decision
     one = eps * 0 + 1.0  # a runtime scalar of eps' type; unused as dv when FROM_V

@@ -11,8 +11,9 @@ Layers, top to bottom::
 Memory plan per call: the output (``W_sn``, same strides as ``W``), the
 ``saved = [v | u | sigma]`` buffer that autograd keeps (the u, v that sigma used --
 PyTorch clones u and v too -- and sigma, in one allocation), and an uninitialised
-workspace (fp32, fp64 for fp64 weights) of ``M + N + G*(N + 4) + 1`` elements that the
-kernel fully writes before it reads -- none for one ON_CHIP program (``_workspace``).
+workspace (fp32, fp64 for fp64 weights) of ``M16 + (G + 1)*N16 + 4*G + 1`` elements
+(``X16``: X rounded up to 16) whose elements the kernel writes before it reads them -- none
+for one ON_CHIP program (``_workspace``).
 The grid-barrier semaphore is the caller's (one per module, see ``_SpectralNorm``), so two
 modules never share one, and the barrier leaves it in a valid state
 (0 or 0x80000000): no memset launch, CUDA-graph replay safe.
@@ -198,6 +199,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _padded(n: int) -> int:
+    """``n`` rounded up to 16: the workspace's regions start on 16-element boundaries
+    (kernels.py, ``_padded``)."""
+    return _cdiv(n, 16) * 16
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -312,19 +319,53 @@ def _launch_hooks_set() -> bool:
                                     or _hook_set(runtime.launch_exit_hook))
 
 
+def _direct_runner(compiled, grid: int, device_index: int):
+    """``runner(args)``: launch ``compiled`` on ``grid`` programs, as Inductor launches its kernels.
+
+    That is ``compiled.run(grid, stream, function, metadata, launch_metadata, enter_hook,
+    exit_hook, *args)`` with no launch metadata and no hooks (``_launch`` uses a kept runner
+    only while no launch hook is installed). Triton's own ``compiled[grid]`` runner also
+    looks up the current device, builds launch metadata and calls both (empty) hook chains
+    on every launch. The launch goes to the current stream of the weight's device, made the
+    current device for it if it is not: the function was loaded on that device.
+    """
+    run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    raw_stream = _raw_stream
+
+    def runner(args):
+        if _current_device() == device_index:
+            run(grid, 1, 1, raw_stream(device_index), function, metadata, None, None, None, *args)
+        else:
+            with torch.cuda.device(device_index):
+                run(grid, 1, 1, raw_stream(device_index), function, metadata, None, None, None, *args)
+    return runner
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (absent from CPU-only builds)
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
 def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool,
             n_tensors: int, key: tuple, out: torch.Tensor) -> None:
     """The one launch site of both kernels. ``args``: every kernel parameter, in order.
 
     ``kernel[grid](...)`` re-binds and re-specializes ~35 arguments on every
     call (tens of us of host time). In eager mode on a GPU the compiled kernel
-    is kept instead and launched directly. Its key is what Triton specializes
-    on: ``key`` (the caller's plan -- shapes, strides, flags, so every integer
-    argument -- and dtypes) plus the 16-byte alignment of the ``n_tensors``
-    tensor arguments. Under ``torch.compile`` (``wrap_triton``), in the
-    interpreter or with launch hooks (profilers) installed, the ordinary path runs.
-    ``out`` is an output the launcher allocated: a plain ``torch.Tensor`` exactly
-    when this is a real eager call (a FakeTensor / FunctionalTensor under tracing).
+    is kept instead and launched directly (``_direct_runner``). Its key is what
+    Triton specializes on: ``key`` (the caller's plan -- device, shapes, strides,
+    flags, so every integer argument -- and dtypes) plus the 16-byte alignment of
+    the ``n_tensors`` tensor arguments. Under ``torch.compile`` (``wrap_triton``),
+    in the interpreter or with launch hooks (profilers) installed, the ordinary path
+    runs. ``out`` is an output the launcher allocated: a plain ``torch.Tensor``
+    exactly when this is a real eager call (a FakeTensor / FunctionalTensor under
+    tracing).
+
+    Eager launches run on ``out``'s device whatever the current device is, as
+    PyTorch's ops do (Triton launches on the current one, and a Python op gets no
+    device guard from the dispatcher). Compiled code sets its own guard.
     """
     cached = (not INTERPRET and type(out) is torch.Tensor and not torch.compiler.is_compiling()
               and not _launch_hooks_set())
@@ -334,8 +375,19 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
         key = key + tuple([a.data_ptr() % 16 == 0 for a in args[:n_tensors]])
         runner = _RUNNERS.get(key)
         if runner is not None:
-            runner(*args)
+            runner(args)
             return
+    if (type(out) is torch.Tensor and out.device.type == "cuda" and not torch.compiler.is_compiling()
+            and out.device.index != _current_device()):
+        with torch.cuda.device(out.device.index):
+            _launch_uncached(kernel, grid, args, cfg, cooperative, key if cached else None, out)
+    else:
+        _launch_uncached(kernel, grid, args, cfg, cooperative, key if cached else None, out)
+
+
+def _launch_uncached(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool,
+                     key: tuple | None, out: torch.Tensor) -> None:
+    """``_launch`` through Triton's own entry points; keeps a runner under ``key`` (if any)."""
     if INTERPRET and cooperative and grid > 1:
         # The interpreter runs programs one after another: the first would spin forever.
         raise RuntimeError(f"spectral_norm: a single launch of {grid} programs with grid barriers "
@@ -352,13 +404,13 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
         options["num_stages"] = cfg.num_stages
-    if not cached:
+    if key is None:
         wrap_triton(kernel)[(grid,)](*args, **options)
         return
-    compiled = kernel[(grid,)](*args, **options)  # compiles on first use; key set above
+    compiled = kernel[(grid,)](*args, **options)  # compiles on first use
     if len(_RUNNERS) > 4096:  # a bound, not a policy: shapes in a model are few
         _RUNNERS.clear()
-    _RUNNERS[key] = compiled[(grid, 1, 1)]
+    _RUNNERS[key] = _direct_runner(compiled, grid, out.device.index)
 
 
 def _workspace_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -430,6 +482,8 @@ class _Plan:
     # Per launch: the kernel's arguments after the tensors (and, forward, eps): sizes, strides,
     # flags, blocks. Built once here, so a launch only prepends what changes from call to call.
     launches: tuple
+    # A cooperative launch (co-residency guaranteed by the driver) where the grid barrier is
+    # used: one launch of several programs. One program never waits on another.
     cooperative: bool
 
 
@@ -452,8 +506,8 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
         for phase, is_last in phases)
     # One ON_CHIP program in one launch keeps everything in registers: no workspace.
     ws_numel = 0 if cfg.ON_CHIP and cfg.grid == 1 and not phase_by_phase else \
-        layout.M + layout.N + cfg.grid * (layout.N + 4) + 1
-    return _Plan(cfg, ws_numel, launches, not phase_by_phase)
+        _padded(layout.M) + _padded(layout.N) * (cfg.grid + 1) + 4 * cfg.grid + 1
+    return _Plan(cfg, ws_numel, launches, not phase_by_phase and cfg.grid > 1)
 
 
 # Per (device, dtype): the workspace argument of launches that touch none (ws_numel == 0).
@@ -550,7 +604,7 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
         for phase in phases)
     # One ON_CHIP program in one launch sums in registers: no workspace.
     return _Plan(cfg, 0 if on_chip and cfg.grid == 1 and not phase_by_phase else cfg.grid, launches,
-                 not phase_by_phase)
+                 not phase_by_phase and cfg.grid > 1)
 
 
 def _launch_backward(grad, weight, grad_weight, saved, sem, dim,
