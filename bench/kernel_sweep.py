@@ -175,7 +175,7 @@ def bwd_sweep():
 # ON_CHIP (kernels.py) against the streaming path on the weights small enough for it, and with
 # the partials limit raised, to find where every program reading the whole table stops paying.
 ON_CHIP_KNOBS = [("streaming", dict(_ON_CHIP=False)), ("default", {}),
-                 ("limit 2^20", dict(_ON_CHIP_MAX_PARTIALS=2**20)), ("rows 8192", dict(_ON_CHIP_MAX_ROW=8192))]
+                 ("limit 2^20", dict(_ON_CHIP_MAX_PARTIALS=2**20)), ("rows 4096", dict(_ON_CHIP_MAX_ROW=4096))]
 ON_CHIP_SHAPES = [(64, 27), (128, 27), (1, 128), (1, 8192), (128, 128), (128, 1152), (24576, 20), (4096, 64),
                   (256, 2304), (1000, 1536)]
 

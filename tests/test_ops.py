@@ -682,7 +682,7 @@ def test_workspace_kept_only_where_no_launch_touches_it(device):
     for plan in plans(8, 27, 1, False):
         assert plan.cfg.ON_CHIP and plan.ws_numel == 0
         ws = snm._workspace(plan, w)
-        assert ws is (kept if kept is not None else ws) and ws.dtype == torch.float32 and ws.device == dev
+        assert ws is (kept if kept is not None else ws) and ws.dtype == torch.float32 and ws.device == w.device
         kept = ws
     assert snm._workspace(plans(8, 27, 1, False, torch.float64)[0], w.double()).dtype == torch.float64
     with snm._launch_knobs(_ON_CHIP=False):

@@ -83,7 +83,7 @@ _BWD_BLOCK_N = int(os.environ.get("SN_FUSED_BWD_BLOCK_N", 4096))
 # of two). SN_FUSED_ON_CHIP=0: never (the streaming kernels only).
 _ON_CHIP = os.environ.get("SN_FUSED_ON_CHIP", "1") != "0"
 _ON_CHIP_MAX_PARTIALS = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_PARTIALS", 32768))
-_ON_CHIP_MAX_ROW = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_ROW", 4096))  # widest (padded) row on chip
+_ON_CHIP_MAX_ROW = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_ROW", 8192))  # widest (padded) row on chip
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
@@ -289,9 +289,9 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     block_p = _next_power_of_2(G)
     # A program's rows in one tile, and a table of partials small enough for every program to
     # read whole: the read keeps its tile in registers (kernels.py, "A on chip").
-    # Rows wider than 4096 stay streaming: a 16384-wide row, x and t spill at 8 warps (sm_90),
-    # and an 8192-wide one was slower on chip (1x8192 on an H100: 8.3-8.4 us per read against
-    # 7.8 streaming, two calls; bench/NOTES.md v9).
+    # Rows wider than 8192 stay streaming: a 16384-wide row, x and t spill at 8 warps (sm_90).
+    # 1x8192 on an H100: 4.6 us per read on chip against 6.7 streaming, once its stores were
+    # vectorized (8.3 against 7.8 before; bench/NOTES.md v9, v10).
     on_chip = (_ON_CHIP and row_in_tile and block_m == rows and block_n <= _ON_CHIP_MAX_ROW
                and G * N <= _ON_CHIP_MAX_PARTIALS)
     # The G partials of a column are summed BLOCK_Q programs per load: [BLOCK_Q, BLOCK_C] tiles
