@@ -21,7 +21,8 @@
 #
 # Sizes seen on an H100 (2026-11-26, session 8, `final` with a baseline): GPU tests 76 s, layer
 # corners 31 s, kernel table + sweeps + probes ~100 s, baseline table ~35 s, --quick 119 s:
-# 365 s in all, plus ~30 s to start the machine.
+# 365 s in all, plus ~30 s to start the machine. Session 9, the same plus a knob sweep of two
+# shapes (SN_FUSED_SWEEP_ARGS, no --bwd-sweep): 390 s.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,

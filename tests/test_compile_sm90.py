@@ -93,11 +93,14 @@ SPILL_SCRIPT = textwrap.dedent("""
     launches = []
     snm._launch = lambda kernel, grid, args, cfg, coop, n_tensors, key, out: launches.append((kernel, args, cfg, coop))
 
-    def spill_bytes(kernel, args, cfg, coop):
+    def compile_launch(kernel, args, cfg, coop):
         kwargs = dict(num_warps=cfg.num_warps, launch_cooperative_grid=coop)
         bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **kwargs)
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
-        k = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+        return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+    def spill_bytes(kernel, args, cfg, coop):
+        k = compile_launch(kernel, args, cfg, coop)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "k.ptx")
             with open(path, "w") as f:
@@ -126,6 +129,24 @@ SPILL_SCRIPT = textwrap.dedent("""
               f"forward {spills[0]}, backward {spills[1]}")
         assert on_chip == ((M, N) in [(128, 1152), (24576, 20), (1, 4096), (1, 8192)]), (M, N, on_chip)
         assert spills == [[0, 0], [0, 0]], f"{M}x{N}: {spills}"
+
+    # Vector accesses: with N a multiple of 16, the workspace regions and each program's run of
+    # columns start on 16-element boundaries, so every per-element store of a one-program read
+    # is 16 bytes wide; only single values (partials, sigma, u of one row) stay scalar. (With
+    # regions at offsets M and M + N and columns from p*N//G: 109 scalar stores streaming, 133
+    # on chip.)
+    for on_chip in (True, False):
+        with snm._launch_knobs(_ON_CHIP=on_chip):
+            launches.clear()
+            w, u, v = torch.randn(1, 8192), torch.randn(1), torch.randn(8192)
+            snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(8194), torch.empty(()),
+                                snm.new_semaphore(), 0, 1, 1e-12, True, num_programs=1, phase_by_phase=False)
+            assert launches[0][2].ON_CHIP == on_chip
+            ptx = compile_launch(*launches[0]).asm["ptx"].splitlines()
+            scalar = [l for l in ptx if "st.global" in l and ".v4." not in l and ".v2." not in l]
+            vector = [l for l in ptx if "st.global" in l and ".v4." in l]
+            print(f"1x8192 forward (on_chip={on_chip}): {len(scalar)} scalar, {len(vector)} 16-byte stores")
+            assert len(scalar) <= 16 and len(vector) >= 24, (on_chip, len(scalar), len(vector))
     print("OK")
 """)
 

@@ -809,6 +809,19 @@ def test_launch_config_blocks_are_powers_of_two(monkeypatch, tile):
         snm._clear_plans()
 
 
+def test_own_columns_take_one_block_c_step():
+    """Program p owns the p-th of G runs of whole 16-column blocks (kernels.py); BLOCK_C covers
+    the longest run, so phase R sums a program's columns in one [BLOCK_Q, BLOCK_C] step (with
+    per-column blocks, a narrow weight on many programs would give one program 16 steps)."""
+    for N in (1, 20, 40, 1152, 1536, 4096, 6912, 13824, 8193):
+        for G in (1, 3, 18, 120, 132):
+            cfg = snm._launch_config(4096, N, torch.device("cpu"), G)
+            B = -(-N // 16)
+            runs = [min(16 * ((p + 1) * B // cfg.grid), N) - 16 * (p * B // cfg.grid) for p in range(cfg.grid)]
+            assert sum(runs) == N and min(runs) >= 0, (N, G)
+            assert max(runs) <= cfg.BLOCK_C or cfg.BLOCK_C == 4096, (N, G, max(runs), cfg.BLOCK_C)  # (the cap)
+
+
 def test_cooperative_launch_only_where_programs_wait_on_each_other():
     """A single launch of several programs is cooperative (its grid barrier needs them
     co-resident); one program, or a launch per phase, is an ordinary launch."""

@@ -22,7 +22,7 @@ region starts on a 16-element boundary, ``N16 = 16*ceil(N/16)``, ``M16`` alike):
 
     s      [M16]     s = A x                 (own rows only)
     t      [N16]     t = A^T u               (own columns, read by all after a barrier)
-    t_part [G, N16]  per-program A[own rows]^T s   (s not yet normalized)
+    t_part [G, N]    per-program A[own rows]^T s   (s not yet normalized)
     part_s [G]      per-program sum of s_i^2   (eval: sum of u_i s_i)
     part_t [G]      per-program sum of t_j^2
     part_nf[G]      per-program sum of (t_j - t_j): 0, or NaN if a t_j is not finite
@@ -202,11 +202,13 @@ def _norm_of(sumsq, x0, n):
 
 @triton.jit
 def _padded(n):
-    """``n`` rounded up to a multiple of 16: where workspace regions start, the partials
-    table's row stride and the bounds of a program's columns. Triton vectorizes a load or
-    store only where it can prove 16-byte alignment (pointer, offsets and mask bounds);
-    scalar accesses take 4x the memory instructions (one program of 1x8192 spent half its
-    issue slots waiting on the LG queue, ncu)."""
+    """``n`` rounded up to a multiple of 16: where workspace regions start and the bounds of a
+    program's columns. Triton vectorizes a load or store only where it can prove 16-byte
+    alignment (pointer, offsets and mask bounds; an integer argument is known divisible by 16
+    or not at all); scalar accesses take 4x the memory instructions (one program of 1x8192
+    spent half its issue slots waiting on the LG queue, ncu). The partials table keeps row
+    stride N: where N is not a multiple of 16 its masks are scalar anyway, and padding the
+    rows would only spread the table over more L2 sectors."""
     return tl.cdiv(n, 16) * 16
 
 
@@ -263,7 +265,7 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
                 part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
         tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
         if TRAINING:
-            tl.store(tpart_ptr + pid * _padded(N) + cols, t_acc, mask=cmask)
+            tl.store(tpart_ptr + pid * N + cols, t_acc, mask=cmask)
         return
     for r in range(r0, r1, BLOCK_M):
         rows = r + tl.arange(0, BLOCK_M)
@@ -311,7 +313,7 @@ def _transposed_partial(w_ptr, x_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_
                         mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
             x = tl.load(x_ptr + rows, mask=rmask, other=0.0).to(acc_t)
             acc += a * x[:, None]
-        tl.store(tpart_ptr + pid * _padded(N) + cols, tl.sum(acc, axis=0), mask=cmask)
+        tl.store(tpart_ptr + pid * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -374,7 +376,7 @@ def _sum_columns(tpart_ptr, G, N, cols, cmask, BLOCK: tl.constexpr, BLOCK_Q: tl.
     t = tl.zeros([BLOCK], tpart_ptr.dtype.element_ty)
     for q0 in range(0, G, BLOCK_Q):
         qs = q0 + tl.arange(0, BLOCK_Q)
-        tile = tl.load(tpart_ptr + qs[:, None] * _padded(N) + cols[None, :],
+        tile = tl.load(tpart_ptr + qs[:, None] * N + cols[None, :],
                        mask=(qs < G)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
         t += tl.sum(tile, axis=0)
     return t
@@ -520,15 +522,23 @@ def _own_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL:
 
 
 @triton.jit
-def _first(x, idx):
-    """``x[idx == 0]`` as a scalar (0 if this program does not hold index 0)."""
-    return tl.sum(tl.where(idx == 0, x, tl.zeros_like(x)), axis=0)
+def _first_if_one(x, idx, n):
+    """``x[idx == 0]`` as a scalar when ``n == 1`` (a 1-element vector's norm is ``|x_0|``), else 0.
+
+    A branch, not ``tl.where``: the sum behind it is a block-wide reduction (shuffles, shared
+    memory, barriers), paid on every read otherwise. (Triton makes an integer argument equal
+    to 1 a constant, so the branch is resolved at compile time where it is taken.)
+    """
+    x0 = tl.full([], 0.0, x.dtype)
+    if n == 1:
+        x0 = tl.sum(tl.where(idx == 0, x, tl.zeros_like(x)), axis=0)
+    return x0
 
 
 @triton.jit
 def _on_chip_u(s, sumsq, rows, r1, u_ptr, u_saved_ptr, eps, M):
     """``u = s / du`` for own rows (stored); returns ``(u, du)``. ``du = max(||s||, eps)``."""
-    du = _clamp(_norm_of(sumsq, _first(s, rows), M), eps)
+    du = _clamp(_norm_of(sumsq, _first_if_one(s, rows, M), M), eps)
     rmask = rows < r1
     # Masked rows are 0, not 0/du: du can be 0 (eps = 0), and the fallback's A^T u sums them.
     u = tl.where(rmask, s / du, tl.zeros_like(s)).to(u_ptr.dtype.element_ty)
@@ -538,12 +548,18 @@ def _on_chip_u(s, sumsq, rows, r1, u_ptr, u_saved_ptr, eps, M):
 
 
 @triton.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
 def _on_chip_t_stats(t, cols, N):
     """``(||t||, ||t||^2, ||2^64 t||^2, non-finite marker)`` of a whole t held in registers
-    (what ``_t_stats`` assembles from the programs' partials)."""
+    (what ``_t_stats`` assembles from the programs' partials). The three sums are one
+    reduction: one round of shuffles and shared memory instead of three."""
     sq, nf, sq_up = _t_terms(t)
-    tsq = tl.sum(sq, axis=0)
-    return _norm_of(tsq, _first(t, cols), N), tsq, tl.sum(sq_up, axis=0), tl.sum(nf, axis=0)
+    tsq, tsq_up, nonfinite = tl.reduce((sq, sq_up, nf), 0, _add3)
+    return _norm_of(tsq, _first_if_one(t, cols, N), N), tsq, tsq_up, nonfinite
 
 
 @triton.jit
@@ -587,7 +603,7 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
             sumsq = tl.sum(s * s, axis=0)
             if G > 1:
                 tl.store(part_s_ws + pid, sumsq)
-                tl.store(tpart_ws + pid * _padded(N) + cols, t, mask=cmask)
+                tl.store(tpart_ws + pid * N + cols, t, mask=cmask)
                 grid_barrier(sem_ptr)
                 sumsq = _sum_partials(part_s_ws, G, BLOCK_P)
                 t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
@@ -600,7 +616,7 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
                 t = tl.sum(a.to(acc_t) * u.to(acc_t)[:, None], axis=0)
                 if G > 1:
                     grid_barrier(sem_ptr)  # every program has read the partials above
-                    tl.store(tpart_ws + pid * _padded(N) + cols, t, mask=cmask)
+                    tl.store(tpart_ws + pid * N + cols, t, mask=cmask)
                     grid_barrier(sem_ptr)
                     t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
                 norm_t, tsq, tsq_up, nonfinite = _on_chip_t_stats(t, cols, N)
@@ -699,7 +715,7 @@ def spectral_norm_fwd_kernel(
     s_ws = ws_ptr
     t_ws = ws_ptr + _padded(M)
     tpart_ws = t_ws + _padded(N)
-    part_s_ws = tpart_ws + G * _padded(N)
+    part_s_ws = tpart_ws + G * N
     part_t_ws = part_s_ws + G
     flag_ws = part_t_ws + 3 * G  # after part_nf, part_ts; phase-by-phase mode: PHASE_FIX_T's decision
     one = eps * 0 + 1.0  # a runtime scalar of eps' type; unused as dv when FROM_V

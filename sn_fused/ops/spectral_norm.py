@@ -11,7 +11,7 @@ Layers, top to bottom::
 Memory plan per call: the output (``W_sn``, same strides as ``W``), the
 ``saved = [v | u | sigma]`` buffer that autograd keeps (the u, v that sigma used --
 PyTorch clones u and v too -- and sigma, in one allocation), and an uninitialised
-workspace (fp32, fp64 for fp64 weights) of ``M16 + (G + 1)*N16 + 4*G + 1`` elements
+workspace (fp32, fp64 for fp64 weights) of ``M16 + N16 + G*(N + 4) + 1`` elements
 (``X16``: X rounded up to 16) whose elements the kernel writes before it reads them -- none
 for one ON_CHIP program (``_workspace``).
 The grid-barrier semaphore is the caller's (one per module, see ``_SpectralNorm``), so two
@@ -285,7 +285,7 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     # Vector phases: a program's own rows (u) and own columns (t, v), sized separately so a
     # tall or wide matrix does not drag masked lanes through the other loop.
     block_r = min(_next_power_of_2(_cdiv(M, G)), 4096)
-    block_c = min(_next_power_of_2(_cdiv(N, G)), 4096)
+    block_c = min(_next_power_of_2(16 * _cdiv(_cdiv(N, 16), G)), 4096)  # own columns: whole 16-blocks
     block_p = _next_power_of_2(G)
     # A program's rows in one tile, and a table of partials small enough for every program to
     # read whole: the read keeps its tile in registers (kernels.py, "A on chip").
@@ -506,7 +506,7 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
         for phase, is_last in phases)
     # One ON_CHIP program in one launch keeps everything in registers: no workspace.
     ws_numel = 0 if cfg.ON_CHIP and cfg.grid == 1 and not phase_by_phase else \
-        _padded(layout.M) + _padded(layout.N) * (cfg.grid + 1) + 4 * cfg.grid + 1
+        _padded(layout.M) + _padded(layout.N) + cfg.grid * (layout.N + 4) + 1
     return _Plan(cfg, ws_numel, launches, not phase_by_phase and cfg.grid > 1)
 
 
