@@ -322,8 +322,8 @@ def _launch_hooks_set() -> bool:
 def _direct_runner(compiled, grid: int, device_index: int):
     """``runner(args)``: launch ``compiled`` on ``grid`` programs, as Inductor launches its kernels.
 
-    That is ``compiled.run(grid, stream, function, metadata, launch_metadata, enter_hook,
-    exit_hook, *args)`` with no launch metadata and no hooks (``_launch`` uses a kept runner
+    That is ``compiled.run(grid, 1, 1, stream, function, metadata, launch_metadata,
+    enter_hook, exit_hook, *args)`` with no launch metadata and no hooks (``_launch`` uses a kept runner
     only while no launch hook is installed). Triton's own ``compiled[grid]`` runner also
     looks up the current device, builds launch metadata and calls both (empty) hook chains
     on every launch. The launch goes to the current stream of the weight's device, made the
