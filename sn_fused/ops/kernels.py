@@ -706,8 +706,8 @@ def spectral_norm_fwd_kernel(
     G = tl.num_programs(0)
     r0 = (pid * M) // G
     r1 = ((pid + 1) * M) // G
-    c0 = (pid * (_padded(N) // 16)) // G * 16
-    c1 = tl.minimum(((pid + 1) * (_padded(N) // 16)) // G * 16, N)
+    c0 = (pid * tl.cdiv(N, 16)) // G * 16
+    c1 = tl.minimum(((pid + 1) * tl.cdiv(N, 16)) // G * 16, N)
     v_saved_ptr = saved_ptr
     u_saved_ptr = saved_ptr + N
     sigma_ptr = u_saved_ptr + M

@@ -377,11 +377,9 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
         if runner is not None:
             runner(args)
             return
-    if (type(out) is torch.Tensor and out.device.type == "cuda" and not torch.compiler.is_compiling()
-            and out.device.index != _current_device()):
-        with torch.cuda.device(out.device.index):
-            _launch_uncached(kernel, grid, args, cfg, cooperative, key if cached else None, out)
-    else:
+    on_other_device = (type(out) is torch.Tensor and out.device.type == "cuda"
+                       and not torch.compiler.is_compiling() and out.device.index != _current_device())
+    with torch.cuda.device(out.device.index) if on_other_device else contextlib.nullcontext():
         _launch_uncached(kernel, grid, args, cfg, cooperative, key if cached else None, out)
 
 
