@@ -1645,6 +1645,38 @@ def test_no_grad_read_skips_autograd_and_matches(device, gen):
             assert torch.equal(a, b)
 
 
+def test_recorded_read_skips_function_apply_wrapper_but_not_for_dead_functorch_wrappers(device, gen):
+    """A recorded eager read calls the C ``apply`` that ``Function.apply`` ends in, skipping the
+    wrapper's torch.func work; a weight that is a dead functorch wrapper (a tensor that
+    outlived its ``torch.func.grad``; no storage of its own) still goes through the wrapper,
+    which unwraps it, with or without grad: same W_sn, u, v, sigma and gradient as the plain
+    weight. (Without that fallback the kernel would be handed the wrapper: "Cannot access
+    storage".)"""
+    weight = randn((9, 7), gen, torch.float32, device).requires_grad_()
+    leaked = []
+    torch.func.grad(lambda w: leaked.append(w) or w.sum())(weight)
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead) and dead.requires_grad
+    u0, v0 = vec_pair(weight, 0, gen)
+    grad_out = randn(weight.shape, gen, torch.float32, device)
+    results = []
+    for w, through_wrapper in ((weight, False), (dead, True)):
+        u, v = u0.clone(), v0.clone()
+        sigma_buf = torch.full((), NAN, device=device)
+        with mock.patch.object(snm._SpectralNormFunction, "apply",
+                               side_effect=snm._SpectralNormFunction.apply) as wrapper:
+            out = ops.spectral_norm_fused(w, u, v, sigma_buf, ops.new_semaphore(device))
+        assert wrapper.called == through_wrapper
+        (grad,) = torch.autograd.grad(out, weight, grad_out)  # (the wrapper unwraps to weight)
+        results.append((out.detach(), u, v, sigma_buf, grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    u, v = u0.clone(), v0.clone()
+    with torch.no_grad():  # (no autograd to skip: the wrapper still unwraps it)
+        out = ops.spectral_norm_fused(dead, u, v, torch.full((), NAN, device=device), ops.new_semaphore(device))
+    assert torch.equal(out, results[0][0]) and torch.equal(u, results[0][1]) and torch.equal(v, results[0][2])
+
+
 def test_six_dim_weight_layout_is_judged_for_its_own_dim(device, gen):
     """A 6-D weight whose column dims merge for dim=0 but not for dim=4 must not be sent to the
     kernels with dim=4 (the launcher would find no layout): the op refuses it with a clear

@@ -739,12 +739,31 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
 def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
     """``spectral_norm_fused`` past its checks (``dim`` normalized): what the layer calls
     when the same inputs passed them before (``_input_signature``)."""
-    if not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling():
+    state = (u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
+    wrapped = _is_functorch_wrapped
+    if (torch.compiler.is_compiling()
+            or wrapped(weight) or wrapped(u) or wrapped(v) or wrapped(sigma_buf) or wrapped(sem)):
+        # What Dynamo traces (whatever the grad mode: traced calls keep the op); and what unwraps
+        # a "dead" functorch wrapper, a tensor that outlived its transform (torch.func.grad):
+        # it has no storage for a kernel to read.
+        return _SpectralNormFunction.apply(weight, state)
+    if not (torch.is_grad_enabled() and weight.requires_grad):
         # Nothing to record (no_grad reads, e.g. sampling or evaluation): skip autograd.Function,
-        # ~10 us of host time per read. Traced calls keep the op, whatever the grad mode.
-        return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)[0]
-    return _SpectralNormFunction.apply(weight, (u, v, sigma_buf, sem, dim, n_power_iterations,
-                                                eps, training))
+        # ~10 us of host time per read.
+        return _forward_unchecked(weight, *state)[0]
+    return _apply_spectral_norm_function(weight, state)
+
+
+# ``Function.apply`` without its Python wrapper (~5 us of host time per read on a CPU), which
+# serves torch.func: it tests for active functorch transforms (under them the checks refuse the
+# fused path, so none is active here) and walks the arguments with pytree to unwrap dead
+# functorch wrappers (which ``_spectral_norm_checked`` sends to the wrapper). What is left is
+# the C method the wrapper ends in, its ``super().apply``.
+try:
+    _apply_spectral_norm_function = torch._C._FunctionBase.__dict__["apply"].__get__(None, _SpectralNormFunction)
+except (AttributeError, KeyError):  # a torch without it: the wrapper, then
+    _apply_spectral_norm_function = _SpectralNormFunction.apply
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma_buf: torch.Tensor,
