@@ -5,8 +5,10 @@ one, this times what the host does around the launches -- parametrize, the layer
 checks, the allocations, autograd -- next to what any per-layer design pays:
 
 * **sn_fused**: ``m.weight`` of an ``sn_fused.spectral_norm`` Linear(16, 8) under
-  ``TRITON_INTERPRET=1`` (CPU tensors take the fused path), with the launcher's
-  ``_launch`` replaced by a no-op;
+  ``TRITON_INTERPRET=1`` (CPU tensors take the fused path), down the GPU's eager launch
+  path (``_launch`` keeps a runner per launch signature and reuses it) with the kept
+  runner a no-op: the launcher's Python is timed, the runner's CUDA calls (current
+  device and stream, the driver launch) are not;
 * **floor**: the same Linear with torch's parametrize around a one-input
   ``autograd.Function`` that only allocates its output (and its gradient), read
   through sn_fused's fast getter (``parametrizations._install_fast_read``, which
@@ -86,13 +88,25 @@ def _rows() -> dict[str, Callable[[], Any]]:
 
 
 def measure(rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, Any]:
-    """``{"us": {row: min us per call}, "spread": {row: median / min}, ...}``."""
+    """``{"us": {row: min us per call}, "spread": {row: median / min}, "kept_runner_calls": n, ...}``."""
     from sn_fused.ops import INTERPRET
     from sn_fused.ops import spectral_norm as ops_mod
 
     if not INTERPRET:
         raise RuntimeError("host_time needs TRITON_INTERPRET=1 (CPU weights take the fused path then)")
-    with mock.patch.object(ops_mod, "_launch", lambda *args, **kwargs: None):
+
+    runs = [0]  # calls of the kept runners: the reads went down the eager launch path
+
+    def noop_runner(args):
+        runs[0] += 1
+
+    def keep_noop_runner(kernel, grid, args, cfg, cooperative, key, out):
+        if key is not None:  # (None: a call the GPU does not keep a runner for either)
+            ops_mod._RUNNERS[key] = noop_runner
+
+    with mock.patch.object(ops_mod, "_KEEP_RUNNERS", True), \
+            mock.patch.object(ops_mod, "_launch_uncached", keep_noop_runner), \
+            mock.patch.dict(ops_mod._RUNNERS, clear=True):  # (the no-op runners go with it)
         rows = _rows()
         times: dict[str, list[float]] = {name: [] for name in rows}
         for fn in rows.values():  # warm up: plans, caches, the first checked read
@@ -106,8 +120,8 @@ def measure(rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, Any]:
                 times[name].append((time.perf_counter() - t0) / calls * 1e6)
     best = {name: min(ts) for name, ts in times.items()}
     spread = {name: sorted(ts)[len(ts) // 2] / best[name] for name, ts in times.items()}
-    return dict(us=best, spread=spread, rounds=rounds, calls=calls,
-                what="host us per call, kernel launches stubbed out; min over interleaved rounds")
+    return dict(us=best, spread=spread, rounds=rounds, calls=calls, kept_runner_calls=runs[0],
+                what="host us per call, kernel launches stubbed out at the kept runner; min over interleaved rounds")
 
 
 def format_lines(result: dict[str, Any]) -> list[str]:

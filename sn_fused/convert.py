@@ -32,8 +32,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook as _LegacyLoadStateDictPreHook
 from torch.nn.utils.spectral_norm import SpectralNormStateDictHook as _LegacyStateDictHook
 
-from .ops import new_semaphore
-from .parametrizations import _install_fast_read, _new_sigma_buffer, _SpectralNorm
+from .parametrizations import _install_fast_read, _new_layer_semaphore, _new_sigma_buffer, _SpectralNorm
 
 __all__ = ["convert", "convert_state_dict", "load_legacy_state_dict"]
 
@@ -81,7 +80,7 @@ def _fused_from_state(weight: Tensor, u: Tensor | None, v: Tensor | None, *, dim
         sn.register_buffer("_u", u)
         sn.register_buffer("_v", v)
         sn.register_buffer("_sigma", _new_sigma_buffer(weight, weight.real.dtype), persistent=False)
-        sn.register_buffer("_sem", new_semaphore(weight.device), persistent=False)
+        sn.register_buffer("_sem", _new_layer_semaphore(weight.device), persistent=False)
     sn.train(training)
     return sn
 

@@ -32,8 +32,21 @@ def _new_sigma_buffer(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """The last-sigma logging buffer before any read: NaN (no sigma computed yet).
 
     ``weight.new_full``: on the weight's device, and of its type where that is a tensor
-    subclass (a ``TwoTensor`` weight logs both of its sigmas)."""
-    return weight.new_full((), float("nan"), dtype=dtype)
+    subclass (a ``TwoTensor`` weight logs both of its sigmas). A normal tensor even when made
+    inside ``torch.inference_mode()``, as ``_new_layer_semaphore``'s: an inference tensor
+    would refuse the reference path's in-place logging after the block."""
+    with torch.inference_mode(False):
+        return weight.new_full((), float("nan"), dtype=dtype)
+
+
+def _new_layer_semaphore(device: torch.device) -> Tensor:
+    """``new_semaphore(device)`` for a layer's ``_sem``: a normal tensor even when made inside
+    ``torch.inference_mode()`` (a layer made, deep-copied or moved there). The layer's own
+    buffers outlive the block, and an inference tensor has no version counter, by which the
+    layer sees torch code writing into its semaphore. (PyTorch's ``_u``, ``_v`` stay as torch
+    makes them, as in PyTorch's SN.)"""
+    with torch.inference_mode(False):
+        return new_semaphore(device)
 
 
 class _SpectralNorm(Module):
@@ -100,7 +113,7 @@ class _SpectralNorm(Module):
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
             self.register_buffer("_sigma", _new_sigma_buffer(weight, weight.real.dtype),
                                  persistent=False)
-            self.register_buffer("_sem", new_semaphore(weight.device), persistent=False)
+            self.register_buffer("_sem", _new_layer_semaphore(weight.device), persistent=False)
             self._sem_version = self._sem._version
 
             # Start with u, v initialized to some reasonable values by performing a number
@@ -131,27 +144,33 @@ class _SpectralNorm(Module):
             except AttributeError:  # a buffer that is not a tensor: the checks below say so
                 signature = None
             checked = self._checked_read
-            if (signature is not None and checked is not None and checked[0] == signature
-                    and sem._version == self._sem_version):
-                return _spectral_norm_checked(weight, u, v, sigma_buf, sem, checked[1], n_power_iterations,
-                                              eps, self.training)
+            if signature is not None and checked is not None and checked[0] == signature:
+                try:
+                    at_rest = sem._version == self._sem_version
+                except RuntimeError:  # an inference tensor has no version (see below)
+                    at_rest = False
+                if at_rest:
+                    return _spectral_norm_checked(weight, u, v, sigma_buf, sem, checked[1], n_power_iterations,
+                                                  eps, self.training)
         if fused_supported(weight, dim):
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there, and so when a plain
             # weight replaces a wrapper-subclass one (DTensor, TwoTensor); the semaphore also
-            # when torch code wrote into it (see _sem_version). (Anything else wrong with them
-            # is for the op's checks to say: an AttributeError here would surface as "no
-            # attribute 'weight'", parametrize's property being a property.)
+            # when torch code wrote into it (see _sem_version), and both when torch code made them
+            # inference tensors (a deepcopy inside torch.inference_mode(): no version counter,
+            # and no in-place logging after the block; see _new_layer_semaphore). (Anything else
+            # wrong with them is for the op's checks to say: an AttributeError here would surface
+            # as "no attribute 'weight'", parametrize's property being a property.)
             remade = False
             if isinstance(sem, Tensor):
                 if (sem.device != weight.device or not _plain_tensor(sem)
-                        or (not compiling and sem._version != self._sem_version)):  # written by torch code
-                    sem = buffers["_sem"] = new_semaphore(weight.device)
+                        or (not compiling and (sem.is_inference() or sem._version != self._sem_version))):
+                    sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
                     remade = True
                 if not compiling:
                     self._sem_version = sem._version
-            if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device
-                                                  or not _plain_tensor(sigma_buf)):
+            if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device or not _plain_tensor(sigma_buf)
+                                                  or (not compiling and sigma_buf.is_inference())):
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(weight, sigma_buf.dtype)
                 remade = True
             weight_sn = spectral_norm_fused(
@@ -178,8 +197,14 @@ class _SpectralNorm(Module):
             eps=self.eps, training=self.training)
         sigma = sigma.real if sigma.is_complex() else sigma
         if not transformed:
+            sigma_buf = buffers["_sigma"]
+            if (not torch.compiler.is_compiling() and sigma_buf.is_inference()
+                    and not torch.is_inference_mode_enabled()):
+                # Made an inference tensor by torch code (a deepcopy inside inference_mode), which
+                # refuses in-place writes outside the block: a normal one instead.
+                sigma_buf = buffers["_sigma"] = _new_sigma_buffer(sigma_buf, sigma_buf.dtype)
             with torch.no_grad():
-                buffers["_sigma"].copy_(sigma)
+                sigma_buf.copy_(sigma)
             return weight_sn
         sigma = None if torch.compiler.is_compiling() else _unwrap_functorch(sigma.detach())
         if sigma is not None:
@@ -199,12 +224,16 @@ class _SpectralNorm(Module):
         super()._apply(fn, recurse)
         sem = self._buffers.get("_sem")
         if isinstance(sem, Tensor):
-            if _plain_tensor(sem) and sem.dtype == torch.int32:
+            if _plain_tensor(sem) and sem.dtype == torch.int32 and not sem.is_inference():
                 with torch.no_grad():
                     sem.zero_()
-            else:  # Module.type() casts integer buffers too
-                sem = self._buffers["_sem"] = new_semaphore(sem.device)
+            else:  # Module.type() casts integer buffers too; inside inference_mode, an inference tensor
+                sem = self._buffers["_sem"] = _new_layer_semaphore(sem.device)
             self._sem_version = sem._version
+        sigma_buf = self._buffers.get("_sigma")
+        if isinstance(sigma_buf, Tensor) and sigma_buf.is_inference():  # (see _new_sigma_buffer)
+            with torch.inference_mode(False):
+                self._buffers["_sigma"] = sigma_buf.clone()
         return self
 
     def right_inverse(self, value: Tensor) -> Tensor:

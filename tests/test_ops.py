@@ -1331,6 +1331,7 @@ def test_launch_keeps_one_runner_per_key_and_alignment(monkeypatch):
     tensor of another 16-byte alignment compiles again; with a launch hook installed, or an
     output that is not a plain tensor (tracing), every call takes ``wrap_triton``."""
     monkeypatch.setattr(snm, "INTERPRET", False)
+    monkeypatch.setattr(snm, "_KEEP_RUNNERS", True)
     monkeypatch.setattr(snm, "_RUNNERS", {})
     monkeypatch.setattr(snm, "_raw_stream", lambda index: ("stream of", index))
     monkeypatch.setattr(snm, "_current_device", lambda: None)  # a CPU tensor's device.index
@@ -1443,12 +1444,15 @@ def test_input_validation(entry, device):
 
 
 @pytest.mark.parametrize("transform", ["vmap", "grad", "vmap_input", "dual", "batched_grad"])
-@pytest.mark.parametrize("entry", ["forward_fused", "backward_fused", "spectral_norm_fused"])
+@pytest.mark.parametrize("entry", ["forward_fused", "backward_fused", "spectral_norm_fused",
+                                   "spectral_norm_fused_weight_checked"])
 def test_torch_func_transforms_refused_before_launch(entry, transform, device):
     """Under ``torch.func`` the launchers refuse to run, with the reason (a kernel cannot read a
     vmap-batched tensor; the layers take the reference path there), even where the weight
     itself is not transformed (``vmap_input``); so with a dual weight (forward-mode AD:
-    the kernels have no jvp, and a no-grad read would drop the tangent without a word)."""
+    the kernels have no jvp, and a no-grad read would drop the tangent without a word). So
+    does ``spectral_norm_fused(weight_checked=True)``: ``fused_supported`` does not look at
+    transforms (without this check: torch's internal assert from the autograd Function)."""
     import torch.autograd.forward_ad as fwAD
     from torch.func import grad, vmap
 
@@ -1461,7 +1465,8 @@ def test_torch_func_transforms_refused_before_launch(entry, transform, device):
             grad = torch.ones_like(weight) if grad is None else grad
             return ops.spectral_norm_backward_fused(grad, weight, args["u"], args["v"], sigma, sem)
         fn = ops.spectral_norm_forward_fused if entry == "forward_fused" else ops.spectral_norm_fused
-        out = fn(weight, args["u"], args["v"], torch.zeros((), device=device), sem, training=False)
+        checked = dict(weight_checked=True) if entry == "spectral_norm_fused_weight_checked" else {}
+        out = fn(weight, args["u"], args["v"], torch.zeros((), device=device), sem, training=False, **checked)
         return out[0] if isinstance(out, tuple) else out
 
     u_before, v_before = args["u"].clone(), args["v"].clone()

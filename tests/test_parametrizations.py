@@ -1301,6 +1301,42 @@ def test_semaphore_written_by_torch_code_is_made_anew(how, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["deepcopy", "made_inside", "to_empty_inside"])
+def test_inference_mode(how, device, seed):
+    """Layers deep-copied (an EMA or eval copy), made, or ``to_empty``-ed inside
+    ``torch.inference_mode()`` read there, in training and eval mode, and afterwards (eval) outside
+    it, as PyTorch's SN does (found in review: the first read of a deep copy inside the block
+    raised "Inference tensors do not track version counter": the copy's semaphore was made
+    anew there, an inference tensor). The layer's own buffers stay normal tensors."""
+    ref, ours, make_x = make_pair("conv2d", seed, device=device)
+    x = make_x()
+    with torch.inference_mode():
+        if how == "deepcopy":
+            ref, ours = copy.deepcopy(ref), copy.deepcopy(ours)
+        elif how == "made_inside":
+            pair = make_pair("conv2d", seed, device=device)
+            ref, ours = pair[0], pair[1]
+        else:
+            for m in (ref, ours):
+                m.to_empty(device=device)
+                torch.manual_seed(seed)
+                orig(m).normal_()
+                m.bias.zero_()
+                par(m)._u.copy_(F.normalize(torch.randn(par(m)._u.shape), dim=0))
+                par(m)._v.copy_(F.normalize(torch.randn(par(m)._v.shape), dim=0))
+        for train in (True, False):
+            ref.train(train)
+            ours.train(train)
+            assert_close(ours(x), ref(x), msg=f"inside, train={train}")
+            assert_uv_close(ours, ref, torch.float32)
+    assert not par(ours)._sem.is_inference() or not fused_supported(orig(ours), 0)  # (unused there)
+    with torch.no_grad():  # (u, v and the weight made inside the block are inference tensors, in
+        # PyTorch's SN too: a training read would update them in place, which torch refuses)
+        assert_close(ours(x), ref(x), msg="after the block")
+    assert not par(ours)._sigma.is_inference() and not par(ours)._sigma.isnan()  # a normal tensor, logged
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_jit_trace(device, seed):
     """``torch.jit.trace`` of an eval-mode model (the usual way to trace for serving): the traced
     module gives PyTorch's numbers, and follows later changes of the weight (found in review:

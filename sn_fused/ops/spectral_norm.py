@@ -303,6 +303,10 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
 _RUNNERS: dict = {}
+# Whether eager launches keep and reuse runners: on a GPU. (The interpreter has no compiled
+# kernel to keep; bench/host_time.py turns it on there, with the launch itself stubbed out,
+# to time this path's Python on a CPU.)
+_KEEP_RUNNERS = not INTERPRET
 
 
 def _hook_set(hook) -> bool:
@@ -367,7 +371,7 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     PyTorch's ops do (Triton launches on the current one, and a Python op gets no
     device guard from the dispatcher). Compiled code sets its own guard.
     """
-    cached = (not INTERPRET and type(out) is torch.Tensor and not torch.compiler.is_compiling()
+    cached = (_KEEP_RUNNERS and type(out) is torch.Tensor and not torch.compiler.is_compiling()
               and not _launch_hooks_set())
     if cached:
         # The common case first, with nothing built that it does not use (~2 us less host time
@@ -729,8 +733,8 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     eager forward and backward behind it launch without checking again.
     ``weight_checked=True``: the caller has just found ``fused_supported(weight, dim)``
     with ``dim`` in ``[0, weight.ndim)`` (the layer does, to choose this path over the
-    reference), so the weight itself is not checked again; u, v, the buffers and the
-    arguments still are.
+    reference), so what that covers is not checked again; transforms (``torch.func``,
+    forward-mode AD), u, v, the buffers and the arguments still are.
     """
     dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, weight_checked)
     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
@@ -740,12 +744,10 @@ def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations
     """``spectral_norm_fused`` past its checks (``dim`` normalized): what the layer calls
     when the same inputs passed them before (``_input_signature``)."""
     state = (u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
-    wrapped = _is_functorch_wrapped
-    if (torch.compiler.is_compiling()
-            or wrapped(weight) or wrapped(u) or wrapped(v) or wrapped(sigma_buf) or wrapped(sem)):
+    if torch.compiler.is_compiling() or _is_functorch_wrapped(weight):
         # What Dynamo traces (whatever the grad mode: traced calls keep the op); and what unwraps
-        # a "dead" functorch wrapper, a tensor that outlived its transform (torch.func.grad):
-        # it has no storage for a kernel to read.
+        # a weight that is a "dead" functorch wrapper, a tensor that outlived its transform
+        # (torch.func.grad): it has no storage for a kernel to read.
         return _SpectralNormFunction.apply(weight, state)
     if not (torch.is_grad_enabled() and weight.requires_grad):
         # Nothing to record (no_grad reads, e.g. sampling or evaluation): skip autograd.Function,
@@ -754,11 +756,12 @@ def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations
     return _apply_spectral_norm_function(weight, state)
 
 
-# ``Function.apply`` without its Python wrapper (~5 us of host time per read on a CPU), which
+# ``Function.apply`` without its Python wrapper (~4 us of host time per read on a CPU), which
 # serves torch.func: it tests for active functorch transforms (under them the checks refuse the
-# fused path, so none is active here) and walks the arguments with pytree to unwrap dead
-# functorch wrappers (which ``_spectral_norm_checked`` sends to the wrapper). What is left is
-# the C method the wrapper ends in, its ``super().apply``.
+# fused path, so none is active here) and unwraps its direct tensor arguments where they are
+# dead functorch wrappers (here only the weight can be: the rest come in the ``state`` tuple,
+# which it does not look into; ``_spectral_norm_checked`` sends such a weight to the wrapper).
+# What is left is the C method the wrapper ends in, its ``super().apply``.
 try:
     _apply_spectral_norm_function = torch._C._FunctionBase.__dict__["apply"].__get__(None, _SpectralNormFunction)
 except (AttributeError, KeyError):  # a torch without it: the wrapper, then
@@ -800,16 +803,7 @@ def _check_weight(weight: torch.Tensor, dim: int) -> int:
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES:
         raise TypeError(f"spectral_norm: the fused kernels take float16/bfloat16/float32/float64 "
                         f"weights, got {getattr(weight, 'dtype', type(weight))}")
-    if _transformed(weight):
-        # A kernel cannot read a vmap-batched tensor, and the autograd.Function has no functorch
-        # rules; the reference's torch ops run under the transforms as PyTorch's SN does.
-        raise RuntimeError("spectral_norm: the fused kernels do not run under torch.func transforms "
-                           "(grad, vmap, jacrev, ...); sn_fused.spectral_norm layers run PyTorch's ops "
-                           "there, and so does sn_fused.reference.spectral_norm_reference")
-    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(weight).tangent is not None:
-        raise RuntimeError("spectral_norm: the fused kernels have no forward-mode AD (the weight is a "
-                           "dual tensor); sn_fused.spectral_norm layers run PyTorch's ops under "
-                           "forward_ad.dual_level(), and so does sn_fused.reference.spectral_norm_reference")
+    _check_not_transformed(weight)
     if weight.ndim < 2:
         raise ValueError(f"spectral_norm: the fused kernels take weights with 2 or more dims, "
                          f"got shape {tuple(weight.shape)}")
@@ -823,6 +817,21 @@ def _check_weight(weight: torch.Tensor, dim: int) -> int:
                            f"dtype {weight.dtype} and shape {tuple(weight.shape)} (use "
                            f"sn_fused.reference, or set TRITON_INTERPRET=1 for CPU tensors)")
     return dim % weight.ndim
+
+
+def _check_not_transformed(weight: torch.Tensor) -> None:
+    """Refuse a weight under ``torch.func`` transforms or forward-mode AD (``_check_weight``'s;
+    also where ``fused_supported`` has been asked already, which does not look at them)."""
+    if _transformed(weight):
+        # A kernel cannot read a vmap-batched tensor, and the autograd.Function has no functorch
+        # rules; the reference's torch ops run under the transforms as PyTorch's SN does.
+        raise RuntimeError("spectral_norm: the fused kernels do not run under torch.func transforms "
+                           "(grad, vmap, jacrev, ...); sn_fused.spectral_norm layers run PyTorch's ops "
+                           "there, and so does sn_fused.reference.spectral_norm_reference")
+    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(weight).tangent is not None:
+        raise RuntimeError("spectral_norm: the fused kernels have no forward-mode AD (the weight is a "
+                           "dual tensor); sn_fused.spectral_norm layers run PyTorch's ops under "
+                           "forward_ad.dual_level(), and so does sn_fused.reference.spectral_norm_reference")
 
 
 def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
@@ -887,9 +896,11 @@ def _describe(x) -> str:
 
 def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps,
                           weight_checked: bool = False) -> int:
-    """Every check of a forward launch (but the weight's, if ``weight_checked``); returns ``dim``
-    normalized."""
+    """Every check of a forward launch (but the weight's ``fused_supported`` ones, if
+    ``weight_checked``); returns ``dim`` normalized."""
     if weight_checked:
+        if not torch.compiler.is_compiling():  # (Dynamo cannot trace the test: it handles torch.func itself)
+            _check_not_transformed(weight)
         dim %= weight.ndim  # the layer's is normalized already; a caller's negative dim must be too
         _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
     else:
