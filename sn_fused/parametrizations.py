@@ -11,6 +11,8 @@ backward. Elsewhere (CPU, complex weights) the pure-PyTorch reference runs.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,24 @@ def _new_layer_semaphore(device: torch.device) -> Tensor:
         return new_semaphore(device)
 
 
+def _op_arguments(n_power_iterations, eps) -> tuple:
+    """``n_power_iterations`` and ``eps`` as the fused op takes them (an ``int``, a ``float``),
+    from whatever PyTorch's SN reads as such: numpy scalars, one-element tensors, a bool count
+    (its ``range(n)`` and ``clamp_min(eps)``). What ``range`` refuses raises its TypeError, as
+    in PyTorch; the op's checks see to the rest (a negative count, a non-finite eps)."""
+    if type(n_power_iterations) is not int:
+        n_power_iterations = operator.index(n_power_iterations)
+    if not isinstance(eps, (float, torch.SymFloat)) and _real_scalar(eps):
+        eps = float(eps)
+    return n_power_iterations, eps
+
+
+def _real_scalar(x) -> bool:
+    """A real number as PyTorch's ``clamp_min`` takes one: a Python or numpy scalar, or a
+    one-element tensor that is not complex."""
+    return isinstance(x, numbers.Real) or (isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex())
+
+
 class _SpectralNorm(Module):
     r"""Parametrization ``W -> W / sigma(W)``; ``sigma`` by power iteration.
 
@@ -65,8 +85,9 @@ class _SpectralNorm(Module):
       ``to()``, ``to_empty()`` and the like (``_apply``).
     """
 
-    #: ``(_input_signature(...), dim in [0, ndim))`` of the last read whose inputs passed the
-    #: fused path's checks; reads with the same signature skip them. A class attribute, so
+    #: ``(_input_signature(...), (dim in [0, ndim), n_power_iterations, eps))`` of the last read
+    #: whose inputs passed the fused path's checks, with the op's arguments made from them
+    #: (``_op_arguments``); reads with the same signature skip both. A class attribute, so
     #: instances made without ``__init__`` (``sn_fused.convert``) start unchecked too.
     _checked_read = None
     #: ``_sem._version`` when this layer last made the semaphore or put it at rest. The kernels'
@@ -91,8 +112,9 @@ class _SpectralNorm(Module):
                 f"got n_power_iterations={n_power_iterations}"
             )
         # PyTorch accepts any eps; a negative or non-finite one silently yields
-        # NaN/Inf weights, so it is refused here, before anything runs.
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        # NaN/Inf weights, so it is refused here, before anything runs. Any real number, as
+        # PyTorch's clamp_min takes it: Python and numpy scalars, a one-element real tensor.
+        if not _real_scalar(eps) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
         if weight.dtype in (torch.bool,) or not (weight.is_floating_point() or weight.is_complex()):
             raise TypeError(f"spectral_norm expects a floating point or complex weight, got {weight.dtype}")
@@ -150,8 +172,7 @@ class _SpectralNorm(Module):
                 except RuntimeError:  # an inference tensor has no version (see below)
                     at_rest = False
                 if at_rest:
-                    return _spectral_norm_checked(weight, u, v, sigma_buf, sem, checked[1], n_power_iterations,
-                                                  eps, self.training)
+                    return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training)
         if fused_supported(weight, dim):
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there, and so when a plain
@@ -173,16 +194,18 @@ class _SpectralNorm(Module):
                                                   or (not compiling and sigma_buf.is_inference())):
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(weight, sigma_buf.dtype)
                 remade = True
+            n_arg, eps_arg = _op_arguments(n_power_iterations, eps)
             weight_sn = spectral_norm_fused(
-                weight, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n_power_iterations, eps=eps,
+                weight, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n_arg, eps=eps_arg,
                 training=self.training,
                 weight_checked=True)  # fused_supported just said yes: do not check the weight twice
-            if not compiling and signature is not None:
+            if not (compiling or signature is None or isinstance(n_power_iterations, Tensor)
+                    or isinstance(eps, Tensor)):  # (a tensor can change in place: its value is not kept)
                 # These inputs passed every check (the signature taken before them, so a change
                 # made meanwhile by another thread is checked next time): skip them while it holds.
                 if remade:
                     signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
-                self._checked_read = (signature, dim % weight.ndim)
+                self._checked_read = (signature, (dim % weight.ndim, n_arg, eps_arg))
             return weight_sn
         return self._reference_read(weight)
 

@@ -919,6 +919,25 @@ def test_float16_sigma_above_max_is_not_silently_zero(seed):
         f"W_sn is neither NaN (PyTorch: {ref.weight.flatten()[:3].tolist()}) nor W / sigma: {w.flatten()[:6].tolist()}"
 
 
+@pytest.mark.parametrize("module", ["linear", "one_by_one"])
+def test_float16_zero_weight_gives_pytorchs_nan(module, seed, launches):
+    """float16 with the default eps: PyTorch's ``clamp_min(1e-12)`` takes eps in the norm's
+    dtype, where it is 0, so a weight that becomes all zero gives 0/0: NaN u, v and W_sn, which
+    stay NaN when the weight is non-zero again. The kernel takes eps in the weight's dtype the
+    same way (found in review: it clamped at 1e-12 in float32, so u = v = 0 and, once the weight
+    recovered, W_sn = +-Inf)."""
+    shape = {"linear": (7, 5), "one_by_one": (1, 1)}[module]
+    ref, ours = make_pair(lambda: nn.Linear(*shape, device=DEVICE, dtype=torch.float16), seed)
+    n_launch = launches.total
+    for value in (0.0, 0.1):  # all zero, then non-zero again (an optimizer step)
+        with torch.no_grad():
+            orig(ref).fill_(value), orig(ours).fill_(value)
+        w_ref, w_ours = ref.weight, ours.weight
+        assert w_ref.isnan().all() and par(ref)._u.isnan().all() and par(ref)._v.isnan().all()  # PyTorch's
+        assert w_ours.isnan().all() and par(ours)._u.isnan().all() and par(ours)._v.isnan().all(), value
+    assert launches.total > n_launch, "the kernel did not run"
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (2, 3)])
 def test_tiny_sigma_does_not_underflow(shape):
     """Regression: sigma = ||t||^2 / max(||t||, eps) squared t in float32; when the eps clamp

@@ -1048,30 +1048,27 @@ def _eps_negative(p, device):
     p.eps = -1.0
 
 
-def _eps_tensor(p, device):
-    p.eps = torch.tensor(1e-12)
+def _eps_complex(p, device):
+    p.eps = 1e-12 + 0j
 
 
 def _n_float(p, device):
     p.n_power_iterations = 1.0  # == 1: the signature tells them apart by type
 
 
-def _n_bool(p, device):
-    p.n_power_iterations = True
-
-
 @pytest.mark.parametrize("change,error", [
     (_swap_u, "u has shape"), (_u_none, "u must be a tensor"), (_resize_u, "u has shape"),
     (_u_data_of_another_dtype, "u has dtype"), (_u_wrapper_subclass, "cannot read u of type TwoTensor"),
     (_v_strided, "v must be contiguous"), (_sem_int64, "sem must be"), (_sem_none, "sem must be"),
-    (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_tensor, "eps"),
-    (_n_float, "n_power_iterations"), (_n_bool, "n_power_iterations"),
+    (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_complex, "eps="),
+    (_n_float, "'float' object cannot be interpreted as an integer"),  # PyTorch's range(1.0)
 ], ids=lambda x: x.__name__.lstrip("_") if callable(x) else None)
 def test_layer_checks_once_until_an_input_changes(monkeypatch, change, error, device, gen):
     """A layer checks its inputs on the first read and skips the checks while their
     _input_signature holds. Any change the checks would see -- a buffer swapped, resized in
-    place, given other data, dtype or strides, a bad eps -- is checked again and refused
-    before any launch."""
+    place, given other data, dtype or strides, a bad eps or count -- is checked again and
+    refused before any launch. (A tensor eps or a bool count, which PyTorch's SN takes, read
+    as there: tests/test_parametrizations.py::test_argument_types_pytorch_takes.)"""
     from sn_fused import spectral_norm
 
     m = spectral_norm(torch.nn.Linear(5, 6, bias=False).to(device))
@@ -1680,6 +1677,28 @@ def test_recorded_read_skips_function_apply_wrapper_but_not_for_dead_functorch_w
     with torch.no_grad():  # (no autograd to skip: the wrapper still unwraps it)
         out = ops.spectral_norm_fused(dead, u, v, torch.full((), NAN, device=device), ops.new_semaphore(device))
     assert torch.equal(out, results[0][0]) and torch.equal(u, results[0][1]) and torch.equal(v, results[0][2])
+
+
+def test_spectral_norm_fused_compiles_fullgraph(device, gen):
+    """``torch.compile(fullgraph=True)`` of the public op itself, not only through the layer: no
+    graph break (found: Dynamo traced the op's torch.func checks, which it cannot), and the same
+    W_sn, u, v, sigma and gradient as eager, bit for bit."""
+    weight = randn((9, 7), gen, torch.float32, device).requires_grad_()
+    u0, v0 = vec_pair(weight, 0, gen)
+    grad_out = randn(weight.shape, gen, torch.float32, device)
+    results = []
+    for compiled in (False, True):
+        u, v = u0.clone(), v0.clone()
+        sigma_buf, sem = torch.full((), NAN, device=device), ops.new_semaphore(device)
+
+        def read(w):
+            return ops.spectral_norm_fused(w, u, v, sigma_buf, sem)
+
+        out = (torch.compile(read, fullgraph=True, backend="eager") if compiled else read)(weight)
+        (grad,) = torch.autograd.grad(out, weight, grad_out)
+        results.append((out.detach(), u, v, sigma_buf, grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_six_dim_weight_layout_is_judged_for_its_own_dim(device, gen):

@@ -25,6 +25,7 @@ import pickle
 import zlib
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1298,6 +1299,45 @@ def test_semaphore_written_by_torch_code_is_made_anew(how, device, seed):
         assert_uv_close(ours, ref, torch.float32)
         sem = par(ours)._sem
         assert sem.dtype == torch.int32 and (not sem.any() or not fused), sem
+
+
+ARGUMENT_TYPES = {  # what PyTorch's SN takes besides Python ints and floats (range(n), clamp_min(eps))
+    "n_numpy_int": dict(n_power_iterations=np.int64(2)),
+    "n_bool": dict(n_power_iterations=True),
+    "n_tensor": dict(n_power_iterations=torch.tensor(2)),
+    "eps_numpy_float32": dict(eps=np.float32(1e-3)),
+    "eps_numpy_float64": dict(eps=np.float64(1e-3)),
+    "eps_int": dict(eps=0),
+    "eps_tensor": dict(eps=torch.tensor(1e-3)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(ARGUMENT_TYPES))
+def test_argument_types_pytorch_takes(case, device, seed):
+    """``n_power_iterations`` and ``eps`` of the types PyTorch's SN takes read as there, train and
+    eval, also after the argument changes (found in review: numpy scalars and tensors were
+    refused on the kernel path, so a model that ran on a CPU failed on a GPU)."""
+    ref, ours, make_x = make_pair("conv2d", seed, device=device, **ARGUMENT_TYPES[case])
+    x = make_x()
+    for step in range(3):
+        if step == 2:  # a new value of the same type
+            for m in (ref, ours):
+                for name, value in ARGUMENT_TYPES[case].items():
+                    setattr(par(m), name, value * 2)
+        ref.train(step != 1)
+        ours.train(step != 1)
+        assert_close(ours(x), ref(x), msg=f"step {step}")
+        assert_uv_close(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float_count_is_pytorchs_type_error(device, seed):
+    """``n_power_iterations=2.0``: PyTorch's ``range(2.0)`` raises at the registration read, a
+    TypeError; so does ours (it was a ValueError on the kernel path)."""
+    for register in (torch_sn, sn):
+        with pytest.raises(TypeError, match="'float' object cannot be interpreted as an integer"):
+            register(nn.Linear(7, 5, device=device), n_power_iterations=2.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -717,6 +717,11 @@ def spectral_norm_fwd_kernel(
     part_s_ws = tpart_ws + G * N
     part_t_ws = part_s_ws + G
     flag_ws = part_t_ws + 3 * G  # after part_nf, part_ts; phase-by-phase mode: PHASE_FIX_T's decision
+    # eps as PyTorch's clamp_min uses it: a scalar of the norm's dtype, the weight's (a double
+    # goes to half and bfloat16 through float, as c10 converts it). 1e-12 is 0 in float16, so
+    # an all-zero float16 weight gives NaN u and v (0/0), as PyTorch's SN does.
+    if w_ptr.dtype.element_ty != tl.float64:
+        eps = tl.cast(tl.cast(tl.cast(eps, tl.float32), w_ptr.dtype.element_ty), tl.float64)
     one = eps * 0 + 1.0  # a runtime scalar of eps' type; unused as dv when FROM_V
     # The overflow fallback's A^T u pass reads column blocks of at most 256. It is rarely
     # taken, but BLOCK_N-wide tiles there (ROW_IN_TILE: up to 16384 columns) raise the

@@ -821,7 +821,12 @@ def _check_weight(weight: torch.Tensor, dim: int) -> int:
 
 def _check_not_transformed(weight: torch.Tensor) -> None:
     """Refuse a weight under ``torch.func`` transforms or forward-mode AD (``_check_weight``'s;
-    also where ``fused_supported`` has been asked already, which does not look at them)."""
+    also where ``fused_supported`` has been asked already, which does not look at them).
+
+    Not while Dynamo traces: it cannot trace these tests (a ``torch.compile(fullgraph=True)``
+    of the op would break on them), and it handles torch.func around compiled code itself."""
+    if torch.compiler.is_compiling():
+        return
     if _transformed(weight):
         # A kernel cannot read a vmap-batched tensor, and the autograd.Function has no functorch
         # rules; the reference's torch ops run under the transforms as PyTorch's SN does.
@@ -899,8 +904,7 @@ def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
     """Every check of a forward launch (but the weight's ``fused_supported`` ones, if
     ``weight_checked``); returns ``dim`` normalized."""
     if weight_checked:
-        if not torch.compiler.is_compiling():  # (Dynamo cannot trace the test: it handles torch.func itself)
-            _check_not_transformed(weight)
+        _check_not_transformed(weight)
         dim %= weight.ndim  # the layer's is normalized already; a caller's negative dim must be too
         _check_vectors_and_args(weight, u, v, dim, n_power_iterations, eps)
     else:
