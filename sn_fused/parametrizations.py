@@ -5,7 +5,8 @@ Same registration (``torch.nn.utils.parametrize``), same buffers (``_u``,
 15 warm-up iterations), same state_dict keys, same errors. The difference is
 the read: on CUDA (and on CPU under ``TRITON_INTERPRET=1``) one Triton launch
 does the power iteration, sigma and the rescale, and one more does the
-backward. Elsewhere (CPU, complex weights) the pure-PyTorch reference runs.
+backward. Elsewhere (CPU, complex weights, non-contiguous u or v) the pure-PyTorch
+reference runs.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def _new_layer_semaphore(device: torch.device) -> Tensor:
     makes them, as in PyTorch's SN.)"""
     with torch.inference_mode(False):
         return new_semaphore(device)
+
+
+def _strided(vector) -> bool:
+    """A 1-D tensor whose elements are not adjacent (``load_state_dict(assign=True)`` of a slice,
+    say): the kernels update u and v in place as contiguous vectors, so such a layer reads
+    through PyTorch's ops, as PyTorch's SN reads it. (The op refuses it: ``check_inputs``.)"""
+    return isinstance(vector, Tensor) and vector.ndim == 1 and vector.stride(0) != 1
 
 
 def _op_arguments(n_power_iterations, eps) -> tuple:
@@ -173,7 +181,7 @@ class _SpectralNorm(Module):
                     at_rest = False
                 if at_rest:
                     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training)
-        if fused_supported(weight, dim):
+        if fused_supported(weight, dim) and not (_strided(u) or _strided(v)):
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there, and so when a plain
             # weight replaces a wrapper-subclass one (DTensor, TwoTensor); the semaphore also

@@ -479,8 +479,6 @@ BAD_BUFFERS = {
                        r"u is on meta"),
     "v_other_device": (lambda p: setattr(p, "_v", torch.empty(7, device="meta")), RuntimeError,
                        r"v is on meta"),
-    "u_not_contiguous": (lambda p: setattr(p, "_u", torch.randn(10, device=DEVICE)[::2]), ValueError,
-                         r"u must be contiguous"),
 }
 
 

@@ -1028,10 +1028,6 @@ def _u_wrapper_subclass(p, device):
     p._u = two_tensor(p._u.clone())  # same shape, strides, dtype: only the type differs
 
 
-def _v_strided(p, device):
-    p._v = torch.ones(2 * p._v.numel(), device=device)[::2]
-
-
 def _sem_int64(p, device):
     p._sem = torch.zeros(2, dtype=torch.int64, device=device)
 
@@ -1059,7 +1055,7 @@ def _n_float(p, device):
 @pytest.mark.parametrize("change,error", [
     (_swap_u, "u has shape"), (_u_none, "u must be a tensor"), (_resize_u, "u has shape"),
     (_u_data_of_another_dtype, "u has dtype"), (_u_wrapper_subclass, "cannot read u of type TwoTensor"),
-    (_v_strided, "v must be contiguous"), (_sem_int64, "sem must be"), (_sem_none, "sem must be"),
+    (_sem_int64, "sem must be"), (_sem_none, "sem must be"),
     (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_complex, "eps="),
     (_n_float, "'float' object cannot be interpreted as an integer"),  # PyTorch's range(1.0)
 ], ids=lambda x: x.__name__.lstrip("_") if callable(x) else None)

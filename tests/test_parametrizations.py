@@ -1332,6 +1332,27 @@ def test_argument_types_pytorch_takes(case, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["_u", "_v"])
+def test_strided_vectors_read_as_pytorch(name, device, seed):
+    """A non-contiguous u or v (``load_state_dict(assign=True)`` of slices, say) reads as in
+    PyTorch's SN, train and eval, the strided buffer updated in place (found in review: the
+    kernel path refused it, "u must be contiguous", where PyTorch reads it)."""
+    ref, ours, make_x = make_pair("conv2d", seed, device=device)
+    for m in (ref, ours):
+        vec = getattr(par(m), name)
+        strided = torch.zeros(2 * vec.numel(), device=device)[::2]
+        strided.copy_(vec)
+        setattr(par(m), name, strided)
+    x = make_x()
+    for step in range(3):
+        ref.train(step != 1)
+        ours.train(step != 1)
+        assert_close(ours(x), ref(x), msg=f"step {step}")
+        assert_uv_close(ours, ref, torch.float32)
+        assert getattr(par(ours), name).stride() == (2,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_float_count_is_pytorchs_type_error(device, seed):
     """``n_power_iterations=2.0``: PyTorch's ``range(2.0)`` raises at the registration read, a
     TypeError; so does ours (it was a ValueError on the kernel path)."""
