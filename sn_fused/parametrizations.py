@@ -181,25 +181,25 @@ class _SpectralNorm(Module):
                     at_rest = False
                 if at_rest:
                     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training)
+            if self._normal_own_buffers():
+                sigma_buf, sem = buffers["_sigma"], buffers["_sem"]
         if fused_supported(weight, dim) and not (_strided(u) or _strided(v)):
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there, and so when a plain
             # weight replaces a wrapper-subclass one (DTensor, TwoTensor); the semaphore also
-            # when torch code wrote into it (see _sem_version), and both when torch code made them
-            # inference tensors (a deepcopy inside torch.inference_mode(): no version counter,
-            # and no in-place logging after the block; see _new_layer_semaphore). (Anything else
-            # wrong with them is for the op's checks to say: an AttributeError here would surface
-            # as "no attribute 'weight'", parametrize's property being a property.)
+            # when torch code wrote into it (see _sem_version). (Anything else wrong with them
+            # is for the op's checks to say: an AttributeError here would surface as "no
+            # attribute 'weight'", parametrize's property being a property.)
             remade = False
             if isinstance(sem, Tensor):
                 if (sem.device != weight.device or not _plain_tensor(sem)
-                        or (not compiling and (sem.is_inference() or sem._version != self._sem_version))):
+                        or (not compiling and sem._version != self._sem_version)):  # written by torch code
                     sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
                     remade = True
                 if not compiling:
                     self._sem_version = sem._version
-            if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device or not _plain_tensor(sigma_buf)
-                                                  or (not compiling and sigma_buf.is_inference())):
+            if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device
+                                                  or not _plain_tensor(sigma_buf)):
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(weight, sigma_buf.dtype)
                 remade = True
             n_arg, eps_arg = _op_arguments(n_power_iterations, eps)
@@ -228,14 +228,8 @@ class _SpectralNorm(Module):
             eps=self.eps, training=self.training)
         sigma = sigma.real if sigma.is_complex() else sigma
         if not transformed:
-            sigma_buf = buffers["_sigma"]
-            if (not torch.compiler.is_compiling() and sigma_buf.is_inference()
-                    and not torch.is_inference_mode_enabled()):
-                # Made an inference tensor by torch code (a deepcopy inside inference_mode), which
-                # refuses in-place writes outside the block: a normal one instead.
-                sigma_buf = buffers["_sigma"] = _new_sigma_buffer(sigma_buf, sigma_buf.dtype)
             with torch.no_grad():
-                sigma_buf.copy_(sigma)
+                buffers["_sigma"].copy_(sigma)
             return weight_sn
         sigma = None if torch.compiler.is_compiling() else _unwrap_functorch(sigma.detach())
         if sigma is not None:
@@ -253,19 +247,39 @@ class _SpectralNorm(Module):
         # could leave a barrier early, a wrong result without a word. Zero is a rest state,
         # so writing it after any _apply is safe (kernels on the stream come before it).
         super()._apply(fn, recurse)
+        self._normal_own_buffers()  # (inside inference_mode, _apply makes inference tensors)
         sem = self._buffers.get("_sem")
         if isinstance(sem, Tensor):
-            if _plain_tensor(sem) and sem.dtype == torch.int32 and not sem.is_inference():
+            if _plain_tensor(sem) and sem.dtype == torch.int32:
                 with torch.no_grad():
                     sem.zero_()
-            else:  # Module.type() casts integer buffers too; inside inference_mode, an inference tensor
+            else:  # Module.type() casts integer buffers too
                 sem = self._buffers["_sem"] = _new_layer_semaphore(sem.device)
             self._sem_version = sem._version
-        sigma_buf = self._buffers.get("_sigma")
-        if isinstance(sigma_buf, Tensor) and sigma_buf.is_inference():  # (see _new_sigma_buffer)
-            with torch.inference_mode(False):
-                self._buffers["_sigma"] = sigma_buf.clone()
         return self
+
+    def _normal_own_buffers(self) -> bool:
+        """Make ``_sem`` and ``_sigma`` normal tensors again where torch code made them inference
+        tensors (``deepcopy`` or ``to()`` inside ``torch.inference_mode()``); whether it did.
+
+        An inference tensor has no version counter (``_sem_version``) and refuses in-place
+        writes after the block (the reference path's logging of sigma). The semaphore is made
+        anew, at rest; sigma keeps its value. Not while Dynamo traces (as the checks of
+        ``_sem_version``: host state, which eager reads see to)."""
+        if torch.compiler.is_compiling():
+            return False
+        buffers = self._buffers
+        sem, sigma_buf = buffers.get("_sem"), buffers.get("_sigma")
+        remade = False
+        if isinstance(sem, Tensor) and sem.is_inference():
+            sem = buffers["_sem"] = _new_layer_semaphore(sem.device)
+            self._sem_version = sem._version
+            remade = True
+        if isinstance(sigma_buf, Tensor) and sigma_buf.is_inference():
+            with torch.inference_mode(False):
+                buffers["_sigma"] = sigma_buf.clone()
+            remade = True
+        return remade
 
     def right_inverse(self, value: Tensor) -> Tensor:
         # we may want to assert here that the passed value already
