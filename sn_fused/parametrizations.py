@@ -5,7 +5,7 @@ Same registration (``torch.nn.utils.parametrize``), same buffers (``_u``,
 15 warm-up iterations), same state_dict keys, same errors. The difference is
 the read: on CUDA (and on CPU under ``TRITON_INTERPRET=1``) one Triton launch
 does the power iteration, sigma and the rescale, and one more does the
-backward. Elsewhere (CPU, complex weights, non-contiguous u or v) the pure-PyTorch
+backward. Elsewhere (CPU, complex weights, u or v the kernels cannot take) the pure-PyTorch
 reference runs.
 """
 
@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from .ops import fused_supported, new_semaphore, spectral_norm_fused
-from .ops.spectral_norm import _input_signature, _plain_tensor, _spectral_norm_checked
+from .ops.spectral_norm import _input_signature, _plain_tensor, _spectral_norm_checked, _vectors_error
 
 __all__ = ["spectral_norm", "_SpectralNorm"]
 
@@ -52,20 +52,16 @@ def _new_layer_semaphore(device: torch.device) -> Tensor:
         return new_semaphore(device)
 
 
-def _strided(vector) -> bool:
-    """A 1-D tensor whose elements are not adjacent (``load_state_dict(assign=True)`` of a slice,
-    say): the kernels update u and v in place as contiguous vectors, so such a layer reads
-    through PyTorch's ops, as PyTorch's SN reads it. (The op refuses it: ``check_inputs``.)"""
-    return isinstance(vector, Tensor) and vector.ndim == 1 and vector.stride(0) != 1
-
-
 def _op_arguments(n_power_iterations, eps) -> tuple:
     """``n_power_iterations`` and ``eps`` as the fused op takes them (an ``int``, a ``float``),
     from whatever PyTorch's SN reads as such: numpy scalars, one-element tensors, a bool count
     (its ``range(n)`` and ``clamp_min(eps)``). What ``range`` refuses raises its TypeError, as
-    in PyTorch; the op's checks see to the rest (a negative count, a non-finite eps)."""
+    in PyTorch, and a negative count runs no iteration there: 0 here. The op's checks see to
+    the rest (a non-finite eps)."""
     if type(n_power_iterations) is not int:
         n_power_iterations = operator.index(n_power_iterations)
+    if n_power_iterations < 0:
+        n_power_iterations = 0
     if not isinstance(eps, (float, torch.SymFloat)) and _real_scalar(eps):
         eps = float(eps)
     return n_power_iterations, eps
@@ -183,7 +179,10 @@ class _SpectralNorm(Module):
                     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training)
             if self._normal_own_buffers():
                 sigma_buf, sem = buffers["_sigma"], buffers["_sem"]
-        if fused_supported(weight, dim) and not (_strided(u) or _strided(v)):
+        if fused_supported(weight, dim) and _vectors_error(weight, u, v, dim % weight.ndim) is None:
+            # (u or v the kernels cannot take -- not contiguous, resized, replaced, of another dtype
+            # or device -- reads through PyTorch's ops below, which do what PyTorch's SN does with
+            # it: resize it with torch's warning, or raise torch's error.)
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there, and so when a plain
             # weight replaces a wrapper-subclass one (DTensor, TwoTensor); the semaphore also
@@ -223,9 +222,15 @@ class _SpectralNorm(Module):
         ``_sigma`` is not written under ``torch.compile``, whose tracing of the transforms
         has no way around their refusal of the write)."""
         buffers = self._buffers
+        if self.training:
+            # PyTorch's _power_method, assignments included: ``self._u = F.normalize(..., out=self._u)``
+            # gives back the same tensors (resized where they did not fit), or new ones for None.
+            u, v = reference.power_method_(reference.reshape_weight_to_matrix(weight, self.dim),
+                                           buffers["_u"], buffers["_v"], self.n_power_iterations, self.eps)
+            if u is not buffers["_u"] or v is not buffers["_v"]:
+                self._u, self._v = u, v
         weight_sn, sigma = reference.spectral_norm_reference(
-            weight, buffers["_u"], buffers["_v"], dim=self.dim, n_power_iterations=self.n_power_iterations,
-            eps=self.eps, training=self.training)
+            weight, buffers["_u"], buffers["_v"], dim=self.dim, eps=self.eps, training=False)
         sigma = sigma.real if sigma.is_complex() else sigma
         if not transformed:
             with torch.no_grad():

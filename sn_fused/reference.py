@@ -42,17 +42,22 @@ def reshape_weight_to_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def power_method_(weight_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                  n_power_iterations: int, eps: float) -> None:
+def power_method_(weight_mat: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor,
+                  n_power_iterations: int, eps: float) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Run ``n_power_iterations`` of the power method, updating ``u`` and ``v`` IN PLACE.
 
     In place matters: ``DataParallel`` replica 0 shares the buffers' storage
     with the parallelized module, so an assignment would lose the update.
     Note the old ``u`` is never read: ``u = normalize(A v)``.
+
+    Returns ``(u, v)`` as PyTorch's ``_power_method`` assigns them back to its buffers
+    (``self._u = F.normalize(..., out=self._u)``): the same tensors, resized (with torch's
+    warning) where their shape was not ``A``'s, or new ones where a buffer was None.
     """
     for _ in range(n_power_iterations):
-        F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps, out=u)
-        F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=eps, out=v)
+        u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps, out=u)
+        v = F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=eps, out=v)
+    return u, v
 
 
 def spectral_norm_reference(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *,
@@ -66,7 +71,7 @@ def spectral_norm_reference(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     """
     weight_mat = reshape_weight_to_matrix(weight, dim)
     if training:
-        power_method_(weight_mat, u, v, n_power_iterations, eps)
+        u, v = power_method_(weight_mat, u, v, n_power_iterations, eps)
     u = u.clone(memory_format=torch.contiguous_format)
     v = v.clone(memory_format=torch.contiguous_format)
     sigma = torch.vdot(u, torch.mv(weight_mat, v))

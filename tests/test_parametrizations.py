@@ -947,16 +947,18 @@ def test_n_power_iterations_not_positive(kind, n):
     _assert_untouched(m2)
 
 
+@pytest.mark.parametrize("n", [0, -1, -3])
 @pytest.mark.parametrize("kind", ["linear", "conv2d_dim-1"])
-def test_n_power_iterations_set_to_zero_after_registration(kind, seed):
-    """Refused at registration, but PyTorch reads a layer whose attribute is set to 0 later:
-    u, v stay, sigma = u^T A v from them. Values, u, v and gradients as PyTorch's, training
-    and eval."""
+def test_n_power_iterations_set_to_zero_or_less_after_registration(kind, n, seed):
+    """Refused at registration, but PyTorch reads a layer whose attribute is set to 0 later, or
+    below (its ``range(n)`` is empty): u, v stay, sigma = u^T A v from them. Values, u, v and
+    gradients as PyTorch's, training and eval (found in review: the kernel path refused a
+    negative count)."""
     ref, ours, make_x = make_pair(kind, seed)
     scramble_uv(ref, ours)
     u0 = par(ours)._u.clone()
     for m in (ref, ours):
-        par(m).n_power_iterations = 0
+        par(m).n_power_iterations = n
     for train in (True, False, True):
         for m in (ref, ours):
             m.train(train)

@@ -842,22 +842,9 @@ def _check_not_transformed(weight: torch.Tensor) -> None:
 def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
                             n_power_iterations, eps) -> None:
     """``check_inputs`` past the weight: u, v, n_power_iterations, eps (``dim`` normalized)."""
-    m = weight.shape[dim]
-    for name, vec, length in (("u", u, m), ("v", v, weight.numel() // m)):
-        if not isinstance(vec, torch.Tensor):
-            raise TypeError(f"spectral_norm: {name} must be a tensor, got {type(vec).__name__}")
-        if not _plain_tensor(vec):
-            raise TypeError(f"spectral_norm: the fused kernels cannot read {name} of type "
-                            f"{type(vec).__name__} (a wrapper tensor subclass) for a {type(weight).__name__} "
-                            f"weight")
-        if vec.ndim != 1 or vec.shape[0] != length:
-            raise ValueError(f"spectral_norm: {name} has shape {tuple(vec.shape)}, expected ({length},)")
-        if vec.dtype != weight.dtype:
-            raise TypeError(f"spectral_norm: {name} has dtype {vec.dtype}, the weight {weight.dtype}")
-        if vec.device != weight.device:
-            raise RuntimeError(f"spectral_norm: {name} is on {vec.device}, the weight on {weight.device}")
-        if vec.stride(0) != 1:
-            raise ValueError(f"spectral_norm: {name} must be contiguous")
+    error = _vectors_error(weight, u, v, dim)
+    if error is not None:
+        raise error
     # 0 is a read: PyTorch's SN refuses it when registered, but a layer whose attribute is set
     # to 0 afterwards reads sigma from the stored u, v (its power method's loop runs 0 times).
     if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
@@ -866,6 +853,29 @@ def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     # (not math.isfinite: Dynamo cannot call it on the SymFloat that dynamic=True makes of eps)
     if not isinstance(eps, (int, float)) or not -math.inf < eps < math.inf or eps < 0:
         raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
+
+
+def _vectors_error(weight: torch.Tensor, u, v, dim: int) -> Exception | None:
+    """What the checks raise for u and v of this weight (``dim`` normalized), or None if the
+    kernels can take them: contiguous vectors of ``A``'s height and width, of the weight's
+    dtype and device. (The layer reads through PyTorch's ops where they cannot.)"""
+    m = weight.shape[dim]
+    for name, vec, length in (("u", u, m), ("v", v, weight.numel() // m)):
+        if not isinstance(vec, torch.Tensor):
+            return TypeError(f"spectral_norm: {name} must be a tensor, got {type(vec).__name__}")
+        if not _plain_tensor(vec):
+            return TypeError(f"spectral_norm: the fused kernels cannot read {name} of type "
+                             f"{type(vec).__name__} (a wrapper tensor subclass) for a {type(weight).__name__} "
+                             f"weight")
+        if vec.ndim != 1 or vec.shape[0] != length:
+            return ValueError(f"spectral_norm: {name} has shape {tuple(vec.shape)}, expected ({length},)")
+        if vec.dtype != weight.dtype:
+            return TypeError(f"spectral_norm: {name} has dtype {vec.dtype}, the weight {weight.dtype}")
+        if vec.device != weight.device:
+            return RuntimeError(f"spectral_norm: {name} is on {vec.device}, the weight on {weight.device}")
+        if vec.stride(0) != 1:
+            return ValueError(f"spectral_norm: {name} must be contiguous")
+    return None
 
 
 def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
