@@ -24,6 +24,7 @@ tiny kernel on an H100's host, ``kernel_sweep --profile``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 from unittest import mock
@@ -87,15 +88,18 @@ def _rows() -> dict[str, Callable[[], Any]]:
     }
 
 
-def measure(rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, Any]:
-    """``{"us": {row: min us per call}, "spread": {row: median / min}, "kept_runner_calls": n, ...}``."""
+@contextlib.contextmanager
+def stubbed_launches():
+    """Reads inside go down the GPU's eager launch path (``_launch`` keeps a runner per launch
+    signature) with every kept runner a no-op; yields ``[n]``, the count of runner calls (the
+    reads took that path). Needs ``TRITON_INTERPRET=1``: CPU weights take the fused path then."""
     from sn_fused.ops import INTERPRET
     from sn_fused.ops import spectral_norm as ops_mod
 
     if not INTERPRET:
         raise RuntimeError("host_time needs TRITON_INTERPRET=1 (CPU weights take the fused path then)")
 
-    runs = [0]  # calls of the kept runners: the reads went down the eager launch path
+    runs = [0]
 
     def noop_runner(args):
         runs[0] += 1
@@ -107,17 +111,29 @@ def measure(rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, Any]:
     with mock.patch.object(ops_mod, "_KEEP_RUNNERS", True), \
             mock.patch.object(ops_mod, "_launch_uncached", keep_noop_runner), \
             mock.patch.dict(ops_mod._RUNNERS, clear=True):  # (the no-op runners go with it)
-        rows = _rows()
-        times: dict[str, list[float]] = {name: [] for name in rows}
-        for fn in rows.values():  # warm up: plans, caches, the first checked read
+        yield runs
+
+
+def time_rows(rows: dict[str, Callable[[], Any]], rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, list[float]]:
+    """``{row: [us per call, one per round]}``: each row warmed up (plans, caches, the first
+    checked read), then ``calls`` calls per row per round, the rows interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for fn in rows.values():
+        for _ in range(calls):
+            fn()
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
-        for _ in range(rounds):
-            for name, fn in rows.items():
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[name].append((time.perf_counter() - t0) / calls * 1e6)
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return times
+
+
+def measure(rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, Any]:
+    """``{"us": {row: min us per call}, "spread": {row: median / min}, "kept_runner_calls": n, ...}``."""
+    with stubbed_launches() as runs:  # runs: calls of the kept runners (the eager launch path)
+        times = time_rows(_rows(), rounds, calls)
     best = {name: min(ts) for name, ts in times.items()}
     spread = {name: sorted(ts)[len(ts) // 2] / best[name] for name, ts in times.items()}
     return dict(us=best, spread=spread, rounds=rounds, calls=calls, kept_runner_calls=runs[0],
