@@ -180,9 +180,6 @@ class _SpectralNorm(Module):
             if self._normal_own_buffers():
                 sigma_buf, sem = buffers["_sigma"], buffers["_sem"]
         if fused_supported(weight, dim) and _vectors_error(weight, u, v, dim % weight.ndim) is None:
-            # (u or v the kernels cannot take -- not contiguous, resized, replaced, of another dtype
-            # or device -- reads through PyTorch's ops below, which do what PyTorch's SN does with
-            # it: resize it with torch's warning, or raise torch's error.)
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there, and so when a plain
             # weight replaces a wrapper-subclass one (DTensor, TwoTensor); the semaphore also
@@ -214,6 +211,9 @@ class _SpectralNorm(Module):
                     signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
                 self._checked_read = (signature, (dim % weight.ndim, n_arg, eps_arg))
             return weight_sn
+        # Also u or v the kernels cannot take (not contiguous, resized, replaced, of another dtype
+        # or device): PyTorch's ops do with it what PyTorch's SN does, resize it with torch's
+        # warning or raise torch's error.
         return self._reference_read(weight)
 
     def _reference_read(self, weight: Tensor, transformed: bool = False) -> Tensor:

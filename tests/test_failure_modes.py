@@ -459,25 +459,25 @@ def test_bad_registration_raises_before_anything_runs(case, launches):
     assert torch.equal(torch.get_rng_state(), rng), "the failed registration drew random numbers"
 
 
-def _registered(seed, factory=lambda: nn.Linear(7, 5, device=DEVICE)):
-    torch.manual_seed(seed)
-    return sn_fused.spectral_norm(factory())
+def _randn(g, *shape):
+    return torch.randn(*shape, generator=g).to(DEVICE)
 
 
 BAD_BUFFERS = {
-    # name: replace the parametrization's buffer with one the kernels cannot take. PyTorch's SN
-    # resizes a u it writes (out=, with torch's warning), makes one where it is None, and
-    # fails in torch's ops on the rest.
-    "u_too_long": lambda p: setattr(p, "_u", torch.randn(6, device=DEVICE)),
-    "v_too_short": lambda p: setattr(p, "_v", torch.randn(6, device=DEVICE)),
-    "u_2d": lambda p: setattr(p, "_u", p._u[:, None].clone()),
-    "u_none": lambda p: setattr(p, "_u", None),
-    "u_float64": lambda p: setattr(p, "_u", p._u.double()),
-    "v_float16": lambda p: setattr(p, "_v", p._v.half()),
-    "u_other_device": lambda p: setattr(p, "_u", torch.empty(5, device="meta")),
-    "v_other_device": lambda p: setattr(p, "_v", torch.empty(7, device="meta")),
-    "u_strided": lambda p: setattr(p, "_u", torch.stack([p._u, p._u], 1)[:, 0]),
-    "weight_resized": lambda p: None,  # (the weight's .data is replaced: see the test)
+    # name: change(module, generator): give the parametrization a buffer the kernels cannot take
+    # (the generator seeded alike for both modules: the same new values). PyTorch's SN resizes
+    # a u it writes (out=, with torch's warning), makes one where it is None, and fails in
+    # torch's ops on the rest.
+    "u_too_long": lambda m, g: setattr(par(m), "_u", _randn(g, 6)),
+    "v_too_short": lambda m, g: setattr(par(m), "_v", _randn(g, 6)),
+    "u_2d": lambda m, g: setattr(par(m), "_u", par(m)._u[:, None].clone()),
+    "u_none": lambda m, g: setattr(par(m), "_u", None),
+    "u_float64": lambda m, g: setattr(par(m), "_u", par(m)._u.double()),
+    "v_float16": lambda m, g: setattr(par(m), "_v", par(m)._v.half()),
+    "u_other_device": lambda m, g: setattr(par(m), "_u", torch.empty(5, device="meta")),
+    "v_other_device": lambda m, g: setattr(par(m), "_v", torch.empty(7, device="meta")),
+    "u_strided": lambda m, g: setattr(par(m), "_u", torch.stack([par(m)._u, par(m)._u], 1)[:, 0]),
+    "weight_resized": lambda m, g: setattr(orig(m), "data", _randn(g, 6, 7)),  # u no longer fits
 }
 
 
@@ -506,10 +506,7 @@ def test_bad_buffers_read_as_pytorch(case, seed, launches):
         par(ours)._v.copy_(par(ref)._v)
     outcomes = []
     for m in (ref, ours):
-        p = par(m)
-        if case == "weight_resized":
-            orig(m).data = torch.randn(6, 7, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-        BAD_BUFFERS[case](p)
+        BAD_BUFFERS[case](m, torch.Generator().manual_seed(seed))
         n_launch = launches.total
         outcomes.append(_read_outcome(m))
         assert launches.total == n_launch, "a kernel ran"
