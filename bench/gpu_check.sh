@@ -19,6 +19,9 @@
 #                            warm-up alone on an H100; each step prints its warm-up when it ends,
 #                            and each (model, mode) group its ms/step once its steps are timed)
 #
+# Since session 12 the call also builds sn_fused._C (in the background, during the GPU tests),
+# runs tests/test_cpp_read.py and tests/test_gpu.py through it, and times the kernel table once
+# more with SN_FUSED_CPP=0 (~35 s): ~1-1.5 min more in all (a guess: not yet run on a GPU).
 # Sizes seen on an H100 (2026-11-26, session 8, `final` with a baseline): GPU tests 76 s, layer
 # corners 31 s, kernel table + sweeps + probes ~100 s, baseline table ~35 s, --quick 119 s:
 # 365 s in all, plus ~30 s to start the machine. Session 9, the same plus a knob sweep of two
@@ -46,9 +49,24 @@ trap pack EXIT
   python3 -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
 
+# The C++ read (sn_fused._C, csrc/) builds against this machine's torch in the background (one
+# core, ~1-2 min) while the kernel tests run on the Python read path; it is moved into place in
+# one rename, so no test process can import half a file. Everything after the wait takes it.
+rm -f sn_fused/_C.*.so
+( SN_FUSED_BUILD_CPP=1 timeout 300 python3 setup.py -q build_ext -b "$W/cpp" -t "$W/cpp_tmp" \
+    && so=$(ls "$W"/cpp/sn_fused/_C.*.so) && cp "$so" "sn_fused/.tmp_C.so" \
+    && mv "sn_fused/.tmp_C.so" "sn_fused/$(basename "$so")" ) > "$OUT/build_cpp.log" 2>&1 &
+build_pid=$!
+
 echo "== GPU tests"
 timeout 200 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --timeout=150 \
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
+echo "== sn_fused._C build"
+wait $build_pid || { status=1; tail -20 "$OUT/build_cpp.log"; }
+python3 -c "from sn_fused.ops import spectral_norm as s; print('C++ read:', s.CPP_READS)" 2>&1 | tee -a "$OUT/build_cpp.log"
+# The GPU tests again, now through the C++ read (CUDA graphs, streams, compile parity, ...).
+timeout 150 python3 -m pytest tests/test_cpp_read.py tests/test_gpu.py -q -n 8 --timeout=120 -p no:cacheprovider \
+  -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/gpu_tests.log" || status=1
 # The layer's corners on CUDA: double backward, torch.func, forward AD, export, compile, jit.trace,
 # the semaphore after to_empty() and after torch code wrote into it.
 timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=100 -p no:cacheprovider \
@@ -67,6 +85,10 @@ if [ "$mode" != bench ]; then
     (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --no-torch --profile) 2>&1 \
       | tee "$OUT/kernel_sweep-baseline.log" || status=1
   fi
+  # This checkout's reads without the C++ read: its A/B on the same card (eager rows, host profile).
+  echo "== kernel table, SN_FUSED_CPP=0 (sn_fused only)"
+  SN_FUSED_CPP=0 timeout 120 python3 -m bench.kernel_sweep --no-torch --profile 2>&1 \
+    | tee "$OUT/kernel_sweep-python-read.log" || status=1
 fi
 
 echo "== python -m bench --quick"

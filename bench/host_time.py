@@ -16,6 +16,9 @@ checks, the allocations, autograd -- next to what any per-layer design pays:
   which is what that getter costs;
 * **no SN**: a view of a plain weight.
 
+Where the C++ read (``sn_fused._C``) is built, the sn_fused rows take it, as layers do, and
+each comes again as ", Python path" with it switched off (``ops.spectral_norm.CPP_READS``).
+
 "+ backward" adds ``torch.autograd.backward`` of the read (the gradient accumulates in
 ``.grad``). Each number is the minimum over interleaved rounds, so a busy machine shows
 as spread, not as a shift of one row. A real read adds the launch itself (~7 us per
@@ -64,6 +67,7 @@ def _rows() -> dict[str, Callable[[], Any]]:
     from torch import nn
 
     import sn_fused
+    from sn_fused.ops import spectral_norm as ops_mod
 
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
         torch.manual_seed(0)
@@ -77,10 +81,23 @@ def _rows() -> dict[str, Callable[[], Any]]:
         with torch.no_grad():
             return fused.weight
 
-    return {
+    def python_path(read):  # the same read with the C++ read (sn_fused._C) switched off
+        def call():
+            ops_mod.CPP_READS = False
+            try:
+                return read()
+            finally:
+                ops_mod.CPP_READS = True
+        return call
+
+    rows = {
         "sn_fused read": lambda: fused.weight,
         "sn_fused read + backward": lambda: torch.autograd.backward(fused.weight, grad),
         "sn_fused read, no_grad": no_grad_read,
+    }
+    if ops_mod.CPP_READS:
+        rows.update({f"{name}, Python path": python_path(read) for name, read in list(rows.items())})
+    return rows | {
         "floor read": lambda: floor.weight,
         "floor read + backward": lambda: torch.autograd.backward(floor.weight, grad),
         "floor read, torch's getter": lambda: floor_torch_getter.weight,
@@ -108,10 +125,15 @@ def stubbed_launches():
         if key is not None:  # (None: a call the GPU does not keep a runner for either)
             ops_mod._RUNNERS[key] = noop_runner
 
-    with mock.patch.object(ops_mod, "_KEEP_RUNNERS", True), \
-            mock.patch.object(ops_mod, "_launch_uncached", keep_noop_runner), \
-            mock.patch.dict(ops_mod._RUNNERS, clear=True):  # (the no-op runners go with it)
-        yield runs
+    # (Prepared C++ reads keep the runners they were given: none made inside outlives the block.)
+    ops_mod._forget_prepared_reads()
+    try:
+        with mock.patch.object(ops_mod, "_KEEP_RUNNERS", True), \
+                mock.patch.object(ops_mod, "_launch_uncached", keep_noop_runner), \
+                mock.patch.dict(ops_mod._RUNNERS, clear=True):  # (the no-op runners go with it)
+            yield runs
+    finally:
+        ops_mod._forget_prepared_reads()
 
 
 def time_rows(rows: dict[str, Callable[[], Any]], rounds: int = ROUNDS, calls: int = CALLS) -> dict[str, list[float]]:
@@ -147,7 +169,7 @@ def format_lines(result: dict[str, Any]) -> list[str]:
     us = result["us"]
     lines = [f"Host time per layer read, kernel launches stubbed out (min of {result['rounds']} rounds; "
              f"median/min up to {max(result['spread'].values()):.2f}):"]
-    lines += [f"  {name:<26} {value:7.1f} us" for name, value in us.items()]
+    lines += [f"  {name:<38} {value:7.1f} us" for name, value in us.items()]
     lines.append(f"  sn_fused over the floor: {us['sn_fused read'] - us['floor read']:.1f} us per read, "
                  f"{us['sn_fused read + backward'] - us['floor read + backward']:.1f} us with its backward")
     return lines

@@ -26,7 +26,8 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from .ops import fused_supported, new_semaphore, spectral_norm_fused
-from .ops.spectral_norm import _input_signature, _plain_tensor, _spectral_norm_checked, _vectors_error
+from .ops.spectral_norm import (_input_signature, _plain_tensor, _PreparedReads, _spectral_norm_checked,
+                                _vectors_error)
 
 __all__ = ["spectral_norm", "_SpectralNorm"]
 
@@ -89,9 +90,9 @@ class _SpectralNorm(Module):
       ``to()``, ``to_empty()`` and the like (``_apply``).
     """
 
-    #: ``(_input_signature(...), (dim in [0, ndim), n_power_iterations, eps))`` of the last read
-    #: whose inputs passed the fused path's checks, with the op's arguments made from them
-    #: (``_op_arguments``); reads with the same signature skip both. A class attribute, so
+    #: ``(_input_signature(...), (dim in [0, ndim), n_power_iterations, eps), _PreparedReads())``
+    #: of the last read whose inputs passed the fused path's checks, with the op's arguments
+    #: made from them (``_op_arguments``); reads with the same signature skip both. A class attribute, so
     #: instances made without ``__init__`` (``sn_fused.convert``) start unchecked too.
     _checked_read = None
     #: ``_sem._version`` when this layer last made the semaphore or put it at rest. The kernels'
@@ -176,7 +177,8 @@ class _SpectralNorm(Module):
                 except RuntimeError:  # an inference tensor has no version (see below)
                     at_rest = False
                 if at_rest:
-                    return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training)
+                    return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training,
+                                                  checked[2])
             if self._normal_own_buffers():
                 sigma_buf, sem = buffers["_sigma"], buffers["_sem"]
         if fused_supported(weight, dim) and _vectors_error(weight, u, v, dim % weight.ndim) is None:
@@ -209,7 +211,8 @@ class _SpectralNorm(Module):
                 # made meanwhile by another thread is checked next time): skip them while it holds.
                 if remade:
                     signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
-                self._checked_read = (signature, (dim % weight.ndim, n_arg, eps_arg))
+                # (_PreparedReads: where the C++ read keeps its prepared launches for these inputs.)
+                self._checked_read = (signature, (dim % weight.ndim, n_arg, eps_arg), _PreparedReads())
             return weight_sn
         # Also u or v the kernels cannot take (not contiguous, resized, replaced, of another dtype
         # or device): PyTorch's ops do with it what PyTorch's SN does, resize it with torch's

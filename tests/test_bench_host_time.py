@@ -16,6 +16,7 @@ def test_host_time_measures_and_restores_the_launcher():
     from bench import host_time
 
     launch, launch_uncached, keep, runners = snm._launch, snm._launch_uncached, snm._KEEP_RUNNERS, dict(snm._RUNNERS)
+    cpp_reads = snm.CPP_READS
     if not INTERPRET:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             host_time.measure(rounds=1, calls=1)
@@ -26,7 +27,8 @@ def test_host_time_measures_and_restores_the_launcher():
     # (read, read + backward, no_grad read), through a kept runner but for the first forward and
     # the first backward, which make them: the timed path is the GPU's eager one.
     assert result["kept_runner_calls"] >= 3 * 3 * 4 - 2, result["kept_runner_calls"]
-    assert (snm._launch, snm._launch_uncached, snm._KEEP_RUNNERS) == (launch, launch_uncached, keep)
+    assert (snm._launch, snm._launch_uncached, snm._KEEP_RUNNERS, snm.CPP_READS) == (
+        launch, launch_uncached, keep, cpp_reads)
     assert snm._RUNNERS == runners  # its no-op runners are gone
     # ... and a read after it launches the kernel again: PyTorch's numbers (a kept no-op runner
     # would leave the output as allocated).
@@ -39,9 +41,11 @@ def test_host_time_measures_and_restores_the_launcher():
     w = m.parametrizations.weight.original.detach()
     expected, _ = reference.spectral_norm_reference(w.double(), p._u.double(), p._v.double())
     torch.testing.assert_close(m.weight.double(), expected, rtol=1e-5, atol=1e-6)
-    assert set(result["us"]) == {"sn_fused read", "sn_fused read + backward", "sn_fused read, no_grad",
-                                 "floor read", "floor read + backward", "floor read, torch's getter",
-                                 "no SN: view + backward"}
+    sn_rows = {"sn_fused read", "sn_fused read + backward", "sn_fused read, no_grad"}
+    if snm.CPP_READS:  # the C++ read's rows, and each again with it off
+        sn_rows |= {f"{row}, Python path" for row in sn_rows}
+    assert set(result["us"]) == sn_rows | {"floor read", "floor read + backward", "floor read, torch's getter",
+                                           "no SN: view + backward"}
     assert all(math.isfinite(v) and v > 0 for v in result["us"].values()), result
     assert len(host_time.format_lines(result)) == len(result["us"]) + 2
     assert host_time.format_lines(dict(error="RuntimeError: x")) == [

@@ -707,17 +707,23 @@ def test_layer_reads_use_the_kept_workspace(device, gen):
 
     import sn_fused
     m = sn_fused.spectral_norm(torch.nn.Linear(27, 8, device=device))
-    taken = []
-    real_workspace = snm._workspace
+    taken, kept_taken = [], []  # what _workspace returned; what _kept_workspace did
 
-    def spy(plan, out):
-        ws = real_workspace(plan, out)
-        taken.append(ws)
-        return ws
+    def spy(real, record):
+        def call(*args):
+            ws = real(*args)
+            record.append(ws)
+            return ws
+        return call
 
-    with mock.patch.object(snm, "_NO_WORKSPACE", {}) as kept, mock.patch.object(snm, "_workspace", spy):
+    with mock.patch.object(snm, "_NO_WORKSPACE", {}) as kept, \
+            mock.patch.object(snm, "_workspace", spy(snm._workspace, taken)), \
+            mock.patch.object(snm, "_kept_workspace", spy(snm._kept_workspace, kept_taken)):
         m.weight.sum().backward()
-        assert len(taken) == 2 and len(kept) == 1 and all(ws is next(iter(kept.values())) for ws in taken)
+        # (The read's and the backward's from _workspace, or, the C++ read's, when it prepares its
+        # launches, with its backward's: 2 or 3 calls, one tensor.)
+        assert len(kept_taken) >= 2 and len(kept) == 1
+        assert all(ws is next(iter(kept.values())) for ws in kept_taken)
         want = m.weight.detach().clone()
         w, p = m.parametrizations.weight.original, m.parametrizations.weight[0]
         with FakeTensorMode(allow_non_fake_inputs=True):

@@ -1,0 +1,263 @@
+// sn_fused._C: the eager read of an sn_fused layer, with its autograd node, in C++.
+//
+// What it replaces is host time, not GPU time. An eager read in Python (the layer, then
+// sn_fused.ops.spectral_norm._SpectralNormFunction) spends ~10 us of a CPU's time in the
+// Python autograd.Function machinery (apply, ctx, save_for_backward) and ~10 more in the
+// forward body (plan lookup, two torch.empty, the runner key, the argument tuple), per read,
+// around one kernel launch of a few microseconds; its backward ~10 us in the same way. Here
+// the same read is a C++ torch::autograd::Function whose forward allocates the outputs, packs
+// the launch arguments and calls the launch it was prepared with, and whose backward does the
+// same for the backward kernel.
+//
+// What stays in Python, on purpose: every decision. The launch itself is the Python runner
+// sn_fused keeps per compiled kernel (ops.spectral_norm._direct_runner on a GPU), or, when
+// none is kept yet (first read, new alignment, Triton's interpreter), ops' own _launch; so
+// this file holds no CUDA or Triton code and builds against a CPU-only torch. Which reads come
+// here at all is chosen in Python (_spectral_norm_checked): eager, not traced, no torch.func
+// wrapper, no dispatch mode, no Triton launch hooks. A backward the prepared launches do not
+// take (create_graph=True, batched gradients, a gradient of other strides) calls back into
+// ops (_eager_backward), which chooses as the Python Function does.
+//
+// Memory plan: a read allocates W_sn (the weight's strides, at::empty_like with
+// preserve_format, as torch.empty_like) and saved = [v | u | sigma] (M + N + 1 elements,
+// the weight's dtype), its backward dW (the weight's strides); each, where its launch needs
+// one, a workspace (ops._workspace's size and dtype). A launch that touches no workspace gets
+// the tensor ops keeps for it.
+
+// Only what is used (not <torch/extension.h>, all of libtorch's C++ API): builds in ~1/3 the time.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cstdint>
+#include <memory>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+// Hidden, as pybind11's own types are: a class holding py::objects must not be more visible.
+#pragma GCC visibility push(hidden)
+namespace sn_fused {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ops.spectral_norm._eager_backward(grad, weight, saved, sem, dim) -> dW, the backward of every
+// read the prepared backward does not take; and ops.spectral_norm._fast_launches_ok() -> bool.
+// Set once by ops (set_callbacks); leaked on purpose: a static py::object would be released
+// after Python finalized.
+static py::object* backward_callback = nullptr;
+static py::object* fast_launches_ok = nullptr;
+
+void set_callbacks(py::object backward, py::object fast_ok) {
+  if (backward_callback == nullptr) {
+    backward_callback = new py::object();
+    fast_launches_ok = new py::object();
+  }
+  *backward_callback = std::move(backward);
+  *fast_launches_ok = std::move(fast_ok);
+}
+
+// The launches of one kernel for one launch signature (shapes, strides, dtypes, device, flags),
+// prepared by ops (_prepared_launches): what stays the same from call to call, so that a call
+// only packs its tensors in front. Every method runs with the GIL held.
+class PreparedLaunches {
+ public:
+  // The kernel's arguments are: the tensors, with the workspace at ws_index; then scalars;
+  // then tails[i] for launch i (sizes, strides, flags, blocks: the plan's). launches[i](args)
+  // launches it through ops._launch and returns the runner ops kept for it, or None (none
+  // kept: interpreter, launch hooks). workspace: the tensor to pass when ws_numel == 0, else
+  // a 0-element tensor of the workspace's dtype and device to allocate ws_numel elements like.
+  PreparedLaunches(int64_t ws_index, int64_t ws_numel, at::Tensor workspace, py::tuple scalars,
+                   std::vector<py::tuple> tails, std::vector<py::object> launches)
+      : ws_index_(ws_index), ws_numel_(ws_numel), workspace_(std::move(workspace)),
+        scalars_(std::move(scalars)), tails_(std::move(tails)), launches_(std::move(launches)) {
+    TORCH_CHECK(tails_.size() == launches_.size() && !launches_.empty(),
+                "sn_fused: prepared launches need one tail per launch");
+  }
+
+  void run(std::initializer_list<at::Tensor> tensors) {
+    std::vector<at::Tensor> all(tensors);
+    all.insert(all.begin() + ws_index_,
+               ws_numel_ > 0 ? at::empty({ws_numel_}, workspace_.options()) : workspace_);
+    // Triton specializes a pointer argument on its 16-byte alignment: the kept runners are
+    // those of one alignment pattern (ops._launch keys them the same way).
+    uint32_t alignment = 0;
+    const size_t head = all.size() + scalars_.size();
+    std::vector<py::object> objects;
+    objects.reserve(head);
+    for (size_t i = 0; i < all.size(); i++) {
+      if (reinterpret_cast<uintptr_t>(all[i].data_ptr()) % 16 == 0) alignment |= 1u << i;
+      objects.push_back(py::cast(all[i]));
+    }
+    for (auto scalar : scalars_) objects.push_back(py::reinterpret_borrow<py::object>(scalar));
+    // The runners of one alignment pattern, taken and replaced as a whole: a runner call is
+    // Python, during which another thread may read this layer and keep another set.
+    const bool kept = have_runners_ && alignment == alignment_;
+    std::vector<py::object> runners = kept ? runners_ : std::vector<py::object>(launches_.size());
+    bool all_kept = true;
+    for (size_t l = 0; l < launches_.size(); l++) {
+      const py::tuple& tail = tails_[l];
+      py::tuple args(head + tail.size());
+      for (size_t i = 0; i < head; i++) args[i] = objects[i];
+      for (size_t i = 0; i < tail.size(); i++) args[head + i] = tail[i];
+      if (kept) {
+        runners[l](args);
+      } else {
+        runners[l] = launches_[l](args);
+        all_kept = all_kept && !runners[l].is_none();
+      }
+    }
+    if (!kept && all_kept) {  // (a launch that raised kept nothing)
+      runners_ = std::move(runners);
+      alignment_ = alignment;
+      have_runners_ = true;
+    }
+  }
+
+ private:
+  int64_t ws_index_;
+  int64_t ws_numel_;
+  at::Tensor workspace_;
+  py::tuple scalars_;
+  std::vector<py::tuple> tails_;
+  std::vector<py::object> launches_;
+  std::vector<py::object> runners_;
+  bool have_runners_ = false;
+  uint32_t alignment_ = 0;
+};
+
+// One layer's reads for one signature and training flag (ops._prepared_read): the forward's
+// launches and, for incoming gradients with W_sn's strides (autograd's usual), the backward's.
+// Autograd nodes hold it (in a capsule) until their backward ran or the graph is freed.
+struct PreparedRead : torch::CustomClassHolder {
+  PreparedRead(int64_t saved_numel, std::shared_ptr<PreparedLaunches> forward,
+               std::shared_ptr<PreparedLaunches> backward, std::vector<int64_t> grad_strides)
+      : saved_numel(saved_numel), forward(std::move(forward)), backward(std::move(backward)),
+        grad_strides(std::move(grad_strides)) {}
+
+  ~PreparedRead() override {
+    // The last reference may go in autograd's engine thread (a node freed with its graph): the
+    // Python objects inside need the GIL. (None to take once Python is gone: then leak them.)
+    if (!Py_IsInitialized()) {
+      new std::shared_ptr<PreparedLaunches>(std::move(forward));
+      new std::shared_ptr<PreparedLaunches>(std::move(backward));
+      return;
+    }
+    py::gil_scoped_acquire gil;
+    forward.reset();
+    backward.reset();
+  }
+
+  // W_sn and saved = [v | u | sigma]; u, v updated in place (training).
+  std::pair<at::Tensor, at::Tensor> read(const at::Tensor& weight, const at::Tensor& u,
+                                         const at::Tensor& v, const at::Tensor& sigma_buf,
+                                         const at::Tensor& sem) {
+    at::Tensor out = at::empty_like(weight, at::MemoryFormat::Preserve);  // torch.empty_like's
+    at::Tensor saved = at::empty({saved_numel}, weight.options());
+    forward->run({weight, out, u, v, saved, sigma_buf, sem});
+    return {out, saved};
+  }
+
+  // Whether the prepared backward takes this incoming gradient: grad mode off (not
+  // create_graph=True), a plain dense tensor (not vmapped: batched gradients; not a subclass)
+  // with the strides it was prepared for, and ops says its launches may run kept (no dispatch
+  // mode, launch hook or torch.func transform). Else ops._eager_backward decides. GIL held.
+  bool takes(const at::Tensor& grad) const {
+    if (!backward || at::GradMode::is_enabled()) return false;
+    const c10::TensorImpl* impl = grad.unsafeGetTensorImpl();
+    if (typeid(*impl) != typeid(c10::TensorImpl) || impl->key_set().has(c10::DispatchKey::Python)) {
+      return false;
+    }
+    return grad.strides().vec() == grad_strides && fast_launches_ok != nullptr &&
+           (*fast_launches_ok)().cast<bool>();
+  }
+
+  int64_t saved_numel;
+  std::shared_ptr<PreparedLaunches> forward;
+  std::shared_ptr<PreparedLaunches> backward;  // null: none prepared (ops._eager_backward)
+  std::vector<int64_t> grad_strides;
+};
+
+// W_sn = W / sigma with its backward dW = (G - <G, W_sn> u v^T) / sigma.
+// The C++ counterpart of ops.spectral_norm._SpectralNormFunction's eager branches.
+struct SpectralNormFunction : public torch::autograd::Function<SpectralNormFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& u,
+                            const at::Tensor& v, const at::Tensor& sigma_buf, const at::Tensor& sem,
+                            int64_t dim, const c10::intrusive_ptr<PreparedRead>& prepared) {
+    auto [out, saved] = prepared->read(weight, u, v, sigma_buf, sem);
+    ctx->save_for_backward({weight, saved});
+    ctx->saved_data["sem"] = sem;  // not a saved variable: the barrier's counter, never versioned
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["prepared"] = c10::IValue::make_capsule(prepared);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();  // weight, saved
+    const at::Tensor& grad = grads[0];
+    at::Tensor sem = ctx->saved_data["sem"].toTensor();
+    auto prepared = c10::static_intrusive_pointer_cast<PreparedRead>(ctx->saved_data["prepared"].toCapsule());
+    at::Tensor grad_weight;
+    {
+      // The engine runs this without the GIL (a Python Function's node takes it the same way).
+      py::gil_scoped_acquire gil;
+      try {
+        if (prepared->takes(grad)) {
+          grad_weight = at::empty_like(saved[0], at::MemoryFormat::Preserve);
+          prepared->backward->run({grad, saved[0], grad_weight, saved[1], sem});
+        } else {
+          TORCH_CHECK(backward_callback != nullptr, "sn_fused._C: set_callbacks was not called");
+          grad_weight = (*backward_callback)(grad, saved[0], saved[1], sem, ctx->saved_data["dim"].toInt())
+                            .cast<at::Tensor>();
+        }
+      } catch (py::error_already_set& e) {
+        e.restore();  // the Python error itself reaches the caller of backward, as from a PyNode
+        throw python_error();
+      }
+    }
+    // One gradient per forward argument: the weight's, then none for the rest.
+    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+// A read that autograd records (the weight requires grad, grad mode on).
+at::Tensor read(const c10::intrusive_ptr<PreparedRead>& prepared, const at::Tensor& weight,
+                const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma_buf,
+                const at::Tensor& sem, int64_t dim) {
+  return SpectralNormFunction::apply(weight, u, v, sigma_buf, sem, dim, prepared);
+}
+
+// A read with nothing to record (no_grad, or a weight that does not require grad): W_sn only.
+at::Tensor forward(const c10::intrusive_ptr<PreparedRead>& prepared, const at::Tensor& weight,
+                   const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma_buf,
+                   const at::Tensor& sem) {
+  return prepared->read(weight, u, v, sigma_buf, sem).first;
+}
+
+}  // namespace sn_fused
+#pragma GCC visibility pop
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace sn_fused;
+  m.doc() = "sn_fused's eager read in C++ (see csrc/spectral_norm_read.cpp)";
+  // What sn_fused.ops.spectral_norm expects of this module: a build of an older source is refused.
+  m.attr("INTERFACE_VERSION") = 2;
+  py::class_<PreparedLaunches, std::shared_ptr<PreparedLaunches>>(m, "PreparedLaunches")
+      .def(py::init<int64_t, int64_t, at::Tensor, py::tuple, std::vector<py::tuple>, std::vector<py::object>>(),
+           py::arg("ws_index"), py::arg("ws_numel"), py::arg("workspace"), py::arg("scalars"),
+           py::arg("tails"), py::arg("launches"));
+  py::class_<PreparedRead, c10::intrusive_ptr<PreparedRead>>(m, "PreparedRead")
+      .def(py::init([](int64_t saved_numel, std::shared_ptr<PreparedLaunches> forward,
+                       std::shared_ptr<PreparedLaunches> backward, std::vector<int64_t> grad_strides) {
+             return c10::make_intrusive<PreparedRead>(saved_numel, std::move(forward), std::move(backward),
+                                                      std::move(grad_strides));
+           }),
+           py::arg("saved_numel"), py::arg("forward"), py::arg("backward"), py::arg("grad_strides"));
+  m.def("read", &sn_fused::read, "a recorded read: W_sn with its C++ autograd node");
+  m.def("forward", &sn_fused::forward, "a read with nothing to record: W_sn");
+  m.def("set_callbacks", &set_callbacks, "the Python functions the node's backward calls");
+}
