@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <memory>
 #include <typeinfo>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -129,26 +130,35 @@ class PreparedLaunches {
   uint32_t alignment_ = 0;
 };
 
-// One layer's reads for one signature and training flag (ops._prepared_read): the forward's
-// launches and, for incoming gradients with W_sn's strides (autograd's usual), the backward's.
-// Autograd nodes hold it (in a capsule) until their backward ran or the graph is freed.
-struct PreparedRead : torch::CustomClassHolder {
-  PreparedRead(int64_t saved_numel, std::shared_ptr<PreparedLaunches> forward,
-               std::shared_ptr<PreparedLaunches> backward, std::vector<int64_t> grad_strides)
-      : saved_numel(saved_numel), forward(std::move(forward)), backward(std::move(backward)),
-        grad_strides(std::move(grad_strides)) {}
+class PreparedRead;
 
-  ~PreparedRead() override {
-    // The last reference may go in autograd's engine thread (a node freed with its graph): the
-    // Python objects inside need the GIL. (None to take once Python is gone: then leak them.)
-    if (!Py_IsInitialized()) {
-      new std::shared_ptr<PreparedLaunches>(std::move(forward));
-      new std::shared_ptr<PreparedLaunches>(std::move(backward));
-      return;
-    }
-    py::gil_scoped_acquire gil;
-    forward.reset();
-    backward.reset();
+// Every PreparedRead alive, by id. An autograd node keeps only the id of the one it was read
+// with (its saved_data holds ints and tensors, which compiled autograd can collect; a capsule it
+// cannot): the layer owns the PreparedRead, and a node whose PreparedRead is gone (the layer
+// prepared anew, or was freed) calls the Python backward. Used with the GIL held, always:
+// PreparedReads are made and freed by Python objects, and a node's backward takes the GIL first.
+static std::unordered_map<int64_t, PreparedRead*> prepared_reads;
+static int64_t next_prepared_id = 0;
+
+// One layer's reads for one signature and training flag (ops._prepared_read): the forward's
+// launches and, for an incoming gradient with W_sn's strides (autograd's usual), the backward's.
+class PreparedRead {
+ public:
+  PreparedRead(int64_t saved_numel, std::shared_ptr<PreparedLaunches> forward,
+               std::shared_ptr<PreparedLaunches> backward, std::vector<int64_t> weight_strides,
+               std::vector<int64_t> grad_strides)
+      : id(next_prepared_id++), saved_numel_(saved_numel), forward_(std::move(forward)),
+        backward_(std::move(backward)), weight_strides_(std::move(weight_strides)),
+        grad_strides_(std::move(grad_strides)) {
+    prepared_reads[id] = this;
+  }
+  ~PreparedRead() { prepared_reads.erase(id); }
+  PreparedRead(const PreparedRead&) = delete;
+  PreparedRead& operator=(const PreparedRead&) = delete;
+
+  static PreparedRead* find(int64_t id) {
+    auto it = prepared_reads.find(id);
+    return it == prepared_reads.end() ? nullptr : it->second;
   }
 
   // W_sn and saved = [v | u | sigma]; u, v updated in place (training).
@@ -156,61 +166,75 @@ struct PreparedRead : torch::CustomClassHolder {
                                          const at::Tensor& v, const at::Tensor& sigma_buf,
                                          const at::Tensor& sem) {
     at::Tensor out = at::empty_like(weight, at::MemoryFormat::Preserve);  // torch.empty_like's
-    at::Tensor saved = at::empty({saved_numel}, weight.options());
-    forward->run({weight, out, u, v, saved, sigma_buf, sem});
+    at::Tensor saved = at::empty({saved_numel_}, weight.options());
+    forward_->run({weight, out, u, v, saved, sigma_buf, sem});
     return {out, saved};
   }
 
-  // Whether the prepared backward takes this incoming gradient: grad mode off (not
-  // create_graph=True), a plain dense tensor (not vmapped: batched gradients; not a subclass)
-  // with the strides it was prepared for, and ops says its launches may run kept (no dispatch
-  // mode, launch hook or torch.func transform). Else ops._eager_backward decides. GIL held.
-  bool takes(const at::Tensor& grad) const {
-    if (!backward || at::GradMode::is_enabled()) return false;
+  // dW through the prepared backward, or an undefined tensor where it does not take these
+  // inputs: it needs grad mode off (not create_graph=True), a plain dense gradient (not vmapped:
+  // batched gradients; not a subclass) with the strides it was prepared for, the weight as saved
+  // with the strides it was read with (a saved-tensor hook, or .data set meanwhile, may give it
+  // others) and the dtype of the gradient, and ops to say its launches may run kept (no
+  // dispatch mode, launch hook or torch.func transform). Else ops._eager_backward decides.
+  at::Tensor backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& saved,
+                      const at::Tensor& sem) {
+    if (!backward_ || at::GradMode::is_enabled()) return at::Tensor();
     const c10::TensorImpl* impl = grad.unsafeGetTensorImpl();
-    if (typeid(*impl) != typeid(c10::TensorImpl) || impl->key_set().has(c10::DispatchKey::Python)) {
-      return false;
+    if (typeid(*impl) != typeid(c10::TensorImpl) || impl->key_set().has(c10::DispatchKey::Python) ||
+        grad.strides() != c10::IntArrayRef(grad_strides_) ||
+        weight.strides() != c10::IntArrayRef(weight_strides_) ||
+        weight.scalar_type() != grad.scalar_type() || saved.scalar_type() != grad.scalar_type() ||
+        fast_launches_ok == nullptr || !(*fast_launches_ok)().cast<bool>()) {
+      return at::Tensor();
     }
-    return grad.strides().vec() == grad_strides && fast_launches_ok != nullptr &&
-           (*fast_launches_ok)().cast<bool>();
+    at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Preserve);
+    backward_->run({grad, weight, grad_weight, saved, sem});
+    return grad_weight;
   }
 
-  int64_t saved_numel;
-  std::shared_ptr<PreparedLaunches> forward;
-  std::shared_ptr<PreparedLaunches> backward;  // null: none prepared (ops._eager_backward)
-  std::vector<int64_t> grad_strides;
+  const int64_t id;
+
+ private:
+  int64_t saved_numel_;
+  std::shared_ptr<PreparedLaunches> forward_;
+  std::shared_ptr<PreparedLaunches> backward_;  // null: none prepared (ops._eager_backward)
+  std::vector<int64_t> weight_strides_;
+  std::vector<int64_t> grad_strides_;
+};
+
+// u, v, sigma_buf and sem, in one argument: autograd::Function takes each tensor argument for an
+// input of the node, and these need no gradient (the Python Function hides them in a tuple too).
+struct ReadState {
+  at::Tensor u, v, sigma_buf, sem;
 };
 
 // W_sn = W / sigma with its backward dW = (G - <G, W_sn> u v^T) / sigma.
 // The C++ counterpart of ops.spectral_norm._SpectralNormFunction's eager branches.
 struct SpectralNormFunction : public torch::autograd::Function<SpectralNormFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& u,
-                            const at::Tensor& v, const at::Tensor& sigma_buf, const at::Tensor& sem,
-                            int64_t dim, const c10::intrusive_ptr<PreparedRead>& prepared) {
-    auto [out, saved] = prepared->read(weight, u, v, sigma_buf, sem);
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const ReadState& state,
+                            int64_t dim, PreparedRead* prepared) {
+    auto [out, saved] = prepared->read(weight, state.u, state.v, state.sigma_buf, state.sem);
     ctx->save_for_backward({weight, saved});
-    ctx->saved_data["sem"] = sem;  // not a saved variable: the barrier's counter, never versioned
+    ctx->saved_data["sem"] = state.sem;  // not a saved variable: the barrier's counter, never versioned
     ctx->saved_data["dim"] = dim;
-    ctx->saved_data["prepared"] = c10::IValue::make_capsule(prepared);
+    ctx->saved_data["prepared"] = prepared->id;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();  // weight, saved
-    const at::Tensor& grad = grads[0];
     at::Tensor sem = ctx->saved_data["sem"].toTensor();
-    auto prepared = c10::static_intrusive_pointer_cast<PreparedRead>(ctx->saved_data["prepared"].toCapsule());
     at::Tensor grad_weight;
     {
       // The engine runs this without the GIL (a Python Function's node takes it the same way).
       py::gil_scoped_acquire gil;
       try {
-        if (prepared->takes(grad)) {
-          grad_weight = at::empty_like(saved[0], at::MemoryFormat::Preserve);
-          prepared->backward->run({grad, saved[0], grad_weight, saved[1], sem});
-        } else {
+        PreparedRead* prepared = PreparedRead::find(ctx->saved_data["prepared"].toInt());
+        if (prepared != nullptr) grad_weight = prepared->backward(grads[0], saved[0], saved[1], sem);
+        if (!grad_weight.defined()) {
           TORCH_CHECK(backward_callback != nullptr, "sn_fused._C: set_callbacks was not called");
-          grad_weight = (*backward_callback)(grad, saved[0], saved[1], sem, ctx->saved_data["dim"].toInt())
+          grad_weight = (*backward_callback)(grads[0], saved[0], saved[1], sem, ctx->saved_data["dim"].toInt())
                             .cast<at::Tensor>();
         }
       } catch (py::error_already_set& e) {
@@ -219,23 +243,20 @@ struct SpectralNormFunction : public torch::autograd::Function<SpectralNormFunct
       }
     }
     // One gradient per forward argument: the weight's, then none for the rest.
-    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // A read that autograd records (the weight requires grad, grad mode on).
-at::Tensor read(const c10::intrusive_ptr<PreparedRead>& prepared, const at::Tensor& weight,
-                const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma_buf,
-                const at::Tensor& sem, int64_t dim) {
-  return SpectralNormFunction::apply(weight, u, v, sigma_buf, sem, dim, prepared);
+at::Tensor read(PreparedRead& prepared, const at::Tensor& weight, const at::Tensor& u,
+                const at::Tensor& v, const at::Tensor& sigma_buf, const at::Tensor& sem, int64_t dim) {
+  return SpectralNormFunction::apply(weight, ReadState{u, v, sigma_buf, sem}, dim, &prepared);
 }
 
 // A read with nothing to record (no_grad, or a weight that does not require grad): W_sn only.
-at::Tensor forward(const c10::intrusive_ptr<PreparedRead>& prepared, const at::Tensor& weight,
-                   const at::Tensor& u, const at::Tensor& v, const at::Tensor& sigma_buf,
-                   const at::Tensor& sem) {
-  return prepared->read(weight, u, v, sigma_buf, sem).first;
+at::Tensor forward(PreparedRead& prepared, const at::Tensor& weight, const at::Tensor& u,
+                   const at::Tensor& v, const at::Tensor& sigma_buf, const at::Tensor& sem) {
+  return prepared.read(weight, u, v, sigma_buf, sem).first;
 }
 
 }  // namespace sn_fused
@@ -245,18 +266,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sn_fused;
   m.doc() = "sn_fused's eager read in C++ (see csrc/spectral_norm_read.cpp)";
   // What sn_fused.ops.spectral_norm expects of this module: a build of an older source is refused.
-  m.attr("INTERFACE_VERSION") = 2;
+  m.attr("INTERFACE_VERSION") = 3;
   py::class_<PreparedLaunches, std::shared_ptr<PreparedLaunches>>(m, "PreparedLaunches")
       .def(py::init<int64_t, int64_t, at::Tensor, py::tuple, std::vector<py::tuple>, std::vector<py::object>>(),
            py::arg("ws_index"), py::arg("ws_numel"), py::arg("workspace"), py::arg("scalars"),
            py::arg("tails"), py::arg("launches"));
-  py::class_<PreparedRead, c10::intrusive_ptr<PreparedRead>>(m, "PreparedRead")
-      .def(py::init([](int64_t saved_numel, std::shared_ptr<PreparedLaunches> forward,
-                       std::shared_ptr<PreparedLaunches> backward, std::vector<int64_t> grad_strides) {
-             return c10::make_intrusive<PreparedRead>(saved_numel, std::move(forward), std::move(backward),
-                                                      std::move(grad_strides));
-           }),
-           py::arg("saved_numel"), py::arg("forward"), py::arg("backward"), py::arg("grad_strides"));
+  py::class_<PreparedRead>(m, "PreparedRead")
+      .def(py::init<int64_t, std::shared_ptr<PreparedLaunches>, std::shared_ptr<PreparedLaunches>,
+                    std::vector<int64_t>, std::vector<int64_t>>(),
+           py::arg("saved_numel"), py::arg("forward"), py::arg("backward"), py::arg("weight_strides"),
+           py::arg("grad_strides"));
   m.def("read", &sn_fused::read, "a recorded read: W_sn with its C++ autograd node");
   m.def("forward", &sn_fused::forward, "a read with nothing to record: W_sn");
   m.def("set_callbacks", &set_callbacks, "the Python functions the node's backward calls");

@@ -424,3 +424,126 @@ def test_switched_off_by_environment():
     env = dict(os.environ, SN_FUSED_CPP="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "False", out
+
+
+def _pack_contiguous():
+    """A saved-tensor hook that gives each saved tensor back contiguous (as
+    ``save_on_cpu(pin_memory=True)`` does): a weight saved channels-last comes back with
+    other strides."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(memory_format=torch.contiguous_format),
+                                                    lambda t: t)
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", ["saved-tensor hook", "memory format changed"])
+def test_backward_of_a_weight_with_other_strides(case, gen):
+    """The prepared backward was planned for the weight's strides at read time: a weight that
+    comes back from autograd with others (a saved-tensor hook that repacks it; ``.data`` set by
+    ``Module.to(memory_format=...)`` between read and backward) goes to the Python backward,
+    which plans for what it gets: the Python path's gradient, bit for bit. (Found in review:
+    the prepared launch read it with the old strides.)"""
+    results = []
+    for path in ("cpp", "python"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(case.encode()))
+            conv = torch.nn.Conv2d(3, 6, 3, bias=False).to(device=device, memory_format=torch.channels_last)
+            m = sn_fused.spectral_norm(conv)
+        m.weight
+        with python_path() if path == "python" else contextlib.nullcontext():
+            if case == "saved-tensor hook":
+                with _pack_contiguous():
+                    w = m.weight
+                g = torch.ones_like(w)  # (keeps W_sn's channels-last strides)
+            else:
+                w = m.weight
+                g = torch.ones_like(w)
+                m.to(memory_format=torch.contiguous_format)
+            assert g.stride() == w.stride()
+            w.backward(g)
+        results.append(m.parametrizations.weight.original.grad)
+    assert torch.equal(results[0], results[1])
+
+
+@needs_cpp
+def test_compiled_autograd(gen):
+    """A backward under compiled autograd runs the node as an opaque call: its saved data must
+    be what compiled autograd can collect (ints and tensors; found in review: a capsule failed
+    with "unhashable type"). The Python path's gradient, bit for bit."""
+    from torch._dynamo import compiled_autograd
+
+    cpp_layer, py_layer = make_twins("linear", gen)
+    grads = []
+    for m, ctx in ((cpp_layer, contextlib.nullcontext()), (py_layer, python_path())):
+        with ctx:
+            w = m.weight
+            scale = torch.arange(w.numel(), dtype=w.dtype, device=device).view(w.shape)
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                (w * scale).sum().backward()
+        grads.append(m.parametrizations.weight.original.grad)
+        torch._dynamo.reset()
+    assert torch.equal(grads[0], grads[1])
+
+
+@needs_cpp
+def test_node_has_one_input_like_the_python_function(gen):
+    """The node's inputs are the weight's alone (u, v, sigma and the semaphore need no
+    gradient): one next function, and a post-hook that returns one gradient works. (Found in
+    review: they were node inputs too, five of them.)"""
+    cpp_layer, py_layer = make_twins("linear", gen)
+    grads = []
+    for m, ctx in ((cpp_layer, contextlib.nullcontext()), (py_layer, python_path())):
+        with ctx:
+            w = m.weight
+            assert len(w.grad_fn.next_functions) == 1
+            w.grad_fn.register_hook(lambda grad_inputs, grad_outputs: (grad_inputs[0] * 2,))
+            w.backward(torch.ones_like(w))
+        grads.append(m.parametrizations.weight.original.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@needs_cpp
+def test_tensor_subclass_weight_keeps_its_type(gen):
+    """A plain torch.Tensor subclass weight reads through the Python path every time: its W_sn is
+    of its class, as ``torch.empty_like`` makes it (found in review: from the second read on, the
+    C++ read gave a plain tensor)."""
+    m, _ = make_twins("linear", gen)
+    parametrization = m.parametrizations.weight[0]
+    w = m.parametrizations.weight.original.detach().as_subclass(_Subclass).requires_grad_()
+    for _ in range(3):
+        out = parametrization(w)
+        assert type(out) is _Subclass and out.grad_fn.name() == "_SpectralNormFunctionBackward"
+
+
+class _FunctionPassThrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@needs_cpp
+def test_torch_function_mode_takes_the_python_path(gen):
+    """Under a TorchFunctionMode a read goes through the Python path, whose allocations the mode
+    sees (the C++ read's it would not)."""
+    m, _ = make_twins("linear", gen)
+    m.weight
+    with _FunctionPassThrough():
+        w = m.weight
+    assert w.grad_fn.name() == "_SpectralNormFunctionBackward"
+
+
+def test_import_without_the_extension_is_silent(tmp_path):
+    """Where ``sn_fused._C`` is not built (the default ``pip install .``) importing sn_fused says
+    nothing and reads go through the Python path. (Found in review: ``from .. import _C`` inside
+    the importing package raised a plain ImportError, which was reported as a broken build.)"""
+    import shutil
+
+    shutil.copytree(os.path.dirname(sn_fused.__file__), tmp_path / "sn_fused",
+                    ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    code = ("import sys, warnings; warnings.simplefilter('error'); sys.path.insert(0, sys.argv[1]); "
+            "from sn_fused.ops import spectral_norm as s; print(s.CPP_READS, s._cpp, s.__file__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "None", str(tmp_path / "sn_fused" / "ops" / "spectral_norm.py")], out
