@@ -6,7 +6,7 @@
 #    may pull a multi-GB CUDA build), triton 3.6.0 (what the GPU machines run; its
 #    interpreter needs numpy < 2.3), then this project with its extras.
 # Either way the C++ read (sn_fused._C, csrc/) is then built in place against that torch (a
-# C++ compiler is needed; ~2 min on 2 cores, once: later runs find it up to date).
+# C++ compiler is needed; ~1-1.5 min on 2 cores, once: later runs find it up to date).
 # SN_FUSED_BUILD_CPP=0 skips it: layers then read through the Python path.
 if [ -n "${SN_FUSED_PYTHON:-}" ]; then
   VPY=$SN_FUSED_PYTHON

@@ -111,26 +111,39 @@ def stubbed_launches():
     signature) with every kept runner a no-op; yields ``[n]``, the count of runner calls (the
     reads took that path). Needs ``TRITON_INTERPRET=1``: CPU weights take the fused path then."""
     from sn_fused.ops import INTERPRET
-    from sn_fused.ops import spectral_norm as ops_mod
 
     if not INTERPRET:
         raise RuntimeError("host_time needs TRITON_INTERPRET=1 (CPU weights take the fused path then)")
+    with kept_runners() as runs:
+        yield runs
+
+
+@contextlib.contextmanager
+def kept_runners(launch: Callable | None = None):
+    """``_launch`` keeps a runner per launch signature, as on a GPU, on any device: the first
+    launch of a signature makes it, later ones call it. A runner (and that first launch) calls
+    ``launch(kernel, grid, cfg, cooperative, args)``, or nothing when ``launch`` is None (the
+    launch stubbed out). Yields ``[n]``, the count of kept-runner calls. The runners, and the
+    prepared C++ reads that keep them, are gone after the block."""
+    from sn_fused.ops import spectral_norm as ops_mod
 
     runs = [0]
 
-    def noop_runner(args):
-        runs[0] += 1
-
-    def keep_noop_runner(kernel, grid, args, cfg, cooperative, key, out):
+    def keep_runner(kernel, grid, args, cfg, cooperative, key, out):
+        def runner(args):
+            runs[0] += 1
+            if launch is not None:
+                launch(kernel, grid, cfg, cooperative, args)
         if key is not None:  # (None: a call the GPU does not keep a runner for either)
-            ops_mod._RUNNERS[key] = noop_runner
+            ops_mod._RUNNERS[key] = runner
+        if launch is not None:
+            launch(kernel, grid, cfg, cooperative, args)
 
-    # (Prepared C++ reads keep the runners they were given: none made inside outlives the block.)
     ops_mod._forget_prepared_reads()
     try:
         with mock.patch.object(ops_mod, "_KEEP_RUNNERS", True), \
-                mock.patch.object(ops_mod, "_launch_uncached", keep_noop_runner), \
-                mock.patch.dict(ops_mod._RUNNERS, clear=True):  # (the no-op runners go with it)
+                mock.patch.object(ops_mod, "_launch_uncached", keep_runner), \
+                mock.patch.dict(ops_mod._RUNNERS, clear=True):  # (the kept runners go with it)
             yield runs
     finally:
         ops_mod._forget_prepared_reads()

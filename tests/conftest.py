@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import zlib
 from unittest import mock
 
 import pytest
@@ -35,6 +36,12 @@ def on_chip_path(enabled: bool):
 
     with snm._launch_knobs(_ON_CHIP=enabled):
         yield
+
+
+@pytest.fixture
+def gen(request):
+    """A CPU generator seeded from the test id: fresh inputs per test, reproducible runs."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(params=[True, False], ids=["on-chip", "streaming"])

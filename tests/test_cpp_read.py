@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sn_fused
+from bench import host_time
 from conftest import fused_device_or_skip
 from sn_fused import reference
 from sn_fused.ops import kernels
@@ -45,12 +46,6 @@ def test_built_where_required():
         pytest.skip("sn_fused._C not required here (tests/run.sh requires it where it built it)")
     assert snm._cpp is not None, "sn_fused._C was built but does not import"
     assert snm.CPP_READS or os.environ.get("SN_FUSED_CPP") == "0"
-
-
-@pytest.fixture
-def gen(request):
-    """A CPU generator seeded from the test id: fresh inputs per test, reproducible runs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @contextlib.contextmanager
@@ -131,34 +126,21 @@ def test_read_matches_python_path_bit_for_bit(kind, dtype, train, gen):
 
 @contextlib.contextmanager
 def interpreter_runners():
-    """``_launch`` keeps a runner per launch signature, as on a GPU, whose launch is the
-    interpreter's; yields ``(launch_calls, runner_calls)``, counts of the calls of each."""
-    launch_calls, runner_calls = [0], [0]
+    """``_launch`` keeps a runner per launch signature, as on a GPU, that launches through
+    Triton's own entry point (the interpreter's, on a CPU; ``host_time.kept_runners``); yields
+    ``(launch_calls, runner_calls)``, counts of the calls of ``_launch`` and of the runners."""
+    launch_calls = [0]
     launch = snm._launch
 
     def counted_launch(*args, **kwargs):
         launch_calls[0] += 1
         return launch(*args, **kwargs)
 
-    def keep_interpreter_runner(kernel, grid, args, cfg, cooperative, key, out):
-        options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
+    def triton_launch(kernel, grid, cfg, cooperative, args):
+        kernel[(grid,)](*args, num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
 
-        def runner(args):
-            runner_calls[0] += 1
-            kernel[(grid,)](*args, **options)
-        if key is not None:
-            snm._RUNNERS[key] = runner
-        kernel[(grid,)](*args, **options)
-
-    snm._forget_prepared_reads()
-    try:
-        with mock.patch.object(snm, "_KEEP_RUNNERS", True), \
-                mock.patch.object(snm, "_launch", counted_launch), \
-                mock.patch.object(snm, "_launch_uncached", keep_interpreter_runner), \
-                mock.patch.dict(snm._RUNNERS, clear=True):
-            yield launch_calls, runner_calls
-    finally:
-        snm._forget_prepared_reads()
+    with host_time.kept_runners(triton_launch) as runner_calls, mock.patch.object(snm, "_launch", counted_launch):
+        yield launch_calls, runner_calls
 
 
 @needs_cpp

@@ -85,12 +85,6 @@ def device(request):
     return request.param
 
 
-@pytest.fixture
-def gen(request):
-    """A CPU generator seeded from the test id: fresh inputs per test, reproducible runs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
 def skip_unsupported_dtype(dtype, device):
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("the Triton interpreter has no bfloat16 (sn_fused refuses bf16 CPU weights)")
