@@ -69,34 +69,40 @@ def _rows() -> dict[str, Callable[[], Any]]:
     import sn_fused
     from sn_fused.ops import spectral_norm as ops_mod
 
+    def python_path(make_or_read):  # with the C++ read (sn_fused._C) switched off, as SN_FUSED_CPP=0
+        def call():
+            on, ops_mod.CPP_READS = ops_mod.CPP_READS, False
+            try:
+                return make_or_read()
+            finally:
+                ops_mod.CPP_READS = on
+        return call
+
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
         torch.manual_seed(0)
         fused = sn_fused.spectral_norm(nn.Linear(16, 8, bias=False))
+        torch.manual_seed(0)
+        # (its own layer: the signature it keeps is the one made without the C++ read)
+        fused_py = python_path(lambda: sn_fused.spectral_norm(nn.Linear(16, 8, bias=False)))()
         floor = _floor_module(fast_read=True)
         floor_torch_getter = _floor_module(fast_read=False)
         plain = nn.Linear(16, 8, bias=False)
         grad = torch.randn(8, 16)
 
-    def no_grad_read():
-        with torch.no_grad():
-            return fused.weight
+    def reads(layer):
+        def no_grad_read():
+            with torch.no_grad():
+                return layer.weight
 
-    def python_path(read):  # the same read with the C++ read (sn_fused._C) switched off
-        def call():
-            ops_mod.CPP_READS = False
-            try:
-                return read()
-            finally:
-                ops_mod.CPP_READS = True
-        return call
+        return {
+            "sn_fused read": lambda: layer.weight,
+            "sn_fused read + backward": lambda: torch.autograd.backward(layer.weight, grad),
+            "sn_fused read, no_grad": no_grad_read,
+        }
 
-    rows = {
-        "sn_fused read": lambda: fused.weight,
-        "sn_fused read + backward": lambda: torch.autograd.backward(fused.weight, grad),
-        "sn_fused read, no_grad": no_grad_read,
-    }
+    rows = reads(fused)
     if ops_mod.CPP_READS:
-        rows.update({f"{name}, Python path": python_path(read) for name, read in list(rows.items())})
+        rows.update({f"{name}, Python path": python_path(read) for name, read in reads(fused_py).items()})
     return rows | {
         "floor read": lambda: floor.weight,
         "floor read + backward": lambda: torch.autograd.backward(floor.weight, grad),

@@ -42,17 +42,14 @@ def _triton_interprets() -> bool:
     return INTERPRET
 
 
-def _rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 def _module_case(layer, n: int) -> dict[str, Any]:
     import torch
 
     import sn_fused
     from sn_fused import reference
     from sn_fused.ops import fused_supported
+
+    from .harness import _rel_err as _rel
 
     torch.manual_seed(0)
     module = layer.make("cpu", torch.float32).train()
@@ -80,6 +77,8 @@ def _phases_case(layer, n: int, programs: int) -> dict[str, Any]:
 
     from sn_fused import reference
     from sn_fused.ops import new_semaphore, spectral_norm_backward_fused, spectral_norm_forward_fused
+
+    from .harness import _rel_err as _rel
 
     torch.manual_seed(0)
     weight = layer.make("cpu", torch.float32).weight.detach()

@@ -155,8 +155,27 @@ def _convert_parametrizations(module: Module) -> None:
             else:
                 sn = _fused_from_state(weight, None, None, dim=p.dim, eps=p.eps,
                                        n_power_iterations=1, training=p.training)
+            _carry_module_hooks(p, sn)
             plist[i] = sn  # ModuleList.__setitem__: the other entries stay as they are
             _install_fast_read(module, name)
+
+
+# Module.__init__'s hook registries. A hook registered on PyTorch's _SpectralNorm (to log each
+# read's output, say) runs on the sn_fused one that replaces it.
+_MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                      "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                      "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+                      "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _carry_module_hooks(src: Module, dst: Module) -> None:
+    """Give ``dst`` the hooks registered on ``src``: the very registries, so the handles that
+    registration returned still remove them (a ``RemovableHandle`` refers to its registry)."""
+    for attr in _MODULE_HOOK_DICTS:
+        if attr in src.__dict__:
+            dst.__dict__[attr] = src.__dict__[attr]
+    if "_is_full_backward_hook" in src.__dict__:
+        dst.__dict__["_is_full_backward_hook"] = src.__dict__["_is_full_backward_hook"]
 
 
 # --------------------------------------------------------------------------- convert
@@ -171,7 +190,8 @@ def convert(model: T_module) -> T_module:
       each ``_SpectralNorm`` in ``module.parametrizations.<name>`` is replaced,
       at the same position, by :class:`sn_fused.parametrizations._SpectralNorm`
       with the same ``dim``, ``eps``, ``n_power_iterations`` and the same
-      ``_u``, ``_v`` tensors. Other parametrizations of the same tensor, the
+      ``_u``, ``_v`` tensors, and the hooks registered on it (their handles
+      still remove them). Other parametrizations of the same tensor, the
       ``original`` parameter and the state_dict keys are untouched.
     * **Legacy hook** (:func:`torch.nn.utils.spectral_norm`): the forward
       pre-hook and state_dict hooks are removed, as are ``<name>_orig``,

@@ -26,8 +26,8 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from .ops import fused_supported, new_semaphore, spectral_norm_fused
-from .ops.spectral_norm import (_input_signature, _plain_tensor, _PreparedReads, _spectral_norm_checked,
-                                _vectors_error)
+from .ops.spectral_norm import (_check_in_place_update, _plain_tensor, _PreparedReads, _read_signature,
+                                _spectral_norm_checked, _vectors_error)
 
 __all__ = ["spectral_norm", "_SpectralNorm"]
 
@@ -90,10 +90,13 @@ class _SpectralNorm(Module):
       ``to()``, ``to_empty()`` and the like (``_apply``).
     """
 
-    #: ``(_input_signature(...), (dim in [0, ndim), n_power_iterations, eps), _PreparedReads())``
-    #: of the last read whose inputs passed the fused path's checks, with the op's arguments
-    #: made from them (``_op_arguments``); reads with the same signature skip both. A class attribute, so
-    #: instances made without ``__init__`` (``sn_fused.convert``) start unchecked too.
+    #: ``(_read_signature(...), (dim in [0, ndim), n_power_iterations, eps), _PreparedReads(),
+    #: u or v an inference tensor)`` of the last read whose inputs passed the fused path's checks,
+    #: with the op's arguments made from them (``_op_arguments``); reads whose inputs its
+    #: signature ``matches`` skip both (but for training reads of inference u, v outside
+    #: ``torch.inference_mode()``, which the checks refuse).
+    #: A class attribute, so instances made without ``__init__`` (``sn_fused.convert``) start
+    #: unchecked too, and so do copies (``__getstate__``).
     _checked_read = None
     #: ``_sem._version`` when this layer last made the semaphore or put it at rest. The kernels'
     #: own writes leave the version alone, so any other version means torch code wrote into
@@ -166,19 +169,20 @@ class _SpectralNorm(Module):
         dim, n_power_iterations, eps = self.dim, self.n_power_iterations, self.eps
         compiling = torch.compiler.is_compiling()  # traced once: checks cost nothing at run time
         if not compiling:
-            try:
-                signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
-            except AttributeError:  # a buffer that is not a tensor: the checks below say so
-                signature = None
             checked = self._checked_read
-            if signature is not None and checked is not None and checked[0] == signature:
+            if checked is not None and checked[0].matches(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
+                                                          eps):
                 try:
                     at_rest = sem._version == self._sem_version
                 except RuntimeError:  # an inference tensor has no version (see below)
                     at_rest = False
-                if at_rest:
+                # (u or v an inference tensor, checked[3]: a training read outside inference mode
+                # would write it, which the checks refuse with torch's error)
+                if at_rest and not (checked[3] and self.training and not torch.is_inference_mode_enabled()):
                     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training,
                                                   checked[2])
+            # None where a buffer is not a tensor: the checks below say so.
+            signature = _read_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
             if self._normal_own_buffers():
                 sigma_buf, sem = buffers["_sigma"], buffers["_sem"]
         if fused_supported(weight, dim) and _vectors_error(weight, u, v, dim % weight.ndim) is None:
@@ -210,9 +214,10 @@ class _SpectralNorm(Module):
                 # These inputs passed every check (the signature taken before them, so a change
                 # made meanwhile by another thread is checked next time): skip them while it holds.
                 if remade:
-                    signature = _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
+                    signature = _read_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
                 # (_PreparedReads: where the C++ read keeps its prepared launches for these inputs.)
-                self._checked_read = (signature, (dim % weight.ndim, n_arg, eps_arg), _PreparedReads())
+                self._checked_read = (signature, (dim % weight.ndim, n_arg, eps_arg), _PreparedReads(),
+                                      u.is_inference() or v.is_inference())
             return weight_sn
         # Also u or v the kernels cannot take (not contiguous, resized, replaced, of another dtype
         # or device): PyTorch's ops do with it what PyTorch's SN does, resize it with torch's
@@ -226,6 +231,12 @@ class _SpectralNorm(Module):
         has no way around their refusal of the write)."""
         buffers = self._buffers
         if self.training:
+            # torch raises for u, v that are inference tensors outside inference mode too, but
+            # only after its F.normalize(..., out=u) has written u: here nothing is written. (Not
+            # where its loop runs no iteration; a count range() refuses raises as there.)
+            n = self.n_power_iterations
+            if isinstance(n, int) and n > 0:
+                _check_in_place_update(buffers["_u"], buffers["_v"])
             # PyTorch's _power_method, assignments included: ``self._u = F.normalize(..., out=self._u)``
             # gives back the same tensors (resized where they did not fit), or new ones for None.
             u, v = reference.power_method_(reference.reshape_weight_to_matrix(weight, self.dim),
@@ -265,6 +276,19 @@ class _SpectralNorm(Module):
                 sem = self._buffers["_sem"] = _new_layer_semaphore(sem.device)
             self._sem_version = sem._version
         return self
+
+    def __getstate__(self):
+        # A copy or a pickle (deepcopy, torch.save of the module) checks its inputs again on its
+        # first read: the checked read's signature may be a C++ object (_C.ReadSignature), which
+        # neither copies nor pickles, and its prepared launches belong to this layer.
+        state = super().__getstate__()
+        state.pop("_checked_read", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # (a pickle of an earlier sn_fused may hold one, in the form of its day)
+        self.__dict__.pop("_checked_read", None)
 
     def _normal_own_buffers(self) -> bool:
         """Make ``_sem`` and ``_sigma`` normal tensors again where torch code made them inference

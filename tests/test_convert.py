@@ -154,6 +154,28 @@ def test_convert_parametrization_form():
         assert_same(a, b)
 
 
+def test_convert_keeps_hooks_on_the_parametrization():
+    """Hooks registered on PyTorch's ``_SpectralNorm`` (a forward hook that logs each read's
+    output, say) run on the sn_fused one that replaces it, and the handles that registering
+    them returned still remove them (found in review: they were dropped without a word)."""
+    x = _input()
+    model = _discriminator(ALL_PARAM)
+    p = model[0].parametrizations.weight[0]
+    shape = model[0].parametrizations.weight.original.shape
+    seen = []
+    handles = [p.register_forward_pre_hook(lambda mod, args: seen.append(("pre", type(mod)))),
+               p.register_forward_hook(lambda mod, args, out: seen.append(("post", type(mod), out.shape)))]
+    sn_fused.convert(model)
+    assert type(model[0].parametrizations.weight[0]) is FusedSN
+    model(x)
+    assert seen == [("pre", FusedSN), ("post", FusedSN, shape)]
+    for h in handles:
+        h.remove()
+    seen.clear()
+    model(x)
+    assert seen == [] and _list_forwards(model, x) == 0  # no hooks left: the fast read again
+
+
 # --------------------------------------------------------------------------- (b) legacy hook form
 
 

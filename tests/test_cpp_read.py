@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import pickle
 import subprocess
 import sys
 import zlib
@@ -25,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sn_fused
 from bench import host_time
-from conftest import fused_device_or_skip
+from conftest import fused_device_or_skip, two_tensor
 from sn_fused import reference
 from sn_fused.ops import kernels
 from sn_fused.ops import spectral_norm as snm
@@ -188,6 +189,91 @@ def test_kept_runners_launch_from_cpp(kind, gen):
 
 
 @needs_cpp
+@pytest.mark.parametrize("kind", ["linear", "wide"])
+def test_python_path_and_cpp_read_share_runners(kind, gen):
+    """The C++ read keys its launches as the Python path does (``_forward_key``,
+    ``_backward_key``): after the Python path's read and backward, a C++ read and backward of
+    the same layer find every runner kept and keep none of their own."""
+    layer = make_twins(kind, gen)[0]
+    original = layer.parametrizations.weight.original
+    grads = [torch.randn(original.shape, generator=gen).to(device) for _ in range(2)]
+    with interpreter_runners() as (launch_calls, runner_calls):
+        with python_path():
+            read_steps(layer, grads[:1])
+        kept = dict(snm._RUNNERS)
+        assert kept and runner_calls[0] == 0
+        steps = read_steps(layer, grads[1:])
+        assert "CppNode" in steps[0][5]
+        assert snm._RUNNERS == kept
+        assert runner_calls[0] == len(kept)  # each launch of the C++ read and backward ran a kept one
+
+
+def _signature_inputs():
+    return dict(weight=torch.nn.Parameter(torch.randn(5, 6)), u=torch.randn(5), v=torch.randn(6),
+                sigma_buf=torch.zeros(()), sem=torch.zeros(2, dtype=torch.int32), dim=0, n_power_iterations=1,
+                eps=1e-12)
+
+
+def _inference(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
+NAN_EPS = float("nan")
+# name: (change of the inputs, whether the signature still matches)
+SIGNATURE_CHANGES = {
+    "another_weight_alike": (lambda a: a.update(weight=torch.nn.Parameter(torch.zeros(5, 6))), True),
+    "weight_shape": (lambda a: a.update(weight=torch.nn.Parameter(torch.zeros(6, 5))), False),
+    "weight_strides": (lambda a: a.update(weight=torch.nn.Parameter(torch.zeros(6, 5).t())), False),
+    "weight_dtype": (lambda a: a.update(weight=torch.nn.Parameter(torch.zeros(5, 6, dtype=torch.float64))), False),
+    "weight_device": (lambda a: a.update(weight=torch.nn.Parameter(torch.zeros(5, 6, device="meta"))), False),
+    "weight_plain_tensor": (lambda a: a.update(weight=a["weight"].detach()), False),
+    "weight_subclass": (lambda a: a.update(weight=two_tensor(a["weight"].detach())), False),
+    "u_length": (lambda a: a.update(u=torch.zeros(6)), False),
+    "u_strides": (lambda a: a.update(u=torch.zeros(10)[::2]), False),
+    "u_dtype": (lambda a: a.update(u=a["u"].double()), False),
+    "u_inference": (lambda a: a.update(u=_inference(a["u"])), False),
+    "v_inference": (lambda a: a.update(v=_inference(a["v"])), False),
+    "v_resized_in_place": (lambda a: a["v"].resize_(7), False),
+    "sigma_inference": (lambda a: a.update(sigma_buf=_inference(a["sigma_buf"])), False),
+    "sem_inference": (lambda a: a.update(sem=_inference(a["sem"])), False),
+    "v_none": (lambda a: a.update(v=None), False),
+    "sigma_shape": (lambda a: a.update(sigma_buf=torch.zeros(1)), False),
+    "sigma_dtype": (lambda a: a.update(sigma_buf=torch.zeros((), dtype=torch.float64)), False),
+    "sem_dtype": (lambda a: a.update(sem=torch.zeros(2, dtype=torch.int64)), False),
+    "sem_strides": (lambda a: a.update(sem=torch.zeros(4, dtype=torch.int32)[::2]), False),
+    "sem_none": (lambda a: a.update(sem=None), False),
+    "dim_value": (lambda a: a.update(dim=1), False),
+    "dim_negative": (lambda a: a.update(dim=-2), False),
+    "dim_bool": (lambda a: a.update(dim=False), False),  # == 0, another type
+    "n_value": (lambda a: a.update(n_power_iterations=2), False),
+    "n_float": (lambda a: a.update(n_power_iterations=1.0), False),
+    "n_tensor": (lambda a: a.update(n_power_iterations=torch.tensor(1)), False),
+    "eps_value": (lambda a: a.update(eps=1e-11), False),
+    "eps_int": (lambda a: a.update(eps=0), False),
+    "eps_nan_other_object": (lambda a: a.update(eps=float("nan")), False),
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("change", list(SIGNATURE_CHANGES))
+def test_read_signature_matches_as_the_python_signature(change):
+    """``_C.ReadSignature.matches`` (the layer's check-skipping test on the C++ read) says what
+    comparing ``_input_signature`` tuples says, for a change of each part: the same inputs, or
+    tensors alike, match; another type, shape, stride, dtype, device, inference-ness, count or
+    eps does not; a buffer that is not a tensor does not (the checks then say what is wrong)."""
+    for eps in (1e-12, NAN_EPS):  # a NaN eps matches itself (the same object), as in a tuple
+        base = {**_signature_inputs(), "eps": eps}
+        cpp, python = snm._cpp.ReadSignature(**base), snm._InputSignature(snm._input_signature(**base))
+        assert cpp.matches(**base) and python.matches(**base)
+        inputs = dict(base)
+        edit, expected = SIGNATURE_CHANGES[change]
+        edit(inputs)
+        assert python.matches(**inputs) == expected, "the Python signature"
+        assert cpp.matches(**inputs) == expected, "the C++ signature"
+
+
+@needs_cpp
 def test_no_grad_read(gen):
     """A read with nothing to record takes the C++ read too: no grad_fn, the recorded read's
     numbers."""
@@ -220,20 +306,26 @@ def test_plans_cleared_prepare_again(gen):
 
 
 @needs_cpp
-def test_deepcopy_prepares_its_own(gen):
-    """A deep copy keeps the checked signature but not the prepared launches (which hold the
-    original's runners): it prepares its own, and reads as the Python path does."""
+def test_copies_check_and_prepare_their_own(gen):
+    """A deep copy keeps neither the checked signature (a C++ ReadSignature, which neither copies
+    nor pickles) nor the prepared launches (which hold the original's runners): its first read
+    is checked, its next one prepares its own, and it reads as the Python path does. So does a
+    pickle of the parametrization (torch pickles no parametrized module whole)."""
     m, _ = make_twins("linear", gen)
     m.weight
+    m.weight
     p = m.parametrizations.weight[0]
-    assert any(entry is not None for entry in p._checked_read[2])
+    assert type(p._checked_read[0]) is snm._cpp.ReadSignature
+    assert p._checked_read[2][1] is not None
+    assert pickle.loads(pickle.dumps(p))._checked_read is None
     twin = copy.deepcopy(m)
     q = twin.parametrizations.weight[0]
-    assert list(q._checked_read[2]) == [None, None] and q._checked_read[0] == p._checked_read[0]
+    assert q._checked_read is None and p._checked_read is not None  # (the original keeps its own)
     expected = copy.deepcopy(m)
     with python_path():
-        ref = expected.weight
-    assert torch.equal(twin.weight, ref)
+        ref = [expected.weight for _ in range(2)]
+    assert all(torch.equal(twin.weight, r) for r in ref)
+    assert type(q._checked_read[0]) is snm._cpp.ReadSignature and q._checked_read[2][1] is not None
     assert all(torch.equal(x, y) for x, y in zip(state(twin), state(expected)))
 
 

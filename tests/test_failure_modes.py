@@ -54,7 +54,7 @@ import sn_fused
 from sn_fused import reference
 from sn_fused.ops import INTERPRET, check_inputs, kernels, new_semaphore
 from sn_fused.ops import spectral_norm as opsmod
-from sn_fused.ops import spectral_norm_backward_fused, spectral_norm_forward_fused
+from sn_fused.ops import spectral_norm_backward_fused, spectral_norm_forward_fused, spectral_norm_fused
 from conftest import fused_device_or_skip, takes_on_chip, two_tensor
 
 DEVICE = fused_device_or_skip()
@@ -595,6 +595,46 @@ def test_bad_op_input_raises_before_launch(case, entry, launches):
     assert launches.total == 0, f"{launches.total} kernel launches before the error"
     if u_before is not None:
         assert torch.equal(u, u_before), "u was modified"
+
+
+_INFERENCE_IN_PLACE = "Inplace update to inference tensor outside InferenceMode is not allowed"
+
+
+@pytest.mark.parametrize("entry", ["spectral_norm_fused", "spectral_norm_forward_fused", "op"])
+@pytest.mark.parametrize("made_inside", ["u", "v", "sigma_buf", "sem"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inference_tensor_written_outside_inference_mode_raises(made_inside, training, entry, launches):
+    """What a read writes (u and v when training; the semaphore and sigma_buf always) must not
+    be an inference tensor outside ``torch.inference_mode()``: torch's error for an in-place
+    update, before any launch, the tensors untouched (the kernels wrote into them, unseen by
+    torch's dispatcher). Inside the block the same read runs. Eval reads leave u and v alone."""
+    w, u, v = _op_inputs()
+    args = dict(u=u, v=v, sigma_buf=torch.zeros((), device=DEVICE), sem=new_semaphore(DEVICE))
+    with torch.inference_mode():
+        args[made_inside] = args[made_inside].clone()
+    assert args[made_inside].is_inference()
+    before = {k: t.clone() for k, t in args.items()}
+
+    def read():
+        if entry == "spectral_norm_fused":
+            return spectral_norm_fused(w, **args, training=training)
+        if entry == "spectral_norm_forward_fused":
+            return spectral_norm_forward_fused(w, **args, training=training)[0]
+        return torch.ops.sn_fused.spectral_norm_forward(w, *args.values(), 0, 1, 1e-12, training)[0]
+
+    if training or made_inside in ("sigma_buf", "sem"):
+        with pytest.raises(RuntimeError, match=_INFERENCE_IN_PLACE):
+            read()
+        assert launches.total == 0, f"{launches.total} kernel launches before the error"
+        for k, t in args.items():
+            assert torch.equal(t, before[k]), f"{k} was written"
+    else:
+        read()  # eval: u and v are read only
+        assert launches.total > 0
+    with torch.inference_mode():
+        want = reference.spectral_norm_reference(w, before["u"].clone(), before["v"].clone(),
+                                                 training=training)[0]
+        torch.testing.assert_close(read(), want)
 
 
 def test_launch_counter_sees_launches(launches):

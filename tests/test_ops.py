@@ -1064,15 +1064,23 @@ def _n_float(p, device):
     (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_complex, "eps="),
     (_n_float, "'float' object cannot be interpreted as an integer"),  # PyTorch's range(1.0)
 ], ids=lambda x: x.__name__.lstrip("_") if callable(x) else None)
-def test_layer_checks_once_until_an_input_changes(monkeypatch, change, error, device, gen):
+@pytest.mark.parametrize("signature", ["cpp", "python"])
+def test_layer_checks_once_until_an_input_changes(monkeypatch, change, error, signature, device, gen):
     """A layer checks its inputs on the first read and skips the checks while their
-    _input_signature holds. Any change the checks would see -- a buffer swapped, resized in
-    place, given other data, dtype or strides, a bad eps or count -- is checked again: refused
-    before any launch, or, for a u the kernels cannot take, read through PyTorch's ops. (A tensor eps or a bool count, which PyTorch's SN takes, read
-    as there: tests/test_parametrizations.py::test_argument_types_pytorch_takes.)"""
+    signature matches (``_read_signature``: the C++ ``ReadSignature``, or without the C++ read
+    the Python ``_input_signature``). Any change the checks would see -- a buffer swapped,
+    resized in place, given other data, dtype or strides, a bad eps or count -- is checked
+    again: refused before any launch, or, for a u the kernels cannot take, read through
+    PyTorch's ops. (A tensor eps or a bool count, which PyTorch's SN takes, read as there:
+    tests/test_parametrizations.py::test_argument_types_pytorch_takes.)"""
     from sn_fused import spectral_norm
 
+    if signature == "cpp" and not snm.CPP_READS:
+        pytest.skip("sn_fused._C is not built (or SN_FUSED_CPP=0)")
+    monkeypatch.setattr(snm, "CPP_READS", signature == "cpp")
     m = spectral_norm(torch.nn.Linear(5, 6, bias=False).to(device))
+    expected = snm._cpp.ReadSignature if signature == "cpp" else snm._InputSignature
+    assert type(m.parametrizations.weight[0]._checked_read[0]) is expected
     calls = _counting_checks(monkeypatch)
     for _ in range(3):
         m.weight

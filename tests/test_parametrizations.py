@@ -1400,6 +1400,120 @@ def test_inference_mode(how, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("how", ["made_inside", "deepcopy", "assigned_inside"])
+def test_inference_tensor_uv_training_read_outside_raises(how, grad, device, seed):
+    """u and v that are inference tensors (the layer made or deep-copied inside
+    ``torch.inference_mode()``, or buffers assigned there) cannot be updated outside the block:
+    a training read there raises torch's in-place error, as PyTorch's SN does, with or without
+    grad, and leaves them as they were (PyTorch's has updated u by then). Also after training
+    reads inside the block, whose checked read the layer keeps, flagged (the kernels wrote them
+    silently before), and after a checked read outside with normal buffers (assigned_inside:
+    the same shapes, so only the signature's inference flag tells the difference). Eval reads
+    outside still work, and skip the checks; so does a training read with no iteration (u and
+    v are only read: PyTorch's loop runs no time)."""
+    ref, ours, make_x = make_pair("conv2d", seed, device=device)
+    x = make_x()
+    if how == "assigned_inside":
+        for m in (ref, ours):
+            m(x)
+            m(x)
+    with torch.inference_mode():
+        if how == "deepcopy":
+            ref, ours = copy.deepcopy(ref), copy.deepcopy(ours)
+        elif how == "made_inside":
+            ref, ours = make_pair("conv2d", seed, device=device)[:2]
+        else:
+            for m in (ref, ours):
+                par(m)._u, par(m)._v = par(m)._u.clone(), par(m)._v.clone()
+        for m in (ref, ours):
+            m(x)
+            m(x)
+    assert par(ours)._u.is_inference() and par(ours)._v.is_inference()
+    assert_uv_close(ours, ref, torch.float32)
+    for m in (ref, ours):
+        u, v = par(m)._u.clone(), par(m)._v.clone()
+        for _ in range(2):
+            with torch.set_grad_enabled(grad), pytest.raises(
+                    RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+                m(x)
+        if m is ours:
+            assert torch.equal(par(m)._u, u) and torch.equal(par(m)._v, v)
+        else:  # PyTorch's F.normalize(..., out=u) has written u when torch raises: undone
+            with torch.inference_mode():
+                par(m)._u.copy_(u)
+    for m in (ref, ours):
+        m.eval()
+    with torch.no_grad():
+        assert_close(ours(x), ref(x))
+        if fused_supported(orig(ours), 0):  # (the kernels' path keeps its checked read)
+            assert par(ours)._checked_read is not None and par(ours)._checked_read[3]
+            with mock.patch.object(sn_fused.parametrizations, "fused_supported") as checks:
+                assert_close(ours(x), ref(x))
+            checks.assert_not_called()
+        for m in (ref, ours):
+            m.train()
+            par(m).n_power_iterations = 0
+        assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_mode_read_with_grad_enabled(device, seed):
+    """Inside ``torch.inference_mode()`` autograd records nothing, even under
+    ``torch.enable_grad()``: a read there gives an inference tensor that does not require grad,
+    as PyTorch's SN does (found in review: the fused path tried to save the weight for backward
+    and raised "Inference tensors cannot be saved for backward")."""
+    ref, ours, make_x = make_pair("conv2d", seed, device=device)
+    ref.weight, ref.weight, ours.weight, ours.weight  # (a checked read kept: the next ones take the fast path)
+    with torch.inference_mode(), torch.enable_grad():
+        for train in (True, False):
+            ref.train(train)
+            ours.train(train)
+            w_ref, w = ref.weight, ours.weight
+            assert w.is_inference() and not w.requires_grad and w_ref.is_inference()
+            assert_close(w, w_ref, msg=f"train={train}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_sigma_buffer_assigned_after_checked_reads(device, seed):
+    """A ``_sigma`` (or ``_sem``) buffer replaced by an inference tensor after the layer kept
+    its checked read: the next read outside inference mode is checked again, which makes the
+    layer's own buffer a normal tensor again (found in review: the kept read wrote sigma into
+    the inference tensor, where the op refuses to)."""
+    ref, ours, make_x = make_pair("conv2d", seed, device=device)
+    x = make_x()
+    for name in ("_sigma", "_sem"):
+        for _ in range(2):
+            assert_close(ours(x), ref(x))
+        with torch.inference_mode():
+            setattr(par(ours), name, getattr(par(ours), name).clone())
+        assert getattr(par(ours), name).is_inference()
+        assert_close(ours(x), ref(x), msg=name)
+        assert not getattr(par(ours), name).is_inference(), name
+    assert not par(ours)._sigma.isnan()
+
+
+def test_pickle_of_an_earlier_layer_with_its_checked_read(seed):
+    """A parametrization pickled by an earlier sn_fused kept its checked read in its state, its
+    signature a plain tuple: loaded, the layer checks its inputs again and reads as before
+    (found in review: its first read raised "'tuple' object has no attribute 'matches'",
+    which parametrize's property turns into "no attribute 'weight'")."""
+    ref, ours, make_x = make_pair("conv2d", seed)
+    x = make_x()
+    assert_close(ours(x), ref(x))
+    p = par(ours)
+    signature = sn_fused.ops.spectral_norm._input_signature(
+        orig(ours), p._u, p._v, p._sigma, p._sem, p.dim, p.n_power_iterations, p.eps)
+    p._checked_read = (tuple(signature), (0, 1, p.eps), [None, None])  # the form of 6e5ca67
+    with mock.patch.object(type(p), "__getstate__", nn.Module.__getstate__):  # (which kept it)
+        data = pickle.dumps(p)
+    ours.parametrizations.weight[0] = pickle.loads(data)
+    assert par(ours)._checked_read is None or par(ours)._checked_read[0] != signature
+    for _ in range(2):
+        assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_jit_trace(device, seed):
     """``torch.jit.trace`` of an eval-mode model (the usual way to trace for serving): the traced
     module gives PyTorch's numbers, and follows later changes of the weight (found in review:

@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .. import reference
 from . import kernels
 
-_CPP_INTERFACE_VERSION = 3  # csrc/spectral_norm_read.cpp's INTERFACE_VERSION, which this file calls
+_CPP_INTERFACE_VERSION = 4  # csrc/spectral_norm_read.cpp's INTERFACE_VERSION, which this file calls
 try:  # the eager read in C++ (csrc/spectral_norm_read.cpp), built on request: see setup.py
     # (import_module: ``from .. import _C`` in a package still importing raises a plain ImportError)
     _cpp = importlib.import_module("sn_fused._C")
@@ -590,22 +590,28 @@ def _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim,
     head = (weight, out, u, v, saved, sigma_buf, _workspace(plan, out), sem, eps)
     for i, tail in enumerate(plan.launches):
         _launch(kernels.spectral_norm_fwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 8,
-                (plan, i, weight.dtype, sigma_buf.dtype, sem.dtype), out)
+                _forward_key(plan, i, weight, sigma_buf, sem), out)
+
+
+def _forward_key(plan, i: int, weight, sigma_buf, sem) -> tuple:
+    """The runner key (``_launch``) of the forward's ``i``-th launch of ``plan``: what Triton
+    specializes on but the plan holds and the alignments ``_launch`` adds. The Python path and
+    the C++ read (``_prepared_read``) both build it here, so they keep and share one runner."""
+    return (plan, i, weight.dtype, sigma_buf.dtype, sem.dtype)
+
+
+def _backward_key(plan, i: int, grad, weight, saved, sem) -> tuple:
+    """``_forward_key`` of the backward kernel."""
+    return (plan, i, grad.dtype, weight.dtype, saved.dtype, sem.dtype)
 
 
 class _PreparedReads(list):
     """``[eval, training]``: a layer's prepared C++ reads (``(generation, PreparedRead)`` or None)
-    for the inputs it last checked. A copy or a pickle of the layer gets empty slots (a
-    ``PreparedRead`` holds launchers, neither copyable nor picklable): it prepares its own."""
+    for the inputs it last checked. A copy or a pickle of the layer has none (its
+    ``__getstate__`` leaves the checked read out): it checks and prepares its own."""
 
     def __init__(self):
         super().__init__((None, None))
-
-    def __reduce__(self):
-        return type(self), ()
-
-    def __deepcopy__(self, memo):
-        return type(self)()
 
 
 def _prepared_read(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
@@ -617,31 +623,33 @@ def _prepared_read(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, t
     plan = _forward_plan(weight.shape, weight.stride(), out_stride, dim, weight.device,
                          n_power_iterations, training, None, None)
     # As _launch_forward: (weight, out, u, v, saved, sigma_buf, workspace, sem, eps, *tail).
-    forward = _prepared_launches(kernels.spectral_norm_fwd_kernel, plan, weight, scalars=(eps,), n_tensors=8,
-                                 ws_index=6, out_index=1, dtypes=(weight.dtype, sigma_buf.dtype, sem.dtype))
-    # As _launch_backward for a gradient with W_sn's strides: (grad, weight, dW, saved, workspace, sem, *tail).
+    forward = _prepared_launches(
+        kernels.spectral_norm_fwd_kernel, plan, weight, scalars=(eps,), n_tensors=8, ws_index=6, out_index=1,
+        keys=[_forward_key(plan, i, weight, sigma_buf, sem) for i in range(len(plan.launches))])
+    # As _launch_backward for a gradient with W_sn's strides: (grad, weight, dW, saved, workspace, sem, *tail);
+    # grad and saved have the weight's dtype (the checks and the C++ node see to it).
     backward_plan = _backward_plan(weight.shape, out_stride, weight.stride(), out_stride, dim, weight.device,
                                    None, None)
     backward = None if backward_plan is None else _prepared_launches(
-        kernels.spectral_norm_bwd_kernel, backward_plan, weight, scalars=(), n_tensors=6, ws_index=4,
-        out_index=2, dtypes=(weight.dtype, weight.dtype, weight.dtype, sem.dtype))
+        kernels.spectral_norm_bwd_kernel, backward_plan, weight, scalars=(), n_tensors=6, ws_index=4, out_index=2,
+        keys=[_backward_key(backward_plan, i, weight, weight, weight, sem) for i in range(len(backward_plan.launches))])
     return _cpp.PreparedRead(saved_numel=u.shape[0] + v.shape[0] + 1, forward=forward, backward=backward,
                              weight_strides=list(weight.stride()), grad_strides=list(out_stride))
 
 
 def _prepared_launches(kernel, plan: _Plan, weight, *, scalars: tuple, n_tensors: int, ws_index: int,
-                       out_index: int, dtypes: tuple):
+                       out_index: int, keys: list):
     """A ``sn_fused._C.PreparedLaunches`` of ``plan``: what ``_launch_forward`` /
     ``_launch_backward`` pass after the tensors (``scalars``, then each launch's tail), the
     workspace (kept, or its dtype to allocate ``plan.ws_numel`` like), and for each launch the
     ``_launch`` call that launches it and returns the runner it keeps: the C++ read calls that
     runner itself while the alignment of its tensors stays the same. ``n_tensors`` (the
-    workspace at ``ws_index`` among them), ``out_index``, ``dtypes``: as the launcher passes them."""
+    workspace at ``ws_index`` among them), ``out_index``, ``keys`` (one per launch): as the
+    launcher passes them."""
     dtype = _workspace_dtype(weight)
     workspace = (_kept_workspace(weight.device, dtype) if plan.ws_numel == 0
                  else torch.empty(0, dtype=dtype, device=weight.device))
-    launches = [functools.partial(_launch_prepared, kernel, plan, n_tensors, (plan, i, *dtypes), out_index)
-                for i in range(len(plan.launches))]
+    launches = [functools.partial(_launch_prepared, kernel, plan, n_tensors, key, out_index) for key in keys]
     return _cpp.PreparedLaunches(ws_index=ws_index, ws_numel=plan.ws_numel, workspace=workspace, scalars=scalars,
                                  tails=list(plan.launches), launches=launches)
 
@@ -670,7 +678,7 @@ def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor
 
     ``sigma_buf`` (the module's logging buffer) receives sigma too.
     """
-    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
+    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
     return _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
 
 
@@ -730,7 +738,7 @@ def _launch_backward(grad, weight, grad_weight, saved, sem, dim,
     head = (grad, weight, grad_weight, saved, _workspace(plan, grad_weight), sem)
     for i, tail in enumerate(plan.launches):
         _launch(kernels.spectral_norm_bwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 6,
-                (plan, i, grad.dtype, weight.dtype, saved.dtype, sem.dtype), grad_weight)
+                _backward_key(plan, i, grad, weight, saved, sem), grad_weight)
 
 
 @triton_op("sn_fused::spectral_norm_backward", mutates_args={"sem"})
@@ -853,7 +861,8 @@ def spectral_norm_fused(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     reference), so what that covers is not checked again; transforms (``torch.func``,
     forward-mode AD), u, v, the buffers and the arguments still are.
     """
-    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, weight_checked)
+    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training,
+                                weight_checked)
     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
 
 
@@ -878,10 +887,11 @@ def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations
         if entry is None or entry[0] != _PREPARED_GENERATION:
             entry = prepared[1 if training else 0] = (_PREPARED_GENERATION, _prepared_read(
                 weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training))
-        if torch.is_grad_enabled() and weight.requires_grad:
+        if torch.is_grad_enabled() and weight.requires_grad and not torch.is_inference_mode_enabled():
             return _cpp.read(entry[1], weight, u, v, sigma_buf, sem, dim)
         return _cpp.forward(entry[1], weight, u, v, sigma_buf, sem)
-    if not (torch.is_grad_enabled() and weight.requires_grad):
+    # (inside inference_mode() autograd records nothing, whatever the grad mode says)
+    if not (torch.is_grad_enabled() and weight.requires_grad) or torch.is_inference_mode_enabled():
         # Nothing to record (no_grad reads, e.g. sampling or evaluation): skip autograd.Function,
         # ~10 us of host time per read.
         return _forward_unchecked(weight, *state)[0]
@@ -904,19 +914,48 @@ _functorch_transforms_active = torch._C._are_functorch_transforms_active
 _function_mode_enabled = torch._C._is_torch_function_mode_enabled
 
 
+class _InputSignature(tuple):
+    """``_input_signature`` of a layer's checked read, with ``matches`` as the C++ one has."""
+
+    __slots__ = ()
+
+    def matches(self, weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps) -> bool:
+        try:
+            return self == _input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
+        except AttributeError:  # a buffer that is not a tensor
+            return False
+
+
+def _read_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps):
+    """The signature a layer keeps with its checked read (see ``_input_signature``): an
+    ``sn_fused._C.ReadSignature`` where the C++ read is on and the five tensors are of the plain
+    types (its ``matches`` builds no Python object: ~2 us less host time per read on a CPU), else
+    an ``_InputSignature``; None where a buffer is not a tensor (the checks say what is wrong)."""
+    if CPP_READS and type(weight) in _PLAIN_TENSOR_TYPES and type(u) in _PLAIN_TENSOR_TYPES \
+            and type(v) in _PLAIN_TENSOR_TYPES and type(sigma_buf) in _PLAIN_TENSOR_TYPES \
+            and type(sem) in _PLAIN_TENSOR_TYPES:
+        return _cpp.ReadSignature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
+    try:
+        return _InputSignature(_input_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps))
+    except AttributeError:
+        return None
+
+
 def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma_buf: torch.Tensor,
                      sem: torch.Tensor, dim, n_power_iterations, eps) -> tuple:
     """Everything ``fused_supported`` and the checks look at: inputs with equal signatures pass
     or fail them alike.
 
     Type, shape, strides, dtype and device of each tensor; type and value of each other argument
-    (``True == 1`` and ``1.0 == 1``, but the checks refuse a bool or float count). The layer
-    keeps the signature of its last checked read and skips the checks while it holds: ~15 us
-    less host time per read, measured on a CPU with the launch stubbed out; the signature
-    itself costs ~2.
+    (``True == 1`` and ``1.0 == 1``, but the checks refuse a bool or float count); whether u, v,
+    sigma_buf or sem is an inference tensor (whether a read may write one depends on inference
+    mode, see ``_check_in_place_update``; the layer remakes its own buffers). The layer keeps the
+    signature of its last checked read and skips the checks while it holds: ~15 us less host
+    time per read, measured on a CPU with the launch stubbed out; the signature itself costs ~2.
     """
     return (type(weight), weight.shape, weight.stride(), weight.dtype, weight.device,
             type(u), u.shape, u.stride(), u.dtype, u.device, type(v), v.shape, v.stride(), v.dtype, v.device,
+            u.is_inference() or v.is_inference() or sigma_buf.is_inference() or sem.is_inference(),
             type(sigma_buf), sigma_buf.shape, sigma_buf.dtype, sigma_buf.device,
             type(sem), sem.shape, sem.stride(), sem.dtype, sem.device,
             type(dim), dim, type(n_power_iterations), n_power_iterations, type(eps), eps)
@@ -1023,6 +1062,7 @@ def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
             or sem.shape[0] < 2 or sem.stride(0) != 1 or sem.device != weight.device):
         raise ValueError(f"spectral_norm: sem must be a contiguous int32 tensor of 2 elements on "
                          f"{weight.device} (new_semaphore()), got {_describe(sem)}")
+    _check_in_place_update(sem)  # a barrier counts on it (and resets it)
 
 
 def check_sigma_buffer(sigma_buf: torch.Tensor, weight: torch.Tensor) -> None:
@@ -1032,6 +1072,7 @@ def check_sigma_buffer(sigma_buf: torch.Tensor, weight: torch.Tensor) -> None:
             or not sigma_buf.is_floating_point() or sigma_buf.device != weight.device):
         raise ValueError(f"spectral_norm: sigma_buf must be a 1-element floating-point tensor on "
                          f"{weight.device}, got {_describe(sigma_buf)}")
+    _check_in_place_update(sigma_buf)
 
 
 def _plain_tensor(x) -> bool:
@@ -1044,7 +1085,7 @@ def _describe(x) -> str:
     return f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))} on {getattr(x, 'device', None)}"
 
 
-def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps,
+def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training,
                           weight_checked: bool = False) -> int:
     """Every check of a forward launch (but the weight's ``fused_supported`` ones, if
     ``weight_checked``); returns ``dim`` normalized."""
@@ -1056,7 +1097,29 @@ def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
         dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     check_semaphore(sem, weight)
     check_sigma_buffer(sigma_buf, weight)
+    if training and n_power_iterations > 0:  # (no iteration: u and v are only read)
+        _check_in_place_update(u, v)
     return dim
+
+
+# torch's own words (c10/core/TensorImpl, check_inplace) for an in-place op on an inference tensor.
+_INFERENCE_IN_PLACE = ("Inplace update to inference tensor outside InferenceMode is not allowed."
+                       "You can make a clone to get a normal tensor before doing inplace update."
+                       "See https://github.com/pytorch/rfcs/pull/17 for more details.")
+
+
+def _check_in_place_update(*tensors: torch.Tensor) -> None:
+    """Refuse to write into an inference tensor outside ``torch.inference_mode()``, as torch does
+    for any in-place op: u and v of a training read (PyTorch's SN updates them with
+    ``F.normalize(..., out=u)``, which raises this error), the semaphore and ``sigma_buf``.
+
+    A kernel writes through raw pointers, where torch's dispatcher does not look. (Not while
+    Dynamo traces: compiled code takes its tensors' inference-ness from the trace.)"""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_inference():  # (not a tensor: the checks say so)
+            raise RuntimeError(_INFERENCE_IN_PLACE)
 
 
 def _check_backward_inputs(grad, weight, saved, sem, dim) -> int:
@@ -1120,7 +1183,7 @@ def spectral_norm_forward_fused(weight, u, v, sigma_buf, sem, *, dim=0, n_power_
 
     ``launch`` may force ``num_programs`` / ``phase_by_phase`` (tests).
     """
-    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
+    dim = _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
     out, saved = _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training,
                                     **launch)
     return (out, *split_saved(saved, u.shape[0], v.shape[0]))
