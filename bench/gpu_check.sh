@@ -19,6 +19,8 @@
 #                            warm-up alone on an H100; each step prints its warm-up when it ends,
 #                            and each (model, mode) group its ms/step once its steps are timed)
 #
+# Since session 13 it also asks Nsight Compute (where installed) for the DRAM bytes of one forward
+# read of 1536x13824 and 4096x4096 (~20-40 s, a guess).
 # Since session 12 the call also builds sn_fused._C (in the background, during the GPU tests),
 # runs tests/test_cpp_read.py and tests/test_gpu.py through it, and times the kernel table once
 # more with SN_FUSED_CPP=0 (~35 s): ~1-1.5 min more in all (a guess: not yet run on a GPU).
@@ -84,6 +86,16 @@ if [ "$mode" != bench ]; then
     echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only)"
     (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --no-torch --profile) 2>&1 \
       | tee "$OUT/kernel_sweep-baseline.log" || status=1
+  fi
+  # Whether the rescale's second read of a weight larger than L2 comes from DRAM (bench/NOTES.md
+  # v14): DRAM bytes and L2 hit rate of one forward read (floor: A read once, W_sn written once).
+  if command -v ncu >/dev/null; then
+    echo "== ncu: DRAM bytes of one forward read of the large weights"
+    for s in 1536x13824 4096x4096; do
+      timeout 60 ncu --clock-control none --kernel-name regex:spectral_norm_fwd --launch-skip 2 --launch-count 1 \
+        --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
+        python3 -m bench.kernel_sweep --reads "$s" || status=1
+    done 2>&1 | tee "$OUT/ncu_dram.log"
   fi
   # This checkout's reads without the C++ read: its A/B on the same card (eager rows, host profile).
   echo "== kernel table, SN_FUSED_CPP=0 (sn_fused only)"

@@ -4,8 +4,8 @@
 #   SN_FUSED_COMMIT=<sha> bash bench/gpu_probe.sh        (repo root, on the lent GPU)
 #
 # 1. Nsight Compute on one forward read per shape (launch stats, occupancy, speed of light,
-#    warp stall reasons), plus Triton's register/spill counts of each compiled variant; and the
-#    DRAM bytes and L2 hit rate of the large weights' forward reads.
+#    warp stall reasons), plus Triton's register/spill counts of each compiled variant.
+#    (The large weights' DRAM bytes per read: bench/gpu_check.sh.)
 # 2. `python -m bench.kernel_sweep --compile-probe`: host cost of a compiled read.
 # 3. The launch-knob sweep on those shapes (forward graph time, one knob at a time, each
 #    variant's first read checked against the float64 reference).
@@ -34,17 +34,6 @@ for s in ${SN_FUSED_NCU_SHAPES:-128x1152 1x8192 24576x20 512x4608}; do
     --section LaunchStats --section Occupancy --section SpeedOfLight --section WarpStateStats \
     --section MemoryWorkloadAnalysis python3 -m bench.kernel_sweep --reads "$s" || status=1
 done 2>&1 | tee "$OUT/ncu.log"
-
-echo "== ncu: DRAM bytes and L2 hit rate of one forward read of the large weights"
-# The floor reads A once and writes W_sn once; the kernel reads A twice (ST, then the rescale,
-# backwards). DRAM read bytes near 2x A's: the rescale finds nothing in L2; near 1x: it finds
-# most (then the time goes elsewhere). The question v5's L2 hints left open (bench/NOTES.md v14).
-for s in ${SN_FUSED_NCU_LARGE:-1536x13824 4096x4096}; do
-  echo "==== $s"
-  timeout 60 ncu --clock-control none --kernel-name regex:spectral_norm_fwd --launch-skip 2 --launch-count 1 \
-    --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
-    python3 -m bench.kernel_sweep --reads "$s" || status=1
-done 2>&1 | tee "$OUT/ncu_dram.log"
 
 echo "== compile probe"
 timeout 60 python3 -m bench.kernel_sweep --no-table --compile-probe 2>&1 | tee "$OUT/compile_probe.log" || status=1
