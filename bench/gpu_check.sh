@@ -12,7 +12,8 @@
 #                            and bench/) in the kernel table, graph and eager, with its host
 #                            profile: a same-card A/B of a kernel or host-path change
 #   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: --profile --bwd-sweep
-#                            --on-chip-sweep --compile-probe; "" for none; final mode only)
+#                            --compile-probe; "" for none; final mode only; --on-chip-sweep, run
+#                            in sessions 8 and 9, left out since session 13 to make room for ncu)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/; at most 240 s
 #                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
@@ -78,7 +79,7 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
 if [ "$mode" != bench ]; then
   echo "== kernel table"
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --bwd-sweep --on-chip-sweep --compile-probe})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --bwd-sweep --compile-probe})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 240 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
