@@ -26,8 +26,8 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from .ops import fused_supported, new_semaphore, spectral_norm_fused
-from .ops.spectral_norm import (_check_in_place_update, _plain_tensor, _PreparedReads, _read_signature,
-                                _spectral_norm_checked, _vectors_error)
+from .ops.spectral_norm import (_check_in_place_update, _plain_tensor, _read_signature, _spectral_norm_checked,
+                                _vectors_error)
 
 __all__ = ["spectral_norm", "_SpectralNorm"]
 
@@ -90,11 +90,12 @@ class _SpectralNorm(Module):
       ``to()``, ``to_empty()`` and the like (``_apply``).
     """
 
-    #: ``(_read_signature(...), (dim in [0, ndim), n_power_iterations, eps), _PreparedReads(),
+    #: ``(_read_signature(...), (dim in [0, ndim), n_power_iterations, eps), prepared,
     #: u or v an inference tensor)`` of the last read whose inputs passed the fused path's checks,
     #: with the op's arguments made from them (``_op_arguments``); reads whose inputs its
     #: signature ``matches`` skip both (but for training reads of inference u, v outside
-    #: ``torch.inference_mode()``, which the checks refuse).
+    #: ``torch.inference_mode()``, which the checks refuse). ``prepared``: ``[eval, training]``,
+    #: where the C++ read keeps its prepared launches for these inputs (``_spectral_norm_checked``).
     #: A class attribute, so instances made without ``__init__`` (``sn_fused.convert``) start
     #: unchecked too, and so do copies (``__getstate__``).
     _checked_read = None
@@ -215,8 +216,7 @@ class _SpectralNorm(Module):
                 # made meanwhile by another thread is checked next time): skip them while it holds.
                 if remade:
                     signature = _read_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
-                # (_PreparedReads: where the C++ read keeps its prepared launches for these inputs.)
-                self._checked_read = (signature, (dim % weight.ndim, n_arg, eps_arg), _PreparedReads(),
+                self._checked_read = (signature, (dim % weight.ndim, n_arg, eps_arg), [None, None],
                                       u.is_inference() or v.is_inference())
             return weight_sn
         # Also u or v the kernels cannot take (not contiguous, resized, replaced, of another dtype

@@ -605,15 +605,6 @@ def _backward_key(plan, i: int, grad, weight, saved, sem) -> tuple:
     return (plan, i, grad.dtype, weight.dtype, saved.dtype, sem.dtype)
 
 
-class _PreparedReads(list):
-    """``[eval, training]``: a layer's prepared C++ reads (``(generation, PreparedRead)`` or None)
-    for the inputs it last checked. A copy or a pickle of the layer has none (its
-    ``__getstate__`` leaves the checked read out): it checks and prepares its own."""
-
-    def __init__(self):
-        super().__init__((None, None))
-
-
 def _prepared_read(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training):
     """A ``sn_fused._C.PreparedRead``: the launches of one eager read of these inputs (checked),
     and of its backward for an incoming gradient with W_sn's strides, with everything but the
@@ -871,8 +862,9 @@ def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations
     """``spectral_norm_fused`` past its checks (``dim`` normalized): what the layer calls
     when the same inputs passed them before (``_input_signature``).
 
-    ``prepared``: the caller's ``_PreparedReads``, kept with these inputs' signature, where the
-    C++ read keeps its prepared launches from read to read.
+    ``prepared``: ``[eval, training]``, the caller's prepared C++ reads (``(generation,
+    PreparedRead)`` or None) kept with these inputs' signature, where the C++ read keeps its
+    prepared launches from read to read.
     """
     state = (u, v, sigma_buf, sem, dim, n_power_iterations, eps, training)
     if torch.compiler.is_compiling() or _is_functorch_wrapped(weight):
@@ -880,6 +872,9 @@ def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations
         # a weight that is a "dead" functorch wrapper, a tensor that outlived its transform
         # (torch.func.grad): it has no storage for a kernel to read.
         return _SpectralNormFunction.apply(weight, state)
+    # Whether autograd records this read (inside inference_mode() it records nothing, whatever
+    # the grad mode says; not asked while Dynamo traces, which cannot trace the question).
+    record = torch.is_grad_enabled() and weight.requires_grad and not torch.is_inference_mode_enabled()
     if prepared is not None and CPP_READS and type(weight) in _PLAIN_TENSOR_TYPES and _fast_launches_ok():
         # The C++ read: same launches, ~12 us less host time per read and ~16 per backward (CPU).
         # Not for a torch.Tensor subclass weight: its W_sn would come back a plain tensor.
@@ -887,11 +882,10 @@ def _spectral_norm_checked(weight, u, v, sigma_buf, sem, dim, n_power_iterations
         if entry is None or entry[0] != _PREPARED_GENERATION:
             entry = prepared[1 if training else 0] = (_PREPARED_GENERATION, _prepared_read(
                 weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, training))
-        if torch.is_grad_enabled() and weight.requires_grad and not torch.is_inference_mode_enabled():
+        if record:
             return _cpp.read(entry[1], weight, u, v, sigma_buf, sem, dim)
         return _cpp.forward(entry[1], weight, u, v, sigma_buf, sem)
-    # (inside inference_mode() autograd records nothing, whatever the grad mode says)
-    if not (torch.is_grad_enabled() and weight.requires_grad) or torch.is_inference_mode_enabled():
+    if not record:
         # Nothing to record (no_grad reads, e.g. sampling or evaluation): skip autograd.Function,
         # ~10 us of host time per read.
         return _forward_unchecked(weight, *state)[0]
