@@ -58,15 +58,18 @@ trap pack EXIT
 rm -f sn_fused/_C.*.so
 ( SN_FUSED_BUILD_CPP=1 timeout 300 python3 setup.py -q build_ext -b "$W/cpp" -t "$W/cpp_tmp" \
     && so=$(ls "$W"/cpp/sn_fused/_C.*.so) && cp "$so" "sn_fused/.tmp_C.so" \
-    && mv "sn_fused/.tmp_C.so" "sn_fused/$(basename "$so")" ) > "$OUT/build_cpp.log" 2>&1 &
+    && mv "sn_fused/.tmp_C.so" "sn_fused/$(basename "$so")" ) > "$W/build_cpp.log" 2>&1 &
 build_pid=$!
 
 echo "== GPU tests"
 timeout 200 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --timeout=150 \
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
 echo "== sn_fused._C build"
-wait $build_pid || { status=1; tail -20 "$OUT/build_cpp.log"; }
-python3 -c "from sn_fused.ops import spectral_norm as s; print('C++ read:', s.CPP_READS)" 2>&1 | tee -a "$OUT/build_cpp.log"
+# Its log stays in the archive; the build's last lines go to gpu_tests.log (the device tool brings
+# back at most 8 files, and $OUT holds 8 without a log of its own).
+wait $build_pid || status=1
+{ tail -5 "$W/build_cpp.log"
+  python3 -c "from sn_fused.ops import spectral_norm as s; print('C++ read:', s.CPP_READS)"; } 2>&1 | tee -a "$OUT/gpu_tests.log"
 # The GPU tests again, now through the C++ read (CUDA graphs, streams, compile parity, ...).
 timeout 150 python3 -m pytest tests/test_cpp_read.py tests/test_gpu.py -q -n 8 --timeout=120 -p no:cacheprovider \
   -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/gpu_tests.log" || status=1
