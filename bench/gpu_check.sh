@@ -11,7 +11,7 @@
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table, graph and eager, with its host
 #                            profile: a same-card A/B of a kernel or host-path change
-#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: --profile --bwd-sweep
+#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: --profile --eager-ab --bwd-sweep
 #                            --compile-probe; "" for none; final mode only; --on-chip-sweep, run
 #                            in sessions 8 and 9, left out since session 13 to make room for ncu)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
@@ -82,7 +82,7 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
 if [ "$mode" != bench ]; then
   echo "== kernel table"
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --bwd-sweep --compile-probe})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --eager-ab --bwd-sweep --compile-probe})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 240 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then

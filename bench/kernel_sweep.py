@@ -4,10 +4,11 @@ A quick companion of ``python -m bench`` for kernel work: for each (M, N) it tim
 the forward read and the backward as CUDA-graph replays (pure GPU time) and as
 eager host-inclusive calls, and prints the floor from the copy bandwidth measured
 in the same run. ``--sweep`` also tries launch-config variants (elements per
-program) so tuning decisions come from measurements.
+program) so tuning decisions come from measurements. ``--eager-ab`` times the eager reads
+of issue #3's eager goal (the SNGAN ResNet D's shapes) in interleaved rounds.
 
     python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--on-chip-sweep] [--profile]
-                                 [--compile-probe] [--graph-only] [--no-torch] [--no-table]
+                                 [--compile-probe] [--eager-ab] [--graph-only] [--no-torch] [--no-table]
                                  [--sweep-shapes MxN,...] [--reads MxN] [--out DIR]
 """
 
@@ -72,9 +73,9 @@ def eager_time_us(fn, iters=200) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def layer(M, N, impl):
+def layer(M, N, impl, device="cuda"):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(N, M, bias=False).cuda()
+    lin = torch.nn.Linear(N, M, bias=False).to(device)
     with torch.no_grad():
         lin.weight.normal_()
     if impl == "sn_fused":
@@ -248,6 +249,76 @@ def compile_probe(M=128, N=1152):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
+#: The SNGAN ResNet D's 11 normalized tensors (CIFAR, ch 128; ../shared/DESIGN.md §3): the
+#: shapes of issue #3's eager goal (>= 6x PyTorch's SN).
+SNGAN_RESNET_D = [(128, 27)] + [(128, 1152)] * 7 + [(128, 3), (128, 128), (1, 128)]
+
+
+def python_read(read):
+    """``read`` with the C++ read (sn_fused._C) switched off, as under SN_FUSED_CPP=0."""
+    def call():
+        on, ops_mod.CPP_READS = ops_mod.CPP_READS, False
+        try:
+            return read()
+        finally:
+            ops_mod.CPP_READS = on
+    return call
+
+
+def eager_ab(shapes=SNGAN_RESNET_D, budget_s=0.4, rounds=9, device="cuda"):
+    """Eager reads (host included) of sn_fused and PyTorch's SN in interleaved rounds.
+
+    The table's eager columns time each layer in its own back-to-back loop, one after the
+    other; on a busy host they swing up to 2x between runs of the same code. Here every row
+    of a shape is timed in the same rounds (``harness.time_eager_interleaved``: median over
+    ``rounds``, each round visiting every row, starting one later each time), so a drift of
+    the host hits all of them alike. Rows: sn_fused as a user gets it (the C++ read where
+    ``sn_fused._C`` is built), sn_fused through the Python read (a layer of its own, made and
+    read with ``CPP_READS`` off), and PyTorch's parametrization; a read, and a read plus
+    backward. The last line reads every tensor of the whole D once (``shapes``, repeats
+    included). Returns the rows.
+    """
+    from bench.harness import time_eager_interleaved
+
+    dev = torch.device(device)
+    impls = ["sn_fused"] + (["sn_fused, Python read"] if ops_mod.CPP_READS else []) + ["PyTorch"]
+
+    def make(M, N, impl):
+        if impl == "sn_fused, Python read":
+            return python_read(lambda: layer(M, N, "sn_fused", device))()
+        return layer(M, N, "sn_fused" if impl == "sn_fused" else "torch", device)
+
+    def calls(layers, impl):
+        grads = [torch.randn(m.weight.shape, device=dev) for m in layers]
+
+        def fwd():
+            for m in layers:
+                m.weight
+
+        def fwd_bwd():
+            for m, g in zip(layers, grads):
+                m.weight.backward(g)
+        return (python_read(fwd), python_read(fwd_bwd)) if impl == "sn_fused, Python read" else (fwd, fwd_bwd)
+
+    groups = [(f"{M}x{N}", [(M, N)]) for M, N in dict.fromkeys(shapes)]
+    if len(shapes) > 1:
+        groups.append((f"all {len(shapes)}", list(shapes)))
+    print(f"# eager A/B, interleaved rounds (median of {rounds}), host-inclusive us; "
+          f"x = PyTorch / row; C++ read built and on: {ops_mod.CPP_READS}")
+    print(f"{'shapes':>12} {'':>4} | " + " | ".join(f"{name:>22}" for name in impls))
+    rows = []
+    for name, group in groups:
+        fns = {impl: calls([make(M, N, impl) for M, N in group], impl) for impl in impls}
+        for j, what in enumerate(("fwd", "f+b")):
+            us = time_eager_interleaved([fns[impl][j] for impl in impls], dev, budget_s, rounds)
+            us = dict(zip(impls, (t * 1e6 for t in us)))
+            rows.append(dict(shapes=name, what=what, us=us))
+            cells = [f"{us[impl]:10.1f} ({us['PyTorch'] / us[impl]:5.2f}x)" if impl != "PyTorch"
+                     else f"{us[impl]:22.1f}" for impl in impls]
+            print(f"{name:>12} {what:>4} | " + " | ".join(f"{c:>22}" for c in cells), flush=True)
+    return rows
+
+
 def host_profile(M=128, N=1152):
     """Where the eager host time of one read goes: layer, launcher, raw launch."""
     import cProfile
@@ -308,6 +379,9 @@ def main():
                     help="ON_CHIP vs streaming forward on small weights")
     ap.add_argument("--no-table", action="store_true", help="skip the per-shape table (sweeps/probes only)")
     ap.add_argument("--graph-only", action="store_true", help="skip the eager (host-inclusive) timings")
+    ap.add_argument("--eager-ab", action="store_true",
+                    help="eager reads of the SNGAN ResNet D's shapes, sn_fused (C++ and Python read) and "
+                         "PyTorch in interleaved rounds")
     ap.add_argument("--no-torch", action="store_true",
                     help="time sn_fused only (e.g. an older checkout, for a same-card A/B)")
     args = ap.parse_args()
@@ -342,6 +416,8 @@ def main():
               f"{pt['fwd_eager'] / snf['fwd_eager']:7.1f} | {snf['fwdbwd_graph']:8.1f} {pt['fwdbwd_graph']:7.1f} | "
               f"{snf['fwdbwd_eager']:13.1f} {pt['fwdbwd_eager']:12.1f}", flush=True)
     sweep = []
+    if args.eager_ab:
+        sweep += [dict(eager_ab=eager_ab())]
     if args.sweep:
         sweep = knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES)
     if args.bwd_sweep:
