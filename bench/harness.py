@@ -46,7 +46,7 @@ from .shapes import Layer
 
 __all__ = [
     "DTYPES", "IMPLS", "IMPL_LABELS", "LayerBench", "Budget",
-    "sync", "time_eager", "time_eager_interleaved", "time_graph", "capture_graph", "count_launches", "copy_bandwidth",
+    "sync", "python_read", "time_eager", "time_eager_interleaved", "time_graph", "capture_graph", "count_launches", "copy_bandwidth",
     "build_layer", "measure_layer", "build_step", "warm_up_step", "time_steps", "error_text", "floors_us",
     "release_memory",
 ]
@@ -91,6 +91,20 @@ class Budget:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def python_read(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` with sn_fused's C++ read (``sn_fused._C``) switched off, as under SN_FUSED_CPP=0:
+    the Python read path, timed in the same process as the C++ one."""
+    from sn_fused.ops import spectral_norm as ops_mod
+
+    def python_path_call():
+        on, ops_mod.CPP_READS = ops_mod.CPP_READS, False
+        try:
+            return call()
+        finally:
+            ops_mod.CPP_READS = on
+    return python_path_call
 
 
 def time_eager(fn: Callable[[], Any], device: torch.device, budget_s: float, rounds: int = 5,

@@ -67,16 +67,8 @@ def _rows() -> dict[str, Callable[[], Any]]:
     from torch import nn
 
     import sn_fused
+    from bench.harness import python_read as python_path
     from sn_fused.ops import spectral_norm as ops_mod
-
-    def python_path(make_or_read):  # with the C++ read (sn_fused._C) switched off, as SN_FUSED_CPP=0
-        def call():
-            on, ops_mod.CPP_READS = ops_mod.CPP_READS, False
-            try:
-                return make_or_read()
-            finally:
-                ops_mod.CPP_READS = on
-        return call
 
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
         torch.manual_seed(0)

@@ -254,17 +254,6 @@ def compile_probe(M=128, N=1152):
 SNGAN_RESNET_D = [(128, 27)] + [(128, 1152)] * 7 + [(128, 3), (128, 128), (1, 128)]
 
 
-def python_read(read):
-    """``read`` with the C++ read (sn_fused._C) switched off, as under SN_FUSED_CPP=0."""
-    def call():
-        on, ops_mod.CPP_READS = ops_mod.CPP_READS, False
-        try:
-            return read()
-        finally:
-            ops_mod.CPP_READS = on
-    return call
-
-
 def eager_ab(shapes=SNGAN_RESNET_D, budget_s=0.4, rounds=9, device="cuda"):
     """Eager reads (host included) of sn_fused and PyTorch's SN in interleaved rounds.
 
@@ -278,7 +267,7 @@ def eager_ab(shapes=SNGAN_RESNET_D, budget_s=0.4, rounds=9, device="cuda"):
     backward. The last line reads every tensor of the whole D once (``shapes``, repeats
     included). Returns the rows.
     """
-    from bench.harness import time_eager_interleaved
+    from bench.harness import python_read, time_eager_interleaved
 
     dev = torch.device(device)
     impls = ["sn_fused"] + (["sn_fused, Python read"] if ops_mod.CPP_READS else []) + ["PyTorch"]
