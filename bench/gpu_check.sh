@@ -11,24 +11,26 @@
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table, graph and eager, with its host
 #                            profile: a same-card A/B of a kernel or host-path change
-#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: --profile --eager-ab --bwd-sweep
-#                            --compile-probe; "" for none; final mode only; --on-chip-sweep, run
-#                            in sessions 8 and 9, left out since session 13 to make room for ncu)
+#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile, the interleaved
+#                            eager A/B of the SNGAN shapes, and the _LOAD_STAGES sweep of the
+#                            streaming shapes, see below; "" for none; final mode only). Measured
+#                            before and left out to make room: --bwd-sweep (sessions 3-9),
+#                            --compile-probe (session 14), --on-chip-sweep (sessions 8, 9)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/; at most 240 s
 #                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
 #                            warm-up alone on an H100; each step prints its warm-up when it ends,
 #                            and each (model, mode) group its ms/step once its steps are timed)
 #
-# Since session 13 it also asks Nsight Compute (where installed) for the DRAM bytes of one forward
-# read of 1536x13824 and 4096x4096 (~20-40 s, a guess).
-# Since session 12 the call also builds sn_fused._C (in the background, during the GPU tests),
-# runs tests/test_cpp_read.py and tests/test_gpu.py through it, and times the kernel table once
-# more with SN_FUSED_CPP=0 (~35 s): ~1-1.5 min more in all (a guess: not yet run on a GPU).
-# Sizes seen on an H100 (2026-11-26, session 8, `final` with a baseline): GPU tests 76 s, layer
-# corners 31 s, kernel table + sweeps + probes ~100 s, baseline table ~35 s, --quick 119 s:
-# 365 s in all, plus ~30 s to start the machine. Session 9, the same plus a knob sweep of two
-# shapes (SN_FUSED_SWEEP_ARGS, no --bwd-sweep): 390 s.
+# It builds sn_fused._C (in the background, during the GPU tests) and runs tests/test_cpp_read.py
+# and tests/test_gpu.py through it, and asks Nsight Compute (where installed) for the DRAM bytes of
+# one forward read of 1536x13824 and 4096x4096, and of 1536x13824 with _LOAD_STAGES=3.
+# Sizes seen on an H100 (2026-11-27, session 14, `final` with a baseline, SN_FUSED_SWEEP_ARGS=
+# "--profile --compile-probe", and a kernel table with SN_FUSED_CPP=0 since replaced by
+# --eager-ab): 438 s in all, plus ~30 s to start the machine; --quick 117 s of it. The
+# --eager-ab part took ~40 s in a call of its own; the _LOAD_STAGES sweep (4 shapes x 5
+# variants, each compiled once) is not yet timed (~100 s, a guess). Each section prints the
+# time it starts.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
@@ -61,10 +63,10 @@ rm -f sn_fused/_C.*.so
     && mv "sn_fused/.tmp_C.so" "sn_fused/$(basename "$so")" ) > "$W/build_cpp.log" 2>&1 &
 build_pid=$!
 
-echo "== GPU tests"
+echo "== GPU tests $(date +%T)"
 timeout 200 python3 -m pytest tests/test_gpu.py tests/test_ops.py -q -n 8 --timeout=150 \
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log" || status=1
-echo "== sn_fused._C build"
+echo "== sn_fused._C build $(date +%T)"
 # Its log stays in the archive; the build's last lines go to gpu_tests.log (the device tool brings
 # back at most 8 files, and $OUT holds 8 without a log of its own).
 wait $build_pid || status=1
@@ -80,34 +82,36 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
   -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/gpu_tests.log" || status=1
 
 if [ "$mode" != bench ]; then
-  echo "== kernel table"
+  echo "== kernel table $(date +%T)"
+  # The _LOAD_STAGES sweep: forward graph time with pipelined loads over A (off by default until
+  # measured; bench/NOTES.md v15), defaults timed first and last, on the streaming shapes.
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --eager-ab --bwd-sweep --compile-probe})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --eager-ab --sweep --sweep-knobs _LOAD_STAGES
+         --sweep-shapes 512x4608,768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
-  timeout 240 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
+  timeout 330 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     # Graph and eager times, and the host profile: a same-card A/B of the kernels and of the host path.
-    echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only)"
+    echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only) $(date +%T)"
     (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --no-torch --profile) 2>&1 \
       | tee "$OUT/kernel_sweep-baseline.log" || status=1
   fi
   # Whether the rescale's second read of a weight larger than L2 comes from DRAM (bench/NOTES.md
   # v14): DRAM bytes and L2 hit rate of one forward read (floor: A read once, W_sn written once).
   if command -v ncu >/dev/null; then
-    echo "== ncu: DRAM bytes of one forward read of the large weights"
-    for s in 1536x13824 4096x4096; do
-      timeout 60 ncu --clock-control none --kernel-name regex:spectral_norm_fwd --launch-skip 2 --launch-count 1 \
+    echo "== ncu: DRAM bytes of one forward read of the large weights $(date +%T)"
+    # (session 14, 1536x13824: 1.73x A's bytes read at 2.2 TB/s; 4096x4096: 1.57x)
+    for s in 1536x13824:1 4096x4096:1 1536x13824:3; do
+      echo "# $s (shape:_LOAD_STAGES)"
+      SN_FUSED_LOAD_STAGES=${s#*:} timeout 60 ncu --clock-control none --kernel-name regex:spectral_norm_fwd \
+        --launch-skip 2 --launch-count 1 \
         --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
-        python3 -m bench.kernel_sweep --reads "$s" || status=1
+        python3 -m bench.kernel_sweep --reads "${s%:*}" || status=1
     done 2>&1 | tee "$OUT/ncu_dram.log"
   fi
-  # This checkout's reads without the C++ read: its A/B on the same card (eager rows, host profile).
-  echo "== kernel table, SN_FUSED_CPP=0 (sn_fused only)"
-  SN_FUSED_CPP=0 timeout 120 python3 -m bench.kernel_sweep --no-torch --profile 2>&1 \
-    | tee "$OUT/kernel_sweep-python-read.log" || status=1
 fi
 
-echo "== python -m bench --quick"
+echo "== python -m bench --quick $(date +%T)"
 timeout 185 python3 -m bench --quick --out "$W" 2>&1 | tee "$OUT/bench.log" || status=1
 if [ -n "${SN_FUSED_EXTRA_BENCH:-}" ]; then
   echo "== python -m bench $SN_FUSED_EXTRA_BENCH"

@@ -9,7 +9,7 @@ of issue #3's eager goal (the SNGAN ResNet D's shapes) in interleaved rounds.
 
     python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--on-chip-sweep] [--profile]
                                  [--compile-probe] [--eager-ab] [--graph-only] [--no-torch] [--no-table]
-                                 [--sweep-shapes MxN,...] [--reads MxN] [--out DIR]
+                                 [--sweep-shapes MxN,...] [--sweep-knobs NAME,...] [--reads MxN] [--out DIR]
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def measure(M, N, impl, graph_only=False):
 
 
 KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 8192, 32768),
-             _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768))
+             _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768), _LOAD_STAGES=(2, 3, 4))
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 
@@ -122,14 +122,15 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     """Forward graph time per shape with one launch knob changed at a time from the defaults.
 
     Each variant's first read is also checked against the float64 reference (``err`` above
-    1e-5 is flagged), so a faster variant is known to compute the same thing.
+    1e-5 is flagged), so a faster variant is known to compute the same thing. The defaults
+    are timed first and again last: the spread of the two is the drift of the run.
     """
     defaults = {k: getattr(ops_mod, k) for k in knobs}
     results = []
     print("# knob sweep: fwd graph us [G] (one knob changed from the defaults %s)" % defaults)
     for M, N in shapes:
         line = []
-        for knob, values in [("default", (None,))] + list(knobs.items()):
+        for knob, values in [("default", (None,))] + list(knobs.items()) + [("default", (None,))]:
             for val in values:
                 with ops_mod._launch_knobs(**({} if knob == "default" else {knob: val})):
                     grid = ops_mod._launch_config(M, N, cuda_device(), None).grid
@@ -358,6 +359,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="launch knobs, one at a time (forward graph time)")
     ap.add_argument("--sweep-shapes", default=None, metavar="MxN,...",
                     help="shapes of --sweep (default %s)" % ",".join(f"{m}x{n}" for m, n in SWEEP_SHAPES))
+    ap.add_argument("--sweep-knobs", default=None, metavar="NAME,...",
+                    help="knobs of --sweep (default all: %s)" % ",".join(KNOBS))
     ap.add_argument("--reads", default=None, metavar="MxN",
                     help="only build one MxN layer and read it 3 times (a target for ncu --launch-skip 2)")
     ap.add_argument("--profile", action="store_true", help="break down the eager host time")
@@ -392,7 +395,8 @@ def main():
     shapes = [] if args.no_table else SHAPES
     hdr = (f"{'shape':>12} {'floor':>6} | {'SNF fwd':>8} {'x floor':>7} {'PT fwd':>7} | {'SNF eager':>9} "
            f"{'PT eager':>8} {'speedup':>7} | {'SNF f+b':>8} {'PT f+b':>7} | {'SNF f+b eager':>13} {'PT f+b eager':>12}")
-    print(hdr)
+    if shapes:
+        print(hdr)
     for M, N in shapes:
         floor_f = 2 * M * N * 4 / bw * 1e6
         snf = measure(M, N, "sn_fused", args.graph_only)
@@ -408,7 +412,8 @@ def main():
     if args.eager_ab:
         sweep += [dict(eager_ab=eager_ab())]
     if args.sweep:
-        sweep = knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES)
+        knobs = KNOBS if not args.sweep_knobs else {k: KNOBS[k] for k in args.sweep_knobs.split(",")}
+        sweep = knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES, knobs)
     if args.bwd_sweep:
         sweep += bwd_sweep()
     if args.on_chip_sweep:

@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent("""
     bwd.update(ws_ptr="*fp32", sem_ptr="*i32")
 
     def fwd_case(**blocks):
-        return (K.spectral_norm_fwd_kernel, fwd, {**dict(NCOL=1, TRAINING=True, PHASE=-1), **blocks})
+        return (K.spectral_norm_fwd_kernel, fwd, {**dict(NCOL=1, TRAINING=True, PHASE=-1, LOAD_STAGES=1), **blocks})
 
     def bwd_case(**blocks):
         return (K.spectral_norm_bwd_kernel, bwd, dict(PHASE=-1, **blocks))
@@ -42,6 +42,8 @@ SCRIPT = textwrap.dedent("""
                  ON_CHIP=False),
         fwd_case(BLOCK_M=2, BLOCK_N=8192, BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True,
                  ON_CHIP=False),
+        fwd_case(BLOCK_M=2, BLOCK_N=8192, BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True,
+                 ON_CHIP=False, TRAINING=False, LOAD_STAGES=3),
         fwd_case(BLOCK_M=4, BLOCK_N=64, BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True,
                  ON_CHIP=False, NCOL=3, TRAINING=False),
         fwd_case(BLOCK_M=8, BLOCK_N=2048, BLOCK_R=8, BLOCK_C=64, BLOCK_P=32, BLOCK_Q=4, ROW_IN_TILE=True,
@@ -147,6 +149,29 @@ SPILL_SCRIPT = textwrap.dedent("""
             vector = [l for l in ptx if "st.global" in l and ".v4." in l]
             print(f"1x8192 forward (on_chip={on_chip}): {len(scalar)} scalar, {len(vector)} 16-byte stores")
             assert len(scalar) <= 16 and len(vector) >= 24, (on_chip, len(scalar), len(vector))
+
+    # _LOAD_STAGES > 1 (off by default until measured): the streaming loops over A are software-
+    # pipelined (cp.async into shared memory, (stages - 1) tiles of A), in registers without
+    # spills and within an H100's 227 KB of shared memory per program.
+    # Column blocks (rows wider than 16384) stay unpipelined: three loops with buffers of their
+    # own would take 256 KB at 3 stages.
+    assert snm._launch_config(64, 20000, torch.device("cpu"), 2).LOAD_STAGES == 1
+    for (M, N), stages in [((1536, 13824), 3), ((1536, 13824), 4), ((512, 4608), 3), ((4096, 1024), 3)]:
+        with snm._launch_knobs(_LOAD_STAGES=stages):
+            launches.clear()
+            w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
+            snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1), torch.empty(()),
+                                snm.new_semaphore(), 0, 1, 1e-12, True, num_programs=snm._default_grid(M, N, 132),
+                                phase_by_phase=False)
+            kernel, args, cfg, coop = launches[0]
+            assert not cfg.ON_CHIP and cfg.LOAD_STAGES == stages
+            k = compile_launch(kernel, args, cfg, coop)
+            copies = k.asm["ptx"].count("cp.async.cg.shared.global")
+            shared = k.metadata.shared
+            spills = spill_bytes(kernel, args, cfg, coop)
+            print(f"{M}x{N} forward, LOAD_STAGES={stages} (row_in_tile={cfg.ROW_IN_TILE}): {copies} cp.async, "
+                  f"{shared} B shared, spill bytes {spills}")
+            assert copies > 0 and shared <= 227 * 1024 and spills == [0, 0], (M, N, stages, copies, shared, spills)
     print("OK")
 """)
 

@@ -111,6 +111,23 @@ def test_deterministic_bitwise():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("M,N", [(1536, 13824), (768, 6912), (4096, 1024)])
+def test_load_stages_bitwise(M, N):
+    """Pipelined loads over A (``_LOAD_STAGES``, off by default until measured) change when
+    tiles arrive, not the arithmetic: W_sn, u, v, sigma and the saved vectors bitwise as the
+    default's, on the grid an H100 gives these weights."""
+    torch.manual_seed(0)
+    w = torch.randn(M, N, device=DEV)
+    results = []
+    for stages in (1, 3):
+        with ops_mod._launch_knobs(_LOAD_STAGES=stages):
+            assert ops_mod._launch_config(M, N, w.device, None).LOAD_STAGES == stages
+            r = _run_both(w, 0, 2, True, seed=3)
+        results.append([r[k] for k in ("out", "u", "v", "us", "vs", "sigma")])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert _rel(results[1][0], r["ref_out"]) < 1e-5
+
+
 def _count_kernels(fn):
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

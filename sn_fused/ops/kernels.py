@@ -228,7 +228,8 @@ def _sum_partials(part_ptr, G, BLOCK_P: tl.constexpr):
 def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
                    pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
                    FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TILE: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TILE: tl.constexpr,
+                   LOAD_STAGES: tl.constexpr):
     """Phase ST over own rows: ``s = A x``; training also ``t_part[p] = A[rows]^T s``.
 
     ``x = v`` (FROM_V) or ``x = t / dv`` of the previous iteration, rounded to
@@ -251,7 +252,7 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
             t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
             x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
         t_acc = tl.zeros([BLOCK_N], acc_t)
-        for r in range(r0, r1, BLOCK_M):
+        for r in tl.range(r0, r1, BLOCK_M, num_stages=LOAD_STAGES):
             rows = r + tl.arange(0, BLOCK_M)
             rmask = rows < r1
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
@@ -271,7 +272,7 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
         rows = r + tl.arange(0, BLOCK_M)
         rmask = rows < r1
         acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
-        for c in range(0, N, BLOCK_N):
+        for c in tl.range(0, N, BLOCK_N, num_stages=LOAD_STAGES):
             cols = c + tl.arange(0, BLOCK_N)
             cmask = cols < N
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
@@ -291,12 +292,13 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
     tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
     if TRAINING:
         _transposed_partial(w_ptr, s_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                            D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+                            D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, LOAD_STAGES)
 
 
 @triton.jit
 def _transposed_partial(w_ptr, x_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                        D1, D2, D3, NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        D1, D2, D3, NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        LOAD_STAGES: tl.constexpr):
     """``t_part[p] = A[own rows]^T x[own rows]``: a pass over own rows, column block by block."""
     acc_t = tpart_ptr.dtype.element_ty
     tl.debug_barrier()  # x of own rows, stored by some threads, is read by others below
@@ -306,7 +308,7 @@ def _transposed_partial(w_ptr, x_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_
         cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
-        for r in range(r0, r1, BLOCK_M):
+        for r in tl.range(r0, r1, BLOCK_M, num_stages=LOAD_STAGES):
             rows = r + tl.arange(0, BLOCK_M)
             rmask = rows < r1
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
@@ -448,7 +450,7 @@ def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK: tl.constexpr):
 @triton.jit
 def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
-                   NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOAD_STAGES: tl.constexpr):
     """``W_sn = W / sigma`` over own rows, and sigma's stores.
 
     Order: the exact reverse of the last pass over A (phase ST ends on column
@@ -462,7 +464,7 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        for j in range(n_rblocks):
+        for j in tl.range(n_rblocks, num_stages=LOAD_STAGES):
             rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)  # last row block first
             mask = (rows >= r0)[:, None] & cmask[None, :]
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
@@ -686,6 +688,7 @@ def spectral_norm_fwd_kernel(
     NCOL: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr, ON_CHIP: tl.constexpr,
+    LOAD_STAGES: tl.constexpr,
 ):
     """One read of the spectral-normalized weight (see the module docstring).
 
@@ -701,6 +704,12 @@ def spectral_norm_fwd_kernel(
     ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
     ``ROW_IN_TILE`` (``BLOCK_N >= N``): phase ST reads each tile of A once.
     ``ON_CHIP``: each program's rows are one tile, kept in registers (``_read_on_chip``).
+    ``LOAD_STAGES``: the streaming loops over A (phase ST, the rescale) as ``tl.range(...,
+    num_stages=LOAD_STAGES)``. Above 1, Triton's software pipeliner loads the next
+    ``LOAD_STAGES - 1`` tiles into shared memory (``cp.async``, sm_80+) while a tile is used, so
+    a program keeps loads in flight across the reduction of each row instead of waiting a
+    full DRAM latency per tile. 1: no pipelining, the code of a plain ``range``. The
+    interpreter runs every value alike.
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -738,7 +747,7 @@ def spectral_norm_fwd_kernel(
         if PHASE == -1 or PHASE == 0:
             _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
                            s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                           True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
+                           True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES)
         if TRAINING:
             if PHASE == -1:
                 for it in range(n_iters):
@@ -751,7 +760,7 @@ def spectral_norm_fwd_kernel(
                     # branch or none: its barriers cannot deadlock.
                     if _not_finite(tsq):
                         _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2,
-                                            s_c3, D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
+                                            s_c3, D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N, 1)
                         grid_barrier(sem_ptr)
                         _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
                         grid_barrier(sem_ptr)
@@ -761,11 +770,11 @@ def spectral_norm_fwd_kernel(
                     if it < n_iters - 1:
                         _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                       False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
+                                       False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES)
                     else:
                         _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, LOAD_STAGES)
             elif ON_CHIP and (PHASE == 1 or PHASE == 4):
                 # PHASE_R, or PHASE_FIX_R after a fallback: v, sigma (and the rescale)
                 _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr,
@@ -784,7 +793,7 @@ def spectral_norm_fwd_kernel(
                     tl.store(flag_ws, overflow.to(flag_ws.dtype.element_ty))  # the same from every program
                 if overflow:
                     _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                                        D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
+                                        D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N, 1)
             elif PHASE == 4:
                 if tl.load(flag_ws) != 0:
                     _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
@@ -795,11 +804,11 @@ def spectral_norm_fwd_kernel(
                 if is_last:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, LOAD_STAGES)
                 else:
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE)
+                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES)
         else:
             if PHASE == -1:
                 grid_barrier(sem_ptr)
@@ -810,7 +819,7 @@ def spectral_norm_fwd_kernel(
                 _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
                 _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, LOAD_STAGES)
 
 
 @triton.jit

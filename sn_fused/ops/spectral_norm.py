@@ -110,6 +110,13 @@ _ON_CHIP_MAX_ROW = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_ROW", 8192))  # wide
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
+# The forward's streaming loops over A as tl.range(..., num_stages=_LOAD_STAGES) (kernels.py,
+# LOAD_STAGES): above 1 the next tiles are loaded into shared memory while one is used.
+# Measured on an H100 (bench/NOTES.md v15, ncu): a forward read of 1536x13824 moved its bytes
+# at 2.2 TB/s against a 3.0 TB/s copy, as if each program waited a DRAM latency per tile.
+# 1 (off) until a GPU run measures it: `python -m bench.kernel_sweep --sweep --sweep-knobs
+# _LOAD_STAGES`.
+_LOAD_STAGES = int(os.environ.get("SN_FUSED_LOAD_STAGES", 1))
 
 
 # --------------------------------------------------------------------------- layout
@@ -269,6 +276,7 @@ class _LaunchConfig:
     num_stages: int | None
     ROW_IN_TILE: bool
     ON_CHIP: bool
+    LOAD_STAGES: int = 1  # the forward's streaming loops over A (kernels.py)
 
 
 def _default_grid(M: int, N: int, cap: int) -> int:
@@ -320,8 +328,13 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     # The G partials of a column are summed BLOCK_Q programs per load: [BLOCK_Q, BLOCK_C] tiles
     # of own columns (phase R), or [BLOCK_Q, BLOCK_N] tiles of all columns (ON_CHIP).
     block_q = min(block_p, _floor_power_of_2(_TILE_ELEMENTS // 2 // (block_n if on_chip else block_c)))
+    # Pipelined loads (_LOAD_STAGES) on whole-row tiles only: there phase ST and the rescale
+    # share (stages - 1) tiles of shared memory (128 KB at 3 stages, fp32). Column blocks
+    # pipeline three loops with buffers of their own (256 KB at 3 stages: over an H100's 227).
+    load_stages = max(_LOAD_STAGES, 1) if row_in_tile else 1
     return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q,
-                         _num_warps(block_m * block_n, block_n), _NUM_STAGES or None, row_in_tile, on_chip)
+                         _num_warps(block_m * block_n, block_n), _NUM_STAGES or None, row_in_tile, on_chip,
+                         load_stages)
 
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
@@ -538,7 +551,7 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
     launches = tuple(
         (layout.M, layout.N, n_power_iterations, int(is_last), *layout.strides[0], *layout.strides[1],
          *layout.inner_sizes, len(layout.sizes), training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R,
-         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP)
+         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.LOAD_STAGES)
         for phase, is_last in phases)
     # One ON_CHIP program in one launch keeps everything in registers: no workspace.
     ws_numel = 0 if cfg.ON_CHIP and cfg.grid == 1 and not phase_by_phase else \
