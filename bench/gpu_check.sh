@@ -24,13 +24,14 @@
 #
 # It builds sn_fused._C (in the background, during the GPU tests) and runs tests/test_cpp_read.py
 # and tests/test_gpu.py through it, and asks Nsight Compute (where installed) for the DRAM bytes of
-# one forward read of 1536x13824 and 4096x4096, and of 1536x13824 with _LOAD_STAGES=3.
+# one forward read of 1536x13824 and 4096x4096, and of 1536x13824 with both pipelined-load knobs at 3.
 # Sizes seen on an H100 (2026-11-27, session 14, `final` with a baseline, SN_FUSED_SWEEP_ARGS=
 # "--profile --compile-probe", and a kernel table with SN_FUSED_CPP=0 since replaced by
 # --eager-ab): 438 s in all, plus ~30 s to start the machine; --quick 117 s of it. The
-# --eager-ab part took ~40 s in a call of its own; the _LOAD_STAGES sweep (4 shapes x 5
+# --eager-ab part took ~40 s in a call of its own; the pipelined-loads sweep (3 shapes x 8
 # variants, each compiled once) is not yet timed (~100 s, a guess). Each section prints the
-# time it starts.
+# time it starts. Without a baseline the whole call should fit ~8.5 min (a guess): give it
+# timeout_s 590 and no SN_FUSED_BASELINE unless a kernel or host change needs the A/B.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
@@ -83,11 +84,13 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
 
 if [ "$mode" != bench ]; then
   echo "== kernel table $(date +%T)"
-  # The _LOAD_STAGES sweep: forward graph time with pipelined loads over A (off by default until
-  # measured; bench/NOTES.md v15), defaults timed first and last, on the streaming shapes.
+  # The pipelined-loads sweep: forward graph time with phase ST's and the rescale's loads over A
+  # pipelined, each alone and both (off by default until measured; bench/NOTES.md v15), the
+  # defaults timed first and last, on the streaming shapes that stream most.
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --eager-ab --sweep --sweep-knobs _LOAD_STAGES
-         --sweep-shapes 512x4608,768x6912,1536x13824,4096x4096})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --eager-ab --sweep
+         --sweep-knobs _LOAD_STAGES,_RESCALE_STAGES,_LOAD_STAGES+_RESCALE_STAGES
+         --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 330 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
@@ -101,13 +104,17 @@ if [ "$mode" != bench ]; then
   if command -v ncu >/dev/null; then
     echo "== ncu: DRAM bytes of one forward read of the large weights $(date +%T)"
     # (session 14, 1536x13824: 1.73x A's bytes read at 2.2 TB/s; 4096x4096: 1.57x)
-    for s in 1536x13824:1 4096x4096:1 1536x13824:3; do
-      echo "# $s (shape:_LOAD_STAGES)"
-      SN_FUSED_LOAD_STAGES=${s#*:} timeout 60 ncu --clock-control none --kernel-name regex:spectral_norm_fwd \
-        --launch-skip 2 --launch-count 1 \
-        --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
-        python3 -m bench.kernel_sweep --reads "${s%:*}" || status=1
-    done 2>&1 | tee "$OUT/ncu_dram.log"
+    # (the group runs in a subshell, piped into tee: its exit status carries a failure out)
+    { failed=0
+      for s in 1536x13824:1:1 4096x4096:1:1 1536x13824:3:3; do
+        IFS=: read -r shape load rescale <<< "$s"
+        echo "# $shape, _LOAD_STAGES $load, _RESCALE_STAGES $rescale"
+        SN_FUSED_LOAD_STAGES=$load SN_FUSED_RESCALE_STAGES=$rescale timeout 60 ncu --clock-control none \
+          --kernel-name regex:spectral_norm_fwd --launch-skip 2 --launch-count 1 \
+          --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
+          python3 -m bench.kernel_sweep --reads "$shape" || failed=1
+      done
+      [ "$failed" = 0 ]; } 2>&1 | tee "$OUT/ncu_dram.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1
   fi
 fi
 

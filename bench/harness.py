@@ -46,7 +46,8 @@ from .shapes import Layer
 
 __all__ = [
     "DTYPES", "IMPLS", "IMPL_LABELS", "LayerBench", "Budget",
-    "sync", "python_read", "time_eager", "time_eager_interleaved", "time_graph", "capture_graph", "count_launches", "copy_bandwidth",
+    "sync", "python_read", "time_eager", "time_eager_interleaved", "time_graph", "capture_graph", "count_launches",
+    "copy_bandwidth",
     "build_layer", "measure_layer", "build_step", "warm_up_step", "time_steps", "error_text", "floors_us",
     "release_memory",
 ]

@@ -103,7 +103,9 @@ def measure(M, N, impl, graph_only=False):
 
 
 KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 8192, 32768),
-             _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768), _LOAD_STAGES=(2, 3, 4))
+             _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768), _LOAD_STAGES=(2, 3, 4), _RESCALE_STAGES=(2, 3))
+# Knobs changed together: "A+B" with value tuples.
+KNOBS["_LOAD_STAGES+_RESCALE_STAGES"] = ((3, 3),)
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 
@@ -125,14 +127,15 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     1e-5 is flagged), so a faster variant is known to compute the same thing. The defaults
     are timed first and again last: the spread of the two is the drift of the run.
     """
-    defaults = {k: getattr(ops_mod, k) for k in knobs}
+    defaults = {name: getattr(ops_mod, name) for knob in knobs for name in knob.split("+")}
     results = []
     print("# knob sweep: fwd graph us [G] (one knob changed from the defaults %s)" % defaults)
     for M, N in shapes:
         line = []
         for knob, values in [("default", (None,))] + list(knobs.items()) + [("default", (None,))]:
             for val in values:
-                with ops_mod._launch_knobs(**({} if knob == "default" else {knob: val})):
+                names, vals = knob.split("+"), val if "+" in knob else (val,)
+                with ops_mod._launch_knobs(**({} if knob == "default" else dict(zip(names, vals)))):
                     grid = ops_mod._launch_config(M, N, cuda_device(), None).grid
                     try:
                         m = layer(M, N, "sn_fused")
@@ -143,7 +146,8 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
                         print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
                 results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, fwd_graph_us=t, rel_err=err))
                 flag = f" ERR {err:.1e}" if err > 1e-5 else ""  # (NaN: the variant raised, printed above)
-                line.append(f"{knob.strip('_')[:8]}={val}:{t:.1f}[{grid}]{flag}")
+                label = "+".join(name.strip("_")[:8] for name in names)
+                line.append(f"{label}={val}:{t:.1f}[{grid}]{flag}")
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
     return results
 
@@ -413,7 +417,7 @@ def main():
         sweep += [dict(eager_ab=eager_ab())]
     if args.sweep:
         knobs = KNOBS if not args.sweep_knobs else {k: KNOBS[k] for k in args.sweep_knobs.split(",")}
-        sweep = knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES, knobs)
+        sweep += knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES, knobs)
     if args.bwd_sweep:
         sweep += bwd_sweep()
     if args.on_chip_sweep:

@@ -37,3 +37,28 @@ def test_eager_ab_times_every_row_through_its_read_path():
         assert seen.count(False) >= 12 and seen.count(True) >= 12, seen
     else:
         assert seen.count(False) >= 12 and True not in seen, seen
+
+
+def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch):
+    """``--sweep``: each variant runs with its knob (or, for "A+B", its knobs) set and the others
+    at their defaults, the defaults first and last, and every knob is restored after. Timing and
+    layers are stubbed: this checks the sweep's bookkeeping, which a GPU run cannot afford to
+    find wrong."""
+    import torch
+
+    from bench import kernel_sweep
+
+    seen = []
+    monkeypatch.setattr(kernel_sweep, "cuda_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: seen.append((snm._LOAD_STAGES, snm._RESCALE_STAGES)))
+    monkeypatch.setattr(kernel_sweep, "first_read_error", lambda m: 0.0)
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", lambda fn: 1.0)
+    names = ["_LOAD_STAGES", "_RESCALE_STAGES", "_LOAD_STAGES+_RESCALE_STAGES"]
+    monkeypatch.setattr(snm, "_LOAD_STAGES", 1)  # the defaults, whatever the environment says
+    monkeypatch.setattr(snm, "_RESCALE_STAGES", 1)
+    before = (1, 1)
+    rows = kernel_sweep.knob_sweep([(16, 64)], {name: kernel_sweep.KNOBS[name] for name in names})
+    assert seen == [before, (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (3, 3), before]
+    assert [r["knob"] for r in rows] == ["default"] + ["_LOAD_STAGES"] * 3 + ["_RESCALE_STAGES"] * 2 + [
+        "_LOAD_STAGES+_RESCALE_STAGES", "default"]
+    assert (snm._LOAD_STAGES, snm._RESCALE_STAGES) == before

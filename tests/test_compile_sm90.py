@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent("""
     bwd.update(ws_ptr="*fp32", sem_ptr="*i32")
 
     def fwd_case(**blocks):
-        return (K.spectral_norm_fwd_kernel, fwd, {**dict(NCOL=1, TRAINING=True, PHASE=-1, LOAD_STAGES=1), **blocks})
+        defaults = dict(NCOL=1, TRAINING=True, PHASE=-1, LOAD_STAGES=1, RESCALE_STAGES=1)
+        return (K.spectral_norm_fwd_kernel, fwd, {**defaults, **blocks})
 
     def bwd_case(**blocks):
         return (K.spectral_norm_bwd_kernel, bwd, dict(PHASE=-1, **blocks))
@@ -43,7 +44,7 @@ SCRIPT = textwrap.dedent("""
         fwd_case(BLOCK_M=2, BLOCK_N=8192, BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True,
                  ON_CHIP=False),
         fwd_case(BLOCK_M=2, BLOCK_N=8192, BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True,
-                 ON_CHIP=False, TRAINING=False, LOAD_STAGES=3),
+                 ON_CHIP=False, TRAINING=False, LOAD_STAGES=3, RESCALE_STAGES=2),
         fwd_case(BLOCK_M=4, BLOCK_N=64, BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True,
                  ON_CHIP=False, NCOL=3, TRAINING=False),
         fwd_case(BLOCK_M=8, BLOCK_N=2048, BLOCK_R=8, BLOCK_C=64, BLOCK_P=32, BLOCK_Q=4, ROW_IN_TILE=True,
@@ -150,28 +151,38 @@ SPILL_SCRIPT = textwrap.dedent("""
             print(f"1x8192 forward (on_chip={on_chip}): {len(scalar)} scalar, {len(vector)} 16-byte stores")
             assert len(scalar) <= 16 and len(vector) >= 24, (on_chip, len(scalar), len(vector))
 
-    # _LOAD_STAGES > 1 (off by default until measured): the streaming loops over A are software-
-    # pipelined (cp.async into shared memory, (stages - 1) tiles of A), in registers without
-    # spills and within an H100's 227 KB of shared memory per program.
-    # Column blocks (rows wider than 16384) stay unpipelined: three loops with buffers of their
-    # own would take 256 KB at 3 stages.
-    assert snm._launch_config(64, 20000, torch.device("cpu"), 2).LOAD_STAGES == 1
-    for (M, N), stages in [((1536, 13824), 3), ((1536, 13824), 4), ((512, 4608), 3), ((4096, 1024), 3)]:
-        with snm._launch_knobs(_LOAD_STAGES=stages):
-            launches.clear()
-            w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
-            snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1), torch.empty(()),
-                                snm.new_semaphore(), 0, 1, 1e-12, True, num_programs=snm._default_grid(M, N, 132),
-                                phase_by_phase=False)
-            kernel, args, cfg, coop = launches[0]
-            assert not cfg.ON_CHIP and cfg.LOAD_STAGES == stages
-            k = compile_launch(kernel, args, cfg, coop)
-            copies = k.asm["ptx"].count("cp.async.cg.shared.global")
-            shared = k.metadata.shared
-            spills = spill_bytes(kernel, args, cfg, coop)
-            print(f"{M}x{N} forward, LOAD_STAGES={stages} (row_in_tile={cfg.ROW_IN_TILE}): {copies} cp.async, "
+    # _LOAD_STAGES / _RESCALE_STAGES > 1 (off by default until measured): phase ST's loops over A
+    # and the rescale's are software-pipelined (cp.async into shared memory, (stages - 1) tiles of
+    # A), each with its own count (the TTIR's loops in order: phase ST, the overflow fallback's
+    # transposed pass, which is never pipelined, the rescale), within an H100's 227 KB of shared
+    # memory per program and without spills. float64 tiles take twice the bytes: the launcher
+    # gives them fewer stages. (float64, the gradcheck dtype, spills on 13824-wide rows at any
+    # stage count: 868 bytes of stores at 1 stage, 752 at 2; its spills are not checked.)
+    with snm._launch_knobs(_LOAD_STAGES=3):  # column blocks (rows over 16384) keep 1: 256 KB at 3
+        assert snm._forward_plan((64, 20000), (20000, 1), (20000, 1), 0, torch.device("cpu"), 1, True, 2,
+                                 False).cfg.LOAD_STAGES == 1
+    for (M, N), stages, dtype, want in [((1536, 13824), 3, torch.float32, 3), ((1536, 13824), 4, torch.float32, 4),
+                                        ((512, 4608), 3, torch.float32, 3), ((4096, 1024), 3, torch.float32, 3),
+                                        ((1536, 13824), 4, torch.float64, 2), ((4096, 4096), 4, torch.bfloat16, 4)]:
+        for training in (True, False):
+            with snm._launch_knobs(_LOAD_STAGES=stages, _RESCALE_STAGES=2):
+                launches.clear()
+                w, u, v = (torch.randn(n, dtype=dtype) for n in ((M, N), M, N))
+                snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1, dtype=dtype),
+                                    torch.empty((), dtype=dtype), snm.new_semaphore(), 0, 1, 1e-12, training,
+                                    num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
+                kernel, args, cfg, coop = launches[0]
+                assert not cfg.ON_CHIP and (cfg.LOAD_STAGES, cfg.RESCALE_STAGES) == (want, 2), cfg
+                k = compile_launch(kernel, args, cfg, coop)
+                loops = [int(x) for x in re.findall(r"tt.num_stages = (\d+)", k.asm["ttir"])]
+                assert loops == ([want, 1, 2] if training else [want, 2]), (M, N, dtype, training, loops)
+                copies = k.asm["ptx"].count("cp.async.cg.shared.global")
+                shared = k.metadata.shared
+                spills = spill_bytes(kernel, args, cfg, coop) if training else [0, 0]
+            print(f"{M}x{N} {dtype} forward (training={training}), stages {want}/2: {copies} cp.async, "
                   f"{shared} B shared, spill bytes {spills}")
-            assert copies > 0 and shared <= 227 * 1024 and spills == [0, 0], (M, N, stages, copies, shared, spills)
+            assert copies > 0 and shared <= 227 * 1024, (M, N, dtype, stages, copies, shared)
+            assert spills == [0, 0] or dtype == torch.float64, (M, N, dtype, stages, spills)
     print("OK")
 """)
 

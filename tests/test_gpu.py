@@ -113,15 +113,16 @@ def test_deterministic_bitwise():
 
 @pytest.mark.parametrize("M,N", [(1536, 13824), (768, 6912), (4096, 1024)])
 def test_load_stages_bitwise(M, N):
-    """Pipelined loads over A (``_LOAD_STAGES``, off by default until measured) change when
-    tiles arrive, not the arithmetic: W_sn, u, v, sigma and the saved vectors bitwise as the
-    default's, on the grid an H100 gives these weights."""
+    """Pipelined loads over A (``_LOAD_STAGES``, ``_RESCALE_STAGES``, off by default until
+    measured) change when tiles arrive, not the arithmetic: W_sn, u, v, sigma and the saved
+    vectors bitwise as the default's, on the grid an H100 gives these weights."""
     torch.manual_seed(0)
     w = torch.randn(M, N, device=DEV)
     results = []
     for stages in (1, 3):
-        with ops_mod._launch_knobs(_LOAD_STAGES=stages):
-            assert ops_mod._launch_config(M, N, w.device, None).LOAD_STAGES == stages
+        with ops_mod._launch_knobs(_LOAD_STAGES=stages, _RESCALE_STAGES=stages):
+            cfg = ops_mod._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, True, None, None, 4).cfg
+            assert (cfg.LOAD_STAGES, cfg.RESCALE_STAGES) == (stages, stages)
             r = _run_both(w, 0, 2, True, seed=3)
         results.append([r[k] for k in ("out", "u", "v", "us", "vs", "sigma")])
     assert all(torch.equal(a, b) for a, b in zip(*results))

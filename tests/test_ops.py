@@ -846,10 +846,11 @@ def test_cooperative_launch_only_where_programs_wait_on_each_other():
 @pytest.mark.parametrize("row_in_tile", [True, False], ids=["whole-rows", "column-blocks"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training, device, gen):
-    """``_LOAD_STAGES`` (the forward's loops over A as ``tl.range(..., num_stages=...)``,
-    kernels.py) goes into every launch of a plan with whole rows in a tile (column blocks keep
-    1: their shared memory would not fit) and changes only how a GPU schedules the loads: the
-    read is bitwise the one of the default, and right against the oracle. (The interpreter runs the
+    """``_LOAD_STAGES`` and ``_RESCALE_STAGES`` (the forward's loops over A as ``tl.range(...,
+    num_stages=...)``, kernels.py) go into every launch of a plan with whole rows in a tile
+    (column blocks keep 1: their shared memory would not fit) and change only how a GPU
+    schedules the loads: the read is bitwise the one of the default, and right against the
+    oracle. (The interpreter runs the
     loop as a plain range; tests/test_compile_sm90.py compiles the pipelined loops for sm_90,
     and on a GPU this test compares them.)"""
     M, N = 9, 40
@@ -857,12 +858,12 @@ def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training,
     u0, v0 = torch.randn(M, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
     knobs = dict(_ON_CHIP=False) if row_in_tile else dict(_ON_CHIP=False, _MAX_ROW_IN_TILE=16, _TILE_ELEMENTS=32)
     reads = []
-    for stages in (1, 3):
-        with snm._launch_knobs(_LOAD_STAGES=stages, **knobs):
+    for stages in ((1, 1), (3, 2)):
+        with snm._launch_knobs(_LOAD_STAGES=stages[0], _RESCALE_STAGES=stages[1], **knobs):
             plan = snm._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, training, 2, None)
             assert plan.cfg.ROW_IN_TILE == row_in_tile and not plan.cfg.ON_CHIP
-            # LOAD_STAGES, the kernel's last argument
-            assert {tail[-1] for tail in plan.launches} == {stages if row_in_tile else 1}
+            # LOAD_STAGES, RESCALE_STAGES: the kernel's last two arguments
+            assert {tail[-2:] for tail in plan.launches} == {stages if row_in_tile else (1, 1)}
             with count_launches() as launches:
                 res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=2, training=training, num_programs=2)
             assert len(launches) == len(plan.launches)

@@ -450,21 +450,23 @@ def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK: tl.constexpr):
 @triton.jit
 def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
-                   NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOAD_STAGES: tl.constexpr):
-    """``W_sn = W / sigma`` over own rows, and sigma's stores.
+                   NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """``W_sn = W / sigma`` over own rows, and sigma's stores (``STAGES``: the row loop's
+    pipelined loads, the kernel's ``RESCALE_STAGES``).
 
     Order: the exact reverse of the last pass over A (phase ST ends on column
     block 0 -- the only one when ``ROW_IN_TILE`` -- and on its last rows), so
     the tiles still in L2 are read first. A is not read again in this launch
     and W_sn not at all, so both go through L2 with ``evict_first``: they do
-    not push out the tiles of A that are still to be re-read.
+    not push out the tiles of A that are still to be re-read. (Pipelined loads,
+    ``STAGES > 1``, are ``cp.async``, which Triton emits without that hint.)
     """
     sigma_acc = _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid)
     n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        for j in tl.range(n_rblocks, num_stages=LOAD_STAGES):
+        for j in tl.range(n_rblocks, num_stages=STAGES):
             rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)  # last row block first
             mask = (rows >= r0)[:, None] & cmask[None, :]
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
@@ -688,7 +690,7 @@ def spectral_norm_fwd_kernel(
     NCOL: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr, ON_CHIP: tl.constexpr,
-    LOAD_STAGES: tl.constexpr,
+    LOAD_STAGES: tl.constexpr, RESCALE_STAGES: tl.constexpr,
 ):
     """One read of the spectral-normalized weight (see the module docstring).
 
@@ -704,12 +706,14 @@ def spectral_norm_fwd_kernel(
     ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
     ``ROW_IN_TILE`` (``BLOCK_N >= N``): phase ST reads each tile of A once.
     ``ON_CHIP``: each program's rows are one tile, kept in registers (``_read_on_chip``).
-    ``LOAD_STAGES``: the streaming loops over A (phase ST, the rescale) as ``tl.range(...,
-    num_stages=LOAD_STAGES)``. Above 1, Triton's software pipeliner loads the next
-    ``LOAD_STAGES - 1`` tiles into shared memory (``cp.async``, sm_80+) while a tile is used, so
-    a program keeps loads in flight across the reduction of each row instead of waiting a
-    full DRAM latency per tile. 1: no pipelining, the code of a plain ``range``. The
-    interpreter runs every value alike.
+    ``LOAD_STAGES``, ``RESCALE_STAGES``: phase ST's loops over A (and its transposed pass)
+    and the rescale's, as ``tl.range(..., num_stages=...)``. Above 1, Triton's software
+    pipeliner loads the next ``stages - 1`` tiles into shared memory (``cp.async``, sm_80+)
+    while a tile is used, so a program keeps loads in flight across the reduction of each row
+    instead of waiting a full DRAM latency per tile (the launcher keeps the tiles within the
+    device's shared memory). The rescale's pipelined loads lose their ``evict_first`` hint
+    (``cp.async`` takes none from Triton), hence a knob of its own. 1: no pipelining, the code
+    of a plain ``range``. The interpreter runs every value alike.
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -774,7 +778,7 @@ def spectral_norm_fwd_kernel(
                     else:
                         _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, LOAD_STAGES)
+                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES)
             elif ON_CHIP and (PHASE == 1 or PHASE == 4):
                 # PHASE_R, or PHASE_FIX_R after a fallback: v, sigma (and the rescale)
                 _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr,
@@ -804,7 +808,7 @@ def spectral_norm_fwd_kernel(
                 if is_last:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, LOAD_STAGES)
+                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES)
                 else:
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
@@ -819,7 +823,7 @@ def spectral_norm_fwd_kernel(
                 _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
                 _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, LOAD_STAGES)
+                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES)
 
 
 @triton.jit

@@ -110,13 +110,15 @@ _ON_CHIP_MAX_ROW = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_ROW", 8192))  # wide
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
-# The forward's streaming loops over A as tl.range(..., num_stages=_LOAD_STAGES) (kernels.py,
-# LOAD_STAGES): above 1 the next tiles are loaded into shared memory while one is used.
-# Measured on an H100 (bench/NOTES.md v15, ncu): a forward read of 1536x13824 moved its bytes
-# at 2.2 TB/s against a 3.0 TB/s copy, as if each program waited a DRAM latency per tile.
-# 1 (off) until a GPU run measures it: `python -m bench.kernel_sweep --sweep --sweep-knobs
-# _LOAD_STAGES`.
+# The forward's streaming loops over A as tl.range(..., num_stages=...) (kernels.py,
+# LOAD_STAGES for phase ST, RESCALE_STAGES for the rescale): above 1 the next tiles are loaded
+# into shared memory while one is used. Measured on an H100 (bench/NOTES.md v15, ncu): a forward
+# read of 1536x13824 moved its bytes at 2.2 TB/s against a 3.0 TB/s copy, as if each program
+# waited a DRAM latency per tile. 1 (off) until a GPU run measures them: `python -m
+# bench.kernel_sweep --sweep --sweep-knobs _LOAD_STAGES,_RESCALE_STAGES`. The launcher lowers
+# a value whose tiles would not fit the device's shared memory (_pipeline_stages).
 _LOAD_STAGES = int(os.environ.get("SN_FUSED_LOAD_STAGES", 1))
+_RESCALE_STAGES = int(os.environ.get("SN_FUSED_RESCALE_STAGES", 1))
 
 
 # --------------------------------------------------------------------------- layout
@@ -276,7 +278,10 @@ class _LaunchConfig:
     num_stages: int | None
     ROW_IN_TILE: bool
     ON_CHIP: bool
-    LOAD_STAGES: int = 1  # the forward's streaming loops over A (kernels.py)
+    # Pipelined loads of the forward's loops over A (kernels.py): 1 here; _forward_plan sets
+    # them from the knobs, the weight's element size and the device (_pipeline_stages).
+    LOAD_STAGES: int = 1
+    RESCALE_STAGES: int = 1
 
 
 def _default_grid(M: int, N: int, cap: int) -> int:
@@ -328,13 +333,42 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     # The G partials of a column are summed BLOCK_Q programs per load: [BLOCK_Q, BLOCK_C] tiles
     # of own columns (phase R), or [BLOCK_Q, BLOCK_N] tiles of all columns (ON_CHIP).
     block_q = min(block_p, _floor_power_of_2(_TILE_ELEMENTS // 2 // (block_n if on_chip else block_c)))
-    # Pipelined loads (_LOAD_STAGES) on whole-row tiles only: there phase ST and the rescale
-    # share (stages - 1) tiles of shared memory (128 KB at 3 stages, fp32). Column blocks
-    # pipeline three loops with buffers of their own (256 KB at 3 stages: over an H100's 227).
-    load_stages = max(_LOAD_STAGES, 1) if row_in_tile else 1
     return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q,
-                         _num_warps(block_m * block_n, block_n), _NUM_STAGES or None, row_in_tile, on_chip,
-                         load_stages)
+                         _num_warps(block_m * block_n, block_n), _NUM_STAGES or None, row_in_tile, on_chip)
+
+
+# Shared memory a program may take where no CUDA device is asked (the interpreter, which ignores
+# it, and tests/test_compile_sm90.py, which compiles for an H100): an H100's per-block opt-in.
+_H100_SHARED_PER_BLOCK = 227 * 1024
+# What the forward keeps in shared memory besides pipelined tiles (its reductions: 4 KB on sm_90).
+_SHARED_RESERVED = 8 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device_index: int) -> tuple[int, int]:
+    """(per block opt-in, per SM) bytes of shared memory of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    per_block = getattr(props, "shared_memory_per_block_optin", _H100_SHARED_PER_BLOCK)
+    return per_block, getattr(props, "shared_memory_per_multiprocessor", per_block)
+
+
+def _pipeline_stages(requested: int, cfg: _LaunchConfig, itemsize: int, device: torch.device) -> int:
+    """Stages of a pipelined loop over the forward's ``[BLOCK_M, BLOCK_N]`` tiles of A: at most
+    ``requested``, with its ``stages - 1`` tiles in the shared memory a program may take (the
+    device's per-block limit, and its per-SM one split among ``_PROGRAMS_PER_SM``). Whole-row
+    tiles only: there phase ST and the rescale reuse one buffer (fp32 at 3 stages: 128 KB);
+    column blocks pipeline three loops with buffers of their own (256 KB at 3 stages), so they
+    keep 1."""
+    if requested <= 1 or not cfg.ROW_IN_TILE or cfg.ON_CHIP:  # ON_CHIP loads its tile once
+        return 1
+    if device.type == "cuda":
+        per_block, per_sm = _shared_memory(device.index if device.index is not None
+                                              else torch.cuda.current_device())
+        budget = min(per_block, per_sm // max(_PROGRAMS_PER_SM, 1))
+    else:
+        budget = _H100_SHARED_PER_BLOCK
+    tile_bytes = cfg.BLOCK_M * cfg.BLOCK_N * itemsize
+    return max(1, min(requested, 1 + (budget - _SHARED_RESERVED) // tile_bytes))
 
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
@@ -538,12 +572,14 @@ class _Plan:
 
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, training,
-                  num_programs, phase_by_phase) -> _Plan:
+                  num_programs, phase_by_phase, itemsize=4) -> _Plan:
     # No power iteration: u, v stay as they are and sigma = u^T A v, which is the eval read.
     training = training and n_power_iterations > 0
     layout = _matrix_layout(dim, torch.empty_strided(shape, w_stride, device="meta"),
                             torch.empty_strided(shape, o_stride, device="meta"))
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
+    cfg = dataclasses.replace(cfg, LOAD_STAGES=_pipeline_stages(_LOAD_STAGES, cfg, itemsize, device),
+                              RESCALE_STAGES=_pipeline_stages(_RESCALE_STAGES, cfg, itemsize, device))
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = (_forward_phases(training, n_power_iterations, cfg.ON_CHIP) if phase_by_phase
@@ -551,7 +587,7 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
     launches = tuple(
         (layout.M, layout.N, n_power_iterations, int(is_last), *layout.strides[0], *layout.strides[1],
          *layout.inner_sizes, len(layout.sizes), training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R,
-         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.LOAD_STAGES)
+         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.LOAD_STAGES, cfg.RESCALE_STAGES)
         for phase, is_last in phases)
     # One ON_CHIP program in one launch keeps everything in registers: no workspace.
     ws_numel = 0 if cfg.ON_CHIP and cfg.grid == 1 and not phase_by_phase else \
@@ -596,10 +632,10 @@ def _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim,
                     n_power_iterations, eps, training, num_programs=None, phase_by_phase=None):
     try:
         plan = _forward_plan(weight.shape, weight.stride(), out.stride(), dim, weight.device,
-                             n_power_iterations, training, num_programs, phase_by_phase)
+                             n_power_iterations, training, num_programs, phase_by_phase, weight.element_size())
     except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
         plan = _forward_plan(*_concrete(weight.shape, weight.stride(), out.stride()), dim, weight.device,
-                             n_power_iterations, training, num_programs, phase_by_phase)
+                             n_power_iterations, training, num_programs, phase_by_phase, weight.element_size())
     head = (weight, out, u, v, saved, sigma_buf, _workspace(plan, out), sem, eps)
     for i, tail in enumerate(plan.launches):
         _launch(kernels.spectral_norm_fwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 8,
@@ -625,7 +661,7 @@ def _prepared_read(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, t
     (``_input_signature``) and ``training``, until ``_clear_plans``."""
     out_stride = _empty_like_weight(torch.empty_strided(weight.shape, weight.stride(), device="meta")).stride()
     plan = _forward_plan(weight.shape, weight.stride(), out_stride, dim, weight.device,
-                         n_power_iterations, training, None, None)
+                         n_power_iterations, training, None, None, weight.element_size())
     # As _launch_forward: (weight, out, u, v, saved, sigma_buf, workspace, sem, eps, *tail).
     forward = _prepared_launches(
         kernels.spectral_norm_fwd_kernel, plan, weight, scalars=(eps,), n_tensors=8, ws_index=6, out_index=1,
