@@ -2,8 +2,8 @@
 
 A quick companion of ``python -m bench`` for kernel work: for each (M, N) it times
 the forward read and the backward as CUDA-graph replays (pure GPU time) and as
-eager host-inclusive calls, and prints the floor from the copy bandwidth measured
-in the same run. ``--sweep`` also tries launch-config variants (elements per
+eager host-inclusive calls, and sn_fused's backward kernel alone (graph), and prints the
+floor from the copy bandwidth measured in the same run. ``--sweep`` also tries launch-config variants (elements per
 program) so tuning decisions come from measurements. ``--eager-ab`` times the eager reads
 of issue #3's eager goal (the SNGAN ResNet D's shapes) in interleaved rounds.
 
@@ -83,9 +83,19 @@ def layer(M, N, impl, device="cuda"):
     return torch.nn.utils.parametrizations.spectral_norm(lin)
 
 
+def backward_alone_us(m, g) -> float:
+    """Graph time of sn_fused's backward kernel alone (the op, not autograd) for layer ``m``'s
+    weight and an incoming gradient ``g``: what issue #3's backward goal is about (floor: read G
+    and W, write dW)."""
+    p = m.parametrizations.weight[0]
+    w = m.parametrizations.weight.original.detach()
+    _, us, vs, sigma = ops_mod.spectral_norm_forward_fused(w, p._u, p._v, p._sigma, p._sem)
+    return graph_time_us(lambda: ops_mod.spectral_norm_backward_fused(g, w, us, vs, sigma, p._sem))
+
+
 def measure(M, N, impl, graph_only=False):
     m = layer(M, N, impl)
-    g = torch.randn(M, N, device="cuda")
+    g = torch.randn(M, N, device=m.parametrizations.weight.original.device)
 
     def fwd():
         return m.weight
@@ -99,6 +109,7 @@ def measure(M, N, impl, graph_only=False):
         fwd_eager=nan if graph_only else eager_time_us(fwd),
         fwdbwd_graph=graph_time_us(fwd_bwd, reps_per_graph=10),
         fwdbwd_eager=nan if graph_only else eager_time_us(fwd_bwd, iters=100),
+        bwd_graph=backward_alone_us(m, g) if impl == "sn_fused" else nan,
     )
 
 
@@ -163,14 +174,11 @@ def bwd_sweep():
     print("# backward sweep: bwd graph us per (tile elements, max BLOCK_N); defaults %s" % (defaults,))
     for M, N in BWD_SWEEP_SHAPES:
         m = layer(M, N, "sn_fused")
-        p = m.parametrizations.weight[0]
-        w = m.parametrizations.weight.original.detach()
-        _, us, vs, sigma = ops_mod.spectral_norm_forward_fused(w, p._u, p._v, p._sigma, p._sem)
-        g = torch.randn_like(w)
+        g = torch.randn(M, N, device="cuda")
         line = []
         for tile, bn in BWD_KNOBS:
             with ops_mod._launch_knobs(_BWD_TILE_ELEMENTS=tile, _BWD_BLOCK_N=bn):
-                t = graph_time_us(lambda: ops_mod.spectral_norm_backward_fused(g, w, us, vs, sigma, p._sem))
+                t = backward_alone_us(m, g)
             results.append(dict(M=M, N=N, tile=tile, block_n=bn, bwd_graph_us=t))
             line.append(f"{tile}/{bn}:{t:.1f}")
         floor_b = 3 * M * N * 4 / copy_bandwidth.last * 1e6
@@ -398,20 +406,22 @@ def main():
     rows = []
     shapes = [] if args.no_table else SHAPES
     hdr = (f"{'shape':>12} {'floor':>6} | {'SNF fwd':>8} {'x floor':>7} {'PT fwd':>7} | {'SNF eager':>9} "
-           f"{'PT eager':>8} {'speedup':>7} | {'SNF f+b':>8} {'PT f+b':>7} | {'SNF f+b eager':>13} {'PT f+b eager':>12}")
+           f"{'PT eager':>8} {'speedup':>7} | {'SNF f+b':>8} {'PT f+b':>7} | {'SNF f+b eager':>13} "
+           f"{'PT f+b eager':>12} | {'SNF bwd':>7} {'x floor':>7}")
     if shapes:
         print(hdr)
     for M, N in shapes:
         floor_f = 2 * M * N * 4 / bw * 1e6
         snf = measure(M, N, "sn_fused", args.graph_only)
         nan = float("nan")
-        pt = (dict(fwd_graph=nan, fwd_eager=nan, fwdbwd_graph=nan, fwdbwd_eager=nan) if args.no_torch
+        pt = (dict(fwd_graph=nan, fwd_eager=nan, fwdbwd_graph=nan, fwdbwd_eager=nan, bwd_graph=nan) if args.no_torch
               else measure(M, N, "torch", args.graph_only))
         rows.append(dict(M=M, N=N, floor_fwd_us=floor_f, floor_bwd_us=1.5 * floor_f, sn_fused=snf, torch=pt))
         print(f"{M:>5}x{N:<6} {floor_f:6.1f} | {snf['fwd_graph']:8.1f} {snf['fwd_graph'] / max(floor_f, 1e-9):7.1f} "
               f"{pt['fwd_graph']:7.1f} | {snf['fwd_eager']:9.1f} {pt['fwd_eager']:8.1f} "
               f"{pt['fwd_eager'] / snf['fwd_eager']:7.1f} | {snf['fwdbwd_graph']:8.1f} {pt['fwdbwd_graph']:7.1f} | "
-              f"{snf['fwdbwd_eager']:13.1f} {pt['fwdbwd_eager']:12.1f}", flush=True)
+              f"{snf['fwdbwd_eager']:13.1f} {pt['fwdbwd_eager']:12.1f} | {snf['bwd_graph']:7.1f} "
+              f"{snf['bwd_graph'] / max(1.5 * floor_f, 1e-9):7.1f}", flush=True)
     sweep = []
     if args.eager_ab:
         sweep += [dict(eager_ab=eager_ab())]

@@ -62,3 +62,30 @@ def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch):
     assert [r["knob"] for r in rows] == ["default"] + ["_LOAD_STAGES"] * 3 + ["_RESCALE_STAGES"] * 2 + [
         "_LOAD_STAGES+_RESCALE_STAGES", "default"]
     assert (snm._LOAD_STAGES, snm._RESCALE_STAGES) == before
+
+
+def test_measure_times_the_backward_alone_for_sn_fused(monkeypatch):
+    """The kernel table's row: forward, forward + backward, and (sn_fused only) the backward
+    kernel alone, each timed on the calls it names. Timers are stubbed to call once (the
+    interpreter runs the kernels); the backward op must run on the layer's own saved vectors."""
+    from bench import kernel_sweep
+    from sn_fused import ops
+
+    calls = []
+    backward = ops.spectral_norm_backward_fused
+
+    def timer(fn, *args, **kwargs):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", timer)
+    monkeypatch.setattr(kernel_sweep, "eager_time_us", timer)
+    layer = kernel_sweep.layer
+    monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: layer(M, N, impl, device))
+    monkeypatch.setattr(kernel_sweep.ops_mod, "spectral_norm_backward_fused",
+                        lambda *a, **k: calls.append(a[0].shape) or backward(*a, **k))
+    fused = kernel_sweep.measure(6, 10, "sn_fused")
+    plain = kernel_sweep.measure(6, 10, "torch")
+    assert set(fused) == set(plain) == {"fwd_graph", "fwd_eager", "fwdbwd_graph", "fwdbwd_eager", "bwd_graph"}
+    assert fused["bwd_graph"] == 1.0 and plain["bwd_graph"] != plain["bwd_graph"]  # NaN: PyTorch has no such op
+    assert calls == [(6, 10)]
