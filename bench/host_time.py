@@ -67,7 +67,7 @@ def _rows() -> dict[str, Callable[[], Any]]:
     from torch import nn
 
     import sn_fused
-    from bench.harness import python_read as python_path
+    from bench.harness import python_read
     from sn_fused.ops import spectral_norm as ops_mod
 
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
@@ -75,7 +75,7 @@ def _rows() -> dict[str, Callable[[], Any]]:
         fused = sn_fused.spectral_norm(nn.Linear(16, 8, bias=False))
         torch.manual_seed(0)
         # (its own layer: the signature it keeps is the one made without the C++ read)
-        fused_py = python_path(lambda: sn_fused.spectral_norm(nn.Linear(16, 8, bias=False)))()
+        fused_py = python_read(lambda: sn_fused.spectral_norm(nn.Linear(16, 8, bias=False)))()
         floor = _floor_module(fast_read=True)
         floor_torch_getter = _floor_module(fast_read=False)
         plain = nn.Linear(16, 8, bias=False)
@@ -94,7 +94,7 @@ def _rows() -> dict[str, Callable[[], Any]]:
 
     rows = reads(fused)
     if ops_mod.CPP_READS:
-        rows.update({f"{name}, Python path": python_path(read) for name, read in reads(fused_py).items()})
+        rows.update({f"{name}, Python path": python_read(read) for name, read in reads(fused_py).items()})
     return rows | {
         "floor read": lambda: floor.weight,
         "floor read + backward": lambda: torch.autograd.backward(floor.weight, grad),

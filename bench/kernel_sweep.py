@@ -3,8 +3,8 @@
 A quick companion of ``python -m bench`` for kernel work: for each (M, N) it times
 the forward read and the backward as CUDA-graph replays (pure GPU time) and as
 eager host-inclusive calls, and sn_fused's backward kernel alone (graph), and prints the
-floor from the copy bandwidth measured in the same run. ``--sweep`` also tries launch-config variants (elements per
-program) so tuning decisions come from measurements. ``--eager-ab`` times the eager reads
+floor from the copy bandwidth measured in the same run. ``--sweep`` also tries launch-config
+variants (elements per program, pipelined loads) so tuning decisions come from measurements. ``--eager-ab`` times the eager reads
 of issue #3's eager goal (the SNGAN ResNet D's shapes) in interleaved rounds.
 
     python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--on-chip-sweep] [--profile]

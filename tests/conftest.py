@@ -24,6 +24,16 @@ def fused_device_or_skip() -> str:
                 allow_module_level=True)
 
 
+def cuda_kernel_names(fn) -> list[str]:
+    """The names of the CUDA kernels that ran during ``fn()``, in order, as the profiler saw
+    them: every launch, also those of kept runners and of the C++ read, which no Python hook sees."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 @contextlib.contextmanager
 def on_chip_path(enabled: bool):
     """Let the kernels take their ON_CHIP path where it applies (the default), or never.

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sn_fused
 from bench import host_time
-from conftest import fused_device_or_skip, two_tensor
+from conftest import cuda_kernel_names, fused_device_or_skip, two_tensor
 from sn_fused import reference
 from sn_fused.ops import kernels
 from sn_fused.ops import spectral_norm as snm
@@ -483,12 +483,7 @@ def _sn_launches(fn):
     a Triton launch hook would switch the C++ read off (``_fast_launches_ok``): the profiler
     counts the kernels that ran. The interpreter keeps no runner: every launch goes through ``run``."""
     if device == "cuda":
-        activity = torch.profiler.ProfilerActivity.CUDA
-        with torch.profiler.profile(activities=[activity]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return ["fwd" if "fwd" in n else "bwd" for n in names if "spectral_norm" in n]
+        return ["fwd" if "fwd" in n else "bwd" for n in cuda_kernel_names(fn) if "spectral_norm" in n]
     runs = []
     fwd, bwd = kernels.spectral_norm_fwd_kernel, kernels.spectral_norm_bwd_kernel
     original_fwd, original_bwd = fwd.run, bwd.run

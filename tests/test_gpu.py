@@ -16,7 +16,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available
     pytest.skip("needs a CUDA GPU (and TRITON_INTERPRET unset)", allow_module_level=True)
 
 import sn_fused  # noqa: E402
-from conftest import takes_on_chip  # noqa: E402
+from conftest import cuda_kernel_names, takes_on_chip  # noqa: E402
 from sn_fused import reference  # noqa: E402
 from sn_fused.ops import new_semaphore, spectral_norm_backward_fused, spectral_norm_forward_fused  # noqa: E402
 from sn_fused.ops import spectral_norm as ops_mod  # noqa: E402
@@ -129,29 +129,21 @@ def test_load_stages_bitwise(M, N):
     assert _rel(results[1][0], r["ref_out"]) < 1e-5
 
 
-def _count_kernels(fn):
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def test_one_launch_per_read_and_per_backward():
     m = sn_fused.spectral_norm(torch.nn.Conv2d(128, 128, 3).to(DEV))
     m.weight  # compile the kernels
-    fwd = _count_kernels(lambda: m.weight)
+    fwd = cuda_kernel_names(lambda: m.weight)
     assert len(fwd) == 1 and "spectral_norm_fwd_kernel" in fwd[0], fwd
     w = m.weight
     g = torch.randn_like(w)
     w.backward(g)  # compile
     w = m.weight
-    bwd = _count_kernels(lambda: w.backward(g))
+    bwd = cuda_kernel_names(lambda: w.backward(g))
     # The backward itself is one launch; autograd accumulating into .grad may add one more op.
     sn_kernels = [k for k in bwd if "spectral_norm" in k]
     assert len(sn_kernels) == 1 and "bwd" in sn_kernels[0], bwd
     m.eval()
-    assert len(_count_kernels(lambda: m.weight)) == 1
+    assert len(cuda_kernel_names(lambda: m.weight)) == 1
 
 
 def test_grid_is_capped_by_co_residency():

@@ -272,7 +272,7 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
         rows = r + tl.arange(0, BLOCK_M)
         rmask = rows < r1
         acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
-        for c in tl.range(0, N, BLOCK_N, num_stages=LOAD_STAGES):
+        for c in range(0, N, BLOCK_N):
             cols = c + tl.arange(0, BLOCK_N)
             cmask = cols < N
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
@@ -292,13 +292,12 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
     tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
     if TRAINING:
         _transposed_partial(w_ptr, s_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                            D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, LOAD_STAGES)
+                            D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _transposed_partial(w_ptr, x_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                        D1, D2, D3, NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        LOAD_STAGES: tl.constexpr):
+                        D1, D2, D3, NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``t_part[p] = A[own rows]^T x[own rows]``: a pass over own rows, column block by block."""
     acc_t = tpart_ptr.dtype.element_ty
     tl.debug_barrier()  # x of own rows, stored by some threads, is read by others below
@@ -308,7 +307,7 @@ def _transposed_partial(w_ptr, x_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_
         cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
-        for r in tl.range(r0, r1, BLOCK_M, num_stages=LOAD_STAGES):
+        for r in range(r0, r1, BLOCK_M):
             rows = r + tl.arange(0, BLOCK_M)
             rmask = rows < r1
             a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
@@ -706,8 +705,8 @@ def spectral_norm_fwd_kernel(
     ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
     ``ROW_IN_TILE`` (``BLOCK_N >= N``): phase ST reads each tile of A once.
     ``ON_CHIP``: each program's rows are one tile, kept in registers (``_read_on_chip``).
-    ``LOAD_STAGES``, ``RESCALE_STAGES``: phase ST's loops over A (and its transposed pass)
-    and the rescale's, as ``tl.range(..., num_stages=...)``. Above 1, Triton's software
+    ``LOAD_STAGES``, ``RESCALE_STAGES``: phase ST's loop over whole-row tiles of A and the
+    rescale's loop, as ``tl.range(..., num_stages=...)``. Above 1, Triton's software
     pipeliner loads the next ``stages - 1`` tiles into shared memory (``cp.async``, sm_80+)
     while a tile is used, so a program keeps loads in flight across the reduction of each row
     instead of waiting a full DRAM latency per tile (the launcher keeps the tiles within the
@@ -764,7 +763,7 @@ def spectral_norm_fwd_kernel(
                     # branch or none: its barriers cannot deadlock.
                     if _not_finite(tsq):
                         _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2,
-                                            s_c3, D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N, 1)
+                                            s_c3, D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
                         grid_barrier(sem_ptr)
                         _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
                         grid_barrier(sem_ptr)
@@ -797,7 +796,7 @@ def spectral_norm_fwd_kernel(
                     tl.store(flag_ws, overflow.to(flag_ws.dtype.element_ty))  # the same from every program
                 if overflow:
                     _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                                        D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N, 1)
+                                        D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
             elif PHASE == 4:
                 if tl.load(flag_ws) != 0:
                     _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)

@@ -356,9 +356,9 @@ def _pipeline_stages(requested: int, cfg: _LaunchConfig, itemsize: int, device: 
     """Stages of a pipelined loop over the forward's ``[BLOCK_M, BLOCK_N]`` tiles of A: at most
     ``requested``, with its ``stages - 1`` tiles in the shared memory a program may take (the
     device's per-block limit, and its per-SM one split among ``_PROGRAMS_PER_SM``). Whole-row
-    tiles only: there phase ST and the rescale reuse one buffer (fp32 at 3 stages: 128 KB);
-    column blocks pipeline three loops with buffers of their own (256 KB at 3 stages), so they
-    keep 1."""
+    tiles only: there phase ST and the rescale reuse one buffer (fp32 at 3 stages: 128 KB).
+    Column blocks keep 1: their three loops over A would take buffers of their own (256 KB at
+    3 stages), so the kernel pipelines none of them but the rescale's, which this keeps off."""
     if requested <= 1 or not cfg.ROW_IN_TILE or cfg.ON_CHIP:  # ON_CHIP loads its tile once
         return 1
     if device.type == "cuda":
