@@ -1,33 +1,71 @@
 """Optional compiled part of sn_fused: ``sn_fused._C``, the eager read in C++ (``csrc/``).
 
-``pip install .`` stays pure Python: every kernel is Triton, compiled at run time, and
-the layer works without ``_C`` (it then reads through its Python ``autograd.Function``,
-~9-15 us more host time per read on the CPUs measured, 20-30 us on an H100's host, where
-eager reads are 7.0-8.6x PyTorch's with it and 4.4-5.5x without: bench/NOTES.md v13-v15).
-The extension is built only on request, against the
-torch it will run with (a torch C++ extension must match its torch build), and needs a
-C++ compiler but no CUDA toolkit (it launches through sn_fused's Python runners)::
+Every kernel is Triton, compiled at run time, and the layer works without ``_C``: it then
+reads through its Python ``autograd.Function``, ~9-15 us more host time per read on the
+CPUs measured, 20-30 us on an H100's host, where eager reads are 7.0-8.6x PyTorch's with
+it and 4.4-5.5x without (bench/NOTES.md v13-v15).
 
-    SN_FUSED_BUILD_CPP=1 python setup.py build_ext --inplace      # in a checkout
-    SN_FUSED_BUILD_CPP=1 pip install --no-build-isolation .       # installed
+A torch C++ extension must be built against the torch it will run with, so ``_C`` is
+built where this build can import that torch, and needs a C++ compiler (no CUDA toolkit:
+it launches through sn_fused's Python runners). ``SN_FUSED_BUILD_CPP`` chooses:
 
-``tests/run.sh`` and ``bench/run.sh`` build it in place (``.ci/env.sh``).
+- unset (default): build ``_C`` if torch imports here; if it does not (pip's isolated
+  build, which has no torch) or the compile fails, install without it and say so;
+- ``1``: build it, and fail the build if that is not possible (what CI asks for);
+- ``0``: never build it.
+
+::
+
+    pip install --no-build-isolation .                             # installed, with _C
+    SN_FUSED_BUILD_CPP=1 python setup.py build_ext --inplace       # in a checkout
+
+A plain ``pip install .`` builds in an isolated environment without torch, so it installs
+the pure-Python package. (Adding torch to ``build-system.requires`` would build against
+whatever torch pip downloads there, not the one installed, and such an ``_C`` refuses to
+load.) ``tests/run.sh`` and ``bench/run.sh`` build it in place (``.ci/env.sh``).
 """
 
 import os
+import sys
 
 from setuptools import setup
 
+_MODE = os.environ.get("SN_FUSED_BUILD_CPP", "")
+if _MODE not in ("", "0", "1"):
+    raise SystemExit(f"SN_FUSED_BUILD_CPP must be 0, 1 or unset, got {_MODE!r}")
+
+
+def _say(message):
+    # pip shows a build's output with -v only; a build that leaves _C out says why all the same.
+    sys.stderr.write(f"sn_fused: {message}\n")
+
+
 ext_modules, cmdclass = [], {}
-if os.environ.get("SN_FUSED_BUILD_CPP") == "1":
+if _MODE != "0":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as error:
-        raise SystemExit("SN_FUSED_BUILD_CPP=1 builds sn_fused._C against the installed torch, which this "
-                         f"build environment cannot import ({error}): use pip's --no-build-isolation") from error
+        if _MODE == "1":
+            raise SystemExit("SN_FUSED_BUILD_CPP=1 builds sn_fused._C against the installed torch, which this "
+                             f"build environment cannot import ({error}): use pip's --no-build-isolation") from error
+        _say(f"building without sn_fused._C (the C++ eager read): torch does not import here ({error}); "
+             "pip install --no-build-isolation builds it against the installed torch")
+    else:
+        class _BuildExtension(BuildExtension):
+            """torch's BuildExtension; by default a failed compile leaves ``_C`` out instead of
+            failing the install (the package is whole without it)."""
 
-    ext_modules = [CppExtension("sn_fused._C", ["csrc/spectral_norm_read.cpp"],
-                                extra_compile_args=["-O2"])]
-    cmdclass = {"build_ext": BuildExtension}
+            def run(self):
+                try:
+                    super().run()
+                except Exception as error:  # compiler missing or failing: any of distutils' or ninja's errors
+                    if _MODE == "1":
+                        raise
+                    _say(f"building without sn_fused._C (the C++ eager read): its compile failed ({error}); "
+                         "SN_FUSED_BUILD_CPP=1 makes that an error")
+
+        ext_modules = [CppExtension("sn_fused._C", ["csrc/spectral_norm_read.cpp"],
+                                    extra_compile_args=["-O2"])]
+        cmdclass = {"build_ext": _BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -46,7 +46,7 @@ from .. import reference
 from . import kernels
 
 _CPP_INTERFACE_VERSION = 4  # csrc/spectral_norm_read.cpp's INTERFACE_VERSION, which this file calls
-try:  # the eager read in C++ (csrc/spectral_norm_read.cpp), built on request: see setup.py
+try:  # the eager read in C++ (csrc/spectral_norm_read.cpp), built where the build imports torch: setup.py
     # (import_module: ``from .. import _C`` in a package still importing raises a plain ImportError)
     _cpp = importlib.import_module("sn_fused._C")
     if getattr(_cpp, "INTERFACE_VERSION", None) != _CPP_INTERFACE_VERSION:
@@ -56,7 +56,8 @@ except ModuleNotFoundError:  # not built: eager reads go through the Python Func
     _cpp = None
 except ImportError as error:  # built, but not for this torch (a C++ extension matches one build) or source
     warnings.warn(f"sn_fused: the compiled read sn_fused._C does not load ({error}); eager reads use the "
-                  f"Python path (rebuild it: SN_FUSED_BUILD_CPP=1 python setup.py build_ext --inplace)")
+                  f"Python path (rebuild it: pip install --no-build-isolation ., or in a checkout "
+                  f"SN_FUSED_BUILD_CPP=1 python setup.py build_ext --inplace)")
     _cpp = None
 
 __all__ = [
