@@ -4,6 +4,8 @@
 #   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|dev|bench]     (repo root, on the lent GPU)
 #
 #   final (default): GPU tests, per-shape kernel table + host-time profile, `python -m bench --quick` (~5 min)
+#   kernels:         `final` without `python -m bench --quick` (~2 min less): kernel work, when the
+#                    steps' numbers of the last call still hold for the host path
 #   dev:             the same plus the launch-knob sweep
 #   bench:           GPU tests and `python -m bench --quick` only (when device time is short)
 #
@@ -13,7 +15,7 @@
 #                            profile: a same-card A/B of a kernel or host-path change
 #   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile, the interleaved
 #                            eager A/B of the SNGAN shapes, and the _LOAD_STAGES sweep of the
-#                            streaming shapes, see below; "" for none; final mode only). Measured
+#                            streaming shapes, see below; "" for none; final and kernels modes). Measured
 #                            before and left out to make room: --bwd-sweep (sessions 3-9),
 #                            --compile-probe (session 14), --on-chip-sweep (sessions 8, 9)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
@@ -24,14 +26,17 @@
 #
 # It builds sn_fused._C (in the background, during the GPU tests) and runs tests/test_cpp_read.py
 # and tests/test_gpu.py through it, and asks Nsight Compute (where installed) for the DRAM bytes of
-# one forward read of 1536x13824 and 4096x4096, and of 1536x13824 with both pipelined-load knobs at 3.
+# one forward read and one backward of 1536x13824 and 4096x4096, and of a forward read of 1536x13824
+# with both pipelined-load knobs at 3.
 # Sizes seen on an H100 (2026-11-27, session 14, `final` with a baseline, SN_FUSED_SWEEP_ARGS=
 # "--profile --compile-probe", and a kernel table with SN_FUSED_CPP=0 since replaced by
 # --eager-ab): 438 s in all, plus ~30 s to start the machine; --quick 117 s of it. The
-# --eager-ab part took ~40 s in a call of its own; the pipelined-loads sweep (3 shapes x 8
-# variants, each compiled once) is not yet timed (~100 s, a guess). Each section prints the
-# time it starts. Without a baseline the whole call should fit ~8.5 min (a guess): give it
-# timeout_s 590 and no SN_FUSED_BASELINE unless a kernel or host change needs the A/B.
+# --eager-ab part took ~40 s in a call of its own; the knob sweep (3 shapes x 9 variants, each
+# compiled once) is not yet timed (~130 s, a guess), nor the three ncu runs (~60 s). Each section
+# prints the time it starts. Guesses without a baseline: `kernels` ~7.5 min, `final` ~9.5 min,
+# too close to a call's 10: run `kernels` when the host path has not changed since the last
+# call's steps, with timeout_s 590 and no SN_FUSED_BASELINE unless a kernel or host change needs
+# the A/B; else `final` with a shorter SN_FUSED_SWEEP_ARGS.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
@@ -85,11 +90,12 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
 if [ "$mode" != bench ]; then
   echo "== kernel table $(date +%T)"
   # The pipelined-loads sweep: forward graph time with phase ST's and the rescale's loads over A
-  # pipelined, each alone and both (off by default until measured; bench/NOTES.md v15), the
-  # defaults timed first and last, on the streaming shapes that stream most.
+  # pipelined, each alone and both (off by default until measured; bench/NOTES.md v15), and
+  # 32768-element tiles (half the row steps; bench/NOTES.md v16), the defaults timed first and
+  # last, on the streaming shapes that stream most.
   # shellcheck disable=SC2206
   extra=(${SN_FUSED_SWEEP_ARGS---profile --eager-ab --sweep
-         --sweep-knobs _LOAD_STAGES,_RESCALE_STAGES,_LOAD_STAGES+_RESCALE_STAGES
+         --sweep-knobs _LOAD_STAGES,_RESCALE_STAGES,_LOAD_STAGES+_RESCALE_STAGES,_TILE_ELEMENTS=32768
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 330 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
@@ -99,18 +105,21 @@ if [ "$mode" != bench ]; then
     (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --no-torch --profile) 2>&1 \
       | tee "$OUT/kernel_sweep-baseline.log" || status=1
   fi
-  # Whether the rescale's second read of a weight larger than L2 comes from DRAM (bench/NOTES.md
-  # v14): DRAM bytes and L2 hit rate of one forward read (floor: A read once, W_sn written once).
+  # DRAM bytes and L2 hit rate of one forward read (floor: A read once, W_sn written once) and of
+  # one backward (floor: G and W read once, dW written once), the third of each in --reads: where
+  # the time goes, bytes or rate (bench/NOTES.md v14-v16).
   if command -v ncu >/dev/null; then
-    echo "== ncu: DRAM bytes of one forward read of the large weights $(date +%T)"
-    # (session 14, 1536x13824: 1.73x A's bytes read at 2.2 TB/s; 4096x4096: 1.57x)
+    echo "== ncu: DRAM bytes of one forward read and one backward of the large weights $(date +%T)"
+    # (session 14, forward: 1536x13824 1.73x A's bytes read at 2.2 TB/s; 4096x4096 1.57x)
     # (the group runs in a subshell, piped into tee: its exit status carries a failure out)
     { failed=0
       for s in 1536x13824:1:1 4096x4096:1:1 1536x13824:3:3; do
         IFS=: read -r shape load rescale <<< "$s"
         echo "# $shape, _LOAD_STAGES $load, _RESCALE_STAGES $rescale"
-        SN_FUSED_LOAD_STAGES=$load SN_FUSED_RESCALE_STAGES=$rescale timeout 60 ncu --clock-control none \
-          --kernel-name regex:spectral_norm_fwd --launch-skip 2 --launch-count 1 \
+        # --reads: the registration's read, then forward, backward, three times; skipping 5
+        # launches of either kernel leaves the third of each (tests/test_bench_kernel_sweep.py).
+        SN_FUSED_LOAD_STAGES=$load SN_FUSED_RESCALE_STAGES=$rescale timeout 75 ncu --clock-control none \
+          --kernel-name regex:spectral_norm_ --launch-skip 5 --launch-count 2 \
           --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
           python3 -m bench.kernel_sweep --reads "$shape" || failed=1
       done
@@ -118,8 +127,10 @@ if [ "$mode" != bench ]; then
   fi
 fi
 
-echo "== python -m bench --quick $(date +%T)"
-timeout 185 python3 -m bench --quick --out "$W" 2>&1 | tee "$OUT/bench.log" || status=1
+if [ "$mode" != kernels ]; then
+  echo "== python -m bench --quick $(date +%T)"
+  timeout 185 python3 -m bench --quick --out "$W" 2>&1 | tee "$OUT/bench.log" || status=1
+fi
 if [ -n "${SN_FUSED_EXTRA_BENCH:-}" ]; then
   echo "== python -m bench $SN_FUSED_EXTRA_BENCH"
   # shellcheck disable=SC2086

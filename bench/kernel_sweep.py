@@ -9,7 +9,7 @@ of issue #3's eager goal (the SNGAN ResNet D's shapes) in interleaved rounds.
 
     python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--on-chip-sweep] [--profile]
                                  [--compile-probe] [--eager-ab] [--graph-only] [--no-torch] [--no-table]
-                                 [--sweep-shapes MxN,...] [--sweep-knobs NAME,...] [--reads MxN] [--out DIR]
+                                 [--sweep-shapes MxN,...] [--sweep-knobs NAME[=V/V...],...] [--reads MxN] [--out DIR]
 """
 
 from __future__ import annotations
@@ -361,6 +361,21 @@ def print_compiled(kernel) -> None:
                   f"spills, {getattr(md, 'shared', '?')} B shared, {getattr(md, 'num_warps', '?')} warps")
 
 
+def parse_knobs(text: str) -> dict:
+    """``--sweep-knobs``: ``"_LOAD_STAGES,_TILE_ELEMENTS=32768/8192"`` -> each knob with the values
+    given after ``=`` (``/``-separated ints), else with its values in ``KNOBS``."""
+    knobs = {}
+    for item in text.split(","):
+        name, _, values = item.partition("=")
+        if not values:
+            knobs[name] = KNOBS[name]
+        elif "+" in name or not hasattr(ops_mod, name):
+            raise SystemExit(f"--sweep-knobs: values after '=' need one launch knob of sn_fused.ops, got {name!r}")
+        else:
+            knobs[name] = tuple(int(v) for v in values.split("/"))
+    return knobs
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """``"128x1152,1x8192"`` -> ``[(128, 1152), (1, 8192)]``."""
     return [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]
@@ -371,10 +386,12 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="launch knobs, one at a time (forward graph time)")
     ap.add_argument("--sweep-shapes", default=None, metavar="MxN,...",
                     help="shapes of --sweep (default %s)" % ",".join(f"{m}x{n}" for m, n in SWEEP_SHAPES))
-    ap.add_argument("--sweep-knobs", default=None, metavar="NAME,...",
-                    help="knobs of --sweep (default all: %s)" % ",".join(KNOBS))
+    ap.add_argument("--sweep-knobs", default=None, metavar="NAME[=V/V...],...",
+                    help="knobs of --sweep, each with its values in KNOBS or those given (default all: %s)"
+                    % ",".join(KNOBS))
     ap.add_argument("--reads", default=None, metavar="MxN",
-                    help="only build one MxN layer and read it 3 times (a target for ncu --launch-skip 2)")
+                    help="only build one MxN layer (one read) and read it, then its backward, 3 times "
+                         "(a target for ncu: --launch-skip 5 on both kernels profiles the third of each)")
     ap.add_argument("--profile", action="store_true", help="break down the eager host time")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile-probe", action="store_true", help="host cost of a read under torch.compile")
@@ -392,12 +409,14 @@ def main():
     if args.reads:
         M, N = parse_shapes(args.reads)[0]
         m = layer(M, N, "sn_fused")
+        g = torch.randn(M, N, device=cuda_device())
         for _ in range(3):
-            m.weight
+            m.weight.backward(g)
         torch.cuda.synchronize()
         cfg = ops_mod._launch_config(M, N, cuda_device(), None)
         print(f"# {M}x{N}: {cfg}")
         print_compiled(ops_mod.kernels.spectral_norm_fwd_kernel)
+        print_compiled(ops_mod.kernels.spectral_norm_bwd_kernel)
         return
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
@@ -426,7 +445,7 @@ def main():
     if args.eager_ab:
         sweep += [dict(eager_ab=eager_ab())]
     if args.sweep:
-        knobs = KNOBS if not args.sweep_knobs else {k: KNOBS[k] for k in args.sweep_knobs.split(",")}
+        knobs = KNOBS if not args.sweep_knobs else parse_knobs(args.sweep_knobs)
         sweep += knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES, knobs)
     if args.bwd_sweep:
         sweep += bwd_sweep()

@@ -89,3 +89,50 @@ def test_measure_times_the_backward_alone_for_sn_fused(monkeypatch):
     assert set(fused) == set(plain) == {"fwd_graph", "fwd_eager", "fwdbwd_graph", "fwdbwd_eager", "bwd_graph"}
     assert fused["bwd_graph"] == 1.0 and plain["bwd_graph"] != plain["bwd_graph"]  # NaN: PyTorch has no such op
     assert calls == [(6, 10)]
+
+
+def test_sweep_knobs_take_their_own_values_or_those_given():
+    """``--sweep-knobs``: a name alone sweeps its ``KNOBS`` values; ``NAME=V/V`` those given (a
+    launch knob of ``sn_fused.ops``, one at a time); a misspelled knob is an error, not a sweep of
+    the defaults under another name."""
+    import pytest
+
+    from bench import kernel_sweep
+
+    assert kernel_sweep.parse_knobs("_LOAD_STAGES,_TILE_ELEMENTS=32768,_MIN_ELEMENTS_PER_PROGRAM=4096/2048") == {
+        "_LOAD_STAGES": kernel_sweep.KNOBS["_LOAD_STAGES"], "_TILE_ELEMENTS": (32768,),
+        "_MIN_ELEMENTS_PER_PROGRAM": (4096, 2048)}
+    assert kernel_sweep.parse_knobs("_LOAD_STAGES+_RESCALE_STAGES") == {
+        "_LOAD_STAGES+_RESCALE_STAGES": ((3, 3),)}
+    for bad in ("_TILE_ELEMENT=32768", "_LOAD_STAGES+_RESCALE_STAGES=3", "_NO_SUCH_KNOB"):
+        with pytest.raises((SystemExit, KeyError)):
+            kernel_sweep.parse_knobs(bad)
+
+
+def test_reads_runs_forward_and_backward_three_times_each(monkeypatch, capsys):
+    """``--reads MxN``, the target of ``gpu_check.sh``'s Nsight Compute runs: the layer's
+    registration reads once, then forward, backward, three times over, so ``--launch-skip 5
+    --launch-count 2`` on both kernels' names profiles the third of each (change gpu_check.sh
+    with this sequence)."""
+    import sys
+
+    import torch
+
+    from bench import kernel_sweep
+
+    names = []
+    launch = snm._launch
+
+    def spy(kernel, *args, **kwargs):
+        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return launch(kernel, *args, **kwargs)
+
+    layer = kernel_sweep.layer
+    monkeypatch.setattr(snm, "_launch", spy)
+    monkeypatch.setattr(kernel_sweep, "cuda_device", lambda: torch.device(device))
+    monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: layer(M, N, impl, device))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["kernel_sweep", "--reads", "6x10"])
+    kernel_sweep.main()
+    assert names == ["spectral_norm_fwd_kernel"] + ["spectral_norm_fwd_kernel", "spectral_norm_bwd_kernel"] * 3, names
+    assert capsys.readouterr().out.startswith("# 6x10: _LaunchConfig(")
