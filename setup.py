@@ -10,7 +10,8 @@ built where this build can import that torch, and needs a C++ compiler (no CUDA 
 it launches through sn_fused's Python runners). ``SN_FUSED_BUILD_CPP`` chooses:
 
 - unset (default): build ``_C`` if torch imports here; if it does not (pip's isolated
-  build, which has no torch) or the compile fails, install without it and say so;
+  build, which has no torch) or the compile fails, install without it (and without any
+  ``_C`` an earlier build left) and say so on stderr, which pip shows with ``-v``;
 - ``1``: build it, and fail the build if that is not possible (what CI asks for);
 - ``0``: never build it.
 
@@ -22,7 +23,11 @@ it launches through sn_fused's Python runners). ``SN_FUSED_BUILD_CPP`` chooses:
 A plain ``pip install .`` builds in an isolated environment without torch, so it installs
 the pure-Python package. (Adding torch to ``build-system.requires`` would build against
 whatever torch pip downloads there, not the one installed, and such an ``_C`` refuses to
-load.) ``tests/run.sh`` and ``bench/run.sh`` build it in place (``.ci/env.sh``).
+load.) Whether an install has it: ``python -c "import sn_fused.ops.spectral_norm as s; print(s.CPP_READS)"``.
+Packagers who build with ``--no-build-isolation`` by convention (conda, distributions) and
+want a pure-Python package set ``SN_FUSED_BUILD_CPP=0``: a declared extension tags the wheel
+for the platform even where its compile failed. ``tests/run.sh`` and ``bench/run.sh`` build
+it in place (``.ci/env.sh``).
 """
 
 import os
@@ -36,7 +41,7 @@ if _MODE not in ("", "0", "1"):
 
 
 def _say(message):
-    # pip shows a build's output with -v only; a build that leaves _C out says why all the same.
+    # (pip shows a build's output only with -v, or when the build fails)
     sys.stderr.write(f"sn_fused: {message}\n")
 
 
@@ -44,7 +49,7 @@ ext_modules, cmdclass = [], {}
 if _MODE != "0":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError as error:
+    except Exception as error:  # ImportError, or a torch that fails to import otherwise (a missing library)
         if _MODE == "1":
             raise SystemExit("SN_FUSED_BUILD_CPP=1 builds sn_fused._C against the installed torch, which this "
                              f"build environment cannot import ({error}): use pip's --no-build-isolation") from error
@@ -61,6 +66,16 @@ if _MODE != "0":
                 except Exception as error:  # compiler missing or failing: any of distutils' or ninja's errors
                     if _MODE == "1":
                         raise
+                    # An _C an earlier build left (in the build directory, which a wheel packs, or
+                    # in place) is not this source's: the install goes on without any.
+                    was_inplace = self.inplace
+                    for inplace in (False, True):
+                        self.inplace = inplace  # get_ext_fullpath's choice of directory
+                        for ext in self.extensions:
+                            path = self.get_ext_fullpath(ext.name)
+                            if os.path.exists(path):
+                                os.remove(path)
+                    self.inplace = was_inplace
                     _say(f"building without sn_fused._C (the C++ eager read): its compile failed ({error}); "
                          "SN_FUSED_BUILD_CPP=1 makes that an error")
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The prepared GPU check: GPU tests + kernel table + quick benchmark, in ONE call.
 #
-#   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|dev|bench]     (repo root, on the lent GPU)
+#   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|kernels|dev|bench]   (repo root, on the lent GPU)
 #
 #   final (default): GPU tests, per-shape kernel table + host-time profile, `python -m bench --quick` (~5 min)
 #   kernels:         `final` without `python -m bench --quick` (~2 min less): kernel work, when the
 #                    steps' numbers of the last call still hold for the host path
-#   dev:             the same plus the launch-knob sweep
+#   dev:             GPU tests, kernel table, every knob of the launch-knob sweep, the backward
+#                    and ON_CHIP sweeps, host profile (instead of the default extras), bench --quick
 #   bench:           GPU tests and `python -m bench --quick` only (when device time is short)
 #
 # Optional, same call:
@@ -49,6 +50,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET
 mode=${1:-final}
+case "$mode" in  # a mistyped mode must not run another one: a call is ~10 minutes of a scarce GPU
+  final|kernels|dev|bench) ;;
+  *) echo "gpu_check.sh: unknown mode '$mode' (final, kernels, dev or bench)" >&2; exit 2 ;;
+esac
 status=0
 pack() { cp "$OUT"/*.log "$OUT"/env.txt "$W"/ 2>/dev/null; tar -czf "$OUT/gpu_results.tgz" -C "$W" . ; }
 trap pack EXIT
@@ -107,7 +112,8 @@ if [ "$mode" != bench ]; then
   fi
   # DRAM bytes and L2 hit rate of one forward read (floor: A read once, W_sn written once) and of
   # one backward (floor: G and W read once, dW written once), the third of each in --reads: where
-  # the time goes, bytes or rate (bench/NOTES.md v14-v16).
+  # the time goes, bytes or rate (bench/NOTES.md v14-v16); and what the warps wait on (stall
+  # reasons: long scoreboard = global loads, barrier = the block-wide sums; v15's latency model).
   if command -v ncu >/dev/null; then
     echo "== ncu: DRAM bytes of one forward read and one backward of the large weights $(date +%T)"
     # (session 14, forward: 1536x13824 1.73x A's bytes read at 2.2 TB/s; 4096x4096 1.57x)
@@ -121,7 +127,7 @@ if [ "$mode" != bench ]; then
         SN_FUSED_LOAD_STAGES=$load SN_FUSED_RESCALE_STAGES=$rescale timeout 75 ncu --clock-control none \
           --kernel-name regex:spectral_norm_ --launch-skip 5 --launch-count 2 \
           --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
-          python3 -m bench.kernel_sweep --reads "$shape" || failed=1
+          --section WarpStateStats python3 -m bench.kernel_sweep --reads "$shape" || failed=1
       done
       [ "$failed" = 0 ]; } 2>&1 | tee "$OUT/ncu_dram.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1
   fi

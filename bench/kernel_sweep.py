@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 import torch
@@ -368,9 +369,12 @@ def parse_knobs(text: str) -> dict:
     for item in text.split(","):
         name, _, values = item.partition("=")
         if not values:
+            if name not in KNOBS:
+                raise SystemExit(f"--sweep-knobs: {name!r} is not one of {', '.join(KNOBS)} (or give NAME=V/V)")
             knobs[name] = KNOBS[name]
-        elif "+" in name or not hasattr(ops_mod, name):
-            raise SystemExit(f"--sweep-knobs: values after '=' need one launch knob of sn_fused.ops, got {name!r}")
+        elif not (re.fullmatch(r"_[A-Z_]+", name) and type(getattr(ops_mod, name, None)) is int):
+            raise SystemExit(f"--sweep-knobs: values after '=' need one integer launch knob of "
+                             f"sn_fused.ops.spectral_norm (_NAME), got {name!r}")
         else:
             knobs[name] = tuple(int(v) for v in values.split("/"))
     return knobs

@@ -104,17 +104,22 @@ def test_sweep_knobs_take_their_own_values_or_those_given():
         "_MIN_ELEMENTS_PER_PROGRAM": (4096, 2048)}
     assert kernel_sweep.parse_knobs("_LOAD_STAGES+_RESCALE_STAGES") == {
         "_LOAD_STAGES+_RESCALE_STAGES": ((3, 3),)}
-    for bad in ("_TILE_ELEMENT=32768", "_LOAD_STAGES+_RESCALE_STAGES=3", "_NO_SUCH_KNOB"):
-        with pytest.raises((SystemExit, KeyError)):
+    # A misspelled or unknown knob, a pair with values, a module global that is no integer knob
+    # (``_launch_knobs`` would set any of them), an empty name.
+    for bad in ("_TILE_ELEMENT=32768", "_LOAD_STAGES+_RESCALE_STAGES=3", "_NO_SUCH_KNOB", "_launch=1",
+                "CPP_READS=0", "_ON_CHIP=0", "_LOAD_STAGES,"):
+        with pytest.raises(SystemExit, match="--sweep-knobs"):
             kernel_sweep.parse_knobs(bad)
 
 
 def test_reads_runs_forward_and_backward_three_times_each(monkeypatch, capsys):
     """``--reads MxN``, the target of ``gpu_check.sh``'s Nsight Compute runs: the layer's
-    registration reads once, then forward, backward, three times over, so ``--launch-skip 5
-    --launch-count 2`` on both kernels' names profiles the third of each (change gpu_check.sh
-    with this sequence)."""
+    registration reads once, then forward, backward, three times over; the launches that
+    ``gpu_check.sh``'s ``--launch-skip``/``--launch-count`` select (both kernels' names match its
+    filter) must be the third forward and the third backward."""
+    import re
     import sys
+    from pathlib import Path
 
     import torch
 
@@ -135,4 +140,9 @@ def test_reads_runs_forward_and_backward_three_times_each(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["kernel_sweep", "--reads", "6x10"])
     kernel_sweep.main()
     assert names == ["spectral_norm_fwd_kernel"] + ["spectral_norm_fwd_kernel", "spectral_norm_bwd_kernel"] * 3, names
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    (pattern, skip, count), = re.findall(r"--kernel-name regex:(\S+) --launch-skip (\d+) --launch-count (\d+)", script)
+    assert all(re.search(pattern, name) for name in names)
+    assert names[int(skip):int(skip) + int(count)] == ["spectral_norm_fwd_kernel", "spectral_norm_bwd_kernel"]
+    assert len(names) == int(skip) + int(count)  # the third of each: nothing after them
     assert capsys.readouterr().out.startswith("# 6x10: _LaunchConfig(")
