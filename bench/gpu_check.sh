@@ -14,11 +14,12 @@
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table, graph and eager, with its host
 #                            profile: a same-card A/B of a kernel or host-path change
-#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile, the interleaved
-#                            eager A/B of the SNGAN shapes, and the _LOAD_STAGES sweep of the
-#                            streaming shapes, see below; "" for none; final and kernels modes). Measured
-#                            before and left out to make room: --bwd-sweep (sessions 3-9),
-#                            --compile-probe (session 14), --on-chip-sweep (sessions 8, 9)
+#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile and the sweep of
+#                            the loads over A on the streaming shapes, see below; "" for none; final
+#                            and kernels modes). Measured before and left out to make room:
+#                            --eager-ab (session 14: 7.0-8.6x PyTorch through the C++ read),
+#                            --bwd-sweep (sessions 3-9), --compile-probe (session 14),
+#                            --on-chip-sweep (sessions 8, 9)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/; at most 240 s
 #                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
@@ -28,13 +29,13 @@
 # It builds sn_fused._C (in the background, during the GPU tests) and runs tests/test_cpp_read.py
 # and tests/test_gpu.py through it, and asks Nsight Compute (where installed) for the DRAM bytes of
 # one forward read and one backward of 1536x13824 and 4096x4096, and of a forward read of 1536x13824
-# with both pipelined-load knobs at 3.
+# with both pipelined-load knobs at 3 and with the rescale's prefetch.
 # Sizes seen on an H100 (2026-11-27, session 14, `final` with a baseline, SN_FUSED_SWEEP_ARGS=
 # "--profile --compile-probe", and a kernel table with SN_FUSED_CPP=0 since replaced by
 # --eager-ab): 438 s in all, plus ~30 s to start the machine; --quick 117 s of it. The
-# --eager-ab part took ~40 s in a call of its own; the knob sweep (3 shapes x 9 variants, each
-# compiled once) is not yet timed (~130 s, a guess), nor the three ncu runs (~60 s). Each section
-# prints the time it starts. Guesses without a baseline: `kernels` ~7.5 min, `final` ~9.5 min,
+# --eager-ab part took ~40 s in a call of its own; the knob sweep (3 shapes x 10 variants, each
+# compiled once) is not yet timed (~150 s, a guess), nor the four ncu runs (~100 s). Each section
+# prints the time it starts. Guesses without a baseline: `kernels` ~8 min, `final` ~10 min,
 # too close to a call's 10: run `kernels` when the host path has not changed since the last
 # call's steps, with timeout_s 590 and no SN_FUSED_BASELINE unless a kernel or host change needs
 # the A/B; else `final` with a shorter SN_FUSED_SWEEP_ARGS.
@@ -94,16 +95,17 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
 
 if [ "$mode" != bench ]; then
   echo "== kernel table $(date +%T)"
-  # The pipelined-loads sweep: forward graph time with phase ST's and the rescale's loads over A
-  # pipelined, each alone and both (off by default until measured; bench/NOTES.md v15), and
-  # 32768-element tiles (half the row steps; bench/NOTES.md v16), the defaults timed first and
-  # last, on the streaming shapes that stream most.
+  # The sweep of the loads over A: forward graph time with phase ST's and the rescale's loads
+  # pipelined through shared memory (_*_STAGES, bench/NOTES.md v15) or one tile ahead in registers
+  # (_*_PREFETCH, v16), each alone and both, all off by default until measured; and 32768-element
+  # tiles (half the row steps, v16). The defaults timed first and last; the streaming shapes that
+  # stream most; 10 variants each.
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --eager-ab --sweep
-         --sweep-knobs _LOAD_STAGES,_RESCALE_STAGES,_LOAD_STAGES+_RESCALE_STAGES,_TILE_ELEMENTS=32768
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --sweep
+         --sweep-knobs _LOAD_STAGES=2/3,_RESCALE_STAGES=3,_LOAD_STAGES+_RESCALE_STAGES,_TILE_ELEMENTS=32768,_LOAD_PREFETCH,_RESCALE_PREFETCH,_LOAD_PREFETCH+_RESCALE_PREFETCH
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
-  timeout 330 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
+  timeout 360 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     # Graph and eager times, and the host profile: a same-card A/B of the kernels and of the host path.
     echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only) $(date +%T)"
@@ -119,12 +121,15 @@ if [ "$mode" != bench ]; then
     # (session 14, forward: 1536x13824 1.73x A's bytes read at 2.2 TB/s; 4096x4096 1.57x)
     # (the group runs in a subshell, piped into tee: its exit status carries a failure out)
     { failed=0
-      for s in 1536x13824:1:1 4096x4096:1:1 1536x13824:3:3; do
-        IFS=: read -r shape load rescale <<< "$s"
-        echo "# $shape, _LOAD_STAGES $load, _RESCALE_STAGES $rescale"
+      # shape[:knobs of the run, as SN_FUSED_... environment variables]
+      for s in 1536x13824 4096x4096 1536x13824:SN_FUSED_LOAD_STAGES=3,SN_FUSED_RESCALE_STAGES=3 \
+               1536x13824:SN_FUSED_RESCALE_PREFETCH=1; do
+        IFS=: read -r shape knobs <<< "$s"
+        echo "# $shape ${knobs:-(defaults)}"
         # --reads: the registration's read, then forward, backward, three times; skipping 5
         # launches of either kernel leaves the third of each (tests/test_bench_kernel_sweep.py).
-        SN_FUSED_LOAD_STAGES=$load SN_FUSED_RESCALE_STAGES=$rescale timeout 75 ncu --clock-control none \
+        # shellcheck disable=SC2046
+        env $(tr , ' ' <<< "$knobs") timeout 75 ncu --clock-control none \
           --kernel-name regex:spectral_norm_ --launch-skip 5 --launch-count 2 \
           --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
           --section WarpStateStats python3 -m bench.kernel_sweep --reads "$shape" || failed=1

@@ -115,9 +115,11 @@ def measure(M, N, impl, graph_only=False):
 
 
 KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 8192, 32768),
-             _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768), _LOAD_STAGES=(2, 3, 4), _RESCALE_STAGES=(2, 3))
+             _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768), _LOAD_STAGES=(2, 3, 4), _RESCALE_STAGES=(2, 3),
+             _LOAD_PREFETCH=(1,), _RESCALE_PREFETCH=(1,))
 # Knobs changed together: "A+B" with value tuples.
 KNOBS["_LOAD_STAGES+_RESCALE_STAGES"] = ((3, 3),)
+KNOBS["_LOAD_PREFETCH+_RESCALE_PREFETCH"] = ((1, 1),)
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 
@@ -158,7 +160,7 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
                         print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
                 results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, fwd_graph_us=t, rel_err=err))
                 flag = f" ERR {err:.1e}" if err > 1e-5 else ""  # (NaN: the variant raised, printed above)
-                label = "+".join(name.strip("_")[:8] for name in names)
+                label = "+".join(name.strip("_") for name in names)  # (not cut: _RESCALE_STAGES, _RESCALE_PREFETCH)
                 line.append(f"{label}={val}:{t:.1f}[{grid}]{flag}")
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
     return results

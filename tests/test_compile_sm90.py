@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent("""
     bwd.update(ws_ptr="*fp32", sem_ptr="*i32")
 
     def fwd_case(**blocks):
-        defaults = dict(NCOL=1, TRAINING=True, PHASE=-1, LOAD_STAGES=1, RESCALE_STAGES=1)
+        defaults = dict(NCOL=1, TRAINING=True, PHASE=-1, LOAD_STAGES=1, RESCALE_STAGES=1, LOAD_PREFETCH=0,
+                        RESCALE_PREFETCH=0)
         return (K.spectral_norm_fwd_kernel, fwd, {**defaults, **blocks})
 
     def bwd_case(**blocks):
@@ -45,6 +46,8 @@ SCRIPT = textwrap.dedent("""
                  ON_CHIP=False),
         fwd_case(BLOCK_M=2, BLOCK_N=8192, BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True,
                  ON_CHIP=False, TRAINING=False, LOAD_STAGES=3, RESCALE_STAGES=2),
+        fwd_case(BLOCK_M=4, BLOCK_N=4096, BLOCK_R=32, BLOCK_C=32, BLOCK_P=256, BLOCK_Q=256, ROW_IN_TILE=True,
+                 ON_CHIP=False, LOAD_PREFETCH=1, RESCALE_PREFETCH=1),
         fwd_case(BLOCK_M=4, BLOCK_N=64, BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True,
                  ON_CHIP=False, NCOL=3, TRAINING=False),
         fwd_case(BLOCK_M=8, BLOCK_N=2048, BLOCK_R=8, BLOCK_C=64, BLOCK_P=32, BLOCK_Q=4, ROW_IN_TILE=True,
@@ -174,7 +177,7 @@ SPILL_SCRIPT = textwrap.dedent("""
                 kernel, args, cfg, coop = launches[0]
                 assert not cfg.ON_CHIP and (cfg.LOAD_STAGES, cfg.RESCALE_STAGES) == (want, 2), cfg
                 k = compile_launch(kernel, args, cfg, coop)
-                loops = [int(x) for x in re.findall(r"tt.num_stages = (\d+)", k.asm["ttir"])]
+                loops = [int(x) for x in re.findall(r"tt.num_stages = (\\d+)", k.asm["ttir"])]
                 assert loops == [want, 2], (M, N, dtype, training, loops)
                 copies = k.asm["ptx"].count("cp.async.cg.shared.global")
                 shared = k.metadata.shared
@@ -183,6 +186,25 @@ SPILL_SCRIPT = textwrap.dedent("""
                   f"{shared} B shared, spill bytes {spills}")
             assert copies > 0 and shared <= 227 * 1024, (M, N, dtype, stages, copies, shared)
             assert spills == [0, 0] or dtype == torch.float64, (M, N, dtype, stages, spills)
+
+    # _LOAD_PREFETCH / _RESCALE_PREFETCH (off by default until measured): where the launcher lets a
+    # loop load one tile ahead in registers (_prefetch: phase ST up to 8192-wide rows, the rescale
+    # on all of these), the binary does not spill, and the loads are plain ones (no cp.async: the
+    # rescale's keep evict_first).
+    for (M, N), want in [((4096, 1024), (1, 1)), ((768, 6912), (1, 1)), ((1000, 1536), (1, 1)),
+                         ((1536, 13824), (0, 1))]:
+        with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1):
+            launches.clear()
+            w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
+            snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1), torch.empty(()),
+                                snm.new_semaphore(), 0, 1, 1e-12, True, num_programs=snm._default_grid(M, N, 132),
+                                phase_by_phase=False)
+            kernel, args, cfg, coop = launches[0]
+            assert (cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH) == want and cfg.LOAD_STAGES == cfg.RESCALE_STAGES == 1
+            ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"]
+            spills = spill_bytes(kernel, args, cfg, coop)
+        print(f"{M}x{N} forward, prefetch {want}: spill bytes {spills}")
+        assert spills == [0, 0] and "cp.async" not in ptx and "L1::evict_first" in ptx, (M, N, spills)
     print("OK")
 """)
 

@@ -113,20 +113,23 @@ def test_deterministic_bitwise():
 
 @pytest.mark.parametrize("M,N", [(1536, 13824), (768, 6912), (4096, 1024)])
 def test_load_stages_bitwise(M, N):
-    """Pipelined loads over A (``_LOAD_STAGES``, ``_RESCALE_STAGES``, off by default until
-    measured) change when tiles arrive, not the arithmetic: W_sn, u, v, sigma and the saved
-    vectors bitwise as the default's, on the grid an H100 gives these weights."""
+    """Pipelined loads over A (``_LOAD_STAGES``, ``_RESCALE_STAGES``) and loads one tile ahead
+    in registers (``_LOAD_PREFETCH``, ``_RESCALE_PREFETCH``), all off by default until measured,
+    change when tiles arrive, not the arithmetic: W_sn, u, v, sigma and the saved vectors
+    bitwise as the default's, on the grid an H100 gives these weights."""
     torch.manual_seed(0)
     w = torch.randn(M, N, device=DEV)
     results = []
-    for stages in (1, 3):
-        with ops_mod._launch_knobs(_LOAD_STAGES=stages, _RESCALE_STAGES=stages):
+    for stages, prefetch in ((1, 0), (3, 0), (1, 1)):
+        with ops_mod._launch_knobs(_LOAD_STAGES=stages, _RESCALE_STAGES=stages, _LOAD_PREFETCH=prefetch,
+                                   _RESCALE_PREFETCH=prefetch):
             cfg = ops_mod._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, True, None, None, 4).cfg
-            assert (cfg.LOAD_STAGES, cfg.RESCALE_STAGES) == (stages, stages)
+            assert (cfg.LOAD_STAGES, cfg.RESCALE_STAGES, cfg.RESCALE_PREFETCH) == (stages, stages, prefetch)
             r = _run_both(w, 0, 2, True, seed=3)
         results.append([r[k] for k in ("out", "u", "v", "us", "vs", "sigma")])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
-    assert _rel(results[1][0], r["ref_out"]) < 1e-5
+        assert _rel(results[-1][0], r["ref_out"]) < 1e-5
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 def test_one_launch_per_read_and_per_backward():

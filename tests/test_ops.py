@@ -847,30 +847,56 @@ def test_cooperative_launch_only_where_programs_wait_on_each_other():
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training, device, gen):
     """``_LOAD_STAGES`` and ``_RESCALE_STAGES`` (the forward's loops over A as ``tl.range(...,
-    num_stages=...)``, kernels.py) go into every launch of a plan with whole rows in a tile
-    (column blocks keep 1: their shared memory would not fit) and change only how a GPU
-    schedules the loads: the read is bitwise the one of the default, and right against the
-    oracle. (The interpreter runs the
-    loop as a plain range; tests/test_compile_sm90.py compiles the pipelined loops for sm_90,
-    and on a GPU this test compares them.)"""
+    num_stages=...)``, kernels.py) and ``_LOAD_PREFETCH``, ``_RESCALE_PREFETCH`` (the same loops
+    loading one tile ahead in registers; a loop that prefetches is not pipelined too) go into
+    every launch of a plan with whole rows in a tile (column blocks keep neither: their shared
+    memory would not fit) and change only how a GPU schedules the loads: the read is bitwise the
+    one of the default, and right against the oracle. One-row tiles, so each program's loops
+    take several steps. (The interpreter runs a pipelined loop as a plain range, but the
+    prefetching loops as written; tests/test_compile_sm90.py compiles them all for sm_90, and
+    on a GPU tests/test_gpu.py compares them.)"""
     M, N = 9, 40
     w = torch.randn(M, N, generator=gen).to(device)
     u0, v0 = torch.randn(M, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
-    knobs = dict(_ON_CHIP=False) if row_in_tile else dict(_ON_CHIP=False, _MAX_ROW_IN_TILE=16, _TILE_ELEMENTS=32)
+    knobs = dict(_ON_CHIP=False, _TILE_ELEMENTS=64) if row_in_tile else dict(
+        _ON_CHIP=False, _MAX_ROW_IN_TILE=16, _TILE_ELEMENTS=32)
     reads = []
-    for stages in ((1, 1), (3, 2)):
-        with snm._launch_knobs(_LOAD_STAGES=stages[0], _RESCALE_STAGES=stages[1], **knobs):
+    # (stages asked for, prefetch asked for) -> the kernel's last four arguments
+    variants = {((1, 1), (0, 0)): (1, 1, 0, 0), ((3, 2), (0, 0)): (3, 2, 0, 0),
+                ((1, 1), (1, 1)): (1, 1, 1, 1), ((3, 3), (1, 0)): (1, 3, 1, 0)}
+    for (stages, prefetch), tail in variants.items():
+        with snm._launch_knobs(_LOAD_STAGES=stages[0], _RESCALE_STAGES=stages[1], _LOAD_PREFETCH=prefetch[0],
+                               _RESCALE_PREFETCH=prefetch[1], **knobs):
             plan = snm._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, training, 2, None)
             assert plan.cfg.ROW_IN_TILE == row_in_tile and not plan.cfg.ON_CHIP
-            # LOAD_STAGES, RESCALE_STAGES: the kernel's last two arguments
-            assert {tail[-2:] for tail in plan.launches} == {stages if row_in_tile else (1, 1)}
+            assert plan.cfg.BLOCK_M == 1 or not row_in_tile  # 4-5 steps per program and loop
+            # LOAD_STAGES, RESCALE_STAGES, LOAD_PREFETCH, RESCALE_PREFETCH: the last four arguments
+            assert {launch[-4:] for launch in plan.launches} == {tail if row_in_tile else (1, 1, 0, 0)}
             with count_launches() as launches:
                 res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=2, training=training, num_programs=2)
             assert len(launches) == len(plan.launches)
             reads.append(res)
-    for key in ("out", "u", "v", "sigma"):
-        assert torch.equal(reads[0][key], reads[1][key]), key
-    check_forward(w, u0, v0, reads[1], dim=0, n=2, eps=1e-12, training=training)
+    for read in reads[1:]:
+        for key in ("out", "u", "v", "sigma"):
+            assert torch.equal(reads[0][key], read[key]), key
+    check_forward(w, u0, v0, reads[-1], dim=0, n=2, eps=1e-12, training=training)
+
+
+def test_prefetch_only_where_two_tiles_fit_in_registers():
+    """``_prefetch``: phase ST keeps two tiles, x and the t partial live, the rescale two tiles;
+    on the shapes an H100 runs (132 programs) phase ST fits up to 8192-wide rows, not
+    1536x13824's 16384-wide tiles (they spill, tests/test_compile_sm90.py), nor float64 tiles
+    of 16384 elements; the rescale fits everywhere in float32."""
+    def plan(M, N, dtype=torch.float32):
+        with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1):
+            return snm._forward_plan((M, N), (N, 1), (N, 1), 0, torch.device("cpu"), 1, True,
+                                     snm._default_grid(M, N, 132), False, dtype.itemsize).cfg
+    fits = {(M, N): (plan(M, N).LOAD_PREFETCH, plan(M, N).RESCALE_PREFETCH)
+            for M, N in [(4096, 4096), (1000, 1536), (768, 6912), (512, 4608), (1536, 13824)]}
+    assert fits == {(4096, 4096): (1, 1), (1000, 1536): (1, 1), (768, 6912): (1, 1), (512, 4608): (1, 1),
+                    (1536, 13824): (0, 1)}
+    assert (plan(4096, 4096, torch.float64).LOAD_PREFETCH, plan(4096, 4096, torch.float64).RESCALE_PREFETCH) == (0, 0)
+    assert plan(128, 1152).ON_CHIP and plan(128, 1152).LOAD_PREFETCH == 0  # ON_CHIP loads its tile once
 
 
 def test_default_grid():

@@ -229,7 +229,7 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
                    pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
                    FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TILE: tl.constexpr,
-                   LOAD_STAGES: tl.constexpr):
+                   LOAD_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
     """Phase ST over own rows: ``s = A x``; training also ``t_part[p] = A[rows]^T s``.
 
     ``x = v`` (FROM_V) or ``x = t / dv`` of the previous iteration, rounded to
@@ -237,7 +237,8 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
     PyTorch would read. Writes ``s`` and the partial ``sum s_i^2``
     (training) or ``sum u_i s_i`` (eval: sigma = u^T A v, stored u and v).
     The transposed product uses ``s`` before normalization: ``A^T u = A^T s / du``
-    and ``du`` is known only after the barrier.
+    and ``du`` is known only after the barrier. Whole-row tiles are loaded as the kernel's
+    ``LOAD_STAGES`` and ``LOAD_PREFETCH`` (``PREFETCH`` here) say.
     """
     acc_t = s_ptr.dtype.element_ty
     part = tl.zeros([BLOCK_M], acc_t)
@@ -252,18 +253,19 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
             t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
             x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
         t_acc = tl.zeros([BLOCK_N], acc_t)
-        for r in tl.range(r0, r1, BLOCK_M, num_stages=LOAD_STAGES):
-            rows = r + tl.arange(0, BLOCK_M)
-            rmask = rows < r1
-            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
-            s = tl.sum(a * x[None, :], axis=1)
-            tl.store(s_ptr + rows, s, mask=rmask)
-            if TRAINING:
-                part += s * s
-                t_acc += tl.sum(a * s[:, None], axis=0)
-            else:
-                part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
+        if PREFETCH:
+            # The next tile's loads are issued before this one is reduced (two tiles in registers),
+            # so they are in flight across the block-wide sum instead of after it.
+            a = _row_tile(w_ptr, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M)
+            for r in range(r0, r1, BLOCK_M):
+                a_next = _row_tile(w_ptr, r + BLOCK_M, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3,
+                                   D1, D2, D3, NCOL, BLOCK_M)  # (all masked after the last)
+                part, t_acc = _matvecs_step(a.to(acc_t), x, r, r1, u_ptr, s_ptr, part, t_acc, TRAINING, BLOCK_M)
+                a = a_next
+        else:
+            for r in tl.range(r0, r1, BLOCK_M, num_stages=LOAD_STAGES):
+                a = _row_tile(w_ptr, r, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M)
+                part, t_acc = _matvecs_step(a.to(acc_t), x, r, r1, u_ptr, s_ptr, part, t_acc, TRAINING, BLOCK_M)
         tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
         if TRAINING:
             tl.store(tpart_ptr + pid * N + cols, t_acc, mask=cmask)
@@ -293,6 +295,32 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
     if TRAINING:
         _transposed_partial(w_ptr, s_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
                             D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _row_tile(w_ptr, r, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """Rows ``[r, r + BLOCK_M)`` of A below ``r1``, whole (``cols``: all of a row), the weight's dtype."""
+    rows = r + tl.arange(0, BLOCK_M)
+    return tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                   mask=(rows < r1)[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _matvecs_step(a, x, r, r1, u_ptr, s_ptr, part, t_acc, TRAINING: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One whole-row tile ``a`` of phase ST (rows ``[r, r + BLOCK_M)`` below ``r1``): ``s = a x``
+    stored; returns ``part`` plus ``sum s_i^2`` (eval: ``sum u_i s_i``) and ``t_acc`` plus
+    ``a^T s`` (training)."""
+    rows = r + tl.arange(0, BLOCK_M)
+    rmask = rows < r1
+    s = tl.sum(a * x[None, :], axis=1)
+    tl.store(s_ptr + rows, s, mask=rmask)
+    if TRAINING:
+        part += s * s
+        t_acc += tl.sum(a * s[:, None], axis=0)
+    else:
+        part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(a.dtype) * s
+    return part, t_acc
 
 
 @triton.jit
@@ -449,29 +477,64 @@ def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK: tl.constexpr):
 @triton.jit
 def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
-                   NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
-    """``W_sn = W / sigma`` over own rows, and sigma's stores (``STAGES``: the row loop's
-    pipelined loads, the kernel's ``RESCALE_STAGES``).
+                   NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+    """``W_sn = W / sigma`` over own rows, and sigma's stores (``STAGES``, ``PREFETCH``: how the
+    row loop's loads overlap, the kernel's ``RESCALE_STAGES`` and ``RESCALE_PREFETCH``).
 
     Order: the exact reverse of the last pass over A (phase ST ends on column
     block 0 -- the only one when ``ROW_IN_TILE`` -- and on its last rows), so
     the tiles still in L2 are read first. A is not read again in this launch
     and W_sn not at all, so both go through L2 with ``evict_first``: they do
     not push out the tiles of A that are still to be re-read. (Pipelined loads,
-    ``STAGES > 1``, are ``cp.async``, which Triton emits without that hint.)
+    ``STAGES > 1``, are ``cp.async``, which Triton emits without that hint;
+    prefetched ones keep it.)
     """
     sigma_acc = _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid)
     n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        for j in tl.range(n_rblocks, num_stages=STAGES):
-            rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)  # last row block first
-            mask = (rows >= r0)[:, None] & cmask[None, :]
-            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                        mask=mask, other=0.0, eviction_policy="evict_first")
-            _store_rescaled(out_ptr, a, sigma_acc, rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3,
-                            D1, D2, D3, NCOL)
+        if PREFETCH:
+            # The next tile's loads are issued before this one is divided and stored.
+            a = _rescale_tile(w_ptr, 0, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
+                              BLOCK_M)
+            for j in range(n_rblocks):
+                a_next = _rescale_tile(w_ptr, j + 1, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3,
+                                       D1, D2, D3, NCOL, BLOCK_M)  # (all masked after the last)
+                _store_rescaled_block(out_ptr, a, sigma_acc, j, r0, r1, cols, cmask, o_row, o_c0, o_c1, o_c2,
+                                      o_c3, D1, D2, D3, NCOL, BLOCK_M)
+                a = a_next
+        else:
+            for j in tl.range(n_rblocks, num_stages=STAGES):
+                a = _rescale_tile(w_ptr, j, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
+                                  BLOCK_M)
+                _store_rescaled_block(out_ptr, a, sigma_acc, j, r0, r1, cols, cmask, o_row, o_c0, o_c1, o_c2,
+                                      o_c3, D1, D2, D3, NCOL, BLOCK_M)
+
+
+@triton.jit
+def _rescale_rows(j, r0, r1, cmask, BLOCK_M: tl.constexpr):
+    """The rescale's ``j``-th row block, counted from the last (``rows``, the tile's mask)."""
+    rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, (rows >= r0)[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _rescale_tile(w_ptr, j, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """The tile of A the rescale's step ``j`` divides (read once more in this launch: ``evict_first``)."""
+    rows, mask = _rescale_rows(j, r0, r1, cmask, BLOCK_M)
+    return tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                   mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _store_rescaled_block(out_ptr, a, sigma_acc, j, r0, r1, cols, cmask, o_row, o_c0, o_c1, o_c2, o_c3,
+                          D1, D2, D3, NCOL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``W_sn`` of the rescale's step ``j`` from its tile ``a``."""
+    rows, mask = _rescale_rows(j, r0, r1, cmask, BLOCK_M)
+    _store_rescaled(out_ptr, a, sigma_acc, rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL)
 
 
 @triton.jit
@@ -690,6 +753,7 @@ def spectral_norm_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr, ON_CHIP: tl.constexpr,
     LOAD_STAGES: tl.constexpr, RESCALE_STAGES: tl.constexpr,
+    LOAD_PREFETCH: tl.constexpr, RESCALE_PREFETCH: tl.constexpr,
 ):
     """One read of the spectral-normalized weight (see the module docstring).
 
@@ -712,7 +776,10 @@ def spectral_norm_fwd_kernel(
     instead of waiting a full DRAM latency per tile (the launcher keeps the tiles within the
     device's shared memory). The rescale's pipelined loads lose their ``evict_first`` hint
     (``cp.async`` takes none from Triton), hence a knob of its own. 1: no pipelining, the code
-    of a plain ``range``. The interpreter runs every value alike.
+    of a plain ``range``. ``LOAD_PREFETCH``, ``RESCALE_PREFETCH`` (0 or 1; with a stage count
+    of 1): the same overlap by hand, in registers: each step issues the next tile's loads
+    before it uses its own, so two tiles are live (the launcher allows it where they fit) and
+    the rescale's loads keep ``evict_first``. The interpreter runs every value alike.
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -750,7 +817,7 @@ def spectral_norm_fwd_kernel(
         if PHASE == -1 or PHASE == 0:
             _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
                            s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                           True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES)
+                           True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES, LOAD_PREFETCH)
         if TRAINING:
             if PHASE == -1:
                 for it in range(n_iters):
@@ -773,11 +840,12 @@ def spectral_norm_fwd_kernel(
                     if it < n_iters - 1:
                         _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                       False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES)
+                                       False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
+                                       LOAD_PREFETCH)
                     else:
                         _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES)
+                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
             elif ON_CHIP and (PHASE == 1 or PHASE == 4):
                 # PHASE_R, or PHASE_FIX_R after a fallback: v, sigma (and the rescale)
                 _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr,
@@ -807,11 +875,12 @@ def spectral_norm_fwd_kernel(
                 if is_last:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES)
+                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
                 else:
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES)
+                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
+                                       LOAD_PREFETCH)
         else:
             if PHASE == -1:
                 grid_barrier(sem_ptr)
@@ -822,7 +891,7 @@ def spectral_norm_fwd_kernel(
                 _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
                 _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES)
+                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
 
 
 @triton.jit

@@ -120,6 +120,13 @@ _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's defau
 # a value whose tiles would not fit the device's shared memory (_pipeline_stages).
 _LOAD_STAGES = int(os.environ.get("SN_FUSED_LOAD_STAGES", 1))
 _RESCALE_STAGES = int(os.environ.get("SN_FUSED_RESCALE_STAGES", 1))
+# The same overlap by hand (LOAD_PREFETCH, RESCALE_PREFETCH in kernels.py): each step issues the
+# next tile's loads before it uses its own, two tiles in registers instead of shared memory; the
+# rescale's loads keep evict_first, which its pipelined ones lose (bench/NOTES.md v16). 1 turns
+# one on where its two tiles fit in registers (_prefetch), with that loop's stage count 1; 0
+# (off) until a GPU run measures them.
+_LOAD_PREFETCH = int(os.environ.get("SN_FUSED_LOAD_PREFETCH", 0))
+_RESCALE_PREFETCH = int(os.environ.get("SN_FUSED_RESCALE_PREFETCH", 0))
 
 
 # --------------------------------------------------------------------------- layout
@@ -283,6 +290,10 @@ class _LaunchConfig:
     # them from the knobs, the weight's element size and the device (_pipeline_stages).
     LOAD_STAGES: int = 1
     RESCALE_STAGES: int = 1
+    # Loads one tile ahead in registers (kernels.py): 0 here; _forward_plan sets them from the
+    # knobs where the tiles fit (_prefetch).
+    LOAD_PREFETCH: int = 0
+    RESCALE_PREFETCH: int = 0
 
 
 def _default_grid(M: int, N: int, cap: int) -> int:
@@ -370,6 +381,25 @@ def _pipeline_stages(requested: int, cfg: _LaunchConfig, itemsize: int, device: 
         budget = _H100_SHARED_PER_BLOCK
     tile_bytes = cfg.BLOCK_M * cfg.BLOCK_N * itemsize
     return max(1, min(requested, 1 + (budget - _SHARED_RESERVED) // tile_bytes))
+
+
+# Registers per thread a prefetching loop may fill with the values that stay live across its
+# steps (two tiles of A; phase ST also x and the t partial), of the 255 a thread can have: the
+# rest holds addresses, masks and the reductions. From ptxas (sm_90a, tests/test_compile_sm90.py):
+# the largest such loads that compile without spills.
+_PREFETCH_REGISTERS = 192
+
+
+def _prefetch(requested: int, cfg: _LaunchConfig, itemsize: int, in_phase_st: bool) -> int:
+    """1 where a forward loop over whole-row tiles loads one tile ahead in registers: asked for,
+    streaming (ON_CHIP loads its tile once) and the loop's live values within
+    ``_PREFETCH_REGISTERS`` per thread (32-bit registers: two tiles of A in the weight's dtype,
+    phase ST's x and t partial in the accumulation dtype, float64 for float64 weights)."""
+    if not requested or not cfg.ROW_IN_TILE or cfg.ON_CHIP:
+        return 0
+    words = max(itemsize, 4) // 4
+    live = 2 * cfg.BLOCK_M * cfg.BLOCK_N * words + (2 * cfg.BLOCK_N * words if in_phase_st else 0)
+    return int(live <= _PREFETCH_REGISTERS * 32 * cfg.num_warps)
 
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
@@ -579,8 +609,12 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
     layout = _matrix_layout(dim, torch.empty_strided(shape, w_stride, device="meta"),
                             torch.empty_strided(shape, o_stride, device="meta"))
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
-    cfg = dataclasses.replace(cfg, LOAD_STAGES=_pipeline_stages(_LOAD_STAGES, cfg, itemsize, device),
-                              RESCALE_STAGES=_pipeline_stages(_RESCALE_STAGES, cfg, itemsize, device))
+    load_prefetch = _prefetch(_LOAD_PREFETCH, cfg, itemsize, in_phase_st=True)
+    rescale_prefetch = _prefetch(_RESCALE_PREFETCH, cfg, itemsize, in_phase_st=False)
+    cfg = dataclasses.replace(  # (a loop that prefetches is not pipelined as well)
+        cfg, LOAD_STAGES=1 if load_prefetch else _pipeline_stages(_LOAD_STAGES, cfg, itemsize, device),
+        RESCALE_STAGES=1 if rescale_prefetch else _pipeline_stages(_RESCALE_STAGES, cfg, itemsize, device),
+        LOAD_PREFETCH=load_prefetch, RESCALE_PREFETCH=rescale_prefetch)
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = (_forward_phases(training, n_power_iterations, cfg.ON_CHIP) if phase_by_phase
@@ -588,7 +622,8 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
     launches = tuple(
         (layout.M, layout.N, n_power_iterations, int(is_last), *layout.strides[0], *layout.strides[1],
          *layout.inner_sizes, len(layout.sizes), training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R,
-         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.LOAD_STAGES, cfg.RESCALE_STAGES)
+         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.LOAD_STAGES, cfg.RESCALE_STAGES,
+         cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH)
         for phase, is_last in phases)
     # One ON_CHIP program in one launch keeps everything in registers: no workspace.
     ws_numel = 0 if cfg.ON_CHIP and cfg.grid == 1 and not phase_by_phase else \
