@@ -29,7 +29,7 @@
 # It builds sn_fused._C (in the background, during the GPU tests) and runs tests/test_cpp_read.py
 # and tests/test_gpu.py through it, and asks Nsight Compute (where installed) for the DRAM bytes of
 # one forward read and one backward of 1536x13824 and 4096x4096, and of a forward read of 1536x13824
-# with both pipelined-load knobs at 3 and with the rescale's prefetch.
+# with the rescale's prefetch and with both pipelined-load knobs at 3.
 # Sizes seen on an H100 (2026-11-27, session 14, `final` with a baseline, SN_FUSED_SWEEP_ARGS=
 # "--profile --compile-probe", and a kernel table with SN_FUSED_CPP=0 since replaced by
 # --eager-ab): 438 s in all, plus ~30 s to start the machine; --quick 117 s of it. The
@@ -122,8 +122,8 @@ if [ "$mode" != bench ]; then
     # (the group runs in a subshell, piped into tee: its exit status carries a failure out)
     { failed=0
       # shape[:knobs of the run, as SN_FUSED_... environment variables]
-      for s in 1536x13824 4096x4096 1536x13824:SN_FUSED_LOAD_STAGES=3,SN_FUSED_RESCALE_STAGES=3 \
-               1536x13824:SN_FUSED_RESCALE_PREFETCH=1; do
+      for s in 1536x13824 4096x4096 1536x13824:SN_FUSED_RESCALE_PREFETCH=1 \
+               1536x13824:SN_FUSED_LOAD_STAGES=3,SN_FUSED_RESCALE_STAGES=3; do
         IFS=: read -r shape knobs <<< "$s"
         echo "# $shape ${knobs:-(defaults)}"
         # --reads: the registration's read, then forward, backward, three times; skipping 5

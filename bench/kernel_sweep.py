@@ -143,14 +143,19 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     """
     defaults = {name: getattr(ops_mod, name) for knob in knobs for name in knob.split("+")}
     results = []
-    print("# knob sweep: fwd graph us [G] (one knob changed from the defaults %s)" % defaults)
+    print("# knob sweep: fwd graph us [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH as launched] (one knob "
+          "changed from the defaults %s)" % defaults)
     for M, N in shapes:
         line = []
         for knob, values in [("default", (None,))] + list(knobs.items()) + [("default", (None,))]:
             for val in values:
                 names, vals = knob.split("+"), val if "+" in knob else (val,)
                 with ops_mod._launch_knobs(**({} if knob == "default" else dict(zip(names, vals)))):
-                    grid = ops_mod._launch_config(M, N, cuda_device(), None).grid
+                    # What the launcher makes of the knobs (it lowers or refuses loads that do not fit):
+                    # a variant it refused times the defaults again, and says so.
+                    cfg = ops_mod._forward_plan((M, N), (N, 1), (N, 1), 0, cuda_device(), 1, True, None, None, 4).cfg
+                    grid = cfg.grid
+                    loads = f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH}"
                     try:
                         m = layer(M, N, "sn_fused")
                         err = first_read_error(m)
@@ -158,10 +163,11 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
                     except Exception as e:  # e.g. a grid too large for a cooperative launch
                         t = err = float("nan")
                         print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
-                results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, fwd_graph_us=t, rel_err=err))
+                results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, loads=loads, fwd_graph_us=t,
+                                    rel_err=err))
                 flag = f" ERR {err:.1e}" if err > 1e-5 else ""  # (NaN: the variant raised, printed above)
                 label = "+".join(name.strip("_") for name in names)  # (not cut: _RESCALE_STAGES, _RESCALE_PREFETCH)
-                line.append(f"{label}={val}:{t:.1f}[{grid}]{flag}")
+                line.append(f"{label}={val}:{t:.1f}[{grid} {loads}]{flag}")
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
     return results
 

@@ -62,6 +62,9 @@ def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch):
     assert [r["knob"] for r in rows] == ["default"] + ["_LOAD_STAGES"] * 3 + ["_RESCALE_STAGES"] * 2 + [
         "_LOAD_STAGES+_RESCALE_STAGES", "default"]
     assert (snm._LOAD_STAGES, snm._RESCALE_STAGES) == before
+    # Each row says what the launcher made of its knobs: a 16x64 weight is read on chip, which
+    # pipelines nothing, so every variant timed the defaults' loads (and says so).
+    assert {r["loads"] for r in rows} == {"s1/1 p0/0"}
 
 
 def test_measure_times_the_backward_alone_for_sn_fused(monkeypatch):

@@ -189,22 +189,30 @@ SPILL_SCRIPT = textwrap.dedent("""
 
     # _LOAD_PREFETCH / _RESCALE_PREFETCH (off by default until measured): where the launcher lets a
     # loop load one tile ahead in registers (_prefetch: phase ST up to 8192-wide rows, the rescale
-    # on all of these), the binary does not spill, and the loads are plain ones (no cp.async: the
-    # rescale's keep evict_first).
-    for (M, N), want in [((4096, 1024), (1, 1)), ((768, 6912), (1, 1)), ((1000, 1536), (1, 1)),
-                         ((1536, 13824), (0, 1))]:
+    # on all of these), the binary compiles (16-bit tiles too: a loop-carried tile of the weight's
+    # dtype once clashed with float32 code of the column-block path), does not spill on the shapes
+    # the sweep measures, and its loads are plain ones (no cp.async: the rescale's keep evict_first).
+    # (ptxas sometimes settles at 128 registers and spills a few bytes outside the loops, e.g. 64x4096,
+    # as it does for some default launches too: not checked here.)
+    for (M, N), dtype, training, want in [((4096, 1024), torch.float32, True, (1, 1)),
+                                          ((768, 6912), torch.float32, True, (1, 1)),
+                                          ((1000, 1536), torch.float32, True, (1, 1)),
+                                          ((1536, 13824), torch.float32, True, (0, 1)),
+                                          ((4096, 4096), torch.float32, True, (1, 1)),
+                                          ((4096, 4096), torch.bfloat16, True, (1, 1)),
+                                          ((768, 6912), torch.float16, False, (1, 1))]:
         with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1):
             launches.clear()
-            w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
-            snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1), torch.empty(()),
-                                snm.new_semaphore(), 0, 1, 1e-12, True, num_programs=snm._default_grid(M, N, 132),
-                                phase_by_phase=False)
+            w, u, v = (torch.randn(n, dtype=dtype) for n in ((M, N), M, N))
+            snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1, dtype=dtype),
+                                torch.empty((), dtype=dtype), snm.new_semaphore(), 0, 1, 1e-12, training,
+                                num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
             kernel, args, cfg, coop = launches[0]
             assert (cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH) == want and cfg.LOAD_STAGES == cfg.RESCALE_STAGES == 1
             ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"]
             spills = spill_bytes(kernel, args, cfg, coop)
-        print(f"{M}x{N} forward, prefetch {want}: spill bytes {spills}")
-        assert spills == [0, 0] and "cp.async" not in ptx and "L1::evict_first" in ptx, (M, N, spills)
+        print(f"{M}x{N} {dtype} forward (training={training}), prefetch {want}: spill bytes {spills}")
+        assert spills == [0, 0] and "cp.async" not in ptx and "L1::evict_first" in ptx, (M, N, dtype, spills)
     print("OK")
 """)
 

@@ -858,8 +858,10 @@ def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training,
     M, N = 9, 40
     w = torch.randn(M, N, generator=gen).to(device)
     u0, v0 = torch.randn(M, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
-    knobs = dict(_ON_CHIP=False, _TILE_ELEMENTS=64) if row_in_tile else dict(
-        _ON_CHIP=False, _MAX_ROW_IN_TILE=16, _TILE_ELEMENTS=32)
+    # (_PREFETCH_MIN_BLOCK_N: prefetch these narrow rows too, which on a GPU it leaves out for
+    # their registers' sake)
+    knobs = dict(_ON_CHIP=False, _TILE_ELEMENTS=64, _PREFETCH_MIN_BLOCK_N=1) if row_in_tile else dict(
+        _ON_CHIP=False, _MAX_ROW_IN_TILE=16, _TILE_ELEMENTS=32, _PREFETCH_MIN_BLOCK_N=1)
     reads = []
     # (stages asked for, prefetch asked for) -> the kernel's last four arguments
     variants = {((1, 1), (0, 0)): (1, 1, 0, 0), ((3, 2), (0, 0)): (3, 2, 0, 0),
@@ -886,7 +888,7 @@ def test_prefetch_only_where_two_tiles_fit_in_registers():
     """``_prefetch``: phase ST keeps two tiles, x and the t partial live, the rescale two tiles;
     on the shapes an H100 runs (132 programs) phase ST fits up to 8192-wide rows, not
     1536x13824's 16384-wide tiles (they spill, tests/test_compile_sm90.py), nor float64 tiles
-    of 16384 elements; the rescale fits everywhere in float32."""
+    of 16384 elements; the rescale fits everywhere in float32; rows narrower than 1024 never."""
     def plan(M, N, dtype=torch.float32):
         with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1):
             return snm._forward_plan((M, N), (N, 1), (N, 1), 0, torch.device("cpu"), 1, True,
@@ -896,6 +898,9 @@ def test_prefetch_only_where_two_tiles_fit_in_registers():
     assert fits == {(4096, 4096): (1, 1), (1000, 1536): (1, 1), (768, 6912): (1, 1), (512, 4608): (1, 1),
                     (1536, 13824): (0, 1)}
     assert (plan(4096, 4096, torch.float64).LOAD_PREFETCH, plan(4096, 4096, torch.float64).RESCALE_PREFETCH) == (0, 0)
+    # Narrow rows: a tile of many rows, whose per-element addresses fill the registers (30000x100
+    # spilled ~2 KB with both on): never.
+    assert (plan(30000, 100).LOAD_PREFETCH, plan(30000, 100).RESCALE_PREFETCH) == (0, 0)
     assert plan(128, 1152).ON_CHIP and plan(128, 1152).LOAD_PREFETCH == 0  # ON_CHIP loads its tile once
 
 

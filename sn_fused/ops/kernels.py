@@ -256,12 +256,12 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
         if PREFETCH:
             # The next tile's loads are issued before this one is reduced (two tiles in registers),
             # so they are in flight across the block-wide sum instead of after it.
-            a = _row_tile(w_ptr, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M)
+            tile = _row_tile(w_ptr, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M)
             for r in range(r0, r1, BLOCK_M):
-                a_next = _row_tile(w_ptr, r + BLOCK_M, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3,
-                                   D1, D2, D3, NCOL, BLOCK_M)  # (all masked after the last)
-                part, t_acc = _matvecs_step(a.to(acc_t), x, r, r1, u_ptr, s_ptr, part, t_acc, TRAINING, BLOCK_M)
-                a = a_next
+                tile_next = _row_tile(w_ptr, r + BLOCK_M, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3,
+                                      D1, D2, D3, NCOL, BLOCK_M)  # (all masked after the last)
+                part, t_acc = _matvecs_step(tile.to(acc_t), x, r, r1, u_ptr, s_ptr, part, t_acc, TRAINING, BLOCK_M)
+                tile = tile_next
         else:
             for r in tl.range(r0, r1, BLOCK_M, num_stages=LOAD_STAGES):
                 a = _row_tile(w_ptr, r, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M)
@@ -269,32 +269,33 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
         tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
         if TRAINING:
             tl.store(tpart_ptr + pid * N + cols, t_acc, mask=cmask)
-        return
-    for r in range(r0, r1, BLOCK_M):
-        rows = r + tl.arange(0, BLOCK_M)
-        rmask = rows < r1
-        acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
-        for c in range(0, N, BLOCK_N):
-            cols = c + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
-            if FROM_V:
-                x = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+    else:
+        # Rows wider than a tile: column blocks, and a second pass for the transposed product.
+        for r in range(r0, r1, BLOCK_M):
+            rows = r + tl.arange(0, BLOCK_M)
+            rmask = rows < r1
+            acc = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
+            for c in range(0, N, BLOCK_N):
+                cols = c + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
+                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
+                if FROM_V:
+                    x = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+                else:
+                    t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                    x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
+                acc += a * x[None, :]
+            s = tl.sum(acc, axis=1)
+            tl.store(s_ptr + rows, s, mask=rmask)
+            if TRAINING:
+                part += s * s
             else:
-                t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
-            acc += a * x[None, :]
-        s = tl.sum(acc, axis=1)
-        tl.store(s_ptr + rows, s, mask=rmask)
+                part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
+        tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
         if TRAINING:
-            part += s * s
-        else:
-            part += tl.load(u_ptr + rows, mask=rmask, other=0.0).to(acc_t) * s
-    tl.store(part_s_ptr + pid, tl.sum(part, axis=0))
-    if TRAINING:
-        _transposed_partial(w_ptr, s_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
-                            D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
+            _transposed_partial(w_ptr, s_ptr, tpart_ptr, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3,
+                                D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

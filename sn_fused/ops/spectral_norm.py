@@ -384,22 +384,29 @@ def _pipeline_stages(requested: int, cfg: _LaunchConfig, itemsize: int, device: 
 
 
 # Registers per thread a prefetching loop may fill with the values that stay live across its
-# steps (two tiles of A; phase ST also x and the t partial), of the 255 a thread can have: the
-# rest holds addresses, masks and the reductions. From ptxas (sm_90a, tests/test_compile_sm90.py):
-# the largest such loads that compile without spills.
-_PREFETCH_REGISTERS = 192
+# steps (two tiles of A; phase ST also x and the t partial): what a thread can have (255, or
+# its share of the SM's 65536 with more than 8 warps) less ~64 for addresses, masks and the
+# reductions. From ptxas (sm_90a, tests/test_compile_sm90.py): phase ST prefetching 8192-wide
+# rows (192 such registers) compiles at 254 without spills, 16384-wide ones (256) spill. Rows
+# narrower than _PREFETCH_MIN_BLOCK_N are not prefetched: their tiles hold many rows, whose
+# per-element addresses take the room (100-wide rows spilled ~2 KB; review of v16).
+_PREFETCH_RESERVED_REGISTERS = 63
+_PREFETCH_MIN_BLOCK_N = 1024
 
 
 def _prefetch(requested: int, cfg: _LaunchConfig, itemsize: int, in_phase_st: bool) -> int:
     """1 where a forward loop over whole-row tiles loads one tile ahead in registers: asked for,
-    streaming (ON_CHIP loads its tile once) and the loop's live values within
-    ``_PREFETCH_REGISTERS`` per thread (32-bit registers: two tiles of A in the weight's dtype,
-    phase ST's x and t partial in the accumulation dtype, float64 for float64 weights)."""
-    if not requested or not cfg.ROW_IN_TILE or cfg.ON_CHIP:
+    streaming (ON_CHIP loads its tile once), rows at least ``_PREFETCH_MIN_BLOCK_N`` wide, and
+    the loop's live values (32-bit registers: two tiles of A in the weight's dtype, phase ST's x
+    and t partial in the accumulation dtype, float64 for float64 weights) within what a thread
+    can hold less ``_PREFETCH_RESERVED_REGISTERS``."""
+    if not requested or not cfg.ROW_IN_TILE or cfg.ON_CHIP or cfg.BLOCK_N < _PREFETCH_MIN_BLOCK_N:
         return 0
+    threads = 32 * cfg.num_warps
+    budget = min(255, 65536 // threads) - _PREFETCH_RESERVED_REGISTERS
     words = max(itemsize, 4) // 4
     live = 2 * cfg.BLOCK_M * cfg.BLOCK_N * words + (2 * cfg.BLOCK_N * words if in_phase_st else 0)
-    return int(live <= _PREFETCH_REGISTERS * 32 * cfg.num_warps)
+    return int(live <= budget * threads)
 
 
 # Compiled kernels by launch signature, for the eager fast path of ``_launch``.
