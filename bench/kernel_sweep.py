@@ -134,6 +134,12 @@ def first_read_error(m) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
+def launched_config(M: int, N: int):
+    """The launch config of a training read of ``layer(M, N, "sn_fused")`` (float32) as launched:
+    the plan's, where the knobs' loads over A are lowered or refused to what fits."""
+    return ops_mod._forward_plan((M, N), (N, 1), (N, 1), 0, cuda_device(), 1, True, None, None, 4).cfg
+
+
 def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     """Forward graph time per shape with one launch knob changed at a time from the defaults.
 
@@ -151,9 +157,8 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
             for val in values:
                 names, vals = knob.split("+"), val if "+" in knob else (val,)
                 with ops_mod._launch_knobs(**({} if knob == "default" else dict(zip(names, vals)))):
-                    # What the launcher makes of the knobs (it lowers or refuses loads that do not fit):
-                    # a variant it refused times the defaults again, and says so.
-                    cfg = ops_mod._forward_plan((M, N), (N, 1), (N, 1), 0, cuda_device(), 1, True, None, None, 4).cfg
+                    # (a variant the launcher refused times the defaults again, and says so)
+                    cfg = launched_config(M, N)
                     grid = cfg.grid
                     loads = f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH}"
                     try:
@@ -425,8 +430,7 @@ def main():
         for _ in range(3):
             m.weight.backward(g)
         torch.cuda.synchronize()
-        cfg = ops_mod._launch_config(M, N, cuda_device(), None)
-        print(f"# {M}x{N}: {cfg}")
+        print(f"# {M}x{N}: {launched_config(M, N)}")  # (with the SN_FUSED_* knobs of the run)
         print_compiled(ops_mod.kernels.spectral_norm_fwd_kernel)
         print_compiled(ops_mod.kernels.spectral_norm_bwd_kernel)
         return

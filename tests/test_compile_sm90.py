@@ -105,6 +105,15 @@ SPILL_SCRIPT = textwrap.dedent("""
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
         return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
+    def forward_launch(M, N, dtype, training):
+        # The launch (kernel, args, cfg, cooperative) of a random M x N weight's read on 132 SMs.
+        launches.clear()
+        w, u, v = (torch.randn(n, dtype=dtype) for n in ((M, N), M, N))
+        snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1, dtype=dtype),
+                            torch.empty((), dtype=dtype), snm.new_semaphore(), 0, 1, 1e-12, training,
+                            num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
+        return launches[0]
+
     def spill_bytes(kernel, args, cfg, coop):
         k = compile_launch(kernel, args, cfg, coop)
         with tempfile.TemporaryDirectory() as d:
@@ -169,12 +178,7 @@ SPILL_SCRIPT = textwrap.dedent("""
                                         ((1536, 13824), 4, torch.float64, 2), ((4096, 4096), 4, torch.bfloat16, 4)]:
         for training in (True, False):
             with snm._launch_knobs(_LOAD_STAGES=stages, _RESCALE_STAGES=2):
-                launches.clear()
-                w, u, v = (torch.randn(n, dtype=dtype) for n in ((M, N), M, N))
-                snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1, dtype=dtype),
-                                    torch.empty((), dtype=dtype), snm.new_semaphore(), 0, 1, 1e-12, training,
-                                    num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
-                kernel, args, cfg, coop = launches[0]
+                kernel, args, cfg, coop = forward_launch(M, N, dtype, training)
                 assert not cfg.ON_CHIP and (cfg.LOAD_STAGES, cfg.RESCALE_STAGES) == (want, 2), cfg
                 k = compile_launch(kernel, args, cfg, coop)
                 loops = [int(x) for x in re.findall(r"tt.num_stages = (\\d+)", k.asm["ttir"])]
@@ -202,12 +206,7 @@ SPILL_SCRIPT = textwrap.dedent("""
                                           ((4096, 4096), torch.bfloat16, True, (1, 1)),
                                           ((768, 6912), torch.float16, False, (1, 1))]:
         with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1):
-            launches.clear()
-            w, u, v = (torch.randn(n, dtype=dtype) for n in ((M, N), M, N))
-            snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1, dtype=dtype),
-                                torch.empty((), dtype=dtype), snm.new_semaphore(), 0, 1, 1e-12, training,
-                                num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
-            kernel, args, cfg, coop = launches[0]
+            kernel, args, cfg, coop = forward_launch(M, N, dtype, training)
             assert (cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH) == want and cfg.LOAD_STAGES == cfg.RESCALE_STAGES == 1
             ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"]
             spills = spill_bytes(kernel, args, cfg, coop)
