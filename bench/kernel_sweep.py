@@ -9,7 +9,8 @@ of issue #3's eager goal (the SNGAN ResNet D's shapes) in interleaved rounds.
 
     python -m bench.kernel_sweep [--sweep] [--bwd-sweep] [--on-chip-sweep] [--profile]
                                  [--compile-probe] [--eager-ab] [--graph-only] [--no-torch] [--no-table]
-                                 [--sweep-shapes MxN,...] [--sweep-knobs NAME[=V/V...],...] [--reads MxN] [--out DIR]
+                                 [--sweep-shapes MxN,...] [--sweep-knobs NAME[=V/V...],...] [--reads MxN]
+                                 [--phases [MxN,...]] [--out DIR]
 """
 
 from __future__ import annotations
@@ -173,6 +174,63 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
                 flag = f" ERR {err:.1e}" if err > 1e-5 else ""  # (NaN: the variant raised, printed above)
                 label = "+".join(name.strip("_") for name in names)  # (not cut: _RESCALE_STAGES, _RESCALE_PREFETCH)
                 line.append(f"{label}={val}:{t:.1f}[{grid} {loads}]{flag}")
+        print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
+    return results
+
+
+PHASE_SHAPES = [(768, 6912), (1536, 13824), (4096, 4096)]
+
+
+def phase_times(shapes=PHASE_SHAPES):
+    """Where the time of one launch goes: graph time of each phase of a training read (n = 1) and
+    of a backward launched alone, as the interpreter runs them (``phase_by_phase``, kernels.py's
+    ``PHASE_*``), next to the one launch they make together (grid barriers instead of launch
+    boundaries). A phase alone pays a launch (~2 us in a graph) and no barrier. Rates: phase ST
+    reads A (bytes / time); the forward's last phase F rescales (reads A, writes W_sn); the
+    backward's DOT reads G and W, GRAD reads G and writes dW."""
+    fwd_names = {getattr(ops_mod.kernels, n): n[6:] for n in ("PHASE_ST", "PHASE_R", "PHASE_F", "PHASE_FIX_T",
+                                                              "PHASE_FIX_R")}
+    bwd_names = {ops_mod.kernels.PHASE_DOT: "DOT", ops_mod.kernels.PHASE_GRAD: "GRAD"}
+    results = []
+    print("# phases alone: graph us of each launch of the phase-by-phase mode [TB/s over the bytes it must move], "
+          "then the one launch")
+    for M, N in shapes:
+        dev = cuda_device()
+        torch.manual_seed(0)
+        w, g = torch.randn(M, N, device=dev), torch.randn(M, N, device=dev)
+        u, v = (torch.nn.functional.normalize(torch.randn(n, device=dev), dim=0) for n in (M, N))
+        out, dw, saved = torch.empty_like(w), torch.empty_like(w), torch.empty(M + N + 1, device=dev)
+        sigma_buf, sem = torch.empty((), device=dev), ops_mod.new_semaphore(dev)
+        a_bytes = M * N * 4
+        line = []
+        for kind, names, call in (
+                ("fwd", fwd_names, lambda pbp: ops_mod._launch_forward(w, out, u, v, saved, sigma_buf, sem, 0, 1,
+                                                                        1e-12, True, phase_by_phase=pbp)),
+                ("bwd", bwd_names, lambda pbp: ops_mod._launch_backward(g, w, dw, saved, sem, 0,
+                                                                         phase_by_phase=pbp))):
+            launches, launch = [], ops_mod._launch
+            ops_mod._launch = lambda *a: launches.append(a) or launch(*a)
+            try:
+                call(True)
+            finally:
+                ops_mod._launch = launch
+            # (the phases in launch order, as the plans list them)
+            cfg = launched_config(M, N)
+            order = ([p for p, _ in ops_mod._forward_phases(True, 1, cfg.ON_CHIP)] if kind == "fwd"
+                     else [ops_mod.kernels.PHASE_DOT, ops_mod.kernels.PHASE_GRAD])
+            assert len(order) == len(launches), (kind, order, len(launches))
+            times = []
+            for i, (a, phase) in enumerate(zip(launches, order)):
+                name = names[phase]
+                t = graph_time_us(lambda a=a: launch(*a))
+                last_f = kind == "fwd" and name == "F" and i == len(launches) - 1
+                moved = {"ST": a_bytes, "DOT": 2 * a_bytes, "GRAD": 2 * a_bytes}.get(name, 2 * a_bytes if last_f else 0)
+                rate = f"[{moved / (t * 1e-6) / 1e12:.2f}]" if moved else ""
+                times.append(dict(phase=name, us=t))
+                line.append(f"{kind}.{name}:{t:.1f}{rate}")
+            one = graph_time_us(lambda: call(False))
+            line.append(f"{kind} sum {sum(x['us'] for x in times):.1f} one launch {one:.1f} |")
+            results.append(dict(M=M, N=N, kind=kind, phases=times, one_launch_us=one))
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
     return results
 
@@ -409,6 +467,10 @@ def main():
     ap.add_argument("--reads", default=None, metavar="MxN",
                     help="only build one MxN layer (one read) and read it, then its backward, 3 times "
                          "(a target for ncu: --launch-skip 5 on both kernels profiles the third of each)")
+    ap.add_argument("--phases", default=None, metavar="MxN,...",
+                    help="graph time of each phase of a read and a backward launched alone, against the one "
+                         "launch (default shapes %s)" % ",".join(f"{m}x{n}" for m, n in PHASE_SHAPES), nargs="?",
+                    const=",".join(f"{m}x{n}" for m, n in PHASE_SHAPES))
     ap.add_argument("--profile", action="store_true", help="break down the eager host time")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile-probe", action="store_true", help="host cost of a read under torch.compile")
@@ -463,6 +525,8 @@ def main():
     if args.sweep:
         knobs = KNOBS if not args.sweep_knobs else parse_knobs(args.sweep_knobs)
         sweep += knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES, knobs)
+    if args.phases:
+        sweep += phase_times(parse_shapes(args.phases))
     if args.bwd_sweep:
         sweep += bwd_sweep()
     if args.on_chip_sweep:

@@ -149,3 +149,44 @@ def test_reads_runs_forward_and_backward_three_times_each(monkeypatch, capsys):
     assert names[int(skip):int(skip) + int(count)] == ["spectral_norm_fwd_kernel", "spectral_norm_bwd_kernel"]
     assert len(names) == int(skip) + int(count)  # the third of each: nothing after them
     assert capsys.readouterr().out.startswith("# 6x10: _LaunchConfig(")
+
+
+def test_phase_times_time_each_phase_alone_then_the_one_launch(monkeypatch, capsys):
+    """``--phases``: each timed call of a phase launches that phase's launch alone (the plan's
+    phase-by-phase sequence, in order: a read's, then a backward's), then the one launch of each
+    is timed; the line names every phase."""
+    import torch
+
+    from bench import kernel_sweep
+
+    launched, timed = [], []
+    launch = snm._launch
+
+    def spy(kernel, *args):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return launch(kernel, *args)
+
+    def timer(fn):
+        before = len(launched)
+        fn()
+        timed.append(launched[before:])
+        return 1.0
+
+    monkeypatch.setattr(snm, "_launch", spy)
+    monkeypatch.setattr(kernel_sweep, "cuda_device", lambda: torch.device(device))
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", timer)
+    M, N = 6, 10
+    results = kernel_sweep.phase_times([(M, N)])
+    cfg = kernel_sweep.launched_config(M, N)
+    assert cfg.grid == 1  # (the interpreter runs one launch of several programs only phase by phase)
+    fwd = [p for p, _ in snm._forward_phases(True, 1, cfg.ON_CHIP)]
+    names = {snm.kernels.PHASE_ST: "ST", snm.kernels.PHASE_R: "R", snm.kernels.PHASE_F: "F",
+             snm.kernels.PHASE_FIX_T: "FIX_T", snm.kernels.PHASE_FIX_R: "FIX_R"}
+    assert [r["kind"] for r in results] == ["fwd", "bwd"]
+    assert [x["phase"] for x in results[0]["phases"]] == [names[p] for p in fwd]
+    assert [x["phase"] for x in results[1]["phases"]] == ["DOT", "GRAD"]
+    one = [["spectral_norm_fwd_kernel"]] * (len(fwd) + 1) + [["spectral_norm_bwd_kernel"]] * 3
+    assert timed == one, timed
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert all(f"fwd.{names[p]}:1.0" in line for p in fwd) and "bwd.DOT:1.0" in line and "bwd.GRAD:1.0" in line
+    assert "fwd sum %.1f one launch 1.0" % len(fwd) in line and "bwd sum 2.0 one launch 1.0" in line
