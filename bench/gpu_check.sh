@@ -14,12 +14,12 @@
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table, graph and eager, with its host
 #                            profile: a same-card A/B of a kernel or host-path change
-#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile and the sweep of
-#                            the loads over A on the streaming shapes, see below; "" for none; final
-#                            and kernels modes). Measured before and left out to make room:
+#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile and the
+#                            phases of the large shapes launched alone, --phases; "" for none;
+#                            final and kernels modes). Measured before and left out to make room:
 #                            --eager-ab (session 14: 7.0-8.6x PyTorch through the C++ read),
 #                            --bwd-sweep (sessions 3-9), --compile-probe (session 14),
-#                            --on-chip-sweep (sessions 8, 9)
+#                            --on-chip-sweep (sessions 8, 9), --sweep of the loads over A (16)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/; at most 240 s
 #                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
@@ -28,17 +28,13 @@
 #
 # It builds sn_fused._C (in the background, during the GPU tests) and runs tests/test_cpp_read.py
 # and tests/test_gpu.py through it, and asks Nsight Compute (where installed) for the DRAM bytes of
-# one forward read and one backward of 1536x13824 and 4096x4096, and of a forward read of 1536x13824
-# with the rescale's prefetch and with both pipelined-load knobs at 3.
-# Sizes seen on an H100 (2026-11-27, session 14, `final` with a baseline, SN_FUSED_SWEEP_ARGS=
-# "--profile --compile-probe", and a kernel table with SN_FUSED_CPP=0 since replaced by
-# --eager-ab): 438 s in all, plus ~30 s to start the machine; --quick 117 s of it. The
-# --eager-ab part took ~40 s in a call of its own; the knob sweep (3 shapes x 10 variants, each
-# compiled once) is not yet timed (~150 s, a guess), nor the four ncu runs (~100 s). Each section
-# prints the time it starts. Guesses without a baseline: `kernels` ~8 min, `final` ~10 min,
-# too close to a call's 10: run `kernels` when the host path has not changed since the last
-# call's steps, with timeout_s 590 and no SN_FUSED_BASELINE unless a kernel or host change needs
-# the A/B; else `final` with a shorter SN_FUSED_SWEEP_ARGS.
+# one forward read and one backward of 1536x13824 and 4096x4096.
+# Sizes seen on an H200 (2026-11-27, session 16, `kernels` with the sweep of the loads over A,
+# 3 shapes x 10 variants, and four ncu runs): 250 s in all, plus ~30 s to start the machine; the
+# GPU tests with the C++ build ~150 s of it. On an H100 (session 14, `final` with a baseline):
+# 438 s, --quick 117 s of it. Each section prints the time it starts. `kernels` ~4-5 min,
+# `final` ~6-7 min: run `kernels` when the host path has not changed since the last call's
+# steps, no SN_FUSED_BASELINE unless a kernel or host change needs the A/B.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
@@ -95,15 +91,13 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
 
 if [ "$mode" != bench ]; then
   echo "== kernel table $(date +%T)"
-  # The sweep of the loads over A: forward graph time with phase ST's and the rescale's loads
-  # pipelined through shared memory (_*_STAGES, bench/NOTES.md v15) or one tile ahead in registers
-  # (_*_PREFETCH, v16), each alone and both, all off by default until measured; and 32768-element
-  # tiles (half the row steps, v16). The defaults timed first and last; the streaming shapes that
-  # stream most; 10 variants each.
+  # Where the time of each launch goes (--phases: each phase of a read and of a backward launched
+  # alone, against the one launch; bench/NOTES.md v17) on the large weights, whose loads over A
+  # are now pipelined by default (A larger than L2). Measured before and left out: the sweep of
+  # the loads over A (--sweep --sweep-knobs _LOAD_STAGES+_RESCALE_STAGES,...: session 16, three
+  # runs on an H200).
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --sweep
-         --sweep-knobs _LOAD_STAGES=2/3,_RESCALE_STAGES=3,_LOAD_STAGES+_RESCALE_STAGES,_TILE_ELEMENTS=32768,_LOAD_PREFETCH,_RESCALE_PREFETCH,_LOAD_PREFETCH+_RESCALE_PREFETCH
-         --sweep-shapes 768x6912,1536x13824,4096x4096})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --phases})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 360 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
@@ -122,8 +116,8 @@ if [ "$mode" != bench ]; then
     # (the group runs in a subshell, piped into tee: its exit status carries a failure out)
     { failed=0
       # shape[:knobs of the run, as SN_FUSED_... environment variables]
-      for s in 1536x13824 4096x4096 1536x13824:SN_FUSED_RESCALE_PREFETCH=1 \
-               1536x13824:SN_FUSED_LOAD_STAGES=3,SN_FUSED_RESCALE_STAGES=3; do
+      # (session 16 counted the unpipelined loads' and the rescale prefetch's; now the defaults)
+      for s in 1536x13824 4096x4096; do
         IFS=: read -r shape knobs <<< "$s"
         echo "# $shape ${knobs:-(defaults)}"
         # --reads: the registration's read, then forward, backward, three times; skipping 5

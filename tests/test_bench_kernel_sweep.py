@@ -54,13 +54,13 @@ def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch):
     monkeypatch.setattr(kernel_sweep, "first_read_error", lambda m: 0.0)
     monkeypatch.setattr(kernel_sweep, "graph_time_us", lambda fn: 1.0)
     names = ["_LOAD_STAGES", "_RESCALE_STAGES", "_LOAD_STAGES+_RESCALE_STAGES"]
-    monkeypatch.setattr(snm, "_LOAD_STAGES", 1)  # the defaults, whatever the environment says
-    monkeypatch.setattr(snm, "_RESCALE_STAGES", 1)
-    before = (1, 1)
+    monkeypatch.setattr(snm, "_LOAD_STAGES", 0)  # the defaults, whatever the environment says
+    monkeypatch.setattr(snm, "_RESCALE_STAGES", 0)
+    before = (0, 0)
     rows = kernel_sweep.knob_sweep([(16, 64)], {name: kernel_sweep.KNOBS[name] for name in names})
-    assert seen == [before, (2, 1), (3, 1), (4, 1), (1, 2), (1, 3), (3, 3), before]
-    assert [r["knob"] for r in rows] == ["default"] + ["_LOAD_STAGES"] * 3 + ["_RESCALE_STAGES"] * 2 + [
-        "_LOAD_STAGES+_RESCALE_STAGES", "default"]
+    assert seen == [before, (1, 0), (2, 0), (3, 0), (4, 0), (0, 1), (0, 2), (0, 3), (1, 1), (3, 3), before]
+    assert [r["knob"] for r in rows] == ["default"] + ["_LOAD_STAGES"] * 4 + ["_RESCALE_STAGES"] * 3 + [
+        "_LOAD_STAGES+_RESCALE_STAGES"] * 2 + ["default"]
     assert (snm._LOAD_STAGES, snm._RESCALE_STAGES) == before
     # Each row says what the launcher made of its knobs: a 16x64 weight is read on chip, which
     # pipelines nothing, so every variant timed the defaults' loads (and says so).
@@ -106,7 +106,7 @@ def test_sweep_knobs_take_their_own_values_or_those_given():
         "_LOAD_STAGES": kernel_sweep.KNOBS["_LOAD_STAGES"], "_TILE_ELEMENTS": (32768,),
         "_MIN_ELEMENTS_PER_PROGRAM": (4096, 2048)}
     assert kernel_sweep.parse_knobs("_LOAD_STAGES+_RESCALE_STAGES") == {
-        "_LOAD_STAGES+_RESCALE_STAGES": ((3, 3),)}
+        "_LOAD_STAGES+_RESCALE_STAGES": ((1, 1), (3, 3))}
     # A misspelled or unknown knob, a pair with values, a module global that is no integer knob
     # (``_launch_knobs`` would set any of them), an empty name.
     for bad in ("_TILE_ELEMENT=32768", "_LOAD_STAGES+_RESCALE_STAGES=3", "_NO_SUCH_KNOB", "_launch=1",

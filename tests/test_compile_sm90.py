@@ -127,9 +127,10 @@ SPILL_SCRIPT = textwrap.dedent("""
         return found
 
     # The grid the launcher gives each weight on a 132-SM card (small ones get fewer programs);
-    # the first three take the ON_CHIP path, the others the streaming one.
+    # the first three take the ON_CHIP path, the others the streaming one; the weights larger
+    # than an H100's L2 (1536x13824, 4096x4096) with both loops over A pipelined (3 stages).
     for M, N in [(128, 1152), (24576, 20), (1, 4096), (1, 8192), (512, 4608), (1536, 13824), (1000, 1536),
-                 (4096, 1024)]:
+                 (4096, 1024), (4096, 4096)]:
         w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
         grid = snm._default_grid(M, N, 132)
         on_chip = snm._launch_config(M, N, w.device, grid).ON_CHIP
@@ -139,6 +140,8 @@ SPILL_SCRIPT = textwrap.dedent("""
                             1e-12, True, num_programs=grid, phase_by_phase=False)
         snm._launch_backward(w, w, torch.empty_like(w), saved, snm.new_semaphore(), 0,
                              num_programs=grid, phase_by_phase=False)
+        stages = (launches[0][2].LOAD_STAGES, launches[0][2].RESCALE_STAGES)
+        assert stages == ((3, 3) if M * N * 4 > 50 * 2**20 else (1, 1)), (M, N, stages)
         spills = [spill_bytes(*launch) for launch in launches]
         print(f"{M}x{N} ({grid} programs, on_chip={on_chip}) spill bytes (stores, loads): "
               f"forward {spills[0]}, backward {spills[1]}")
@@ -163,7 +166,8 @@ SPILL_SCRIPT = textwrap.dedent("""
             print(f"1x8192 forward (on_chip={on_chip}): {len(scalar)} scalar, {len(vector)} 16-byte stores")
             assert len(scalar) <= 16 and len(vector) >= 24, (on_chip, len(scalar), len(vector))
 
-    # _LOAD_STAGES / _RESCALE_STAGES > 1 (off by default until measured): phase ST's loops over A
+    # _LOAD_STAGES / _RESCALE_STAGES > 1 (by default 3 where A does not fit in L2, see the launched
+    # kernels below; asked for here on weights of any size): phase ST's loops over A
     # and the rescale's are software-pipelined (cp.async into shared memory, (stages - 1) tiles of
     # A), each with its own count (the TTIR's counted loops in order: phase ST, the rescale; the
     # overflow fallback's transposed pass is a plain loop, never pipelined), within an H100's
@@ -195,7 +199,8 @@ SPILL_SCRIPT = textwrap.dedent("""
     # loop load one tile ahead in registers (_prefetch: phase ST up to 8192-wide rows, the rescale
     # on all of these), the binary compiles (16-bit tiles too: a loop-carried tile of the weight's
     # dtype once clashed with float32 code of the column-block path), does not spill on the shapes
-    # the sweep measures, and its loads are plain ones (no cp.async: the rescale's keep evict_first).
+    # the sweep measures, and its loads are plain ones (no cp.async: the rescale's keep evict_first;
+    # both stage counts at 1, so a loop the launcher does not let prefetch is a plain one too).
     # (ptxas sometimes settles at 128 registers and spills a few bytes outside the loops, e.g. 64x4096,
     # as it does for some default launches too: not checked here.)
     for (M, N), dtype, training, want in [((4096, 1024), torch.float32, True, (1, 1)),
@@ -205,7 +210,7 @@ SPILL_SCRIPT = textwrap.dedent("""
                                           ((4096, 4096), torch.float32, True, (1, 1)),
                                           ((4096, 4096), torch.bfloat16, True, (1, 1)),
                                           ((768, 6912), torch.float16, False, (1, 1))]:
-        with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1):
+        with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1, _LOAD_STAGES=1, _RESCALE_STAGES=1):
             kernel, args, cfg, coop = forward_launch(M, N, dtype, training)
             assert (cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH) == want and cfg.LOAD_STAGES == cfg.RESCALE_STAGES == 1
             ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"]

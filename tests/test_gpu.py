@@ -111,9 +111,11 @@ def test_deterministic_bitwise():
             assert torch.equal(a, b)
 
 
-# The ways to load A (all but the first off by default until measured): (name, knobs).
+# The ways to load A: (name, knobs). The default pipelines both loops where A does not fit in
+# L2 (1536x13824 here), the others never; the prefetches are off by default.
 _LOAD_VARIANTS = [
     ("default", {}),
+    ("unpipelined", dict(_LOAD_STAGES=1, _RESCALE_STAGES=1)),
     ("load_stages", dict(_LOAD_STAGES=3)),
     ("rescale_stages", dict(_RESCALE_STAGES=3)),
     ("both_stages", dict(_LOAD_STAGES=3, _RESCALE_STAGES=3)),
@@ -138,14 +140,20 @@ def _read_with_knobs(w, knobs):
 @pytest.mark.parametrize("M,N", [(1536, 13824), (768, 6912), (4096, 1024)])
 def test_load_variants_bitwise(M, N, variant):
     """Pipelined loads over A (``_LOAD_STAGES``, ``_RESCALE_STAGES``) and loads one tile ahead
-    in registers (``_LOAD_PREFETCH``, ``_RESCALE_PREFETCH``) change when tiles arrive, not the
-    arithmetic: W_sn, u, v, sigma and the saved vectors bitwise as a default read's, on the grid
-    this GPU gives these weights; and the default read twice is bitwise itself (the kernel's
-    determinism on this shape). A failure names the fields that differ and by how much."""
+    in registers (``_LOAD_PREFETCH``, ``_RESCALE_PREFETCH``) change when tiles arrive, not what
+    is computed: W_sn, u, v, sigma and the saved vectors as a default read's, on the grid this
+    GPU gives these weights; and the default read twice is bitwise itself (the kernel's
+    determinism on this shape). Bitwise, unless the variant pipelines phase ST's loop where the
+    default does not or the other way round: then u and v may move by a few ulps (W_sn and sigma
+    stayed bitwise on an H200: sigma is stationary in v; bench/NOTES.md v17). Seen on 768x6912,
+    up to 1.5e-8 on u (about an ulp of its largest entries), never in the interpreter, which runs a
+    pipelined loop as a plain one: the tile Triton reads back from shared memory is summed in
+    another order, we think (the PTX has the same arithmetic, in other registers). A failure
+    names the fields that differ and by how much."""
     knobs = dict(_LOAD_VARIANTS)[variant]
     torch.manual_seed(0)
     w = torch.randn(M, N, device=DEV)
-    _, base = _read_with_knobs(w, {})
+    base_cfg, base = _read_with_knobs(w, {})
     cfg, other = _read_with_knobs(w, knobs)
     as_launched = {"_LOAD_STAGES": cfg.LOAD_STAGES, "_RESCALE_STAGES": cfg.RESCALE_STAGES,
                    "_LOAD_PREFETCH": cfg.LOAD_PREFETCH, "_RESCALE_PREFETCH": cfg.RESCALE_PREFETCH}
@@ -153,7 +161,12 @@ def test_load_variants_bitwise(M, N, variant):
         pytest.skip(f"the launcher does not take {knobs} on {M}x{N} (launched: {as_launched})")
     differ = {k: (a.double() - b.double()).abs().max().item()
               for k, a, b in zip(_LOAD_FIELDS, base, other) if not torch.equal(a, b)}
-    assert not differ, f"{variant} on {M}x{N} ({as_launched}): max |difference| from a default read {differ}"
+    if (cfg.LOAD_STAGES > 1) == (base_cfg.LOAD_STAGES > 1):
+        assert not differ, f"{variant} on {M}x{N} ({as_launched}): max |difference| from a default read {differ}"
+    else:
+        ulps = {k: (a.double() - b.double()).abs().max().item() / torch.finfo(a.dtype).eps / b.abs().max().item()
+                for k, a, b in zip(_LOAD_FIELDS, base, other)}
+        assert max(ulps.values()) <= 16, f"{variant} on {M}x{N} ({as_launched}): ulps of the largest entry {ulps}"
 
 
 def test_one_launch_per_read_and_per_backward():

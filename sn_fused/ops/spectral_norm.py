@@ -113,13 +113,18 @@ _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
 # The forward's streaming loops over A as tl.range(..., num_stages=...) (kernels.py,
 # LOAD_STAGES for phase ST, RESCALE_STAGES for the rescale): above 1 the next tiles are loaded
-# into shared memory while one is used. Measured on an H100 (bench/NOTES.md v15, ncu): a forward
-# read of 1536x13824 moved its bytes at 2.2 TB/s against a 3.0 TB/s copy, as if each program
-# waited a DRAM latency per tile. 1 (off) until a GPU run measures them: `python -m
-# bench.kernel_sweep --sweep --sweep-knobs _LOAD_STAGES,_RESCALE_STAGES`. The launcher lowers
-# a value whose tiles would not fit the device's shared memory (_pipeline_stages).
-_LOAD_STAGES = int(os.environ.get("SN_FUSED_LOAD_STAGES", 1))
-_RESCALE_STAGES = int(os.environ.get("SN_FUSED_RESCALE_STAGES", 1))
+# into shared memory while one is used. 0 (the default): _STAGES_BEYOND_L2 where A does not fit
+# in the device's L2, else 1. Measured on an H200 (bench/NOTES.md v17, three runs, forward
+# graph us): both at 3 take 1536x13824 from 80.0 to 75.1 and 4096x4096 from 57.3 to 54.9 (A
+# 85 MB and 67 MB, both loops' loads from DRAM), leave 768x6912 (21 MB) at 19.9 and make
+# 512x4608 (9 MB) slower, 14.0 -> 14.8 (A comes from L2 between reads; the pipeline's
+# shared-memory round trip only adds). Each alone does less, or worse: phase ST's at 3, 78.2
+# on 1536x13824; the rescale's, 82.9. The launcher lowers a value whose tiles would not fit the
+# device's shared memory (_pipeline_stages). Sweep: `python -m bench.kernel_sweep --sweep
+# --sweep-knobs _LOAD_STAGES+_RESCALE_STAGES` (1/1 is the unpipelined loop everywhere).
+_LOAD_STAGES = int(os.environ.get("SN_FUSED_LOAD_STAGES", 0))
+_RESCALE_STAGES = int(os.environ.get("SN_FUSED_RESCALE_STAGES", 0))
+_STAGES_BEYOND_L2 = 3
 # The same overlap by hand (LOAD_PREFETCH, RESCALE_PREFETCH in kernels.py): each step issues the
 # next tile's loads before it uses its own, two tiles in registers instead of shared memory; the
 # rescale's loads keep evict_first, which its pipelined ones lose (bench/NOTES.md v16). 1 turns
@@ -356,6 +361,22 @@ _H100_SHARED_PER_BLOCK = 227 * 1024
 _SHARED_RESERVED = 8 * 1024
 
 
+# L2 where no CUDA device is asked (the interpreter, tests/test_compile_sm90.py): an H100's.
+_H100_L2_BYTES = 50 * 2**20
+
+
+def _l2_bytes(device: torch.device) -> int:
+    """Bytes of L2 cache of ``device`` (an H100's off CUDA)."""
+    if device.type != "cuda":
+        return _H100_L2_BYTES
+    return _l2_cache_size(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_cache_size(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).L2_cache_size
+
+
 @functools.lru_cache(maxsize=None)
 def _shared_memory(device_index: int) -> tuple[int, int]:
     """(per block opt-in, per SM) bytes of shared memory of a CUDA device."""
@@ -364,13 +385,17 @@ def _shared_memory(device_index: int) -> tuple[int, int]:
     return per_block, getattr(props, "shared_memory_per_multiprocessor", per_block)
 
 
-def _pipeline_stages(requested: int, cfg: _LaunchConfig, itemsize: int, device: torch.device) -> int:
+def _pipeline_stages(requested: int, cfg: _LaunchConfig, itemsize: int, device: torch.device,
+                     a_bytes: int) -> int:
     """Stages of a pipelined loop over the forward's ``[BLOCK_M, BLOCK_N]`` tiles of A: at most
-    ``requested``, with its ``stages - 1`` tiles in the shared memory a program may take (the
+    ``requested`` (0: ``_STAGES_BEYOND_L2`` where A's ``a_bytes`` exceed the device's L2, else 1),
+    with its ``stages - 1`` tiles in the shared memory a program may take (the
     device's per-block limit, and its per-SM one split among ``_PROGRAMS_PER_SM``). Whole-row
     tiles only: there phase ST and the rescale reuse one buffer (fp32 at 3 stages: 128 KB).
     Column blocks keep 1: their three loops over A would take buffers of their own (256 KB at
     3 stages), so the kernel pipelines none of them but the rescale's, which this keeps off."""
+    if requested == 0:
+        requested = _STAGES_BEYOND_L2 if a_bytes > _l2_bytes(device) else 1
     if requested <= 1 or not cfg.ROW_IN_TILE or cfg.ON_CHIP:  # ON_CHIP loads its tile once
         return 1
     if device.type == "cuda":
@@ -616,11 +641,12 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
     layout = _matrix_layout(dim, torch.empty_strided(shape, w_stride, device="meta"),
                             torch.empty_strided(shape, o_stride, device="meta"))
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
+    a_bytes = layout.M * layout.N * itemsize
     load_prefetch = _prefetch(_LOAD_PREFETCH, cfg, itemsize, in_phase_st=True)
     rescale_prefetch = _prefetch(_RESCALE_PREFETCH, cfg, itemsize, in_phase_st=False)
     cfg = dataclasses.replace(  # (a loop that prefetches is not pipelined as well)
-        cfg, LOAD_STAGES=1 if load_prefetch else _pipeline_stages(_LOAD_STAGES, cfg, itemsize, device),
-        RESCALE_STAGES=1 if rescale_prefetch else _pipeline_stages(_RESCALE_STAGES, cfg, itemsize, device),
+        cfg, LOAD_STAGES=1 if load_prefetch else _pipeline_stages(_LOAD_STAGES, cfg, itemsize, device, a_bytes),
+        RESCALE_STAGES=1 if rescale_prefetch else _pipeline_stages(_RESCALE_STAGES, cfg, itemsize, device, a_bytes),
         LOAD_PREFETCH=load_prefetch, RESCALE_PREFETCH=rescale_prefetch)
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
