@@ -14,8 +14,8 @@
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
 #                            and bench/) in the kernel table, graph and eager, with its host
 #                            profile: a same-card A/B of a kernel or host-path change
-#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile and the
-#                            phases of the large shapes launched alone, --phases; "" for none;
+#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile, the
+#                            phases launched alone, --phases, and a short knob sweep; "" for none;
 #                            final and kernels modes). Measured before and left out to make room:
 #                            --eager-ab (session 14: 7.0-8.6x PyTorch through the C++ read),
 #                            --bwd-sweep (sessions 3-9), --compile-probe (session 14),
@@ -92,12 +92,15 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
 if [ "$mode" != bench ]; then
   echo "== kernel table $(date +%T)"
   # Where the time of each launch goes (--phases: each phase of a read and of a backward launched
-  # alone, against the one launch; bench/NOTES.md v17) on the large weights, whose loads over A
-  # are now pipelined by default (A larger than L2). Measured before and left out: the sweep of
-  # the loads over A (--sweep --sweep-knobs _LOAD_STAGES+_RESCALE_STAGES,...: session 16, three
-  # runs on an H200).
+  # alone, against the one launch; bench/NOTES.md v17), and the next sweep on the two weights larger
+  # than L2: 16 warps per program (the forward compiles at 128 registers without spills with its
+  # pipelined loads, ptxas sm_90a; more warps to issue phase ST's and the rescale's loads, which
+  # ran at 76-81 % of a copy's rate), phase ST 4 stages deep, and the default (3/3 there) against
+  # the unpipelined loads (1/1) once more. Measured before and left out: the sweep of the loads
+  # over A's other variants (session 16, three runs on an H200).
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --phases})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --phases --sweep --sweep-knobs _NUM_WARPS=16,_LOAD_STAGES=4,_LOAD_STAGES+_RESCALE_STAGES
+         --sweep-shapes 1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 360 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
