@@ -32,9 +32,10 @@
 # Sizes seen on an H200 (2026-11-27, session 16, `kernels` with the sweep of the loads over A,
 # 3 shapes x 10 variants, and four ncu runs): 250 s in all, plus ~30 s to start the machine; the
 # GPU tests with the C++ build ~150 s of it. On an H100 (session 14, `final` with a baseline):
-# 438 s, --quick 117 s of it. Each section prints the time it starts. `kernels` ~4-5 min,
-# `final` ~6-7 min: run `kernels` when the host path has not changed since the last call's
-# steps, no SN_FUSED_BASELINE unless a kernel or host change needs the A/B.
+# 438 s, --quick 117 s of it. Each section prints the time it starts. With today's default sweep
+# (27 entries, each timing the forward and the backward; not yet timed) `kernels` ~6-7 min and
+# `final` ~8-9 min, guesses: run `kernels` (timeout_s 590) when the host path has not changed
+# since the last call's steps, no SN_FUSED_BASELINE unless a kernel or host change needs the A/B.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
@@ -92,15 +93,18 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
 if [ "$mode" != bench ]; then
   echo "== kernel table $(date +%T)"
   # Where the time of each launch goes (--phases: each phase of a read and of a backward launched
-  # alone, against the one launch; bench/NOTES.md v17), and the next sweep on the two weights larger
-  # than L2: 16 warps per program (the forward compiles at 128 registers without spills with its
-  # pipelined loads, ptxas sm_90a; more warps to issue phase ST's and the rescale's loads, which
-  # ran at 76-81 % of a copy's rate), phase ST 4 stages deep, and the default (3/3 there) against
-  # the unpipelined loads (1/1) once more. Measured before and left out: the sweep of the loads
-  # over A's other variants (session 16, three runs on an H200).
+  # alone, against the one launch; bench/NOTES.md v17), and the next sweep (forward and backward
+  # alone per variant) on the weights whose phases were timed: 16 warps per program (with the
+  # backward's tiles at 16384 elements: both kernels compile without spills, ptxas sm_90a; more
+  # warps to issue the loads of phase ST, the rescale and the backward's passes, which ran at
+  # 76-87 % of a copy's rate), phase R's partials in one step (_PARTIALS_TILE_ELEMENTS: 2-6 us of
+  # round trips), phase ST 4 stages deep, and the pipelined loads (3/3 beyond L2) against none
+  # (1/1) once more. Measured before and left out: the other variants of the loads over A
+  # (session 16, three runs on an H200).
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --phases --sweep --sweep-knobs _NUM_WARPS=16,_LOAD_STAGES=4,_LOAD_STAGES+_RESCALE_STAGES
-         --sweep-shapes 1536x13824,4096x4096})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --phases --sweep
+         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_LOAD_STAGES=4,_LOAD_STAGES+_RESCALE_STAGES
+         --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 360 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then

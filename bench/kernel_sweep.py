@@ -117,11 +117,14 @@ def measure(M, N, impl, graph_only=False):
 
 KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 8192, 32768),
              _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768), _LOAD_STAGES=(1, 2, 3, 4), _RESCALE_STAGES=(1, 2, 3),
-             _LOAD_PREFETCH=(1,), _RESCALE_PREFETCH=(1,))
+             _LOAD_PREFETCH=(1,), _RESCALE_PREFETCH=(1,), _PARTIALS_TILE_ELEMENTS=(16384, 32768))
 # Knobs changed together: "A+B" with value tuples.
 # (stages: 0, the default, pipelines both loops where A does not fit in L2; 1/1 pipelines none)
 KNOBS["_LOAD_STAGES+_RESCALE_STAGES"] = ((1, 1), (3, 3))
 KNOBS["_LOAD_PREFETCH+_RESCALE_PREFETCH"] = ((1, 1),)
+# (16 warps in both kernels: the backward's default 32768-element tiles spill 76 bytes there,
+# 16384-element ones none; ptxas sm_90a, 768x6912, 1536x13824, 4096x4096)
+KNOBS["_NUM_WARPS+_BWD_TILE_ELEMENTS"] = ((16, 16384),)
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 
@@ -143,7 +146,8 @@ def launched_config(M: int, N: int):
 
 
 def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
-    """Forward graph time per shape with one launch knob changed at a time from the defaults.
+    """Forward graph time, and the backward kernel's alone, per shape with one launch knob
+    changed at a time from the defaults (some knobs set both kernels: ``_NUM_WARPS``).
 
     Each variant's first read is also checked against the float64 reference (``err`` above
     1e-5 is flagged), so a faster variant is known to compute the same thing. The defaults
@@ -151,7 +155,7 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     """
     defaults = {name: getattr(ops_mod, name) for knob in knobs for name in knob.split("+")}
     results = []
-    print("# knob sweep: fwd graph us [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH as launched] (one knob "
+    print("# knob sweep: fwd/bwd graph us [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH as launched] (one knob "
           "changed from the defaults %s)" % defaults)
     for M, N in shapes:
         line = []
@@ -167,14 +171,15 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
                         m = layer(M, N, "sn_fused")
                         err = first_read_error(m)
                         t = graph_time_us(lambda: m.weight)
+                        tb = backward_alone_us(m, torch.randn(M, N, device=cuda_device()))
                     except Exception as e:  # e.g. a grid too large for a cooperative launch
-                        t = err = float("nan")
+                        t = tb = err = float("nan")
                         print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
                 results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, loads=loads, fwd_graph_us=t,
-                                    rel_err=err))
+                                    bwd_graph_us=tb, rel_err=err))
                 flag = f" ERR {err:.1e}" if err > 1e-5 else ""  # (NaN: the variant raised, printed above)
                 label = "+".join(name.strip("_") for name in names)  # (not cut: _RESCALE_STAGES, _RESCALE_PREFETCH)
-                line.append(f"{label}={val}:{t:.1f}[{grid} {loads}]{flag}")
+                line.append(f"{label}={val}:{t:.1f}/{tb:.1f}[{grid} {loads}]{flag}")
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
     return results
 
@@ -193,8 +198,8 @@ def phase_times(shapes=PHASE_SHAPES):
                                                               "PHASE_FIX_R")}
     bwd_names = {ops_mod.kernels.PHASE_DOT: "DOT", ops_mod.kernels.PHASE_GRAD: "GRAD"}
     results = []
-    print("# phases alone: graph us of each launch of the phase-by-phase mode [TB/s over the bytes it must move], "
-          "then the one launch")
+    print("# phases alone: [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH as launched], graph us of each launch "
+          "of the phase-by-phase mode [TB/s over the bytes it must move], then the one launch")
     for M, N in shapes:
         dev = cuda_device()
         torch.manual_seed(0)
@@ -203,7 +208,9 @@ def phase_times(shapes=PHASE_SHAPES):
         out, dw, saved = torch.empty_like(w), torch.empty_like(w), torch.empty(M + N + 1, device=dev)
         sigma_buf, sem = torch.empty((), device=dev), ops_mod.new_semaphore(dev)
         a_bytes = M * N * 4
-        line = []
+        cfg = launched_config(M, N)
+        loads = f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH}"
+        line = [f"[{cfg.grid} {loads}]"]
         for kind, names, call in (
                 ("fwd", fwd_names, lambda pbp: ops_mod._launch_forward(w, out, u, v, saved, sigma_buf, sem, 0, 1,
                                                                         1e-12, True, phase_by_phase=pbp)),
@@ -216,7 +223,6 @@ def phase_times(shapes=PHASE_SHAPES):
             finally:
                 ops_mod._launch = launch
             # (the phases in launch order, as the plans list them)
-            cfg = launched_config(M, N)
             order = ([p for p, _ in ops_mod._forward_phases(True, 1, cfg.ON_CHIP)] if kind == "fwd"
                      else [ops_mod.kernels.PHASE_DOT, ops_mod.kernels.PHASE_GRAD])
             assert len(order) == len(launches), (kind, order, len(launches))
@@ -231,7 +237,7 @@ def phase_times(shapes=PHASE_SHAPES):
                 line.append(f"{kind}.{name}:{t:.1f}{rate}")
             one = graph_time_us(lambda: call(False))
             line.append(f"{kind} sum {sum(x['us'] for x in times):.1f} one launch {one:.1f} |")
-            results.append(dict(M=M, N=N, kind=kind, phases=times, one_launch_us=one))
+            results.append(dict(M=M, N=N, kind=kind, grid=cfg.grid, loads=loads, phases=times, one_launch_us=one))
         print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
     return results
 

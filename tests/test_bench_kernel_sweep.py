@@ -53,18 +53,22 @@ def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch):
     monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: seen.append((snm._LOAD_STAGES, snm._RESCALE_STAGES)))
     monkeypatch.setattr(kernel_sweep, "first_read_error", lambda m: 0.0)
     monkeypatch.setattr(kernel_sweep, "graph_time_us", lambda fn: 1.0)
+    seen_bwd = []  # (the backward is timed with the variant's knobs set too)
+    monkeypatch.setattr(kernel_sweep, "backward_alone_us",
+                        lambda m, g: seen_bwd.append((snm._LOAD_STAGES, snm._RESCALE_STAGES)) or 2.0)
     names = ["_LOAD_STAGES", "_RESCALE_STAGES", "_LOAD_STAGES+_RESCALE_STAGES"]
     monkeypatch.setattr(snm, "_LOAD_STAGES", 0)  # the defaults, whatever the environment says
     monkeypatch.setattr(snm, "_RESCALE_STAGES", 0)
     before = (0, 0)
     rows = kernel_sweep.knob_sweep([(16, 64)], {name: kernel_sweep.KNOBS[name] for name in names})
-    assert seen == [before, (1, 0), (2, 0), (3, 0), (4, 0), (0, 1), (0, 2), (0, 3), (1, 1), (3, 3), before]
+    assert seen == seen_bwd == [before, (1, 0), (2, 0), (3, 0), (4, 0), (0, 1), (0, 2), (0, 3), (1, 1), (3, 3), before]
     assert [r["knob"] for r in rows] == ["default"] + ["_LOAD_STAGES"] * 4 + ["_RESCALE_STAGES"] * 3 + [
         "_LOAD_STAGES+_RESCALE_STAGES"] * 2 + ["default"]
     assert (snm._LOAD_STAGES, snm._RESCALE_STAGES) == before
     # Each row says what the launcher made of its knobs: a 16x64 weight is read on chip, which
     # pipelines nothing, so every variant timed the defaults' loads (and says so).
     assert {r["loads"] for r in rows} == {"s1/1 p0/0"}
+    assert {(r["fwd_graph_us"], r["bwd_graph_us"]) for r in rows} == {(1.0, 2.0)}
 
 
 def test_measure_times_the_backward_alone_for_sn_fused(monkeypatch):
@@ -183,10 +187,12 @@ def test_phase_times_time_each_phase_alone_then_the_one_launch(monkeypatch, caps
     names = {snm.kernels.PHASE_ST: "ST", snm.kernels.PHASE_R: "R", snm.kernels.PHASE_F: "F",
              snm.kernels.PHASE_FIX_T: "FIX_T", snm.kernels.PHASE_FIX_R: "FIX_R"}
     assert [r["kind"] for r in results] == ["fwd", "bwd"]
+    assert {r["loads"] for r in results} == {f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p0/0"}
     assert [x["phase"] for x in results[0]["phases"]] == [names[p] for p in fwd]
     assert [x["phase"] for x in results[1]["phases"]] == ["DOT", "GRAD"]
     one = [["spectral_norm_fwd_kernel"]] * (len(fwd) + 1) + [["spectral_norm_bwd_kernel"]] * 3
     assert timed == one, timed
     line = capsys.readouterr().out.splitlines()[-1]
+    assert line.split()[1:3] == [f"[1", f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES}"], line
     assert all(f"fwd.{names[p]}:1.0" in line for p in fwd) and "bwd.DOT:1.0" in line and "bwd.GRAD:1.0" in line
     assert "fwd sum %.1f one launch 1.0" % len(fwd) in line and "bwd sum 2.0 one launch 1.0" in line

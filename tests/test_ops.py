@@ -792,6 +792,7 @@ def test_launch_config_blocks_are_powers_of_two(monkeypatch, tile):
     """tl.arange needs power-of-two sizes: every block size must be one, whatever the
     (environment-settable) tile knobs are (found in review: a tile of 3000 gave BLOCK_Q 1365)."""
     monkeypatch.setattr(snm, "_TILE_ELEMENTS", tile)
+    monkeypatch.setattr(snm, "_PARTIALS_TILE_ELEMENTS", tile // 2)
     monkeypatch.setattr(snm, "_BWD_TILE_ELEMENTS", tile)
     monkeypatch.setattr(snm, "_BWD_BLOCK_N", tile // 3)
     snm._clear_plans()
@@ -882,6 +883,50 @@ def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training,
         for key in ("out", "u", "v", "sigma"):
             assert torch.equal(reads[0][key], read[key]), key
     check_forward(w, u0, v0, reads[-1], dim=0, n=2, eps=1e-12, training=training)
+
+
+@pytest.mark.parametrize("tile,block_q", [(16, 1), (32, 2), (1024, 8)])
+def test_partials_tile_sets_phase_r_steps(tile, block_q, device, gen):
+    """``_PARTIALS_TILE_ELEMENTS``: phase R sums the G programs' partials of its own columns
+    ``BLOCK_Q`` programs per step (6 programs: six steps, three, or one padded to 8); however
+    many steps, the read is right against the oracle, in training (two iterations) and eval."""
+    M, N, G = 24, 40, 6
+    w = torch.randn(M, N, generator=gen).to(device)
+    u0, v0 = torch.randn(M, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
+    for training in (True, False):
+        with snm._launch_knobs(_PARTIALS_TILE_ELEMENTS=tile, _ON_CHIP=False):
+            cfg = snm._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, training, G, None).cfg
+            assert (cfg.grid, cfg.BLOCK_C, cfg.BLOCK_Q) == (G, 16, block_q), cfg
+            res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=2, training=training, num_programs=G)
+        check_forward(w, u0, v0, res, dim=0, n=2, eps=1e-12, training=training)
+
+
+def test_pipelined_loads_by_default_only_beyond_l2(monkeypatch):
+    """``_LOAD_STAGES`` / ``_RESCALE_STAGES`` at 0 (the defaults): both loops over A pipelined
+    ``_STAGES_BEYOND_L2`` deep where A's bytes (its element size counts) exceed the device's L2,
+    neither where A fits; a count asked for is taken as it is; ON_CHIP reads never pipeline.
+    (L2 made the size of a 64x40 float32 weight; off CUDA the launcher takes an H100's.)"""
+    monkeypatch.setattr(snm, "_LOAD_STAGES", 0)
+    monkeypatch.setattr(snm, "_RESCALE_STAGES", 0)
+    monkeypatch.setattr(snm, "_H100_L2_BYTES", 64 * 40 * 4)
+    snm._clear_plans()
+
+    def stages(M, N, dtype=torch.float32, **knobs):
+        with snm._launch_knobs(**{"_ON_CHIP": False, **knobs}):
+            cfg = snm._forward_plan((M, N), (N, 1), (N, 1), 0, torch.device("cpu"), 1, True, 2, None,
+                                    dtype.itemsize).cfg
+        return cfg.LOAD_STAGES, cfg.RESCALE_STAGES
+
+    try:
+        assert snm._STAGES_BEYOND_L2 == 3
+        assert stages(64, 40) == (1, 1)  # exactly L2's size: fits
+        assert stages(65, 40) == (3, 3)
+        assert stages(65, 40, torch.bfloat16) == (1, 1)  # half the bytes
+        assert stages(130, 40, torch.bfloat16) == (3, 3)
+        assert stages(65, 40, _LOAD_STAGES=1) == (1, 3) and stages(64, 40, _RESCALE_STAGES=2) == (1, 2)
+        assert stages(65, 40, _ON_CHIP=True) == (1, 1)
+    finally:
+        snm._clear_plans()
 
 
 def test_prefetch_only_where_two_tiles_fit_in_registers():

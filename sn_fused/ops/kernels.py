@@ -777,8 +777,9 @@ def spectral_norm_fwd_kernel(
     instead of waiting a full DRAM latency per tile (the launcher keeps the tiles within the
     device's shared memory). The rescale's pipelined loads lose their ``evict_first`` hint
     (``cp.async`` takes none from Triton), hence a knob of its own. 1: no pipelining, the code
-    of a plain ``range`` (the launcher's default where A fits in L2; 3 where it does not). ``LOAD_PREFETCH``, ``RESCALE_PREFETCH`` (0 or 1; with a stage count
-    of 1): the same overlap by hand, in registers: each step issues the next tile's loads
+    of a plain ``range`` (the launcher's default where A fits in L2; 3 where it does not).
+    ``LOAD_PREFETCH``, ``RESCALE_PREFETCH`` (0 or 1; with a stage count of 1): the same
+    overlap by hand, in registers: each step issues the next tile's loads
     before it uses its own, so two tiles are live (the launcher allows it where they fit) and
     the rescale's loads keep ``evict_first``. The interpreter runs every value alike.
     """

@@ -95,6 +95,11 @@ _MAX_GRID = 1024  # programs; far above any GPU's co-resident count at one progr
 _MIN_ELEMENTS_PER_PROGRAM = int(os.environ.get("SN_FUSED_MIN_ELEMENTS_PER_PROGRAM", 8192))
 _TILE_ELEMENTS = int(os.environ.get("SN_FUSED_TILE_ELEMENTS", 16384))  # of A per program per loop step
 _MAX_ROW_IN_TILE = int(os.environ.get("SN_FUSED_MAX_ROW_IN_TILE", 16384))  # widest row read in one tile
+# Phase R sums the G programs' partials of its own columns in [BLOCK_Q, BLOCK_C] tiles of about
+# this many elements, one dependent L2 round trip per tile (ON_CHIP: [BLOCK_Q, BLOCK_N]). Phases
+# launched alone on an H200 (bench/NOTES.md v17): phase R 1.8 us on 4096x4096 (one tile), 3.3 on
+# 768x6912 (two), 6.1 on 1536x13824 (three), a launch's ~1.8 us taken off each.
+_PARTIALS_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_PARTIALS_TILE_ELEMENTS", 8192))
 # The backward streams G and W tile by tile (no row needs to be whole): tiles of this many
 # elements per operand, at most _BWD_BLOCK_N columns wide. 32768/4096 was the fastest
 # choice on the large shapes in both H100 backward sweeps (bench/NOTES.md, v4 and v5).
@@ -115,11 +120,13 @@ _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's defau
 # LOAD_STAGES for phase ST, RESCALE_STAGES for the rescale): above 1 the next tiles are loaded
 # into shared memory while one is used. 0 (the default): _STAGES_BEYOND_L2 where A does not fit
 # in the device's L2, else 1. Measured on an H200 (bench/NOTES.md v17, three runs, forward
-# graph us): both at 3 take 1536x13824 from 80.0 to 75.1 and 4096x4096 from 57.3 to 54.9 (A
-# 85 MB and 67 MB, both loops' loads from DRAM), leave 768x6912 (21 MB) at 19.9 and make
-# 512x4608 (9 MB) slower, 14.0 -> 14.8 (A comes from L2 between reads; the pipeline's
-# shared-memory round trip only adds). Each alone does less, or worse: phase ST's at 3, 78.2
-# on 1536x13824; the rescale's, 82.9. The launcher lowers a value whose tiles would not fit the
+# graph us, float32, L2 not flushed between reads): both at 3 take 1536x13824 from 80.0 to
+# 75.1 and 4096x4096 from 57.3 to 54.9 (A 85 MB and 67 MB, both loops' loads from DRAM), leave
+# 768x6912 (21 MB) at 19.9 and make 512x4608 (9 MB) slower, 14.0 -> 14.8 (there A came from
+# L2 between reads; the pipeline's shared-memory round trip only adds). Each alone does less,
+# or worse: phase ST's at 3, 78.2 on 1536x13824; the rescale's, 82.9. The threshold is L2's
+# size because it falls between 21 and 67 MB: weights of 25-50 MB, 16-bit weights and a
+# model whose other layers evict A between reads are not measured. The launcher lowers a value whose tiles would not fit the
 # device's shared memory (_pipeline_stages). Sweep: `python -m bench.kernel_sweep --sweep
 # --sweep-knobs _LOAD_STAGES+_RESCALE_STAGES` (1/1 is the unpipelined loop everywhere).
 _LOAD_STAGES = int(os.environ.get("SN_FUSED_LOAD_STAGES", 0))
@@ -349,7 +356,7 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
                and G * N <= _ON_CHIP_MAX_PARTIALS)
     # The G partials of a column are summed BLOCK_Q programs per load: [BLOCK_Q, BLOCK_C] tiles
     # of own columns (phase R), or [BLOCK_Q, BLOCK_N] tiles of all columns (ON_CHIP).
-    block_q = min(block_p, _floor_power_of_2(_TILE_ELEMENTS // 2 // (block_n if on_chip else block_c)))
+    block_q = min(block_p, _floor_power_of_2(_PARTIALS_TILE_ELEMENTS // (block_n if on_chip else block_c)))
     return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q,
                          _num_warps(block_m * block_n, block_n), _NUM_STAGES or None, row_in_tile, on_chip)
 
