@@ -147,9 +147,9 @@ def test_load_variants_bitwise(M, N, variant):
     default does not or the other way round: then u and v may move by a few ulps (W_sn and sigma
     stayed bitwise on an H200: sigma is stationary in v; bench/NOTES.md v17). Seen on 768x6912,
     up to 1.5e-8 on u (about an ulp of its largest entries), never in the interpreter, which runs a
-    pipelined loop as a plain one: the tile Triton reads back from shared memory is summed in
-    another order, we think (the PTX has the same arithmetic, in other registers). A failure
-    names the fields that differ and by how much."""
+    pipelined loop as a plain one; the cause is not found (the TTGIR has the same tile layout and
+    float ops, the PTX and SASS the same instruction counts). A failure names the fields that
+    differ and by how much."""
     knobs = dict(_LOAD_VARIANTS)[variant]
     torch.manual_seed(0)
     w = torch.randn(M, N, device=DEV)
