@@ -107,6 +107,14 @@ if [ "$mode" != bench ]; then
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 360 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
+  if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ]; then
+    # Phase R's steps on two smaller weights too: 128x1152 (ON_CHIP: every program reads the whole
+    # 18 x 1152 table of partials, 5 dependent steps by default, 2 at 32768) and 512x4608 (2 steps,
+    # 1 at 16384); both compile without spills (ptxas sm_90a). Appended to the same log.
+    echo "== kernel sweep: the partials' tile on smaller weights $(date +%T)"
+    timeout 120 python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _PARTIALS_TILE_ELEMENTS \
+      --sweep-shapes 128x1152,512x4608 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+  fi
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     # Graph and eager times, and the host profile: a same-card A/B of the kernels and of the host path.
     echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only) $(date +%T)"
