@@ -885,18 +885,20 @@ def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training,
     check_forward(w, u0, v0, reads[-1], dim=0, n=2, eps=1e-12, training=training)
 
 
-@pytest.mark.parametrize("tile,block_q", [(16, 1), (32, 2), (1024, 8)])
-def test_partials_tile_sets_phase_r_steps(tile, block_q, device, gen):
+@pytest.mark.parametrize("on_chip,tile,block_q", [(False, 16, 1), (False, 32, 2), (False, 1024, 8),
+                                                   (True, 16, 1), (True, 256, 4), (True, 1024, 8)])
+def test_partials_tile_sets_phase_r_steps(on_chip, tile, block_q, device, gen):
     """``_PARTIALS_TILE_ELEMENTS``: phase R sums the G programs' partials of its own columns
-    ``BLOCK_Q`` programs per step (6 programs: six steps, three, or one padded to 8); however
-    many steps, the read is right against the oracle, in training (two iterations) and eval."""
+    ``BLOCK_Q`` programs per step (6 programs: six steps, three, or one padded to 8), and an
+    ON_CHIP read the whole table's ``[BLOCK_Q, BLOCK_N]`` tiles (six, two or one); however many
+    steps, the read is right against the oracle, in training (two iterations) and eval."""
     M, N, G = 24, 40, 6
     w = torch.randn(M, N, generator=gen).to(device)
     u0, v0 = torch.randn(M, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
     for training in (True, False):
-        with snm._launch_knobs(_PARTIALS_TILE_ELEMENTS=tile, _ON_CHIP=False):
+        with snm._launch_knobs(_PARTIALS_TILE_ELEMENTS=tile, _ON_CHIP=on_chip):
             cfg = snm._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, training, G, None).cfg
-            assert (cfg.grid, cfg.BLOCK_C, cfg.BLOCK_Q) == (G, 16, block_q), cfg
+            assert (cfg.grid, cfg.ON_CHIP, cfg.BLOCK_Q) == (G, on_chip, block_q), cfg
             res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=2, training=training, num_programs=G)
         check_forward(w, u0, v0, res, dim=0, n=2, eps=1e-12, training=training)
 
