@@ -98,12 +98,13 @@ if [ "$mode" != bench ]; then
   # backward's tiles at 16384 elements: both kernels compile without spills, ptxas sm_90a; more
   # warps to issue the loads of phase ST, the rescale and the backward's passes, which ran at
   # 76-87 % of a copy's rate), phase R's partials in one step (_PARTIALS_TILE_ELEMENTS: 2-6 us of
-  # round trips), phase ST 4 stages deep, and the pipelined loads (3/3 beyond L2) against none
+  # round trips), the backward's GRAD pass pipelined (_GRAD_STAGES: 2 with its 32768-element tiles,
+  # 3 with 16384), phase ST 4 stages deep, and the pipelined loads (3/3 beyond L2) against none
   # (1/1) once more. Measured before and left out: the other variants of the loads over A
   # (session 16, three runs on an H200).
   # shellcheck disable=SC2206
   extra=(${SN_FUSED_SWEEP_ARGS---profile --phases --sweep
-         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_LOAD_STAGES=4,_LOAD_STAGES+_RESCALE_STAGES
+         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4,_LOAD_STAGES+_RESCALE_STAGES
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   timeout 360 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1

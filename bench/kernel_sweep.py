@@ -125,6 +125,9 @@ KNOBS["_LOAD_PREFETCH+_RESCALE_PREFETCH"] = ((1, 1),)
 # (16 warps in both kernels: the backward's default 32768-element tiles spill 76 bytes there,
 # 16384-element ones none; ptxas sm_90a, 768x6912, 1536x13824, 4096x4096)
 KNOBS["_NUM_WARPS+_BWD_TILE_ELEMENTS"] = ((16, 16384),)
+# (the backward's GRAD pass pipelined: 32768-element fp32 tiles fit 2 stages, 16384 ones 3)
+KNOBS["_GRAD_STAGES"] = (2,)
+KNOBS["_GRAD_STAGES+_BWD_TILE_ELEMENTS"] = ((3, 16384),)
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 
@@ -145,6 +148,15 @@ def launched_config(M: int, N: int):
     return ops_mod._forward_plan((M, N), (N, 1), (N, 1), 0, cuda_device(), 1, True, None, None, 4).cfg
 
 
+def launched_loads(M: int, N: int) -> str:
+    """How ``layer(M, N, "sn_fused")`` loads its tiles as launched (knobs the launcher lowered or
+    refused show as such): ``sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH`` of the forward,
+    ``gGRAD_STAGES`` of the backward."""
+    cfg = launched_config(M, N)
+    bwd = ops_mod._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, cuda_device(), None, None, 4).cfg
+    return f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH} g{bwd.GRAD_STAGES}"
+
+
 def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     """Forward graph time, and the backward kernel's alone, per shape with one launch knob
     changed at a time from the defaults (some knobs set both kernels: ``_NUM_WARPS``).
@@ -155,7 +167,7 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     """
     defaults = {name: getattr(ops_mod, name) for knob in knobs for name in knob.split("+")}
     results = []
-    print("# knob sweep: fwd/bwd graph us [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH as launched] (one knob "
+    print("# knob sweep: fwd/bwd graph us [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH gGRAD_STAGES as launched] (one knob "
           "changed from the defaults %s)" % defaults)
     for M, N in shapes:
         line = []
@@ -166,7 +178,7 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
                     # (a variant the launcher refused times the defaults again, and says so)
                     cfg = launched_config(M, N)
                     grid = cfg.grid
-                    loads = f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH}"
+                    loads = launched_loads(M, N)
                     try:
                         m = layer(M, N, "sn_fused")
                         err = first_read_error(m)
@@ -198,7 +210,7 @@ def phase_times(shapes=PHASE_SHAPES):
                                                               "PHASE_FIX_R")}
     bwd_names = {ops_mod.kernels.PHASE_DOT: "DOT", ops_mod.kernels.PHASE_GRAD: "GRAD"}
     results = []
-    print("# phases alone: [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH as launched], graph us of each launch "
+    print("# phases alone: [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH gGRAD_STAGES as launched], graph us of each launch "
           "of the phase-by-phase mode [TB/s over the bytes it must move], then the one launch")
     for M, N in shapes:
         dev = cuda_device()
@@ -209,7 +221,7 @@ def phase_times(shapes=PHASE_SHAPES):
         sigma_buf, sem = torch.empty((), device=dev), ops_mod.new_semaphore(dev)
         a_bytes = M * N * 4
         cfg = launched_config(M, N)
-        loads = f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH}"
+        loads = launched_loads(M, N)
         line = [f"[{cfg.grid} {loads}]"]
         for kind, names, call in (
                 ("fwd", fwd_names, lambda pbp: ops_mod._launch_forward(w, out, u, v, saved, sigma_buf, sem, 0, 1,

@@ -67,7 +67,7 @@ def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch):
     assert (snm._LOAD_STAGES, snm._RESCALE_STAGES) == before
     # Each row says what the launcher made of its knobs: a 16x64 weight is read on chip, which
     # pipelines nothing, so every variant timed the defaults' loads (and says so).
-    assert {r["loads"] for r in rows} == {"s1/1 p0/0"}
+    assert {r["loads"] for r in rows} == {"s1/1 p0/0 g1"}
     assert {(r["fwd_graph_us"], r["bwd_graph_us"]) for r in rows} == {(1.0, 2.0)}
 
 
@@ -187,7 +187,7 @@ def test_phase_times_time_each_phase_alone_then_the_one_launch(monkeypatch, caps
     names = {snm.kernels.PHASE_ST: "ST", snm.kernels.PHASE_R: "R", snm.kernels.PHASE_F: "F",
              snm.kernels.PHASE_FIX_T: "FIX_T", snm.kernels.PHASE_FIX_R: "FIX_R"}
     assert [r["kind"] for r in results] == ["fwd", "bwd"]
-    assert {r["loads"] for r in results} == {f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p0/0"}
+    assert {r["loads"] for r in results} == {f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p0/0 g1"}
     assert [x["phase"] for x in results[0]["phases"]] == [names[p] for p in fwd]
     assert [x["phase"] for x in results[1]["phases"]] == ["DOT", "GRAD"]
     one = [["spectral_norm_fwd_kernel"]] * (len(fwd) + 1) + [["spectral_norm_bwd_kernel"]] * 3

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
         return (K.spectral_norm_fwd_kernel, fwd, {**defaults, **blocks})
 
     def bwd_case(**blocks):
-        return (K.spectral_norm_bwd_kernel, bwd, dict(PHASE=-1, **blocks))
+        return (K.spectral_norm_bwd_kernel, bwd, dict(PHASE=-1, GRAD_STAGES=1, **blocks))
 
     cases = [  # streaming and ON_CHIP, training and eval, strided (NCOL > 1) layouts
         fwd_case(BLOCK_M=16, BLOCK_N=512, BLOCK_R=16, BLOCK_C=128, BLOCK_P=128, BLOCK_Q=32, ROW_IN_TILE=False,
@@ -217,6 +217,27 @@ SPILL_SCRIPT = textwrap.dedent("""
             spills = spill_bytes(kernel, args, cfg, coop)
         print(f"{M}x{N} {dtype} forward (training={training}), prefetch {want}: spill bytes {spills}")
         assert spills == [0, 0] and "cp.async" not in ptx and "L1::evict_first" in ptx, (M, N, dtype, spills)
+
+    # _GRAD_STAGES > 1 (off by default until measured): the backward's GRAD pass as one flat loop,
+    # pipelined (cp.async of G's tiles into shared memory; the dot pass's loops stay plain), within
+    # an H100's 227 KB. 16384-element tiles at 3 stages do not spill; the default 32768-element
+    # tiles fit 2 stages and spill 4 bytes (printed, not checked).
+    for (M, N), tile, want in [((1536, 13824), 16384, 3), ((4096, 4096), 16384, 3), ((1536, 13824), 32768, 2)]:
+        with snm._launch_knobs(_GRAD_STAGES=3, _BWD_TILE_ELEMENTS=tile):
+            launches.clear()
+            w = torch.randn(M, N)
+            snm._launch_backward(w, w, torch.empty_like(w), torch.ones(M + N + 1), snm.new_semaphore(), 0,
+                                 num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
+            kernel, args, cfg, coop = launches[0]
+            assert cfg.GRAD_STAGES == want and not cfg.ON_CHIP, cfg
+            k = compile_launch(kernel, args, cfg, coop)
+            loops = [int(x) for x in re.findall(r"tt.num_stages = (\\d+)", k.asm["ttir"])]
+            copies, shared = k.asm["ptx"].count("cp.async.cg.shared.global"), k.metadata.shared
+            spills = spill_bytes(kernel, args, cfg, coop)
+        print(f"{M}x{N} backward, {tile}-element tiles, GRAD_STAGES {want}: loops {loops}, {copies} cp.async, "
+              f"{shared} B shared, spill bytes {spills}")
+        assert loops == [want] and copies > 0 and shared <= 227 * 1024, (M, N, tile, loops, copies, shared)
+        assert spills == [0, 0] or tile == 32768, (M, N, tile, spills)
     print("OK")
 """)
 

@@ -171,6 +171,28 @@ def test_load_variants_bitwise(M, N, variant):
         assert max(ulps.values()) <= 16, f"{variant} on {M}x{N} ({as_launched}): ulps of the largest entry {ulps}"
 
 
+@pytest.mark.parametrize("tile,stages", [(32768, 2), (16384, 3)])
+@pytest.mark.parametrize("M,N", [(1536, 13824), (4096, 1024)])
+def test_grad_stages_bitwise(M, N, tile, stages):
+    """``_GRAD_STAGES`` (the backward's GRAD pass as one pipelined flat loop, off by default until
+    measured) changes when G's tiles arrive, not dW: the pass is elementwise, so dW is bitwise the
+    nested loops' with the same tiles (the dot pass, whose sum order the tiles set, is the same)."""
+    torch.manual_seed(0)
+    w = torch.randn(M, N, device=DEV)
+    r = _run_both(w, 0, 1, True, seed=3)
+    g = torch.randn(M, N, device=DEV)
+    dws = []
+    for s in (1, stages):
+        with ops_mod._launch_knobs(_GRAD_STAGES=s, _BWD_TILE_ELEMENTS=tile):
+            cfg = ops_mod._backward_plan(w.shape, w.stride(), w.stride(), w.stride(), 0, w.device, None, None).cfg
+            assert cfg.GRAD_STAGES == s, cfg
+            dws.append(spectral_norm_backward_fused(g, w, r["us"], r["vs"], r["sigma"], r["sem"]))
+    ref = reference.spectral_norm_backward_reference(g.double(), w.double(), r["us"].double(), r["vs"].double(),
+                                                     r["sigma"].double(), 0)
+    assert _rel(dws[1], ref) < 1e-5
+    assert torch.equal(dws[0], dws[1]), (dws[0] - dws[1]).abs().max().item()
+
+
 def test_one_launch_per_read_and_per_backward():
     m = sn_fused.spectral_norm(torch.nn.Conv2d(128, 128, 3).to(DEV))
     m.weight  # compile the kernels

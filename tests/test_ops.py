@@ -931,6 +931,39 @@ def test_pipelined_loads_by_default_only_beyond_l2(monkeypatch):
         snm._clear_plans()
 
 
+def test_grad_stages_reach_the_backward_and_change_no_value(device, gen):
+    """``_GRAD_STAGES`` (the backward's GRAD pass as one flat ``tl.range(..., num_stages=...)``
+    loop, kernels.py): in every streaming backward launch's last argument, lowered to what fits
+    (a stage holds a tile of G and its v), 1 on chip; the flat loop visits the tiles the nested
+    loops do (several row and column blocks per program here) and dW is bitwise theirs, and right
+    against the oracle. (The interpreter runs the pipelined loop as a plain one; on a GPU only the
+    loads' timing changes, the pass is elementwise.)"""
+    M, N, G = 9, 40, 2
+    w = torch.randn(M, N, generator=gen).to(device)
+    g = torch.randn(M, N, generator=gen).to(device)
+    res = fused_forward(w, *vec_pair(w, 0, gen), dim=0)
+    grads = []
+    for stages in (1, 3):
+        with snm._launch_knobs(_GRAD_STAGES=stages, _ON_CHIP=False, _BWD_TILE_ELEMENTS=32, _BWD_BLOCK_N=16):
+            plan = snm._backward_plan(w.shape, w.stride(), w.stride(), w.stride(), 0, w.device, G, None)
+            assert (plan.cfg.BLOCK_M, plan.cfg.BLOCK_N, plan.cfg.GRAD_STAGES) == (2, 16, stages)  # 3 x 3 tiles
+            assert {launch[-1] for launch in plan.launches} == {stages}
+            grads.append(fused_backward(g, w, res["u_saved"], res["v_saved"], res["sigma"], dim=0, num_programs=G))
+    assert torch.equal(grads[0], grads[1])
+    check_backward(grads[1], g, w, res["u_saved"], res["v_saved"], res["sigma"], dim=0)
+
+    def grad_stages(M, N, dtype=torch.float32, on_chip=False):
+        with snm._launch_knobs(_GRAD_STAGES=4, _ON_CHIP=on_chip):
+            return snm._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, torch.device("cpu"),
+                                      snm._default_grid(M, N, 132), False, dtype.itemsize).cfg.GRAD_STAGES
+    # An H100's 227 KB per program, less 8: 32768-element float32 tiles (+ v: 144 KB a stage) fit
+    # 2 stages, bfloat16's (72 KB) all 4 asked for; 16384-element float32 ones (80 KB) 3.
+    assert grad_stages(1536, 13824) == 2 and grad_stages(1536, 13824, torch.bfloat16) == 4
+    with snm._launch_knobs(_BWD_TILE_ELEMENTS=16384):
+        assert grad_stages(1536, 13824) == 3
+    assert grad_stages(128, 1152, on_chip=True) == 1  # ON_CHIP keeps its tile in registers
+
+
 def test_prefetch_only_where_two_tiles_fit_in_registers():
     """``_prefetch``: phase ST keeps two tiles, x and the t partial live, the rescale two tiles;
     on the shapes an H100 runs (132 programs) phase ST fits up to 8192-wide rows, not

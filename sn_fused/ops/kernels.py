@@ -903,6 +903,24 @@ def _grad_tile(g, inner, u, v, sigma):
 
 
 @triton.jit
+def _grad_block(g_ptr, dw_ptr, saved_ptr, rows, rmask, u, cb, n_cblocks, N, inner, sigma,
+                g_row, g_c0, g_c1, g_c2, g_c3, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3,
+                NCOL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The GRAD pass on one tile: rows ``rows`` (own rows' ``u``), the ``cb``-th column block
+    counted from the last (the reverse of the dot pass). dW leaves L2 first (``evict_first``)."""
+    acc_t = u.dtype
+    cols = (n_cblocks - 1 - cb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    v = tl.load(saved_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+    g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
+                mask=mask, other=0.0).to(acc_t)
+    dw = _grad_tile(g, inner, u, v, sigma)
+    tl.store(dw_ptr + _offsets(rows, cols, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3, NCOL),
+             dw.to(dw_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
 def spectral_norm_bwd_kernel(
     g_ptr, w_ptr, dw_ptr, saved_ptr, ws_ptr, sem_ptr,
     M, N,
@@ -912,6 +930,7 @@ def spectral_norm_bwd_kernel(
     D1, D2, D3,
     NCOL: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ON_CHIP: tl.constexpr,
+    GRAD_STAGES: tl.constexpr,
 ):
     """``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma the forward's (constants:
     ``saved = [v (N) | u (M) | sigma]``, as the forward kernel wrote it).
@@ -924,6 +943,11 @@ def spectral_norm_bwd_kernel(
     ``ON_CHIP`` (a program's rows in one tile): the single launch keeps its tile of G, u and v
     in registers across the barrier, so nothing is re-read; one program has no barrier and
     touches no workspace.
+    ``GRAD_STAGES``: 1, the elementwise pass as two nested loops (row blocks, column blocks);
+    above 1, one flat loop over the same tiles in the same order as ``tl.range(...,
+    num_stages=GRAD_STAGES)``, whose loads of G Triton's pipeliner issues ``GRAD_STAGES - 1``
+    tiles ahead into shared memory (a nested loop's pipeline would drain at every row block).
+    The interpreter runs both alike.
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -974,18 +998,23 @@ def spectral_norm_bwd_kernel(
     if (PHASE == -1 and not ON_CHIP) or PHASE == 1:
         sigma = tl.load(saved_ptr + (N + M)).to(acc_t)
         inner = _sum_partials(ws_ptr, G, BLOCK_P) / sigma
-        for j in range(tl.cdiv(r1 - r0, BLOCK_M)):
-            # Rows last-to-first, columns last-to-first: the reverse of the dot pass.
-            rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
-            rmask = rows >= r0
-            u = tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(acc_t)
-            for i in range(n_cblocks):
-                cols = (n_cblocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
-                cmask = cols < N
-                mask = rmask[:, None] & cmask[None, :]
-                v = tl.load(saved_ptr + cols, mask=cmask, other=0.0).to(acc_t)
-                g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
-                            mask=mask, other=0.0).to(acc_t)
-                dw = _grad_tile(g, inner, u, v, sigma)
-                tl.store(dw_ptr + _offsets(rows, cols, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3, NCOL),
-                         dw.to(dw_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+        n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
+        # Rows last-to-first, columns last-to-first: the reverse of the dot pass.
+        if GRAD_STAGES > 1:
+            for k in tl.range(n_rblocks * n_cblocks, num_stages=GRAD_STAGES):
+                j = k // n_cblocks
+                rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
+                rmask = rows >= r0
+                u = tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(acc_t)
+                _grad_block(g_ptr, dw_ptr, saved_ptr, rows, rmask, u, k - j * n_cblocks, n_cblocks, N, inner,
+                            sigma, g_row, g_c0, g_c1, g_c2, g_c3, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3,
+                            NCOL, BLOCK_N)
+        else:
+            for j in range(n_rblocks):
+                rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
+                rmask = rows >= r0
+                u = tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(acc_t)
+                for i in range(n_cblocks):
+                    _grad_block(g_ptr, dw_ptr, saved_ptr, rows, rmask, u, i, n_cblocks, N, inner, sigma,
+                                g_row, g_c0, g_c1, g_c2, g_c3, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3,
+                                NCOL, BLOCK_N)

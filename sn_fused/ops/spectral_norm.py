@@ -105,6 +105,13 @@ _PARTIALS_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_PARTIALS_TILE_ELEMENTS", 
 # choice on the large shapes in both H100 backward sweeps (bench/NOTES.md, v4 and v5).
 _BWD_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_BWD_TILE_ELEMENTS", 32768))
 _BWD_BLOCK_N = int(os.environ.get("SN_FUSED_BWD_BLOCK_N", 4096))
+# The backward's elementwise (GRAD) pass as one flat loop over its tiles with
+# tl.range(..., num_stages=_GRAD_STAGES) (kernels.py GRAD_STAGES): above 1, G's tiles are loaded
+# into shared memory that many minus one ahead. Its phase alone ran at 83-87 % of a copy's rate
+# on an H200 (bench/NOTES.md v17). 1 (off: the nested loops) until a GPU run measures it; the
+# launcher lowers a count whose tiles would not fit (32768-element fp32 tiles: 2 at most;
+# ptxas sm_90a: 4 bytes of spills there, none with 16384-element tiles at 3).
+_GRAD_STAGES = int(os.environ.get("SN_FUSED_GRAD_STAGES", 1))
 # ON_CHIP launches (kernels.py: a program's rows kept in registers; the forward with one
 # barrier per iteration) where each program's rows fit in one tile; the forward also needs the
 # G x N table of partial sums, which every program then reads whole, to have at most
@@ -306,6 +313,8 @@ class _LaunchConfig:
     # knobs where the tiles fit (_prefetch).
     LOAD_PREFETCH: int = 0
     RESCALE_PREFETCH: int = 0
+    # The backward's GRAD pass pipelined (kernels.py): 1 here; _backward_plan sets it.
+    GRAD_STAGES: int = 1
 
 
 def _default_grid(M: int, N: int, cap: int) -> int:
@@ -405,13 +414,19 @@ def _pipeline_stages(requested: int, cfg: _LaunchConfig, itemsize: int, device: 
         requested = _STAGES_BEYOND_L2 if a_bytes > _l2_bytes(device) else 1
     if requested <= 1 or not cfg.ROW_IN_TILE or cfg.ON_CHIP:  # ON_CHIP loads its tile once
         return 1
+    return _stages_that_fit(requested, cfg.BLOCK_M * cfg.BLOCK_N * itemsize, device)
+
+
+def _stages_that_fit(requested: int, tile_bytes: int, device: torch.device) -> int:
+    """At most ``requested`` stages of a pipelined loop over tiles of ``tile_bytes``: its
+    ``stages - 1`` tiles in the shared memory a program may take (the device's per-block limit,
+    and its per-SM one split among ``_PROGRAMS_PER_SM``), less ``_SHARED_RESERVED``."""
     if device.type == "cuda":
         per_block, per_sm = _shared_memory(device.index if device.index is not None
                                               else torch.cuda.current_device())
         budget = min(per_block, per_sm // max(_PROGRAMS_PER_SM, 1))
     else:
         budget = _H100_SHARED_PER_BLOCK
-    tile_bytes = cfg.BLOCK_M * cfg.BLOCK_N * itemsize
     return max(1, min(requested, 1 + (budget - _SHARED_RESERVED) // tile_bytes))
 
 
@@ -745,7 +760,7 @@ def _prepared_read(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, t
     # As _launch_backward for a gradient with W_sn's strides: (grad, weight, dW, saved, workspace, sem, *tail);
     # grad and saved have the weight's dtype (the checks and the C++ node see to it).
     backward_plan = _backward_plan(weight.shape, out_stride, weight.stride(), out_stride, dim, weight.device,
-                                   None, None)
+                                   None, None, weight.element_size())
     backward = None if backward_plan is None else _prepared_launches(
         kernels.spectral_norm_bwd_kernel, backward_plan, weight, scalars=(), n_tensors=6, ws_index=4, out_index=2,
         keys=[_backward_key(backward_plan, i, weight, weight, weight, sem) for i in range(len(backward_plan.launches))])
@@ -802,7 +817,7 @@ def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor
 
 
 @functools.lru_cache(maxsize=1024)
-def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_programs, phase_by_phase):
+def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_programs, phase_by_phase, itemsize=4):
     metas = [torch.empty_strided(shape, st, device="meta") for st in (g_stride, w_stride, d_stride)]
     layout = _matrix_layout(dim, *metas)
     if layout is None:
@@ -825,14 +840,17 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     block_m = min(rows, _floor_power_of_2(tile // block_n))
     # A program's rows in one tile: kept in registers across the barrier (kernels.py).
     on_chip = _ON_CHIP and block_m == rows and block_n >= layout.N
+    # (a stage holds a tile of G and its v: BLOCK_N more elements, fp32 at 32768-element tiles: 2)
+    grad_stages = 1 if on_chip or _GRAD_STAGES <= 1 else _stages_that_fit(
+        _GRAD_STAGES, (block_m + 1) * block_n * itemsize, device)
     cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, ON_CHIP=on_chip,
-                              num_warps=_num_warps(block_m * block_n, block_n))
+                              num_warps=_num_warps(block_m * block_n, block_n), GRAD_STAGES=grad_stages)
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
     phases = [kernels.PHASE_DOT, kernels.PHASE_GRAD] if phase_by_phase else [kernels.PHASE_ALL]
     launches = tuple(
         (layout.M, layout.N, *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.inner_sizes,
-         len(layout.sizes), phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP)
+         len(layout.sizes), phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP, cfg.GRAD_STAGES)
         for phase in phases)
     # One ON_CHIP program in one launch sums in registers: no workspace.
     return _Plan(cfg, 0 if on_chip and cfg.grid == 1 and not phase_by_phase else cfg.grid, launches,
@@ -841,16 +859,17 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
 
 def _launch_backward(grad, weight, grad_weight, saved, sem, dim,
                      num_programs=None, phase_by_phase=None):
+    itemsize = grad.element_size()  # (of G: the GRAD pass's pipelined tiles)
     try:
         plan = _backward_plan(grad.shape, grad.stride(), weight.stride(), grad_weight.stride(), dim,
-                              weight.device, num_programs, phase_by_phase)
+                              weight.device, num_programs, phase_by_phase, itemsize)
     except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
-                              dim, weight.device, num_programs, phase_by_phase)
+                              dim, weight.device, num_programs, phase_by_phase, itemsize)
     if plan is None:  # a grad layout that does not merge with the weight's: copy it like the weight
         grad = grad.clone(memory_format=torch.contiguous_format)
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
-                              dim, weight.device, num_programs, phase_by_phase)
+                              dim, weight.device, num_programs, phase_by_phase, itemsize)
     head = (grad, weight, grad_weight, saved, _workspace(plan, grad_weight), sem)
     for i, tail in enumerate(plan.launches):
         _launch(kernels.spectral_norm_bwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 6,
