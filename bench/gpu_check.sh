@@ -3,7 +3,8 @@
 #
 #   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|kernels|dev|bench]   (repo root, on the lent GPU)
 #
-#   final (default): GPU tests, per-shape kernel table + host-time profile, `python -m bench --quick` (~5 min)
+#   final (default): GPU tests, per-shape kernel table with its extras (below) and ncu,
+#                    `python -m bench --quick` (~9-10 min with the default extras, a guess)
 #   kernels:         `final` without `python -m bench --quick` (~2 min less): kernel work, when the
 #                    steps' numbers of the last call still hold for the host path
 #   dev:             GPU tests, kernel table, every knob of the launch-knob sweep, the backward
@@ -20,6 +21,8 @@
 #                            --eager-ab (session 14: 7.0-8.6x PyTorch through the C++ read),
 #                            --bwd-sweep (sessions 3-9), --compile-probe (session 14),
 #                            --on-chip-sweep (sessions 8, 9), --sweep of the loads over A (16)
+#   SN_FUSED_BUDGET_S=560    the seconds this script may take (each section gets what is left, less
+#                            what the sections after it need, and is skipped below 30 s)
 #   SN_FUSED_EXTRA_BENCH="…" one more `python -m bench` run with these arguments (e.g. the steps
 #                            the quick profile leaves out), results in extra/; at most 240 s
 #                            (the 6 BigGAN compile/reduce-overhead steps took ~150 s of compile
@@ -32,10 +35,11 @@
 # Sizes seen on an H200 (2026-11-27, session 16, `kernels` with the sweep of the loads over A,
 # 3 shapes x 10 variants, and four ncu runs): 250 s in all, plus ~30 s to start the machine; the
 # GPU tests with the C++ build ~150 s of it. On an H100 (session 14, `final` with a baseline):
-# 438 s, --quick 117 s of it. Each section prints the time it starts. With today's default sweep
-# (27 entries, each timing the forward and the backward; not yet timed) `kernels` ~6-7 min and
-# `final` ~8-9 min, guesses: run `kernels` (timeout_s 590) when the host path has not changed
-# since the last call's steps, no SN_FUSED_BASELINE unless a kernel or host change needs the A/B.
+# 438 s, --quick 117 s of it. Each section prints the time it starts. With today's default sweeps
+# (3 shapes x 9 entries and 2 x 4, each timing the forward and the backward; not yet timed)
+# `kernels` ~7-8 min, a guess (tests ~150 s, table + phases ~80, sweeps ~200, ncu ~50): run it
+# with timeout_s 590 and no SN_FUSED_BASELINE; `final` (+2 min) only with a shorter
+# SN_FUSED_SWEEP_ARGS.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
@@ -53,6 +57,13 @@ case "$mode" in  # a mistyped mode must not run another one: a call is ~10 minut
   *) echo "gpu_check.sh: unknown mode '$mode' (final, kernels, dev or bench)" >&2; exit 2 ;;
 esac
 status=0
+# The time this script may take (a device call allows 590 s; the tool kills at its limit, which
+# skips the EXIT trap that packs the archive). Later sections get the time left, less what the
+# ones after them need, and a section with too little left is skipped and says so.
+budget=${SN_FUSED_BUDGET_S:-560}
+left() { echo $((budget - SECONDS)); }
+within() {  # within SECONDS_WANTED RESERVE: the timeout for a section (0: skip it)
+  local t=$(( $(left) - $2 )); [ "$t" -gt "$1" ] && t=$1; [ "$t" -lt 30 ] && t=0; echo "$t"; }
 pack() { cp "$OUT"/*.log "$OUT"/env.txt "$W"/ 2>/dev/null; tar -czf "$OUT/gpu_results.tgz" -C "$W" . ; }
 trap pack EXIT
 
@@ -99,22 +110,27 @@ if [ "$mode" != bench ]; then
   # warps to issue the loads of phase ST, the rescale and the backward's passes, which ran at
   # 76-87 % of a copy's rate), phase R's partials in one step (_PARTIALS_TILE_ELEMENTS: 2-6 us of
   # round trips), the backward's GRAD pass pipelined (_GRAD_STAGES: 2 with its 32768-element tiles,
-  # 3 with 16384), phase ST 4 stages deep, and the pipelined loads (3/3 beyond L2) against none
-  # (1/1) once more. Measured before and left out: the other variants of the loads over A
-  # (session 16, three runs on an H200).
+  # 3 with 16384) and phase ST 4 stages deep. Measured before and left out: the pipelined loads
+  # against none (1/1) and the other variants of the loads over A (session 16, three runs on an
+  # H200). Each entry compiles its variant of both kernels (~5 s) and times both.
   # shellcheck disable=SC2206
   extra=(${SN_FUSED_SWEEP_ARGS---profile --phases --sweep
-         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4,_LOAD_STAGES+_RESCALE_STAGES
+         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
-  timeout 360 python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 | tee "$OUT/kernel_sweep.log" || status=1
-  if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ]; then
+  # (reserve: the second sweep and ncu below, and --quick in final mode)
+  t=$(within 420 $([ "$mode" = kernels ] && echo 100 || echo 260))
+  [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee "$OUT/kernel_sweep.log"
+  [ "$t" != 0 ] && { timeout "$t" python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 \
+    | tee "$OUT/kernel_sweep.log" || status=1; }
+  t=$(within 120 $([ "$mode" = kernels ] && echo 60 || echo 220))
+  if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
     # Phase R's steps on two smaller weights too: 128x1152 (ON_CHIP: every program reads the whole
     # 18 x 1152 table of partials, 5 dependent steps by default, 2 at 32768) and 512x4608 (2 steps,
     # 1 at 16384); both compile without spills (ptxas sm_90a). Appended to the same log.
     echo "== kernel sweep: the partials' tile on smaller weights $(date +%T)"
-    timeout 120 python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _PARTIALS_TILE_ELEMENTS \
-      --sweep-shapes 128x1152,512x4608 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _PARTIALS_TILE_ELEMENTS \
+      --sweep-shapes 128x1152,512x4608 --out "$W/partials" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     # Graph and eager times, and the host profile: a same-card A/B of the kernels and of the host path.
@@ -134,6 +150,7 @@ if [ "$mode" != bench ]; then
       # shape[:knobs of the run, as SN_FUSED_... environment variables]
       # (session 16 counted the unpipelined loads' and the rescale prefetch's; now the defaults)
       for s in 1536x13824 4096x4096; do
+        [ "$(within 75 $([ "$mode" = kernels ] && echo 5 || echo 190))" = 0 ] && { echo "# $s skipped: $(left) s left"; continue; }
         IFS=: read -r shape knobs <<< "$s"
         echo "# $shape ${knobs:-(defaults)}"
         # --reads: the registration's read, then forward, backward, three times; skipping 5
@@ -150,7 +167,9 @@ fi
 
 if [ "$mode" != kernels ]; then
   echo "== python -m bench --quick $(date +%T)"
-  timeout 185 python3 -m bench --quick --out "$W" 2>&1 | tee "$OUT/bench.log" || status=1
+  t=$(within 185 5)
+  if [ "$t" = 0 ]; then echo "skipped: $(left) s left" | tee "$OUT/bench.log"
+  else timeout "$t" python3 -m bench --quick --out "$W" 2>&1 | tee "$OUT/bench.log" || status=1; fi
 fi
 if [ -n "${SN_FUSED_EXTRA_BENCH:-}" ]; then
   echo "== python -m bench $SN_FUSED_EXTRA_BENCH"

@@ -148,13 +148,20 @@ def launched_config(M: int, N: int):
     return ops_mod._forward_plan((M, N), (N, 1), (N, 1), 0, cuda_device(), 1, True, None, None, 4).cfg
 
 
+def launched_plans(M: int, N: int):
+    """(forward config, backward config) of ``layer(M, N, "sn_fused")``'s read and backward as
+    launched: the plans', where the knobs are lowered or refused to what fits."""
+    dev = cuda_device()
+    return (launched_config(M, N), ops_mod._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, dev, None, None, 4).cfg)
+
+
 def launched_loads(M: int, N: int) -> str:
-    """How ``layer(M, N, "sn_fused")`` loads its tiles as launched (knobs the launcher lowered or
-    refused show as such): ``sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH`` of the forward,
+    """How ``layer(M, N, "sn_fused")`` loads its tiles as launched: ``sLOAD/RESCALE_STAGES
+    pLOAD/RESCALE_PREFETCH qBLOCK_Q`` of the forward (Q: phase R's partials per step),
     ``gGRAD_STAGES`` of the backward."""
-    cfg = launched_config(M, N)
-    bwd = ops_mod._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, cuda_device(), None, None, 4).cfg
-    return f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH} g{bwd.GRAD_STAGES}"
+    cfg, bwd = launched_plans(M, N)
+    return (f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH} q{cfg.BLOCK_Q} "
+            f"g{bwd.GRAD_STAGES}")
 
 
 def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
@@ -163,36 +170,40 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
 
     Each variant's first read is also checked against the float64 reference (``err`` above
     1e-5 is flagged), so a faster variant is known to compute the same thing. The defaults
-    are timed first and again last: the spread of the two is the drift of the run.
+    are timed first and again last: the spread of the two is the drift of the run. A variant
+    whose launches (both kernels' configs as launched) are the defaults' is not timed again:
+    it prints ``=default`` (a knob the launcher refused or lowered, or one that changes nothing
+    on that shape). One line per entry, as it finishes (a run cut short keeps what it timed).
     """
     defaults = {name: getattr(ops_mod, name) for knob in knobs for name in knob.split("+")}
     results = []
-    print("# knob sweep: fwd/bwd graph us [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH gGRAD_STAGES as launched] (one knob "
-          "changed from the defaults %s)" % defaults)
+    print("# knob sweep: fwd/bwd graph us [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH qBLOCK_Q gGRAD_STAGES as "
+          "launched] (one knob changed from the defaults %s)" % defaults)
+    nan = float("nan")
     for M, N in shapes:
-        line = []
+        default_plans = launched_plans(M, N)
         for knob, values in [("default", (None,))] + list(knobs.items()) + [("default", (None,))]:
             for val in values:
                 names, vals = knob.split("+"), val if "+" in knob else (val,)
-                with ops_mod._launch_knobs(**({} if knob == "default" else dict(zip(names, vals)))):
-                    # (a variant the launcher refused times the defaults again, and says so)
-                    cfg = launched_config(M, N)
-                    grid = cfg.grid
-                    loads = launched_loads(M, N)
-                    try:
-                        m = layer(M, N, "sn_fused")
-                        err = first_read_error(m)
-                        t = graph_time_us(lambda: m.weight)
-                        tb = backward_alone_us(m, torch.randn(M, N, device=cuda_device()))
-                    except Exception as e:  # e.g. a grid too large for a cooperative launch
-                        t = tb = err = float("nan")
-                        print(f"  {M}x{N} {knob}={val}: {type(e).__name__}: {str(e)[:100]}")
-                results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, loads=loads, fwd_graph_us=t,
-                                    bwd_graph_us=tb, rel_err=err))
-                flag = f" ERR {err:.1e}" if err > 1e-5 else ""  # (NaN: the variant raised, printed above)
                 label = "+".join(name.strip("_") for name in names)  # (not cut: _RESCALE_STAGES, _RESCALE_PREFETCH)
-                line.append(f"{label}={val}:{t:.1f}/{tb:.1f}[{grid} {loads}]{flag}")
-        print(f"{M:>5}x{N:<6} " + " ".join(line), flush=True)
+                with ops_mod._launch_knobs(**({} if knob == "default" else dict(zip(names, vals)))):
+                    cfg = launched_config(M, N)
+                    grid, loads = cfg.grid, launched_loads(M, N)
+                    same = knob != "default" and launched_plans(M, N) == default_plans
+                    t = tb = err = nan
+                    if not same:
+                        try:
+                            m = layer(M, N, "sn_fused")
+                            err = first_read_error(m)
+                            t = graph_time_us(lambda: m.weight)
+                            tb = backward_alone_us(m, torch.randn(M, N, device=cuda_device()))
+                        except Exception as e:  # e.g. a grid too large for a cooperative launch
+                            print(f"  {M}x{N} {label}={val}: {type(e).__name__}: {str(e)[:100]}")
+                results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, loads=loads, fwd_graph_us=t,
+                                    bwd_graph_us=tb, rel_err=err, same_as_default=same))
+                flag = f" ERR {err:.1e}" if err > 1e-5 else ""  # (NaN: the variant raised, printed above)
+                timed = "=default" if same else f"{t:.1f}/{tb:.1f}"
+                print(f"{M:>5}x{N:<6} {label}={val}:{timed}[{grid} {loads}]{flag}", flush=True)
     return results
 
 
@@ -515,6 +526,7 @@ def main():
         print_compiled(ops_mod.kernels.spectral_norm_fwd_kernel)
         print_compiled(ops_mod.kernels.spectral_norm_bwd_kernel)
         return
+    knobs = (KNOBS if not args.sweep_knobs else parse_knobs(args.sweep_knobs)) if args.sweep else None  # (fail fast)
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"# {dev}  torch {torch.__version__}  triton {triton.__version__}  "
@@ -539,22 +551,24 @@ def main():
               f"{snf['fwdbwd_eager']:13.1f} {pt['fwdbwd_eager']:12.1f} | {snf['bwd_graph']:7.1f} "
               f"{snf['bwd_graph'] / max(1.5 * floor_f, 1e-9):7.1f}", flush=True)
     sweep = []
-    if args.eager_ab:
-        sweep += [dict(eager_ab=eager_ab())]
-    if args.sweep:
-        knobs = KNOBS if not args.sweep_knobs else parse_knobs(args.sweep_knobs)
-        sweep += knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES, knobs)
-    if args.phases:
-        sweep += phase_times(parse_shapes(args.phases))
-    if args.bwd_sweep:
-        sweep += bwd_sweep()
-    if args.on_chip_sweep:
-        sweep += on_chip_sweep()
-    if args.out:  # before the profiles: a failing probe must not lose the table
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "kernel_sweep.json"), "w") as f:
-            json.dump(dict(device=dev, torch=torch.__version__, triton=triton.__version__,
-                           copy_bandwidth=bw, rows=rows, sweep=sweep), f, indent=1)
+
+    def save():  # after each part: a run cut short (a device call's time limit) keeps what it measured
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "kernel_sweep.json"), "w") as f:
+                json.dump(dict(device=dev, torch=torch.__version__, triton=triton.__version__,
+                               copy_bandwidth=bw, rows=rows, sweep=sweep), f, indent=1)
+
+    save()
+    parts = [(args.eager_ab, lambda: [dict(eager_ab=eager_ab())]),
+             (args.phases, lambda: phase_times(parse_shapes(args.phases))),
+             (args.sweep, lambda: knob_sweep(parse_shapes(args.sweep_shapes) if args.sweep_shapes else SWEEP_SHAPES,
+                                             knobs)),
+             (args.bwd_sweep, bwd_sweep), (args.on_chip_sweep, on_chip_sweep)]
+    for wanted, part in parts:
+        if wanted:
+            sweep += part()
+            save()
     if args.profile:
         host_profile()
     if args.compile_probe:

@@ -39,36 +39,48 @@ def test_eager_ab_times_every_row_through_its_read_path():
         assert seen.count(False) >= 12 and True not in seen, seen
 
 
-def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch):
+def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch, capsys):
     """``--sweep``: each variant runs with its knob (or, for "A+B", its knobs) set and the others
-    at their defaults, the defaults first and last, and every knob is restored after. Timing and
-    layers are stubbed: this checks the sweep's bookkeeping, which a GPU run cannot afford to
-    find wrong."""
+    at their defaults, the defaults first and last, and every knob is restored after; a variant
+    whose launches are the defaults' (here: stage counts on a weight read on chip, which
+    pipelines nothing) is not timed again and says so. Timing and layers are stubbed: this checks
+    the sweep's bookkeeping, which a GPU run cannot afford to find wrong."""
     import torch
 
     from bench import kernel_sweep
 
-    seen = []
+    def state():
+        return snm._LOAD_STAGES, snm._RESCALE_STAGES, snm._TILE_ELEMENTS
+
+    seen, seen_bwd = [], []  # (the backward is timed with the variant's knobs set too)
     monkeypatch.setattr(kernel_sweep, "cuda_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: seen.append((snm._LOAD_STAGES, snm._RESCALE_STAGES)))
+    monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: seen.append(state()))
     monkeypatch.setattr(kernel_sweep, "first_read_error", lambda m: 0.0)
     monkeypatch.setattr(kernel_sweep, "graph_time_us", lambda fn: 1.0)
-    seen_bwd = []  # (the backward is timed with the variant's knobs set too)
-    monkeypatch.setattr(kernel_sweep, "backward_alone_us",
-                        lambda m, g: seen_bwd.append((snm._LOAD_STAGES, snm._RESCALE_STAGES)) or 2.0)
+    monkeypatch.setattr(kernel_sweep, "backward_alone_us", lambda m, g: seen_bwd.append(state()) or 2.0)
     names = ["_LOAD_STAGES", "_RESCALE_STAGES", "_LOAD_STAGES+_RESCALE_STAGES"]
     monkeypatch.setattr(snm, "_LOAD_STAGES", 0)  # the defaults, whatever the environment says
     monkeypatch.setattr(snm, "_RESCALE_STAGES", 0)
-    before = (0, 0)
-    rows = kernel_sweep.knob_sweep([(16, 64)], {name: kernel_sweep.KNOBS[name] for name in names})
-    assert seen == seen_bwd == [before, (1, 0), (2, 0), (3, 0), (4, 0), (0, 1), (0, 2), (0, 3), (1, 1), (3, 3), before]
-    assert [r["knob"] for r in rows] == ["default"] + ["_LOAD_STAGES"] * 4 + ["_RESCALE_STAGES"] * 3 + [
-        "_LOAD_STAGES+_RESCALE_STAGES"] * 2 + ["default"]
-    assert (snm._LOAD_STAGES, snm._RESCALE_STAGES) == before
+    monkeypatch.setattr(snm, "_TILE_ELEMENTS", 16384)
+    before = (0, 0, 16384)
+    knobs = {name: kernel_sweep.KNOBS[name] for name in names}
+    knobs["_TILE_ELEMENTS"] = (64,)  # one row per tile: streaming, a launch of its own
+    rows = kernel_sweep.knob_sweep([(16, 64)], knobs)
+    assert seen == seen_bwd == [before, (0, 0, 64), before]
+    assert [(r["knob"], r["value"], r["same_as_default"]) for r in rows] == (
+        [("default", None, False)] + [("_LOAD_STAGES", v, True) for v in (1, 2, 3, 4)]
+        + [("_RESCALE_STAGES", v, True) for v in (1, 2, 3)]
+        + [("_LOAD_STAGES+_RESCALE_STAGES", v, True) for v in ((1, 1), (3, 3))]
+        + [("_TILE_ELEMENTS", 64, False), ("default", None, False)])
+    assert state() == before
     # Each row says what the launcher made of its knobs: a 16x64 weight is read on chip, which
-    # pipelines nothing, so every variant timed the defaults' loads (and says so).
-    assert {r["loads"] for r in rows} == {"s1/1 p0/0 g1"}
-    assert {(r["fwd_graph_us"], r["bwd_graph_us"]) for r in rows} == {(1.0, 2.0)}
+    # pipelines nothing, so every stage variant launched the defaults' loads (and says so).
+    assert {r["loads"] for r in rows} == {"s1/1 p0/0 q1 g1"}
+    timed = [r for r in rows if not r["same_as_default"]]
+    assert {(r["fwd_graph_us"], r["bwd_graph_us"]) for r in timed} == {(1.0, 2.0)}
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == len(rows) and sum("=default[" in line for line in lines) == 9, lines
+    assert lines[-2].startswith("   16x64     TILE_ELEMENTS=64:1.0/2.0["), lines[-2]
 
 
 def test_measure_times_the_backward_alone_for_sn_fused(monkeypatch):
@@ -187,7 +199,7 @@ def test_phase_times_time_each_phase_alone_then_the_one_launch(monkeypatch, caps
     names = {snm.kernels.PHASE_ST: "ST", snm.kernels.PHASE_R: "R", snm.kernels.PHASE_F: "F",
              snm.kernels.PHASE_FIX_T: "FIX_T", snm.kernels.PHASE_FIX_R: "FIX_R"}
     assert [r["kind"] for r in results] == ["fwd", "bwd"]
-    assert {r["loads"] for r in results} == {f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p0/0 g1"}
+    assert {r["loads"] for r in results} == {f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p0/0 q{cfg.BLOCK_Q} g1"}
     assert [x["phase"] for x in results[0]["phases"]] == [names[p] for p in fwd]
     assert [x["phase"] for x in results[1]["phases"]] == ["DOT", "GRAD"]
     one = [["spectral_norm_fwd_kernel"]] * (len(fwd) + 1) + [["spectral_norm_bwd_kernel"]] * 3

@@ -963,6 +963,17 @@ def test_grad_stages_reach_the_backward_and_change_no_value(device, gen):
         assert grad_stages(1536, 13824) == 3
     assert grad_stages(128, 1152, on_chip=True) == 1  # ON_CHIP keeps its tile in registers
 
+    # _launch_backward plans with G's element size (bfloat16: 4 stages where float32 gets 2).
+    def launched(dtype):
+        tails = []
+        with mock.patch.object(snm, "_launch", lambda kernel, grid, args, *rest: tails.append(args[-1])), \
+                snm._launch_knobs(_GRAD_STAGES=4):
+            t = torch.empty(1536, 13824, dtype=dtype)
+            snm._launch_backward(t, t, t, torch.empty(1536 + 13824 + 1, dtype=dtype), snm.new_semaphore(), 0,
+                                 num_programs=132, phase_by_phase=False)
+        return tails
+    assert launched(torch.float32) == [2] and launched(torch.bfloat16) == [4]
+
 
 def test_prefetch_only_where_two_tiles_fit_in_registers():
     """``_prefetch``: phase ST keeps two tiles, x and the t partial live, the rescale two tiles;

@@ -373,7 +373,8 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
 # Shared memory a program may take where no CUDA device is asked (the interpreter, which ignores
 # it, and tests/test_compile_sm90.py, which compiles for an H100): an H100's per-block opt-in.
 _H100_SHARED_PER_BLOCK = 227 * 1024
-# What the forward keeps in shared memory besides pipelined tiles (its reductions: 4 KB on sm_90).
+# What a kernel keeps in shared memory besides pipelined tiles (the forward's reductions: 4 KB on
+# sm_90; the backward's GRAD pass also stages each tile's u, 32 bytes at 8 rows).
 _SHARED_RESERVED = 8 * 1024
 
 
