@@ -64,6 +64,8 @@ budget=${SN_FUSED_BUDGET_S:-560}
 left() { echo $((budget - SECONDS)); }
 within() {  # within SECONDS_WANTED RESERVE: the timeout for a section (0: skip it)
   local t=$(( $(left) - $2 )); [ "$t" -gt "$1" ] && t=$1; [ "$t" -lt 30 ] && t=0; echo "$t"; }
+reserve() {  # reserve KERNELS FINAL: what the sections after this one need, by mode (final adds --quick)
+  if [ "$mode" = kernels ]; then echo "$1"; else echo "$2"; fi; }
 pack() { cp "$OUT"/*.log "$OUT"/env.txt "$W"/ 2>/dev/null; tar -czf "$OUT/gpu_results.tgz" -C "$W" . ; }
 trap pack EXIT
 
@@ -119,11 +121,11 @@ if [ "$mode" != bench ]; then
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   # (reserve: the second sweep and ncu below, and --quick in final mode)
-  t=$(within 420 $([ "$mode" = kernels ] && echo 100 || echo 260))
+  t=$(within 420 "$(reserve 100 260)")
   [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee "$OUT/kernel_sweep.log"
   [ "$t" != 0 ] && { timeout "$t" python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 \
     | tee "$OUT/kernel_sweep.log" || status=1; }
-  t=$(within 120 $([ "$mode" = kernels ] && echo 60 || echo 220))
+  t=$(within 120 "$(reserve 60 220)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
     # Phase R's steps on two smaller weights too: 128x1152 (ON_CHIP: every program reads the whole
     # 18 x 1152 table of partials, 5 dependent steps by default, 2 at 32768) and 512x4608 (2 steps,
@@ -150,7 +152,7 @@ if [ "$mode" != bench ]; then
       # shape[:knobs of the run, as SN_FUSED_... environment variables]
       # (session 16 counted the unpipelined loads' and the rescale prefetch's; now the defaults)
       for s in 1536x13824 4096x4096; do
-        [ "$(within 75 $([ "$mode" = kernels ] && echo 5 || echo 190))" = 0 ] && { echo "# $s skipped: $(left) s left"; continue; }
+        [ "$(within 75 "$(reserve 5 190)")" = 0 ] && { echo "# $s skipped: $(left) s left"; continue; }
         IFS=: read -r shape knobs <<< "$s"
         echo "# $shape ${knobs:-(defaults)}"
         # --reads: the registration's read, then forward, backward, three times; skipping 5

@@ -155,12 +155,15 @@ def launched_plans(M: int, N: int):
     return (launched_config(M, N), ops_mod._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, dev, None, None, 4).cfg)
 
 
-def launched_loads(M: int, N: int) -> str:
-    """How ``layer(M, N, "sn_fused")`` loads its tiles as launched: ``sLOAD/RESCALE_STAGES
-    pLOAD/RESCALE_PREFETCH qBLOCK_Q`` of the forward (Q: phase R's partials per step),
-    ``gGRAD_STAGES`` of the backward."""
-    cfg, bwd = launched_plans(M, N)
-    return (f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p{cfg.LOAD_PREFETCH}/{cfg.RESCALE_PREFETCH} q{cfg.BLOCK_Q} "
+# How a layer loads its tiles as launched (launched_loads), as the sweeps' lines print it.
+LOADS_LEGEND = "G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH qBLOCK_Q gGRAD_STAGES as launched"
+
+
+def launched_loads(fwd, bwd) -> str:
+    """How a layer with these launched (forward, backward) configs (``launched_plans``) loads
+    its tiles: ``sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH qBLOCK_Q`` of the forward (Q:
+    phase R's partials per step), ``gGRAD_STAGES`` of the backward."""
+    return (f"s{fwd.LOAD_STAGES}/{fwd.RESCALE_STAGES} p{fwd.LOAD_PREFETCH}/{fwd.RESCALE_PREFETCH} q{fwd.BLOCK_Q} "
             f"g{bwd.GRAD_STAGES}")
 
 
@@ -177,8 +180,7 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     """
     defaults = {name: getattr(ops_mod, name) for knob in knobs for name in knob.split("+")}
     results = []
-    print("# knob sweep: fwd/bwd graph us [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH qBLOCK_Q gGRAD_STAGES as "
-          "launched] (one knob changed from the defaults %s)" % defaults)
+    print(f"# knob sweep: fwd/bwd graph us [{LOADS_LEGEND}] (one knob changed from the defaults {defaults})")
     nan = float("nan")
     for M, N in shapes:
         default_plans = launched_plans(M, N)
@@ -187,9 +189,9 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
                 names, vals = knob.split("+"), val if "+" in knob else (val,)
                 label = "+".join(name.strip("_") for name in names)  # (not cut: _RESCALE_STAGES, _RESCALE_PREFETCH)
                 with ops_mod._launch_knobs(**({} if knob == "default" else dict(zip(names, vals)))):
-                    cfg = launched_config(M, N)
-                    grid, loads = cfg.grid, launched_loads(M, N)
-                    same = knob != "default" and launched_plans(M, N) == default_plans
+                    plans = launched_plans(M, N)
+                    grid, loads = plans[0].grid, launched_loads(*plans)
+                    same = knob != "default" and plans == default_plans
                     t = tb = err = nan
                     if not same:
                         try:
@@ -221,8 +223,8 @@ def phase_times(shapes=PHASE_SHAPES):
                                                               "PHASE_FIX_R")}
     bwd_names = {ops_mod.kernels.PHASE_DOT: "DOT", ops_mod.kernels.PHASE_GRAD: "GRAD"}
     results = []
-    print("# phases alone: [G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH gGRAD_STAGES as launched], graph us of each launch "
-          "of the phase-by-phase mode [TB/s over the bytes it must move], then the one launch")
+    print(f"# phases alone: [{LOADS_LEGEND}], graph us of each launch of the phase-by-phase mode [TB/s over "
+          "the bytes it must move], then the one launch")
     for M, N in shapes:
         dev = cuda_device()
         torch.manual_seed(0)
@@ -231,8 +233,8 @@ def phase_times(shapes=PHASE_SHAPES):
         out, dw, saved = torch.empty_like(w), torch.empty_like(w), torch.empty(M + N + 1, device=dev)
         sigma_buf, sem = torch.empty((), device=dev), ops_mod.new_semaphore(dev)
         a_bytes = M * N * 4
-        cfg = launched_config(M, N)
-        loads = launched_loads(M, N)
+        plans = launched_plans(M, N)
+        cfg, loads = plans[0], launched_loads(*plans)
         line = [f"[{cfg.grid} {loads}]"]
         for kind, names, call in (
                 ("fwd", fwd_names, lambda pbp: ops_mod._launch_forward(w, out, u, v, saved, sigma_buf, sem, 0, 1,

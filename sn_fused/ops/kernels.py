@@ -882,7 +882,7 @@ def spectral_norm_fwd_kernel(
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
                                    False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
-                                       LOAD_PREFETCH)
+                                   LOAD_PREFETCH)
         else:
             if PHASE == -1:
                 grid_barrier(sem_ptr)
@@ -900,6 +900,15 @@ def spectral_norm_fwd_kernel(
 def _grad_tile(g, inner, u, v, sigma):
     """``dW = (G - <G, W_sn> u v^T) / sigma`` on a tile (``inner = <G, W_sn>``)."""
     return (g - inner * u[:, None] * v[None, :]) / sigma
+
+
+@triton.jit
+def _grad_rows(saved_ptr, j, r0, r1, N, sigma, BLOCK_M: tl.constexpr):
+    """The GRAD pass's ``j``-th row block, counted from the last: ``rows``, their mask and their
+    ``u`` (``saved = [v | u | sigma]``) in ``sigma``'s accumulation dtype."""
+    rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows >= r0
+    return rows, rmask, tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(sigma.dtype)
 
 
 @triton.jit
@@ -1003,17 +1012,13 @@ def spectral_norm_bwd_kernel(
         if GRAD_STAGES > 1:
             for k in tl.range(n_rblocks * n_cblocks, num_stages=GRAD_STAGES):
                 j = k // n_cblocks
-                rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
-                rmask = rows >= r0
-                u = tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(acc_t)
+                rows, rmask, u = _grad_rows(saved_ptr, j, r0, r1, N, sigma, BLOCK_M)
                 _grad_block(g_ptr, dw_ptr, saved_ptr, rows, rmask, u, k - j * n_cblocks, n_cblocks, N, inner,
                             sigma, g_row, g_c0, g_c1, g_c2, g_c3, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3,
                             NCOL, BLOCK_N)
         else:
             for j in range(n_rblocks):
-                rows = r1 - (j + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
-                rmask = rows >= r0
-                u = tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(acc_t)
+                rows, rmask, u = _grad_rows(saved_ptr, j, r0, r1, N, sigma, BLOCK_M)
                 for i in range(n_cblocks):
                     _grad_block(g_ptr, dw_ptr, saved_ptr, rows, rmask, u, i, n_cblocks, N, inner, sigma,
                                 g_row, g_c0, g_c1, g_c2, g_c3, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3,

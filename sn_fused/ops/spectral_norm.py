@@ -133,9 +133,10 @@ _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's defau
 # L2 between reads; the pipeline's shared-memory round trip only adds). Each alone does less,
 # or worse: phase ST's at 3, 78.2 on 1536x13824; the rescale's, 82.9. The threshold is L2's
 # size because it falls between 21 and 67 MB: weights of 25-50 MB, 16-bit weights and a
-# model whose other layers evict A between reads are not measured. The launcher lowers a value whose tiles would not fit the
-# device's shared memory (_pipeline_stages). Sweep: `python -m bench.kernel_sweep --sweep
-# --sweep-knobs _LOAD_STAGES+_RESCALE_STAGES` (1/1 is the unpipelined loop everywhere).
+# model whose other layers evict A between reads are not measured. The launcher lowers a value
+# whose tiles would not fit the device's shared memory (_pipeline_stages). Sweep: `python -m
+# bench.kernel_sweep --sweep --sweep-knobs _LOAD_STAGES+_RESCALE_STAGES` (1/1 is the unpipelined
+# loop everywhere).
 _LOAD_STAGES = int(os.environ.get("SN_FUSED_LOAD_STAGES", 0))
 _RESCALE_STAGES = int(os.environ.get("SN_FUSED_RESCALE_STAGES", 0))
 _STAGES_BEYOND_L2 = 3
@@ -317,6 +318,12 @@ class _LaunchConfig:
     GRAD_STAGES: int = 1
 
 
+def _cuda_index(device: torch.device) -> int:
+    """The index of a CUDA ``device`` (the current one for a bare ``cuda``), for per-device
+    properties."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _default_grid(M: int, N: int, cap: int) -> int:
     """Programs for an M x N weight: one per ``_MIN_ELEMENTS_PER_PROGRAM`` elements, at most ``cap``.
 
@@ -335,8 +342,7 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     """Grid and tiles. The grid never exceeds the co-resident bound (a spin barrier needs it)."""
     if num_programs is None:
         if device.type == "cuda":
-            cap = min(_max_programs(device.index if device.index is not None else torch.cuda.current_device()),
-                      _MAX_GRID)
+            cap = min(_max_programs(_cuda_index(device)), _MAX_GRID)
         else:
             cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
         num_programs = _default_grid(M, N, cap)
@@ -386,7 +392,7 @@ def _l2_bytes(device: torch.device) -> int:
     """Bytes of L2 cache of ``device`` (an H100's off CUDA)."""
     if device.type != "cuda":
         return _H100_L2_BYTES
-    return _l2_cache_size(device.index if device.index is not None else torch.cuda.current_device())
+    return _l2_cache_size(_cuda_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -423,8 +429,7 @@ def _stages_that_fit(requested: int, tile_bytes: int, device: torch.device) -> i
     ``stages - 1`` tiles in the shared memory a program may take (the device's per-block limit,
     and its per-SM one split among ``_PROGRAMS_PER_SM``), less ``_SHARED_RESERVED``."""
     if device.type == "cuda":
-        per_block, per_sm = _shared_memory(device.index if device.index is not None
-                                              else torch.cuda.current_device())
+        per_block, per_sm = _shared_memory(_cuda_index(device))
         budget = min(per_block, per_sm // max(_PROGRAMS_PER_SM, 1))
     else:
         budget = _H100_SHARED_PER_BLOCK
