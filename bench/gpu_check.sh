@@ -125,14 +125,16 @@ if [ "$mode" != bench ]; then
   [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee "$OUT/kernel_sweep.log"
   [ "$t" != 0 ] && { timeout "$t" python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 \
     | tee "$OUT/kernel_sweep.log" || status=1; }
-  t=$(within 120 "$(reserve 60 220)")
+  t=$(within 150 "$(reserve 60 220)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
-    # Phase R's steps on two smaller weights too: 128x1152 (ON_CHIP: every program reads the whole
-    # 18 x 1152 table of partials, 5 dependent steps by default, 2 at 32768) and 512x4608 (2 steps,
-    # 1 at 16384); both compile without spills (ptxas sm_90a). Appended to the same log.
-    echo "== kernel sweep: the partials' tile on smaller weights $(date +%T)"
-    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _PARTIALS_TILE_ELEMENTS \
-      --sweep-shapes 128x1152,512x4608 --out "$W/partials" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+    # Phase R's steps on smaller weights too: 128x1152 (ON_CHIP: every program reads the whole
+    # 18 x 1152 table of partials, 5 dependent steps by default, 2 at 32768), 512x4608 and 256x8192
+    # (2 steps, 1 at 16384); all compile without spills (ptxas sm_90a). And the backward's rows
+    # wider than its blocks on chip (session 17's default) against streaming (_BWD_ON_CHIP_MAX_ROW=0)
+    # on the two weights where they differ, 1x8192 and 256x8192. Appended to the same log.
+    echo "== kernel sweep: the partials' tile and the backward's wide rows on smaller weights $(date +%T)"
+    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _PARTIALS_TILE_ELEMENTS,_BWD_ON_CHIP_MAX_ROW \
+      --sweep-shapes 128x1152,512x4608,256x8192,1x8192 --out "$W/partials" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     # Graph and eager times, and the host profile: a same-card A/B of the kernels and of the host path.

@@ -128,6 +128,8 @@ KNOBS["_NUM_WARPS+_BWD_TILE_ELEMENTS"] = ((16, 16384),)
 # (the backward's GRAD pass pipelined: 32768-element fp32 tiles fit 2 stages, 16384 ones 3)
 KNOBS["_GRAD_STAGES"] = (2,)
 KNOBS["_GRAD_STAGES+_BWD_TILE_ELEMENTS"] = ((3, 16384),)
+# (0: the backward streams rows wider than _BWD_BLOCK_N, as before session 17; 1x8192, 256x8192)
+KNOBS["_BWD_ON_CHIP_MAX_ROW"] = (0,)
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 

@@ -127,10 +127,11 @@ SPILL_SCRIPT = textwrap.dedent("""
         return found
 
     # The grid the launcher gives each weight on a 132-SM card (small ones get fewer programs);
-    # the first three take the ON_CHIP path, the others the streaming one; the weights larger
-    # than an H100's L2 (1536x13824, 4096x4096) with both loops over A pipelined (3 stages).
+    # the first four take the forward's ON_CHIP path, the others the streaming one (the backward:
+    # also 256x8192 and 1000x1536); the weights larger than an H100's L2 (1536x13824, 4096x4096)
+    # with both loops over A pipelined (3 stages).
     for M, N in [(128, 1152), (24576, 20), (1, 4096), (1, 8192), (512, 4608), (1536, 13824), (1000, 1536),
-                 (4096, 1024), (4096, 4096)]:
+                 (4096, 1024), (4096, 4096), (256, 8192)]:
         w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
         grid = snm._default_grid(M, N, 132)
         on_chip = snm._launch_config(M, N, w.device, grid).ON_CHIP
@@ -143,9 +144,12 @@ SPILL_SCRIPT = textwrap.dedent("""
         stages = (launches[0][2].LOAD_STAGES, launches[0][2].RESCALE_STAGES)
         assert stages == ((3, 3) if M * N * 4 > 50 * 2**20 else (1, 1)), (M, N, stages)
         spills = [spill_bytes(*launch) for launch in launches]
-        print(f"{M}x{N} ({grid} programs, on_chip={on_chip}) spill bytes (stores, loads): "
+        print(f"{M}x{N} ({grid} programs, on_chip={on_chip}/{launches[1][2].ON_CHIP}) spill bytes (stores, loads): "
               f"forward {spills[0]}, backward {spills[1]}")
         assert on_chip == ((M, N) in [(128, 1152), (24576, 20), (1, 4096), (1, 8192)]), (M, N, on_chip)
+        bwd_on_chip = launches[1][2].ON_CHIP
+        assert bwd_on_chip == ((M, N) in [(128, 1152), (24576, 20), (1, 4096), (1, 8192), (256, 8192),
+                                          (1000, 1536)]), (M, N, bwd_on_chip)
         assert spills == [[0, 0], [0, 0]], f"{M}x{N}: {spills}"
 
     # Vector accesses: with N a multiple of 16, the workspace regions and each program's run of

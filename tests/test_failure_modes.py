@@ -965,6 +965,22 @@ def test_overflowing_norm_gives_pytorchs_result(on_chip):
     torch.testing.assert_close(sigma, sigma_ref, equal_nan=True)
 
 
+@pytest.mark.parametrize("programs", [None, 2], ids=["default-launch", "2-programs-phase-by-phase"])
+def test_infinite_t_entry_gives_pytorchs_nan(programs, on_chip):
+    """A column of A^T u overflows to Inf while ||W v|| stays finite (a huge column met by a tiny
+    v entry): ||t|| is Inf, PyTorch's v = t / Inf has NaN where t is Inf, so sigma and W_sn are
+    NaN. The kernel takes sigma from the non-finite marker (the sum of t - t) there, which the
+    ON_CHIP read sums only where ||t||^2 is not finite or tiny (kernels.py ``_on_chip_t_stats``;
+    a read that skipped it gave sigma 0 and W_sn +-Inf, checked by mutation)."""
+    W = torch.tensor([[3e38, 1.0, 2.0], [3e38, 1.0, -1.0]], device=DEVICE)
+    assert takes_on_chip(W, 0, programs) == on_chip
+    u, v = torch.tensor([0.6, 0.8], device=DEVICE), torch.tensor([1e-30, 0.6, 0.8], device=DEVICE)
+    u_ref, v_ref = u.clone(), v.clone()
+    want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref)  # PyTorch's own ops
+    assert sigma_ref.isnan() and want.isnan().all() and u_ref.isfinite().all()  # what PyTorch gives
+    fused_follows_pytorch_ops(W, u, v, programs, dict(rtol=1e-6, atol=0), "Inf in t")
+
+
 def test_float16_sigma_above_max_is_not_silently_zero(seed):
     """Regression: a float16 weight whose sigma exceeds 65504 had sigma rounded to Inf and
     W_sn = W / Inf silently all zeros (and its gradient too). Now NaN (sigma itself is stored

@@ -975,6 +975,36 @@ def test_grad_stages_reach_the_backward_and_change_no_value(device, gen):
     assert launched(torch.float32) == [2] and launched(torch.bfloat16) == [4]
 
 
+def test_backward_keeps_rows_wider_than_its_blocks_on_chip(device, gen):
+    """A program's rows wider than ``_BWD_BLOCK_N`` (up to ``_BWD_ON_CHIP_MAX_ROW``, 16384
+    elements a program) are one ON_CHIP tile of the backward: 1x8192 (one program) loads G and W
+    once instead of two dot steps and two GRAD steps. dW against the oracle, and against the
+    streaming plan the knob's 0 restores (several column blocks a row there)."""
+    def plan(M, N, G, **knobs):
+        with snm._launch_knobs(**knobs):
+            return snm._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, torch.device("cpu"), G, False).cfg
+    # The real shapes at the grid a 132-SM card gives them (G and W of the tile live together:
+    # 512x4608's 4 x 8192 would spill, so it streams).
+    assert (plan(1, 8192, 1).ON_CHIP, plan(1, 8192, 1).BLOCK_N) == (True, 8192)
+    assert (plan(256, 8192, 132).ON_CHIP, plan(256, 8192, 132).BLOCK_N) == (True, 8192)
+    assert (plan(512, 4608, 132).ON_CHIP, plan(512, 4608, 132).BLOCK_N) == (False, 4096)
+    assert not plan(1, 8192, 1, _BWD_ON_CHIP_MAX_ROW=0).ON_CHIP
+    assert not plan(1, 16384, 1).ON_CHIP  # wider than the forward's ON_CHIP rows too
+    for (M, N), knobs in [((1, 8192), {}), ((5, 40), dict(_BWD_BLOCK_N=16))]:
+        w = torch.randn(M, N, generator=gen).to(device)
+        g = torch.randn(M, N, generator=gen).to(device)
+        res = fused_forward(w, *vec_pair(w, 0, gen), dim=0, num_programs=1)
+        saved = (res["u_saved"], res["v_saved"], res["sigma"])
+        grads = []
+        for max_row, on_chip in ((snm._BWD_ON_CHIP_MAX_ROW, True), (0, False)):
+            cfg = plan(M, N, 1, _BWD_ON_CHIP_MAX_ROW=max_row, **knobs)
+            assert cfg.ON_CHIP == on_chip and (cfg.BLOCK_N == snm._next_power_of_2(N)) == on_chip, cfg
+            with snm._launch_knobs(_BWD_ON_CHIP_MAX_ROW=max_row, **knobs), poisoned_empty():
+                grads.append(fused_backward(g, w, *saved, dim=0, num_programs=1, phase_by_phase=False))
+            check_backward(grads[-1], g, w, *saved, dim=0)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6 * grads[1].abs().max().item())
+
+
 def test_prefetch_only_where_two_tiles_fit_in_registers():
     """``_prefetch``: phase ST keeps two tiles, x and the t partial live, the rescale two tiles;
     on the shapes an H100 runs (132 programs) phase ST fits up to 8192-wide rows, not

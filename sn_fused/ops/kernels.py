@@ -29,6 +29,8 @@ region starts on a 16-element boundary, ``N16 = 16*ceil(N/16)``, ``M16`` alike):
     part_ts[G]      per-program sum of (t_j * 2^64)^2 (used when sum t_j^2 would underflow)
     flag   [1]      phase-by-phase mode only: whether the fallback was taken
 
+(``part_nf`` and ``part_ts`` are summed only where ``part_t`` is not finite or tiny, which
+their readers need; otherwise they hold 0 and a copy of ``part_t``: ``_rare_stats_needed``.)
 ON_CHIP uses ``t_part`` and ``part_s`` only (and ``s``, ``flag`` phase by phase).
 
 Training read, ``n`` power iterations (``|`` = grid barrier)::
@@ -368,7 +370,12 @@ def _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
                      BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
     """``t = (sum_q t_part[q]) / du`` for own columns, and three partials: ``sum t_j^2``
     (at ``part_t_ptr[pid]``), the non-finite marker ``sum (t_j - t_j)`` (``[G + pid]``) and
-    the scaled ``sum (t_j 2^64)^2`` (``[2G + pid]``)."""
+    the scaled ``sum (t_j 2^64)^2`` (``[2G + pid]``).
+
+    The last two are summed only where ``_rare_stats_needed`` says so for the first; otherwise
+    stored as 0 (exact: a finite sum of squares has finite terms) and as the first (never read:
+    the whole ``||t||^2`` is tiny only if every program's partial is). Each sum is a block-wide
+    reduction: one instead of three in the common case, the same results."""
     acc_t = t_ptr.dtype.element_ty
     du = du.to(acc_t)
     part = tl.zeros([BLOCK_C], acc_t)
@@ -383,9 +390,15 @@ def _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
         part += sq
         nonfinite += nf
         scaled += sq_up
-    tl.store(part_t_ptr + pid, tl.sum(part, axis=0))
-    tl.store(part_t_ptr + G + pid, tl.sum(nonfinite, axis=0))
-    tl.store(part_t_ptr + 2 * G + pid, tl.sum(scaled, axis=0))
+    part_sq = tl.sum(part, axis=0)
+    part_nf = tl.zeros_like(part_sq)
+    part_up = part_sq
+    if _rare_stats_needed(part_sq):
+        part_nf = tl.sum(nonfinite, axis=0)
+        part_up = tl.sum(scaled, axis=0)
+    tl.store(part_t_ptr + pid, part_sq)
+    tl.store(part_t_ptr + G + pid, part_nf)
+    tl.store(part_t_ptr + 2 * G + pid, part_up)
 
 
 @triton.jit
@@ -416,12 +429,17 @@ def _sum_columns(tpart_ptr, G, N, cols, cmask, BLOCK: tl.constexpr, BLOCK_Q: tl.
 def _t_stats(part_t_ptr, t_ptr, G, N, BLOCK_P: tl.constexpr):
     """``(||t||, ||t||^2, ||2^64 t||^2, non-finite marker)`` from phase R's partials.
 
-    All loads are independent: one L2 round trip. The caller checks ``||t||^2`` for the
+    One L2 round trip and one block-wide sum; the other two partials' sums only where
+    ``_rare_stats_needed`` (their loads then another round trip; otherwise the marker is 0 and
+    the scaled sum unread, as in ``_on_chip_t_stats``). The caller checks ``||t||^2`` for the
     overflow fallback with them, so phase F costs no extra round trip.
     """
     norm_t, tsq = _vector_norm(part_t_ptr, t_ptr, G, N, BLOCK_P)
-    nonfinite = _sum_partials(part_t_ptr + G, G, BLOCK_P)
-    tsq_up = _sum_partials(part_t_ptr + 2 * G, G, BLOCK_P)
+    nonfinite = tl.zeros_like(tsq)
+    tsq_up = tsq
+    if _rare_stats_needed(tsq):
+        nonfinite = _sum_partials(part_t_ptr + G, G, BLOCK_P)
+        tsq_up = _sum_partials(part_t_ptr + 2 * G, G, BLOCK_P)
     return norm_t, tsq, tsq_up, nonfinite
 
 
@@ -446,6 +464,26 @@ def _store_normalized(x_ptr, out_ptr, saved_ptr, d, lo, hi, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _tiny(tsq):
+    """``||t||^2 < 2^-60``: its squares may have underflowed (``_sigma_and_dv``)."""
+    return tsq < 8.673617379884035e-19
+
+
+@triton.jit
+def _rare_stats_needed(sq):
+    """Whether a sum of ``t_j^2`` (all of t, or a program's part) needs its companions, the
+    non-finite marker ``sum (t_j - t_j)`` and the scaled ``sum (t_j 2^64)^2``.
+
+    ``_sigma_and_dv`` reads the marker only where ``||t||`` is infinite (so ``||t||^2`` is not
+    finite) and the scaled sum only where ``||t||^2`` is tiny. A finite sum of squares has finite
+    terms, so where it is finite the marker is exactly 0; and ``||t||^2`` is tiny only if every
+    part of it is. So neither needs summing unless this holds: each is a block-wide reduction
+    (shuffles, shared memory, barriers) on the read's critical path.
+    """
+    return _tiny(sq) | _not_finite(sq)
+
+
+@triton.jit
 def _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N):
     """``(sigma, dv)`` from t's statistics: ``dv = max(||t||, eps)``, ``v = t / dv``.
 
@@ -461,7 +499,7 @@ def _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N):
     """
     down = 5.421010862427522e-20  # 2^-64, exact
     dv = _clamp(norm_t, eps)
-    tiny = (tsq < 8.673617379884035e-19) & (N != 1) & (dv > 0)  # 2^-60; dv = 0 (eps = 0): 0/0 as PyTorch
+    tiny = _tiny(tsq) & (N != 1) & (dv > 0)  # dv = 0 (eps = 0): 0/0 as PyTorch
     sigma = tl.where(N == 1, norm_t * (norm_t / dv), tsq / dv)
     sigma = tl.where(tiny, ((tsq_up / dv) * down) * down, sigma)
     return tl.where(_not_finite(dv) & (dv == dv), nonfinite, sigma), dv
@@ -619,13 +657,21 @@ def _on_chip_t_stats(t, cols, N):
     """``(||t||, ||t||^2, ||2^64 t||^2, non-finite marker)`` of a whole t held in registers
     (what ``_t_stats`` assembles from the programs' partials).
 
-    Three ``tl.sum``s, not one three-operand ``tl.reduce``: that would share one round of
-    shared memory on a GPU, but the interpreter (CI) runs it as a Python loop per element,
-    ~7x slower on a 1x4096 read, and sums in another order than ``tl.sum`` there.
+    Each sum over t is a block-wide reduction (shuffles, shared memory, barriers), on the
+    read's critical path: the last two only where ``_rare_stats_needed``, so one reduction
+    instead of three in the common case, the same results. (Separate ``tl.sum``s, not one
+    three-operand ``tl.reduce``:
+    the interpreter (CI) runs that as a Python loop per element, ~7x slower on a 1x4096 read,
+    and sums in another order than ``tl.sum`` there.)
     """
-    sq, nf, sq_up = _t_terms(t)
-    tsq = tl.sum(sq, axis=0)
-    return _norm_of(tsq, _first_if_one(t, cols, N), N), tsq, tl.sum(sq_up, axis=0), tl.sum(nf, axis=0)
+    tsq = tl.sum(t * t, axis=0)  # (the first of _t_terms)
+    tsq_up = tsq
+    nonfinite = tl.zeros_like(tsq)
+    if _rare_stats_needed(tsq):  # (a scalar: the same branch in every thread)
+        sq, nf, sq_up = _t_terms(t)
+        tsq_up = tl.sum(sq_up, axis=0)
+        nonfinite = tl.sum(nf, axis=0)
+    return _norm_of(tsq, _first_if_one(t, cols, N), N), tsq, tsq_up, nonfinite
 
 
 @triton.jit

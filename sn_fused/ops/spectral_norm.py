@@ -105,6 +105,13 @@ _PARTIALS_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_PARTIALS_TILE_ELEMENTS", 
 # choice on the large shapes in both H100 backward sweeps (bench/NOTES.md, v4 and v5).
 _BWD_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_BWD_TILE_ELEMENTS", 32768))
 _BWD_BLOCK_N = int(os.environ.get("SN_FUSED_BWD_BLOCK_N", 4096))
+# The backward keeps a program's rows on chip (ON_CHIP) also where they are wider than
+# _BWD_BLOCK_N, up to this (padded) width, if they fit one tile: 1x8192 (one program) then loads
+# G and W once and stores dW, instead of two dot steps and two GRAD steps one after another
+# (each waiting on its loads; bwd 5.4 us on an H200 against a goal of 4.0). The forward's
+# ON_CHIP read of the same weight took 4.6 us against 6.7 streaming (H100, bench/NOTES.md v10).
+# 0: only blocks up to _BWD_BLOCK_N wide (before session 17). Not yet measured on a GPU.
+_BWD_ON_CHIP_MAX_ROW = int(os.environ.get("SN_FUSED_BWD_ON_CHIP_MAX_ROW", 8192))
 # The backward's elementwise (GRAD) pass as one flat loop over its tiles with
 # tl.range(..., num_stages=_GRAD_STAGES) (kernels.py GRAD_STAGES): above 1, G's tiles are loaded
 # into shared memory that many minus one ahead. Its phase alone ran at 83-87 % of a copy's rate
@@ -843,6 +850,11 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     else:
         tile = _BWD_TILE_ELEMENTS
     rows = _next_power_of_2(_cdiv(layout.M, cfg.grid))
+    whole_row = _next_power_of_2(layout.N)
+    # (G and W of such a tile are live together: 16384 elements take 149 registers at 8 warps,
+    # 512x4608's 4 x 8192 would spill; ptxas sm_90a)
+    if _ON_CHIP and block_n < whole_row <= _BWD_ON_CHIP_MAX_ROW and rows * whole_row <= min(tile, 16384):
+        block_n = whole_row  # the program's rows as one tile: ON_CHIP below
     block_m = min(rows, _floor_power_of_2(tile // block_n))
     # A program's rows in one tile: kept in registers across the barrier (kernels.py).
     on_chip = _ON_CHIP and block_m == rows and block_n >= layout.N
