@@ -825,6 +825,26 @@ def test_own_columns_take_one_block_c_step():
             assert max(runs) <= cfg.BLOCK_C or cfg.BLOCK_C == 4096, (N, G, max(runs), cfg.BLOCK_C)  # (the cap)
 
 
+@pytest.mark.parametrize("phase_by_phase", [False, True], ids=["single-launch", "phase-by-phase"])
+@pytest.mark.parametrize("shape", [(4100, 3), (2, 4100)], ids=["4100-own-rows", "4100-own-columns"])
+def test_own_vectors_longer_than_one_block(shape, phase_by_phase, device, gen):
+    """One streaming program owns more than 4096 rows or columns (BLOCK_R and BLOCK_C stop
+    there), so u or v is normalized and stored in two blocks: the first loaded before the
+    partials' sum (``_first_block``), the second in the loop (a loop skipped left u or v half
+    unwritten unseen by every other test: checked by mutation). Two iterations, poisoned
+    workspace, against the oracle."""
+    weight = torch.randn(*shape, generator=gen).to(device)
+    with snm._launch_knobs(_ON_CHIP=False):
+        cfg = snm._launch_config(*shape, weight.device, 1)
+        assert (shape[0] > cfg.BLOCK_R or shape[1] > cfg.BLOCK_C) and cfg.grid == 1, cfg  # two blocks
+        for training, n in ((True, 2), (False, 1)):
+            u0, v0 = vec_pair(weight, 0, gen)
+            with poisoned_empty():
+                res = fused_forward(weight, u0.clone(), v0.clone(), dim=0, n=n, training=training,
+                                    num_programs=1, phase_by_phase=phase_by_phase)
+            check_forward(weight, u0, v0, res, dim=0, n=n, eps=1e-12, training=training)
+
+
 def test_cooperative_launch_only_where_programs_wait_on_each_other():
     """A single launch of several programs is cooperative (its grid barrier needs them
     co-resident); one program, or a launch per phase, is an ordinary launch."""

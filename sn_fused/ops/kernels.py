@@ -360,8 +360,9 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
     ``G``. The sum still runs in a fixed order (tile tree, then steps in q
     order), so it is deterministic. Writes the partial ``sum t_j^2``.
     """
+    s_first = _first_block(s_ptr, r0, r1, BLOCK_R)  # (with the partials' loads: one round trip)
     du = _clamp(_vector_norm(part_s_ptr, s_ptr, G, M, BLOCK_P)[0], eps)
-    _store_normalized(s_ptr, u_ptr, u_saved_ptr, du, r0, r1, BLOCK_R)
+    _store_normalized(s_first, s_ptr, u_ptr, u_saved_ptr, du, r0, r1, BLOCK_R)
     _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
 
 
@@ -444,23 +445,43 @@ def _t_stats(part_t_ptr, t_ptr, G, N, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _phase_finish_iteration(t_ptr, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite, eps, c0, c1, N,
-                            BLOCK_C: tl.constexpr):
-    """Phase F: ``v = t / max(||t||, eps)`` for own columns. Returns ``(sigma, dv)``."""
+def _phase_finish_iteration(t_first, t_ptr, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite, eps, c0, c1,
+                            N, BLOCK_C: tl.constexpr):
+    """Phase F: ``v = t / max(||t||, eps)`` for own columns (``t_first``: the first block of them,
+    ``_first_block``, loaded before the statistics). Returns ``(sigma, dv)``."""
     sigma, dv = _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N)
-    _store_normalized(t_ptr, v_ptr, v_saved_ptr, dv, c0, c1, BLOCK_C)
+    _store_normalized(t_first, t_ptr, v_ptr, v_saved_ptr, dv, c0, c1, BLOCK_C)
     return sigma, dv
 
 
 @triton.jit
-def _store_normalized(x_ptr, out_ptr, saved_ptr, d, lo, hi, BLOCK: tl.constexpr):
-    """``out[i] = saved[i] = x[i] / d`` for ``lo <= i < hi``, rounded to out's dtype (u or v)."""
-    for i in range(lo, hi, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        mask = offs < hi
-        y = (tl.load(x_ptr + offs, mask=mask, other=0.0) / d).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, y, mask=mask)
-        tl.store(saved_ptr + offs, y, mask=mask)
+def _first_block(x_ptr, lo, hi, BLOCK: tl.constexpr):
+    """``x[lo : lo + BLOCK]``, masked at ``hi``: a program's first block of own rows or columns.
+
+    Loaded before the sum of partials that its normalization waits on, so the two loads share
+    one round trip: a load placed after that sum (a block-wide reduction, with barriers the
+    compiler does not move loads across) would wait for it and then for its own data.
+    """
+    offs = lo + tl.arange(0, BLOCK)
+    return tl.load(x_ptr + offs, mask=offs < hi, other=0.0)
+
+
+@triton.jit
+def _store_normalized(x_first, x_ptr, out_ptr, saved_ptr, d, lo, hi, BLOCK: tl.constexpr):
+    """``out[i] = saved[i] = x[i] / d`` for ``lo <= i < hi``, rounded to out's dtype (u or v);
+    the first block from ``x_first`` (``_first_block``), any further ones loaded here."""
+    _store_normalized_block(x_first, out_ptr, saved_ptr, d, lo, hi, BLOCK)
+    for i in range(lo + BLOCK, hi, BLOCK):
+        _store_normalized_block(_first_block(x_ptr, i, hi, BLOCK), out_ptr, saved_ptr, d, i, hi, BLOCK)
+
+
+@triton.jit
+def _store_normalized_block(x, out_ptr, saved_ptr, d, i, hi, BLOCK: tl.constexpr):
+    offs = i + tl.arange(0, BLOCK)
+    mask = offs < hi
+    y = (x / d).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, y, mask=mask)
+    tl.store(saved_ptr + offs, y, mask=mask)
 
 
 @triton.jit
@@ -873,6 +894,7 @@ def spectral_norm_fwd_kernel(
                     _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
                                   pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
                     grid_barrier(sem_ptr)
+                    t_first = _first_block(t_ws, c0, c1, BLOCK_C)
                     norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                     # Every program sees the same partials in the same order, so all take this
                     # branch or none: its barriers cannot deadlock.
@@ -882,9 +904,10 @@ def spectral_norm_fwd_kernel(
                         grid_barrier(sem_ptr)
                         _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
                         grid_barrier(sem_ptr)
+                        t_first = _first_block(t_ws, c0, c1, BLOCK_C)  # (t was just rewritten)
                         norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
-                    sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite,
-                                                        eps, c0, c1, N, BLOCK_C)
+                    sigma, dv = _phase_finish_iteration(t_first, t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up,
+                                                        nonfinite, eps, c0, c1, N, BLOCK_C)
                     if it < n_iters - 1:
                         _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
@@ -917,9 +940,10 @@ def spectral_norm_fwd_kernel(
                 if tl.load(flag_ws) != 0:
                     _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
             elif PHASE == 2:
+                t_first = _first_block(t_ws, c0, c1, BLOCK_C)
                 norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
-                sigma, dv = _phase_finish_iteration(t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite,
-                                                    eps, c0, c1, N, BLOCK_C)
+                sigma, dv = _phase_finish_iteration(t_first, t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up,
+                                                    nonfinite, eps, c0, c1, N, BLOCK_C)
                 if is_last:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
