@@ -222,8 +222,14 @@ def _not_finite(x):
 @triton.jit
 def _sum_partials(part_ptr, G, BLOCK_P: tl.constexpr):
     """Fixed-order sum of the G per-program partials (written by other programs)."""
+    return tl.sum(_partials(part_ptr, G, BLOCK_P), axis=0)
+
+
+@triton.jit
+def _partials(part_ptr, G, BLOCK_P: tl.constexpr):
+    """The G per-program partials, loaded (from L2: other programs wrote them), not summed."""
     offs = tl.arange(0, BLOCK_P)
-    return tl.sum(tl.load(part_ptr + offs, mask=offs < G, other=0.0, cache_modifier=".cg"), axis=0)
+    return tl.load(part_ptr + offs, mask=offs < G, other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
@@ -359,17 +365,33 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
     independent, so a program waits ``cdiv(G, BLOCK_Q)`` L2 round trips, not
     ``G``. The sum still runs in a fixed order (tile tree, then steps in q
     order), so it is deterministic. Writes the partial ``sum t_j^2``.
+
+    Every load that needs nothing loaded before it goes first: ``||s||``'s partials, the first
+    block of s and the first step of t's column sums share one round trip. (Each sum is a
+    block-wide reduction, with barriers the compiler does not move loads across: a load placed
+    after one waits for it.) So ``||s||`` is assembled here from ``_vector_norm``'s parts.
     """
-    s_first = _first_block(s_ptr, r0, r1, BLOCK_R)  # (with the partials' loads: one round trip)
-    du = _clamp(_vector_norm(part_s_ptr, s_ptr, G, M, BLOCK_P)[0], eps)
+    s_first = _first_block(s_ptr, r0, r1, BLOCK_R)
+    s_parts = _partials(part_s_ptr, G, BLOCK_P)
+    s0 = tl.load(s_ptr, cache_modifier=".cg")
+    sums_first = _first_column_sums(tpart_ptr, G, N, c0, c1, BLOCK_C, BLOCK_Q)
+    du = _clamp(_norm_of(tl.sum(s_parts, axis=0), s0, M), eps)
     _store_normalized(s_first, s_ptr, u_ptr, u_saved_ptr, du, r0, r1, BLOCK_R)
-    _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
+    _combine_columns(sums_first, tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
 
 
 @triton.jit
-def _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
+def _first_column_sums(tpart_ptr, G, N, c0, c1, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """``sum_q t_part[q]`` over a program's first block of own columns (``_combine_columns``)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    return _sum_columns(tpart_ptr, G, N, cols, cols < c1, BLOCK_C, BLOCK_Q)
+
+
+@triton.jit
+def _combine_columns(sums_first, tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
                      BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """``t = (sum_q t_part[q]) / du`` for own columns, and three partials: ``sum t_j^2``
+    """``t = (sum_q t_part[q]) / du`` for own columns (``sums_first``: the first block's sums,
+    ``_first_column_sums``), and three partials: ``sum t_j^2``
     (at ``part_t_ptr[pid]``), the non-finite marker ``sum (t_j - t_j)`` (``[G + pid]``) and
     the scaled ``sum (t_j 2^64)^2`` (``[2G + pid]``).
 
@@ -382,10 +404,13 @@ def _combine_columns(tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N,
     part = tl.zeros([BLOCK_C], acc_t)
     nonfinite = tl.zeros([BLOCK_C], acc_t)
     scaled = tl.zeros([BLOCK_C], acc_t)
+    sums = sums_first
     for c in range(c0, c1, BLOCK_C):
         cols = c + tl.arange(0, BLOCK_C)
         cmask = cols < c1
-        t = _sum_columns(tpart_ptr, G, N, cols, cmask, BLOCK_C, BLOCK_Q) / du
+        if c > c0:
+            sums = _sum_columns(tpart_ptr, G, N, cols, cmask, BLOCK_C, BLOCK_Q)
+        t = sums / du
         tl.store(t_ptr + cols, t, mask=cmask)
         sq, nf, sq_up = _t_terms(t)
         part += sq
@@ -902,7 +927,9 @@ def spectral_norm_fwd_kernel(
                         _transposed_partial(w_ptr, u_ptr, tpart_ws, pid, r0, r1, N, s_row, s_c0, s_c1, s_c2,
                                             s_c3, D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
                         grid_barrier(sem_ptr)
-                        _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
+                        sums_first = _first_column_sums(tpart_ws, G, N, c0, c1, BLOCK_C, BLOCK_Q)
+                        _combine_columns(sums_first, tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C,
+                                         BLOCK_Q)
                         grid_barrier(sem_ptr)
                         t_first = _first_block(t_ws, c0, c1, BLOCK_C)  # (t was just rewritten)
                         norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
@@ -938,7 +965,8 @@ def spectral_norm_fwd_kernel(
                                         D1, D2, D3, NCOL, BLOCK_M, FIX_BLOCK_N)
             elif PHASE == 4:
                 if tl.load(flag_ws) != 0:
-                    _combine_columns(tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
+                    sums_first = _first_column_sums(tpart_ws, G, N, c0, c1, BLOCK_C, BLOCK_Q)
+                    _combine_columns(sums_first, tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
             elif PHASE == 2:
                 t_first = _first_block(t_ws, c0, c1, BLOCK_C)
                 norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
