@@ -786,15 +786,16 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
                 _store_rescaled(out_ptr, a, _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid),
                                 rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL)
     else:
-        # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd.
+        # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd (before
+        # the barrier: they wait for nothing, so their round trips overlap the wait).
         s = tl.sum(a.to(acc_t) * x[None, :], axis=1)
         sigma = tl.sum(tl.load(u_ptr + rows, mask=rows < r1, other=0.0).to(acc_t) * s, axis=0)
+        _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_M)
+        _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_N)
         if G > 1:
             tl.store(part_s_ws + pid, sigma)
             grid_barrier(sem_ptr)
             sigma = _sum_partials(part_s_ws, G, BLOCK_P)
-        _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_M)
-        _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_N)
         _store_rescaled(out_ptr, a, _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid),
                         rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL)
 
@@ -982,13 +983,15 @@ def spectral_norm_fwd_kernel(
                                    False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
                                    LOAD_PREFETCH)
         else:
+            # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd (before
+            # the barrier: they wait for nothing, so their round trips overlap the wait).
+            if PHASE == -1 or PHASE == 2:
+                _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_R)
+                _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
             if PHASE == -1:
                 grid_barrier(sem_ptr)
             if PHASE == -1 or PHASE == 2:
-                # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd.
                 sigma = _sum_partials(part_s_ws, G, BLOCK_P)
-                _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_R)
-                _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
                 _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
