@@ -763,8 +763,11 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
                 tl.store(part_s_ws + pid, sumsq)
                 tl.store(tpart_ws + pid * N + cols, t, mask=cmask)
                 grid_barrier(sem_ptr)
-                sumsq = _sum_partials(part_s_ws, G, BLOCK_P)
+                # (the loads of both before either sum: one round trip where they need not wait, as
+                # in phase R; the compiler orders them so by itself for some tiles, not for all)
+                s_parts = _partials(part_s_ws, G, BLOCK_P)
                 t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
+                sumsq = tl.sum(s_parts, axis=0)
             u, du = _on_chip_u(s, sumsq, rows, r1, u_ptr, u_saved_ptr, eps, M)
             t = t / du
             norm_t, tsq, tsq_up, nonfinite = _on_chip_t_stats(t, cols, N)
