@@ -13,8 +13,9 @@
 #
 # Optional, same call:
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
-#                            and bench/) in the kernel table, graph and eager, with its host
-#                            profile: a same-card A/B of a kernel or host-path change
+#                            and bench/, e.g. `mkdir ab && git archive SHA sn_fused bench | tar -x -C
+#                            ab`: an untracked folder travels to the device) in a kernel table of its
+#                            own (graph times), before this commit's: a same-card A/B of a kernel change
 #   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile, the
 #                            phases launched alone, --phases, and a short knob sweep; "" for none;
 #                            final and kernels modes). Measured before and left out to make room:
@@ -120,6 +121,16 @@ if [ "$mode" != bench ]; then
          --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
+  if [ -n "${SN_FUSED_BASELINE:-}" ]; then
+    # The kernel table of an older checkout's sn_fused (graph times, sn_fused only), first, so the
+    # sweeps below give way to it: a same-card A/B of a kernel change (the table below is this
+    # commit's).
+    echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only, graph) $(date +%T)"
+    t=$(within 120 "$(reserve 200 360)")
+    if [ "$t" = 0 ]; then echo "skipped: $(left) s left" | tee "$OUT/kernel_sweep-baseline.log"
+    else (cd "$SN_FUSED_BASELINE" && timeout "$t" python3 -m bench.kernel_sweep --no-torch --graph-only) 2>&1 \
+      | tee "$OUT/kernel_sweep-baseline.log" || status=1; fi
+  fi
   # (reserve: the second sweep and ncu below, and --quick in final mode)
   t=$(within 420 "$(reserve 100 260)")
   [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee "$OUT/kernel_sweep.log"
@@ -135,12 +146,6 @@ if [ "$mode" != bench ]; then
     echo "== kernel sweep: the partials' tile and the backward's wide rows on smaller weights $(date +%T)"
     timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _PARTIALS_TILE_ELEMENTS,_BWD_ON_CHIP_MAX_ROW \
       --sweep-shapes 128x1152,512x4608,256x8192,1x8192 --out "$W/partials" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
-  fi
-  if [ -n "${SN_FUSED_BASELINE:-}" ]; then
-    # Graph and eager times, and the host profile: a same-card A/B of the kernels and of the host path.
-    echo "== kernel table, baseline $SN_FUSED_BASELINE (sn_fused only) $(date +%T)"
-    (cd "$SN_FUSED_BASELINE" && timeout 120 python3 -m bench.kernel_sweep --no-torch --profile) 2>&1 \
-      | tee "$OUT/kernel_sweep-baseline.log" || status=1
   fi
   # DRAM bytes and L2 hit rate of one forward read (floor: A read once, W_sn written once) and of
   # one backward (floor: G and W read once, dW written once), the third of each in --reads: where
