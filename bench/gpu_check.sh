@@ -39,8 +39,9 @@
 # 438 s, --quick 117 s of it. Each section prints the time it starts. With today's default sweeps
 # (3 shapes x 9 entries and 2 x 4, each timing the forward and the backward; not yet timed)
 # `kernels` ~7-8 min, a guess (tests ~150 s, table + phases ~80, sweeps ~200, ncu ~50): run it
-# with timeout_s 590 and no SN_FUSED_BASELINE; `final` (+2 min) only with a shorter
-# SN_FUSED_SWEEP_ARGS.
+# with timeout_s 590; with SN_FUSED_BASELINE (its table ~60-120 s, first) the sweeps and ncu get
+# what is left; `final` (+2 min) only with a shorter SN_FUSED_SWEEP_ARGS, and it leaves a
+# baseline only ~50 s.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,

@@ -981,6 +981,25 @@ def test_infinite_t_entry_gives_pytorchs_nan(programs, on_chip):
     fused_follows_pytorch_ops(W, u, v, programs, dict(rtol=1e-6, atol=0), "Inf in t")
 
 
+@pytest.mark.parametrize("programs", [None, 2], ids=["default-launch", "2-programs-phase-by-phase"])
+def test_finite_partials_overflowing_total_follow_pytorch(programs, on_chip):
+    """||t||^2 overflows only when summed: two programs' columns each hold one t_j of 1.5e19
+    (t_j^2 finite), so each program's partial is finite and skips the non-finite marker's sum
+    (stored as 0, ``_rare_stats_needed``), and the total is Inf: the read takes the overflow
+    fallback and then gives PyTorch's u, v, sigma (0) and W_sn (+-Inf where W is not 0)."""
+    W = torch.zeros(2, 32, device=DEVICE)
+    W[0, 0] = W[0, 16] = 1.5e19  # (columns 0 and 16: the two programs' runs of 16-column blocks)
+    W[0, 1], W[1, 2] = 1.0, 0.5
+    assert takes_on_chip(W, 0, programs) == on_chip
+    v = torch.zeros(32, device=DEVICE)
+    v[1], v[2] = 1.0, 0.001
+    u = torch.tensor([1.0, 0.0], device=DEVICE)
+    u_ref, v_ref = u.clone(), v.clone()
+    _, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref)
+    assert sigma_ref.item() == 0 and torch.isfinite(u_ref).all()  # what PyTorch gives
+    fused_follows_pytorch_ops(W, u, v, programs, dict(rtol=1e-6, atol=0), "finite partials, Inf total")
+
+
 def test_float16_sigma_above_max_is_not_silently_zero(seed):
     """Regression: a float16 weight whose sigma exceeds 65504 had sigma rounded to Inf and
     W_sn = W / Inf silently all zeros (and its gradient too). Now NaN (sigma itself is stored

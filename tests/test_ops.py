@@ -1000,17 +1000,25 @@ def test_backward_keeps_rows_wider_than_its_blocks_on_chip(device, gen):
     elements a program) are one ON_CHIP tile of the backward: 1x8192 (one program) loads G and W
     once instead of two dot steps and two GRAD steps. dW against the oracle, and against the
     streaming plan the knob's 0 restores (several column blocks a row there)."""
-    def plan(M, N, G, **knobs):
+    def plan(M, N, G, itemsize=4, **knobs):
         with snm._launch_knobs(**knobs):
-            return snm._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, torch.device("cpu"), G, False).cfg
+            return snm._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, torch.device("cpu"), G, False,
+                                      itemsize).cfg
     # The real shapes at the grid a 132-SM card gives them (G and W of the tile live together:
-    # 512x4608's 4 x 8192 would spill, so it streams).
+    # 512x4608's 4 x 8192 would spill, so it streams, and so do float64 tiles and columns
+    # addressed through several strides, which spill too; ptxas sm_90a).
     assert (plan(1, 8192, 1).ON_CHIP, plan(1, 8192, 1).BLOCK_N) == (True, 8192)
     assert (plan(256, 8192, 132).ON_CHIP, plan(256, 8192, 132).BLOCK_N) == (True, 8192)
+    assert plan(256, 8192, 132, itemsize=2).ON_CHIP and not plan(256, 8192, 132, itemsize=8).ON_CHIP
     assert (plan(512, 4608, 132).ON_CHIP, plan(512, 4608, 132).BLOCK_N) == (False, 4096)
     assert not plan(1, 8192, 1, _BWD_ON_CHIP_MAX_ROW=0).ON_CHIP
     assert not plan(1, 16384, 1).ON_CHIP  # wider than the forward's ON_CHIP rows too
-    for (M, N), knobs in [((1, 8192), {}), ((5, 40), dict(_BWD_BLOCK_N=16))]:
+    conv_cl = torch.empty(256, 512, 3, 3, device="meta").to(memory_format=torch.channels_last)  # NCOL 3
+    assert not snm._backward_plan(conv_cl.shape, *[conv_cl.stride()] * 3, 0, torch.device("cpu"), 132,
+                                  False).cfg.ON_CHIP
+    assert snm._backward_plan(conv_cl.shape, *[conv_cl.contiguous().stride()] * 3, 0, torch.device("cpu"), 132,
+                              False).cfg.ON_CHIP
+    for (M, N), knobs in [((1, 8192), {}), ((2, 8192), {}), ((1, 5000), {}), ((5, 40), dict(_BWD_BLOCK_N=16))]:
         w = torch.randn(M, N, generator=gen).to(device)
         g = torch.randn(M, N, generator=gen).to(device)
         res = fused_forward(w, *vec_pair(w, 0, gen), dim=0, num_programs=1)

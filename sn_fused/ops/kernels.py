@@ -191,8 +191,8 @@ def _vector_norm(part_ptr, first_ptr, G, n, BLOCK_P: tl.constexpr):
     A 1-element vector's norm is ``|x_0|`` (read at ``first_ptr``), as PyTorch's is:
     squaring it would overflow above ~1.8e19 (float32) and underflow below ~1e-19.
     """
+    x0 = tl.load(first_ptr, cache_modifier=".cg")  # (first: its round trip is the partials')
     sumsq = _sum_partials(part_ptr, G, BLOCK_P)
-    x0 = tl.load(first_ptr, cache_modifier=".cg")
     return _norm_of(sumsq, x0, n), sumsq
 
 

@@ -851,9 +851,11 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
         tile = _BWD_TILE_ELEMENTS
     rows = _next_power_of_2(_cdiv(layout.M, cfg.grid))
     whole_row = _next_power_of_2(layout.N)
-    # (G and W of such a tile are live together: 16384 elements take 149 registers at 8 warps,
-    # 512x4608's 4 x 8192 would spill; ptxas sm_90a)
-    if _ON_CHIP and block_n < whole_row <= _BWD_ON_CHIP_MAX_ROW and rows * whole_row <= min(tile, 16384):
+    # (G and W of such a tile are live together: 16384 fp32 elements take 149 registers at 8 warps,
+    # 512x4608's 4 x 8192 would spill; so would float64 ones, and columns addressed through
+    # several strides, e.g. a channels-last conv's (NCOL > 1: 84 bytes, fp32); ptxas sm_90a)
+    wide_fits = rows * whole_row <= min(tile, 16384) and itemsize <= 4 and len(layout.sizes) == 1
+    if _ON_CHIP and block_n < whole_row <= _BWD_ON_CHIP_MAX_ROW and wide_fits:
         block_n = whole_row  # the program's rows as one tile: ON_CHIP below
     block_m = min(rows, _floor_power_of_2(tile // block_n))
     # A program's rows in one tile: kept in registers across the barrier (kernels.py).
