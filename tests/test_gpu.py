@@ -359,3 +359,48 @@ def test_overflow_fallback_single_launch(M, N, on_chip):
         for got, exp in ((us, u_ref), (vs, v_ref), (sigma, sigma_ref), (out, want)):
             torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5, equal_nan=True)
         assert sem.tolist()[0] in (0, -2**31)
+
+
+def _rare_t_case(case, gen):
+    """(W, u, v, eps) of a 64 x 300 float32 read (3 programs by default; columns 0, 100 and 200 in
+    three programs' runs) whose t needs the statistics ``_rare_stats_needed`` gates."""
+    W = 1e-3 * torch.randn(64, 300, generator=gen)
+    u, v = torch.randn(64, generator=gen), torch.randn(300, generator=gen)
+    eps = 1e-12
+    if case == "tiny-t":  # ||t||^2 underflows: sigma from the 2^64-scaled sums, eps below it
+        W, v, eps = W * 1e-25, v * 1e20, 1e-30
+    elif case == "inf-in-t":  # A^T u has an Inf entry, no NaN: sigma and W_sn NaN, as PyTorch's
+        W[:2, 0], v[0] = 3e38, 1e-30
+    else:  # "finite-parts-inf-total": each program's part of ||t||^2 finite, their sum not
+        W.zero_()
+        W[0, [0, 100, 200]] = 1.5e19
+        W[0, 1], W[1, 2] = 1.0, 0.5
+        v.zero_()
+        v[1], v[2] = 1.0, 1e-3
+        u.zero_()
+        u[0] = 1.0
+    return W.to(DEV), u.to(DEV), v.to(DEV), eps
+
+
+@pytest.mark.parametrize("case", ["tiny-t", "inf-in-t", "finite-parts-inf-total"])
+def test_rare_t_statistics_single_launch(case, on_chip):
+    """t's non-finite marker and 2^64-scaled sum of squares are summed only where ||t||^2 (or a
+    program's part of it) is tiny or not finite (kernels.py ``_rare_stats_needed``): in one launch
+    of several programs, each deciding for its own partials, u, v, sigma and W_sn are PyTorch's
+    own ops' (NaN/Inf pattern included), and the semaphore is back at rest."""
+    gen = torch.Generator().manual_seed(len(case))
+    W, u, v, eps = _rare_t_case(case, gen)
+    if takes_on_chip(W, 0, None) != on_chip:
+        pytest.skip(f"64x300 does not take the {'ON_CHIP' if on_chip else 'streaming'} path")
+    assert ops_mod._launch_config(64, 300, DEV, None).grid > 1
+    u_ref, v_ref = u.clone(), v.clone()
+    want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref, eps=eps)
+    sem = new_semaphore(DEV)
+    out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEV), sem,
+                                                     eps=eps)
+    torch.cuda.synchronize()
+    for got, exp in ((us, u_ref), (vs, v_ref), (sigma, sigma_ref), (out, want)):
+        # (t = A^T s / du here, A^T u there: entries that cancel differ by more than rtol alone)
+        scale = exp.nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
+    assert sem.tolist()[0] in (0, -2**31)
