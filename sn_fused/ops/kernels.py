@@ -560,14 +560,12 @@ def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _phase_rescale(a_first, w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
                    NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
                    PREFETCH: tl.constexpr):
     """``W_sn = W / sigma`` over own rows, and sigma's stores (``STAGES``, ``PREFETCH``: how the
     row loop's loads overlap, the kernel's ``RESCALE_STAGES`` and ``RESCALE_PREFETCH``).
-    ``a_first``: the first tile, loaded by the caller before sigma was known
-    (``_rescale_first``), where neither of those applies.
 
     Order: the exact reverse of the last pass over A (phase ST ends on column
     block 0 -- the only one when ``ROW_IN_TILE`` -- and on its last rows), so
@@ -579,12 +577,6 @@ def _phase_rescale(a_first, w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid
     """
     sigma_acc = _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid)
     n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
-    j_start = tl.full([], 0, tl.int32)  # (the row blocks of this column block already done)
-    if STAGES == 1 and not PREFETCH:
-        cols0 = tl.arange(0, BLOCK_N)
-        _store_rescaled_block(out_ptr, a_first, sigma_acc, 0, r0, r1, cols0, cols0 < N, o_row, o_c0, o_c1, o_c2,
-                              o_c3, D1, D2, D3, NCOL, BLOCK_M)
-        j_start = tl.full([], 1, tl.int32)
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -599,29 +591,11 @@ def _phase_rescale(a_first, w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid
                                       o_c3, D1, D2, D3, NCOL, BLOCK_M)
                 a = a_next
         else:
-            for j in tl.range(j_start, n_rblocks, num_stages=STAGES):
+            for j in tl.range(n_rblocks, num_stages=STAGES):
                 a = _rescale_tile(w_ptr, j, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
                                   BLOCK_M)
                 _store_rescaled_block(out_ptr, a, sigma_acc, j, r0, r1, cols, cmask, o_row, o_c0, o_c1, o_c2,
                                       o_c3, D1, D2, D3, NCOL, BLOCK_M)
-            j_start = tl.full([], 0, tl.int32)
-
-
-@triton.jit
-def _rescale_first(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr):
-    """The rescale's first tile of A (column block 0, the last row block), for ``_phase_rescale``.
-
-    Loaded where the phase starts, before the sums that give sigma (or before the barrier, in
-    eval), so its round trip overlaps theirs instead of following them. Not for a pipelined or
-    prefetching rescale loop, which issues its loads its own way (there: a placeholder).
-    """
-    if STAGES == 1 and not PREFETCH:
-        cols = tl.arange(0, BLOCK_N)
-        return _rescale_tile(w_ptr, 0, r0, r1, cols, cols < N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
-                             BLOCK_M)
-    else:
-        return tl.zeros([1], tl.float32)
 
 
 @triton.jit
@@ -950,9 +924,6 @@ def spectral_norm_fwd_kernel(
                                   pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
                     grid_barrier(sem_ptr)
                     t_first = _first_block(t_ws, c0, c1, BLOCK_C)
-                    # (the rescale's first tile: used after the last iteration)
-                    a_first = _rescale_first(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M,
-                                             BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
                     norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                     # Every program sees the same partials in the same order, so all take this
                     # branch or none: its barriers cannot deadlock.
@@ -974,7 +945,7 @@ def spectral_norm_fwd_kernel(
                                        False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
                                        LOAD_PREFETCH)
                     else:
-                        _phase_rescale(a_first, w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                        _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                        D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
             elif ON_CHIP and (PHASE == 1 or PHASE == 4):
@@ -1002,13 +973,11 @@ def spectral_norm_fwd_kernel(
                     _combine_columns(sums_first, tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
             elif PHASE == 2:
                 t_first = _first_block(t_ws, c0, c1, BLOCK_C)
-                a_first = _rescale_first(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M,
-                                         BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
                 norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                 sigma, dv = _phase_finish_iteration(t_first, t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up,
                                                     nonfinite, eps, c0, c1, N, BLOCK_C)
                 if is_last:
-                    _phase_rescale(a_first, w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                    _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
                 else:
@@ -1018,10 +987,7 @@ def spectral_norm_fwd_kernel(
                                    LOAD_PREFETCH)
         else:
             # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd (before
-            # the barrier, with the rescale's first tile: they wait for nothing, so their round
-            # trips overlap the wait).
-            a_first = _rescale_first(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M,
-                                     BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
+            # the barrier: they wait for nothing, so their round trips overlap the wait).
             if PHASE == -1 or PHASE == 2:
                 _copy_vector(u_ptr, u_saved_ptr, r0, r1, BLOCK_R)
                 _copy_vector(v_ptr, v_saved_ptr, c0, c1, BLOCK_C)
@@ -1029,7 +995,7 @@ def spectral_norm_fwd_kernel(
                 grid_barrier(sem_ptr)
             if PHASE == -1 or PHASE == 2:
                 sigma = _sum_partials(part_s_ws, G, BLOCK_P)
-                _phase_rescale(a_first, w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
 
