@@ -830,7 +830,7 @@ def test_own_columns_take_one_block_c_step():
 def test_own_vectors_longer_than_one_block(shape, phase_by_phase, device, gen):
     """One streaming program owns more than 4096 rows or columns (BLOCK_R and BLOCK_C stop
     there), so u or v is normalized and stored in two blocks, and t's column sums are taken in
-    two: the first of each before the partials' sum (``_first_block``, ``_first_column_sums``),
+    two: the first of each before the partials' sum (``_load_block``, ``_first_column_sums``),
     the second in a loop (a loop that skipped it, or reused the first block's sums, passed every
     other test: checked by mutation). Two iterations, poisoned workspace, against the oracle."""
     weight = torch.randn(*shape, generator=gen).to(device)

@@ -185,14 +185,15 @@ def _clamp(norm, eps):
 
 
 @triton.jit
-def _vector_norm(part_ptr, first_ptr, G, n, BLOCK_P: tl.constexpr):
-    """``(||x||, sum x_i^2)`` of an n-vector from its G per-program partial sums of squares.
+def _vector_norm(parts, x0, n):
+    """``(||x||, sum x_i^2)`` of an n-vector from its per-program partial sums of squares, as
+    loaded (``_partials``), and its first entry ``x0``.
 
-    A 1-element vector's norm is ``|x_0|`` (read at ``first_ptr``), as PyTorch's is:
-    squaring it would overflow above ~1.8e19 (float32) and underflow below ~1e-19.
+    A 1-element vector's norm is ``|x_0|``, as PyTorch's is: squaring it would overflow above
+    ~1.8e19 (float32) and underflow below ~1e-19. (Loaded by the caller, with whatever else
+    waits on nothing: each load placed after this block-wide sum would wait for it.)
     """
-    x0 = tl.load(first_ptr, cache_modifier=".cg")  # (first: its round trip is the partials')
-    sumsq = _sum_partials(part_ptr, G, BLOCK_P)
+    sumsq = tl.sum(parts, axis=0)
     return _norm_of(sumsq, x0, n), sumsq
 
 
@@ -369,13 +370,13 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
     Every load that needs nothing loaded before it goes first: ``||s||``'s partials, the first
     block of s and the first step of t's column sums share one round trip. (Each sum is a
     block-wide reduction, with barriers the compiler does not move loads across: a load placed
-    after one waits for it.) So ``||s||`` is assembled here from ``_vector_norm``'s parts.
+    after one waits for it.)
     """
-    s_first = _first_block(s_ptr, r0, r1, BLOCK_R)
+    s_first = _load_block(s_ptr, r0, r1, BLOCK_R)
     s_parts = _partials(part_s_ptr, G, BLOCK_P)
     s0 = tl.load(s_ptr, cache_modifier=".cg")
     sums_first = _first_column_sums(tpart_ptr, G, N, c0, c1, BLOCK_C, BLOCK_Q)
-    du = _clamp(_norm_of(tl.sum(s_parts, axis=0), s0, M), eps)
+    du = _clamp(_vector_norm(s_parts, s0, M)[0], eps)
     _store_normalized(s_first, s_ptr, u_ptr, u_saved_ptr, du, r0, r1, BLOCK_R)
     _combine_columns(sums_first, tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
 
@@ -460,7 +461,7 @@ def _t_stats(part_t_ptr, t_ptr, G, N, BLOCK_P: tl.constexpr):
     the scaled sum unread, as in ``_on_chip_t_stats``). The caller checks ``||t||^2`` for the
     overflow fallback with them, so phase F costs no extra round trip.
     """
-    norm_t, tsq = _vector_norm(part_t_ptr, t_ptr, G, N, BLOCK_P)
+    norm_t, tsq = _vector_norm(_partials(part_t_ptr, G, BLOCK_P), tl.load(t_ptr, cache_modifier=".cg"), N)
     nonfinite = tl.zeros_like(tsq)
     tsq_up = tsq
     if _rare_stats_needed(tsq):
@@ -473,19 +474,20 @@ def _t_stats(part_t_ptr, t_ptr, G, N, BLOCK_P: tl.constexpr):
 def _phase_finish_iteration(t_first, t_ptr, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite, eps, c0, c1,
                             N, BLOCK_C: tl.constexpr):
     """Phase F: ``v = t / max(||t||, eps)`` for own columns (``t_first``: the first block of them,
-    ``_first_block``, loaded before the statistics). Returns ``(sigma, dv)``."""
+    ``_load_block``, loaded before the statistics). Returns ``(sigma, dv)``."""
     sigma, dv = _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N)
     _store_normalized(t_first, t_ptr, v_ptr, v_saved_ptr, dv, c0, c1, BLOCK_C)
     return sigma, dv
 
 
 @triton.jit
-def _first_block(x_ptr, lo, hi, BLOCK: tl.constexpr):
-    """``x[lo : lo + BLOCK]``, masked at ``hi``: a program's first block of own rows or columns.
+def _load_block(x_ptr, lo, hi, BLOCK: tl.constexpr):
+    """``x[lo : lo + BLOCK]``, masked at ``hi``: a block of a program's own rows or columns.
 
-    Loaded before the sum of partials that its normalization waits on, so the two loads share
-    one round trip: a load placed after that sum (a block-wide reduction, with barriers the
-    compiler does not move loads across) would wait for it and then for its own data.
+    Phases R and F load the first one before the sum of partials that its normalization waits
+    on, so the two loads share one round trip: a load placed after that sum (a block-wide
+    reduction, with barriers the compiler does not move loads across) would wait for it and
+    then for its own data.
     """
     offs = lo + tl.arange(0, BLOCK)
     return tl.load(x_ptr + offs, mask=offs < hi, other=0.0)
@@ -494,10 +496,10 @@ def _first_block(x_ptr, lo, hi, BLOCK: tl.constexpr):
 @triton.jit
 def _store_normalized(x_first, x_ptr, out_ptr, saved_ptr, d, lo, hi, BLOCK: tl.constexpr):
     """``out[i] = saved[i] = x[i] / d`` for ``lo <= i < hi``, rounded to out's dtype (u or v);
-    the first block from ``x_first`` (``_first_block``), any further ones loaded here."""
+    the first block from ``x_first`` (``_load_block``), any further ones loaded here."""
     _store_normalized_block(x_first, out_ptr, saved_ptr, d, lo, hi, BLOCK)
     for i in range(lo + BLOCK, hi, BLOCK):
-        _store_normalized_block(_first_block(x_ptr, i, hi, BLOCK), out_ptr, saved_ptr, d, i, hi, BLOCK)
+        _store_normalized_block(_load_block(x_ptr, i, hi, BLOCK), out_ptr, saved_ptr, d, i, hi, BLOCK)
 
 
 @triton.jit
@@ -706,9 +708,8 @@ def _on_chip_t_stats(t, cols, N):
     Each sum over t is a block-wide reduction (shuffles, shared memory, barriers), on the
     read's critical path: the last two only where ``_rare_stats_needed``, so one reduction
     instead of three in the common case, the same results. (Separate ``tl.sum``s, not one
-    three-operand ``tl.reduce``:
-    the interpreter (CI) runs that as a Python loop per element, ~7x slower on a 1x4096 read,
-    and sums in another order than ``tl.sum`` there.)
+    three-operand ``tl.reduce``: the interpreter (CI) runs that as a Python loop per element,
+    ~7x slower on a 1x4096 read, and sums in another order than ``tl.sum`` there.)
     """
     tsq = tl.sum(t * t, axis=0)  # (the first of _t_terms)
     tsq_up = tsq
@@ -763,8 +764,8 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
                 tl.store(part_s_ws + pid, sumsq)
                 tl.store(tpart_ws + pid * N + cols, t, mask=cmask)
                 grid_barrier(sem_ptr)
-                # (the loads of both before either sum: one round trip where they need not wait, as
-                # in phase R; the compiler orders them so by itself for some tiles, not for all)
+                # (both tables' loads before either sum, so they share one round trip, as in phase
+                # R; the compiler orders them so by itself for some tiles, not for all)
                 s_parts = _partials(part_s_ws, G, BLOCK_P)
                 t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
                 sumsq = tl.sum(s_parts, axis=0)
@@ -923,7 +924,7 @@ def spectral_norm_fwd_kernel(
                     _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
                                   pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
                     grid_barrier(sem_ptr)
-                    t_first = _first_block(t_ws, c0, c1, BLOCK_C)
+                    t_first = _load_block(t_ws, c0, c1, BLOCK_C)
                     norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                     # Every program sees the same partials in the same order, so all take this
                     # branch or none: its barriers cannot deadlock.
@@ -935,7 +936,7 @@ def spectral_norm_fwd_kernel(
                         _combine_columns(sums_first, tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C,
                                          BLOCK_Q)
                         grid_barrier(sem_ptr)
-                        t_first = _first_block(t_ws, c0, c1, BLOCK_C)  # (t was just rewritten)
+                        t_first = _load_block(t_ws, c0, c1, BLOCK_C)  # (t was just rewritten)
                         norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                     sigma, dv = _phase_finish_iteration(t_first, t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up,
                                                         nonfinite, eps, c0, c1, N, BLOCK_C)
@@ -972,7 +973,7 @@ def spectral_norm_fwd_kernel(
                     sums_first = _first_column_sums(tpart_ws, G, N, c0, c1, BLOCK_C, BLOCK_Q)
                     _combine_columns(sums_first, tpart_ws, t_ws, part_t_ws, one, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
             elif PHASE == 2:
-                t_first = _first_block(t_ws, c0, c1, BLOCK_C)
+                t_first = _load_block(t_ws, c0, c1, BLOCK_C)
                 norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                 sigma, dv = _phase_finish_iteration(t_first, t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up,
                                                     nonfinite, eps, c0, c1, N, BLOCK_C)

@@ -838,7 +838,8 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
     # Same grid as the forward; tiles of its own: the forward's whole-row tiles (up to 16384
     # wide, for its one-load-two-products phase) only add registers here.
-    block_n = min(_next_power_of_2(layout.N), _floor_power_of_2(_BWD_BLOCK_N))
+    whole_row = _next_power_of_2(layout.N)
+    block_n = min(whole_row, _floor_power_of_2(_BWD_BLOCK_N))
     # The big default tile was measured fastest with _BWD_BLOCK_N-wide blocks (8 rows). With
     # narrower blocks it holds more rows per thread and spills (ptxas, sm_90: 4096x1024 ~6 KB
     # per thread), so those get 16384 elements, and narrow rows 8192 (16384 spill even with 16
@@ -850,7 +851,6 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     else:
         tile = _BWD_TILE_ELEMENTS
     rows = _next_power_of_2(_cdiv(layout.M, cfg.grid))
-    whole_row = _next_power_of_2(layout.N)
     # (G and W of such a tile are live together: 16384 fp32 elements take 149 registers at 8 warps,
     # 512x4608's 4 x 8192 would spill; so would float64 ones, and columns addressed through
     # several strides, e.g. a channels-last conv's (NCOL > 1: 84 bytes, fp32); ptxas sm_90a)
