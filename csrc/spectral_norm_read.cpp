@@ -206,7 +206,8 @@ class PreparedRead {
 
 // What a layer's checks looked at in its inputs (ops.spectral_norm._input_signature, whose
 // twin this is): type, sizes, strides, dtype and device of the weight, u, v and sem (sigma_buf:
-// no strides), whether u, v, sigma_buf or sem is an inference tensor, the type and value of dim,
+// no strides), whether u, v, sigma_buf or sem is an inference tensor, whether u or v requires
+// grad, the addresses of u, v, sigma_buf and sem (not the weight's), the type and value of dim,
 // n_power_iterations and eps. The layer keeps the signature of its last checked read and skips
 // the checks while matches() holds, which builds no Python object: ~0.3 us per read on a CPU
 // where the Python tuple and its comparison took ~2. Made only for tensors of the plain types
@@ -225,6 +226,8 @@ class ReadSignature {
       strides_[i] = t.strides().vec();
       dtypes_[i] = t.scalar_type();
       devices_[i] = t.device();
+      data_ptrs_[i] = i == 0 ? nullptr : t.data_ptr();
+      requires_grad_[i] = (i == 1 || i == 2) && t.requires_grad();
     }
     inference_ = any_inference(tensors);
     arguments_[0] = std::move(dim);
@@ -239,7 +242,9 @@ class ReadSignature {
       if (reinterpret_cast<PyObject*>(Py_TYPE(tensors[i].ptr())) != types_[i].ptr()) return false;
       const at::Tensor& t = THPVariable_Unpack(tensors[i].ptr());
       if (t.sizes() != c10::IntArrayRef(sizes_[i]) || t.scalar_type() != dtypes_[i] ||
-          t.device() != devices_[i] || (i != 3 && t.strides() != c10::IntArrayRef(strides_[i]))) {
+          t.device() != devices_[i] || (i != 3 && t.strides() != c10::IntArrayRef(strides_[i])) ||
+          (i != 0 && t.data_ptr() != data_ptrs_[i]) ||
+          ((i == 1 || i == 2) && t.requires_grad() != requires_grad_[i])) {
         return false;
       }
     }
@@ -271,6 +276,8 @@ class ReadSignature {
   std::vector<int64_t> strides_[5];
   at::ScalarType dtypes_[5];
   c10::Device devices_[5] = {c10::kCPU, c10::kCPU, c10::kCPU, c10::kCPU, c10::kCPU};
+  const void* data_ptrs_[5];
+  bool requires_grad_[5];
   bool inference_;
   py::object arguments_[3];
 };
@@ -338,7 +345,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sn_fused;
   m.doc() = "sn_fused's eager read in C++ (see csrc/spectral_norm_read.cpp)";
   // What sn_fused.ops.spectral_norm expects of this module: a build of an older source is refused.
-  m.attr("INTERFACE_VERSION") = 4;
+  m.attr("INTERFACE_VERSION") = 5;
   py::class_<PreparedLaunches, std::shared_ptr<PreparedLaunches>>(m, "PreparedLaunches")
       .def(py::init<int64_t, int64_t, at::Tensor, py::tuple, std::vector<py::tuple>, std::vector<py::object>>(),
            py::arg("ws_index"), py::arg("ws_numel"), py::arg("workspace"), py::arg("scalars"),

@@ -18,7 +18,6 @@ converter for.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Mapping, TypeVar
 
@@ -32,20 +31,13 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook as _LegacyLoadStateDictPreHook
 from torch.nn.utils.spectral_norm import SpectralNormStateDictHook as _LegacyStateDictHook
 
-from .parametrizations import _install_fast_read, _new_layer_semaphore, _new_sigma_buffer, _SpectralNorm
+from .parametrizations import _install_fast_read, _new_layer_semaphore, _new_sigma_buffer, _SpectralNorm, check_eps
 
 __all__ = ["convert", "convert_state_dict", "load_legacy_state_dict"]
 
 T_module = TypeVar("T_module", bound=Module)
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_eps(eps: Any) -> None:
-    # Same refusal as sn_fused._SpectralNorm.__init__ (which convert bypasses so as
-    # not to draw from the RNG): a negative or non-finite eps gives NaN/Inf weights.
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
 
 
 def _fused_from_state(weight: Tensor, u: Tensor | None, v: Tensor | None, *, dim: int, eps: float,
@@ -59,7 +51,8 @@ def _fused_from_state(weight: Tensor, u: Tensor | None, v: Tensor | None, *, dim
     ``__init__`` makes them: ``_sigma`` NaN until the first read, ``_sem`` zeros.
     ``weight`` only provides ndim, dtype and device; it is not read.
     """
-    _check_eps(eps)
+    # Same refusal as _SpectralNorm.__init__, which this bypasses so as not to draw from the RNG.
+    check_eps(eps)
     ndim = weight.ndim
     if dim >= ndim or dim < -ndim:
         raise IndexError(
@@ -254,6 +247,7 @@ def convert(model: T_module) -> T_module:
             (PyTorch accepts it and produces NaN/Inf; sn_fused refuses it).
             That spectral norm is left as it was; ones converted before it
             stay converted.
+        TypeError: likewise, if its ``eps`` is not a real number.
 
     Example::
 

@@ -68,6 +68,17 @@ def _op_arguments(n_power_iterations, eps) -> tuple:
     return n_power_iterations, eps
 
 
+def check_eps(eps) -> None:
+    """Refuse an ``eps`` that PyTorch's SN would take but that silently gives NaN/Inf weights
+    (negative or not finite), and one that is no real number (``TypeError``, which PyTorch's
+    ``clamp_min`` raises at the first read), before anything runs. Any real number as
+    ``clamp_min`` takes it: Python and numpy scalars, a one-element real tensor."""
+    if not _real_scalar(eps):
+        raise TypeError(f"Expected eps to be a real number, but got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
+
+
 def _real_scalar(x) -> bool:
     """A real number as PyTorch's ``clamp_min`` takes one: a Python or numpy scalar, or a
     one-element tensor that is not complex."""
@@ -120,15 +131,9 @@ class _SpectralNorm(Module):
                 "Expected n_power_iterations to be positive, but "
                 f"got n_power_iterations={n_power_iterations}"
             )
-        # PyTorch accepts any eps; a negative or non-finite one silently yields
-        # NaN/Inf weights, so it is refused here, before anything runs. Any real number, as
-        # PyTorch's clamp_min takes it: Python and numpy scalars, a one-element real tensor.
-        if not _real_scalar(eps) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
+        check_eps(eps)
         if weight.dtype in (torch.bool,) or not (weight.is_floating_point() or weight.is_complex()):
             raise TypeError(f"spectral_norm expects a floating point or complex weight, got {weight.dtype}")
-        if weight.numel() == 0:
-            raise ValueError(f"spectral_norm expects a non-empty weight, got shape {tuple(weight.shape)}")
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
         if ndim > 1:

@@ -14,6 +14,7 @@ import copy
 import os
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -364,3 +365,31 @@ def test_convert_is_idempotent():
     assert list(model.state_dict()) == list(state)
     assert all(a.data_ptr() == b.data_ptr() and torch.equal(a, b)
                for a, b in zip(model.state_dict().values(), state.values()))
+
+
+@pytest.mark.parametrize("form", ["parametrization", "legacy"])
+@pytest.mark.parametrize("eps", [np.float32(1e-3), torch.tensor(1e-3), 0])
+def test_convert_takes_the_eps_types_spectral_norm_takes(form, eps):
+    """An eps of a type PyTorch's SN (and sn_fused.spectral_norm) takes -- a numpy scalar, a
+    one-element tensor, an int -- converts, and reads as before (found in review: convert
+    refused all but Python ints and floats)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    (P.spectral_norm if form == "parametrization" else legacy_sn)(model[0], eps=eps)
+    x = torch.randn(2, 6)
+    before = _eval_out(model, x)
+    sn_fused.convert(model)
+    assert len(_fused_sns(model)) == 1 and _fused_sns(model)[0].eps is eps
+    torch.testing.assert_close(_eval_out(model, x), before)
+
+
+@pytest.mark.parametrize("eps, error", [(-1e-3, ValueError), (float("inf"), ValueError), ("1e-3", TypeError)])
+def test_convert_refuses_an_eps_spectral_norm_refuses(eps, error):
+    """A negative, non-finite or non-numeric eps (PyTorch's SN takes the first two and gives
+    NaN/Inf weights) is refused as ``sn_fused.spectral_norm`` refuses it; that SN is left as it was."""
+    model = nn.Sequential(nn.Linear(6, 4))
+    P.spectral_norm(model[0])
+    model[0].parametrizations.weight[0].eps = eps  # (PyTorch's registration would fail on a str)
+    with pytest.raises(error, match="eps"):
+        sn_fused.convert(model)
+    assert isinstance(model[0].parametrizations.weight[0], TorchSN)

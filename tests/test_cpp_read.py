@@ -229,6 +229,14 @@ SIGNATURE_CHANGES = {
     "weight_device": (lambda a: a.update(weight=torch.nn.Parameter(torch.zeros(5, 6, device="meta"))), False),
     "weight_plain_tensor": (lambda a: a.update(weight=a["weight"].detach()), False),
     "weight_subclass": (lambda a: a.update(weight=two_tensor(a["weight"].detach())), False),
+    # (not the weight's address, above: FSDP's re-gathered parameters move every read)
+    "u_another_alike": (lambda a: a.update(u=a["u"].clone()), False),  # the same but for its address
+    "v_another_alike": (lambda a: a.update(v=a["v"].clone()), False),
+    "sigma_another_alike": (lambda a: a.update(sigma_buf=a["sigma_buf"].clone()), False),
+    "sem_another_alike": (lambda a: a.update(sem=a["sem"].clone()), False),
+    "u_requires_grad": (lambda a: a["u"].requires_grad_(), False),
+    "v_requires_grad": (lambda a: a["v"].requires_grad_(), False),
+    "sigma_requires_grad": (lambda a: a["sigma_buf"].requires_grad_(), True),  # (only written)
     "u_length": (lambda a: a.update(u=torch.zeros(6)), False),
     "u_strides": (lambda a: a.update(u=torch.zeros(10)[::2]), False),
     "u_dtype": (lambda a: a.update(u=a["u"].double()), False),
@@ -260,8 +268,10 @@ SIGNATURE_CHANGES = {
 def test_read_signature_matches_as_the_python_signature(change):
     """``_C.ReadSignature.matches`` (the layer's check-skipping test on the C++ read) says what
     comparing ``_input_signature`` tuples says, for a change of each part: the same inputs, or
-    tensors alike, match; another type, shape, stride, dtype, device, inference-ness, count or
-    eps does not; a buffer that is not a tensor does not (the checks then say what is wrong)."""
+    weights alike, match; another type, shape, stride, dtype, device, inference-ness, count or
+    eps does not, nor another u, v, sigma_buf or sem alike (their addresses: what overlaps what)
+    or a u or v that requires grad; a buffer that is not a tensor does not (the checks then say
+    what is wrong)."""
     for eps in (1e-12, NAN_EPS):  # a NaN eps matches itself (the same object), as in a tuple
         base = {**_signature_inputs(), "eps": eps}
         cpp, python = snm._cpp.ReadSignature(**base), snm._InputSignature(snm._input_signature(**base))

@@ -423,17 +423,15 @@ BAD_REGISTRATION = {
                          TypeError, r"floating point or complex weight, got torch\.int8"),
     "bool_weight": (lambda: _Holder(torch.ones(3, 4, dtype=torch.bool, device=DEVICE)), {},
                     TypeError, r"floating point or complex weight, got torch\.bool"),
-    "zero_rows": (lambda: nn.Linear(4, 0, device=DEVICE), {}, ValueError,
-                  r"non-empty weight, got shape \(0, 4\)"),
-    "zero_columns": (lambda: nn.Linear(0, 3, device=DEVICE), {}, ValueError,
-                     r"non-empty weight, got shape \(3, 0\)"),
-    "zero_size_conv": (lambda: _Holder(torch.empty(2, 0, 3, 3, device=DEVICE)), {}, ValueError,
-                       r"non-empty weight, got shape \(2, 0, 3, 3\)"),
     "eps_negative": (lambda: nn.Linear(4, 3, device=DEVICE), {"eps": -1e-12}, ValueError,
                      r"eps to be a finite non-negative number, but got eps=-1e-12"),
     "eps_nan": (lambda: nn.Linear(4, 3, device=DEVICE), {"eps": NAN}, ValueError, r"eps=nan"),
     "eps_inf": (lambda: nn.Linear(4, 3, device=DEVICE), {"eps": INF}, ValueError, r"eps=inf"),
     "eps_minus_inf": (lambda: nn.Linear(4, 3, device=DEVICE), {"eps": -INF}, ValueError, r"eps=-inf"),
+    # (PyTorch's clamp_min raises a TypeError for these at the first read)
+    "eps_not_a_number": (lambda: nn.Linear(4, 3, device=DEVICE), {"eps": "1e-12"}, TypeError,
+                         r"eps to be a real number, but got str"),
+    "eps_none": (lambda: nn.Linear(4, 3, device=DEVICE), {"eps": None}, TypeError, r"but got NoneType"),
     "n_power_iterations_0": (lambda: nn.Linear(4, 3, device=DEVICE), {"n_power_iterations": 0}, ValueError,
                              r"n_power_iterations to be positive, but got n_power_iterations=0"),
     "n_power_iterations_negative": (lambda: nn.Linear(4, 3, device=DEVICE), {"n_power_iterations": -2},
@@ -478,7 +476,21 @@ BAD_BUFFERS = {
     "v_other_device": lambda m, g: setattr(par(m), "_v", torch.empty(7, device="meta")),
     "u_strided": lambda m, g: setattr(par(m), "_u", torch.stack([par(m)._u, par(m)._u], 1)[:, 0]),
     "weight_resized": lambda m, g: setattr(orig(m), "data", _randn(g, 6, 7)),  # u no longer fits
+    # Buffers that share memory: PyTorch's in-place updates, one after the other, see each
+    # other's writes (and write into the weight); the kernels would not. Each new tensor has
+    # the old one's shape and strides: only its address tells the layer's signature.
+    "u_overlaps_v": lambda m, g: _set_overlapping_uv(m, _randn(g, 9)),
+    "u_in_weight": lambda m, g: setattr(par(m), "_u", orig(m).detach().view(-1)[3:8]),
+    "v_in_weight": lambda m, g: setattr(par(m), "_v", orig(m).detach().view(-1)[-7:]),
+    # PyTorch's sigma = u^T A v differentiates u then (the read's u.grad is compared below).
+    "u_requires_grad": lambda m, g: par(m)._u.requires_grad_(),
+    "v_requires_grad": lambda m, g: par(m)._v.requires_grad_(),
 }
+
+
+def _set_overlapping_uv(m, buffer):
+    """u and v as views of one 9-element buffer that share 3 elements."""
+    par(m)._u, par(m)._v = buffer[:5], buffer[2:]
 
 
 def _read_outcome(m):
@@ -518,6 +530,12 @@ def test_bad_buffers_read_as_pytorch(case, seed, launches):
     else:  # the same torch ops ran: the same bits
         for g, w, what in zip(got, want, ("W_sn", "u", "v")):
             assert g.shape == w.shape and g.stride() == w.stride() and torch.equal(g, w), what
+        assert torch.equal(orig(ours), orig(ref)), "the weight (u or v in its memory)"
+        for m in (ref, ours):
+            m.weight.sum().backward()
+        for name in ("_u", "_v"):  # a u or v that requires grad gets PyTorch's gradient
+            g, w = getattr(par(ours), name).grad, getattr(par(ref), name).grad
+            assert (g is None) == (w is None) and (w is None or torch.equal(g, w)), name
     # Buffers of the right kind again: the kernels take the read.
     p = par(ours)
     A = reference.reshape_weight_to_matrix(orig(ours).detach(), p.dim)
@@ -534,14 +552,24 @@ def _op_inputs(M=5, N=7, dtype=torch.float32):
     return w, u, v
 
 
-def _bad(**change):
+def _bad(_all=None, **change):
+    """Op inputs with ``change`` (``name: value``, or ``name: fn(old value)``); ``_all(args)``
+    changes several at once."""
     def build():
         w, u, v = _op_inputs()
         args = dict(weight=w, u=u, v=v, dim=0, n_power_iterations=1, eps=1e-12)
         for k, fn in change.items():
             args[k] = fn(args[k]) if callable(fn) else fn
+        if _all is not None:
+            _all(args)
         return args
     return build
+
+
+def _overlapping_uv():
+    """u (5) and v (7): views of one 9-element buffer that share 3 elements."""
+    buffer = F.normalize(torch.randn(9, device=DEVICE), dim=0)
+    return buffer[:5], buffer[2:]
 
 
 BAD_OP = {
@@ -550,6 +578,9 @@ BAD_OP = {
     "bool_weight": (_bad(weight=lambda w: w > 0), TypeError, r"got torch\.bool"),
     "complex_weight": (_bad(weight=lambda w: w.to(torch.complex64)), TypeError, r"got torch\.complex64"),
     "not_a_tensor": (_bad(weight=[[1.0, 2.0]]), TypeError, r"got <class 'list'>"),
+    "meta_weight": (_bad(weight=lambda w: w.to("meta")), RuntimeError,
+                    r"no fused kernel for this weight \(a meta weight: the kernels run on CUDA tensors, and on "
+                    r"CPU tensors under TRITON_INTERPRET=1\)"),
     "1d_weight": (_bad(weight=lambda w: w[0]), ValueError, r"2 or more dims, got shape \(7,\)"),
     "empty_rows": (_bad(weight=lambda w: w[:0], u=lambda u: u[:0]), ValueError,
                    r"weight of shape \(0, 7\) is empty"),
@@ -568,7 +599,19 @@ BAD_OP = {
     "eps_negative": (_bad(eps=-1e-3), ValueError, r"finite non-negative number, but got eps=-0\.001"),
     "eps_nan": (_bad(eps=NAN), ValueError, r"eps=nan"),
     "eps_inf": (_bad(eps=INF), ValueError, r"eps=inf"),
-    "eps_not_a_number": (_bad(eps="1e-12"), ValueError, r"eps=1e-12"),
+    "eps_not_a_number": (_bad(eps="1e-12"), TypeError, r"eps to be a real number, but got str"),
+    "eps_bool": (_bad(eps=True), TypeError, r"real number, but got bool"),  # (a bool is no count either)
+    "eps_beyond_float": (_bad(eps=10**400), ValueError, r"finite non-negative number, but got eps=1000"),
+    "dim_float": (_bad(dim=1.0), TypeError, r"dim must be an int, got float"),
+    "dim_none": (_bad(dim=None), TypeError, r"dim must be an int, got NoneType"),
+    "u_requires_grad": (_bad(u=lambda u: u.requires_grad_()), ValueError, r"u as a constant, but it requires grad"),
+    "v_requires_grad": (_bad(v=lambda v: v.requires_grad_()), ValueError, r"v as a constant, but it requires grad"),
+    "u_overlaps_v": (_bad(_all=lambda a: a.update(zip("uv", _overlapping_uv()))), ValueError,
+                     r"u, v and the weight apart in memory, but u overlaps v"),
+    "u_in_weight": (_bad(_all=lambda a: a.update(u=a["weight"].view(-1)[3:8])), ValueError,
+                    r"but u overlaps the weight"),
+    "v_in_weight": (_bad(_all=lambda a: a.update(v=a["weight"].view(-1)[-7:])), ValueError,
+                    r"but v overlaps the weight"),
     # (0 is a read at the op level: a layer whose attribute is set to 0 after registration)
     "n_power_iterations_negative": (_bad(n_power_iterations=-1), ValueError,
                                     r"non-negative .*n_power_iterations=-1"),
@@ -595,6 +638,54 @@ def test_bad_op_input_raises_before_launch(case, entry, launches):
     assert launches.total == 0, f"{launches.total} kernel launches before the error"
     if u_before is not None:
         assert torch.equal(u, u_before), "u was modified"
+
+
+WRITTEN_OVERLAPS = {
+    # what a forward writes besides u, v (sigma_buf, sem), in the memory of what it reads, or each other's
+    "sigma_buf_in_u": ("sigma_buf", lambda a: a["u"][2], r"sigma_buf overlaps u in memory"),
+    "sigma_buf_in_weight": ("sigma_buf", lambda a: a["weight"][1, 3], r"sigma_buf overlaps weight"),
+    "sem_in_weight": ("sem", lambda a: a["weight"].view(-1)[4:6].view(torch.int32), r"sem overlaps weight"),
+    "sem_in_v": ("sem", lambda a: a["v"][5:7].view(torch.int32), r"sem overlaps v"),
+    "sem_and_sigma_buf": ("sigma_buf", lambda a: a["sem"][1:].view(torch.float32)[0], r"sem overlaps sigma_buf"),
+}
+
+
+@pytest.mark.parametrize("entry", ["spectral_norm_fused", "spectral_norm_forward_fused", "op"])
+@pytest.mark.parametrize("case", list(WRITTEN_OVERLAPS))
+def test_written_buffer_overlapping_an_input_raises(case, entry, launches):
+    """A kernel writes sigma_buf and the semaphore with raw stores, which torch's out= checks
+    never see: one that shares memory with the weight, u, v or the other is refused, as
+    torch refuses an out= tensor overlapping an input, before any launch, nothing written."""
+    name, make, match = WRITTEN_OVERLAPS[case]
+    w, u, v = _op_inputs()
+    args = dict(weight=w, u=u, v=v, sigma_buf=torch.zeros((), device=DEVICE), sem=new_semaphore(DEVICE))
+    args[name] = make(args)
+    before = {k: t.clone() for k, t in args.items()}
+    with pytest.raises(ValueError, match=match):
+        if entry == "op":
+            torch.ops.sn_fused.spectral_norm_forward(*args.values(), 0, 1, 1e-12, True)
+        elif entry == "spectral_norm_fused":
+            spectral_norm_fused(**args)
+        else:
+            spectral_norm_forward_fused(**args)
+    assert launches.total == 0
+    for k, t in args.items():
+        assert torch.equal(t, before[k]), f"{k} was written"
+
+
+def test_backward_semaphore_overlapping_an_input_raises(launches):
+    """The backward writes only its semaphore (dW is new): one in the gradient's memory is refused;
+    a gradient that is the weight itself is only read, and runs."""
+    w, u, v = _op_inputs()
+    sigma = torch.linalg.matrix_norm(w, 2).reshape(())
+    grad = torch.randn_like(w)
+    with pytest.raises(ValueError, match=r"sem overlaps grad in memory"):
+        spectral_norm_backward_fused(grad, w, u, v, sigma, grad.view(-1)[:2].view(torch.int32))
+    assert launches.total == 0
+    got = spectral_norm_backward_fused(w, w, u, v, sigma, new_semaphore(DEVICE))
+    want = reference.spectral_norm_backward_reference(w.double(), w.double(), u.double(), v.double(),
+                                                      sigma.double(), 0)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
 
 
 _INFERENCE_IN_PLACE = "Inplace update to inference tensor outside InferenceMode is not allowed"

@@ -1281,7 +1281,7 @@ def _n_float(p, device):
     (_swap_u, None), (_u_none, None), (_resize_u, None), (_u_wrapper_subclass, None),
     (_u_data_of_another_dtype, _torch_mv_dtype_error),
     (_sem_int64, "sem must be"), (_sem_none, "sem must be"),
-    (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_complex, "eps="),
+    (_sigma_two_elements, "sigma_buf must be"), (_eps_negative, "eps"), (_eps_complex, "eps to be a real number, but got complex"),
     (_n_float, "'float' object cannot be interpreted as an integer"),  # PyTorch's range(1.0)
 ], ids=lambda x: x.__name__.lstrip("_") if callable(x) else None)
 @pytest.mark.parametrize("signature", ["cpp", "python"])
@@ -1727,9 +1727,12 @@ def test_bfloat16_refused_on_interpreter():
         pytest.skip("only the interpreter lacks bfloat16")
     args = _valid("cpu", torch.bfloat16)
     assert not ops.fused_supported(args["weight"])
-    with count_launches() as calls, pytest.raises(RuntimeError, match="no fused kernel"):
+    with count_launches() as calls, pytest.raises(RuntimeError, match=r"no fused kernel for this weight \(a "
+                                                                       r"bfloat16 CPU weight: Triton's interpreter "
+                                                                       r"has no bfloat16\)"):
         ops.check_inputs(args["weight"], args["u"], args["v"], dim=0)
     assert calls == []
+
 
 
 def test_valid_inputs_pass(device):
@@ -1944,7 +1947,9 @@ def test_six_dim_weight_layout_is_judged_for_its_own_dim(device, gen):
     assert ops.fused_supported(w, 0) and not ops.fused_supported(w, 4)
     M = w.shape[4]
     u, v = unit(M, gen, w.dtype, device), unit(w.numel() // M, gen, w.dtype, device)
-    with count_launches() as calls, pytest.raises(RuntimeError, match="no fused kernel"):
+    with count_launches() as calls, pytest.raises(RuntimeError, match=r"no fused kernel for this weight \(strides "
+                                                                       r".* with dim=4: the columns of its matrix "
+                                                                       r"view need more than 4 strides\)"):
         ops.spectral_norm_forward_fused(w, u, v, torch.zeros((), device=device), ops.new_semaphore(device),
                                         dim=4)
     assert calls == []

@@ -994,6 +994,48 @@ def test_bad_eps_refused(eps):
     _assert_untouched(m)
 
 
+@pytest.mark.parametrize("eps", ["1e-12", None, [1e-12]])
+def test_eps_not_a_real_number_type_error(eps):
+    with pytest.raises(TypeError):  # PyTorch's clamp_min, in the power iterations of its registration
+        torch_sn(nn.Linear(4, 3), eps=eps)
+    m = nn.Linear(4, 3)
+    with pytest.raises(TypeError, match="eps to be a real number"):
+        sn(m, eps=eps)
+    _assert_untouched(m)
+
+
+EMPTY_WEIGHTS = {
+    "linear_no_outputs": lambda: nn.Linear(4, 0),
+    "linear_no_inputs": lambda: nn.Linear(0, 3),
+    "conv_no_inputs": lambda: nn.Conv2d(0, 3, 3),
+    "conv_transpose_no_outputs": lambda: nn.ConvTranspose2d(2, 0, 3),  # dim=1
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(EMPTY_WEIGHTS))
+def test_empty_weight_reads_as_pytorch(case, device, seed):
+    """A weight with no elements (a zero-width layer, as pruning or a configuration can make)
+    registers and reads as in PyTorch's SN: the same u, v, an empty W_sn with the weight's
+    strides, sigma 0, the same state_dict and gradient. It takes PyTorch's ops (nothing to read)."""
+    torch.manual_seed(seed)
+    ref = torch_sn(EMPTY_WEIGHTS[case]().to(device))
+    torch.manual_seed(seed)
+    ours = sn(EMPTY_WEIGHTS[case]().to(device))
+    assert not fused_supported(orig(ours), par(ours).dim)
+    for train in (True, False, True):
+        ref.train(train)
+        ours.train(train)
+        w_ours, w_ref = ours.weight, ref.weight
+        assert w_ours.shape == w_ref.shape and w_ours.stride() == w_ref.stride()
+        w_ours.sum().backward()
+        w_ref.sum().backward()
+        assert torch.equal(orig(ours).grad, orig(ref).grad)
+        assert_uv_close(ours, ref, torch.float32)
+        assert par(ours)._sigma.item() == 0.0
+    assert list(ours.state_dict()) == list(ref.state_dict())
+
+
 @pytest.mark.parametrize("eps", [0.0, 1e-12, 1e-3, 1])
 def test_good_eps_accepted(eps, seed):
     ref, ours, make_x = make_pair("linear", seed, eps=eps)

@@ -30,7 +30,9 @@ import dataclasses
 import functools
 import importlib
 import math
+import operator
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -45,7 +47,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .. import reference
 from . import kernels
 
-_CPP_INTERFACE_VERSION = 4  # csrc/spectral_norm_read.cpp's INTERFACE_VERSION, which this file calls
+_CPP_INTERFACE_VERSION = 5  # csrc/spectral_norm_read.cpp's INTERFACE_VERSION, which this file calls
 try:  # the eager read in C++ (csrc/spectral_norm_read.cpp), built where the build imports torch: setup.py
     # (import_module: ``from .. import _C`` in a package still importing raises a plain ImportError)
     _cpp = importlib.import_module("sn_fused._C")
@@ -87,6 +89,7 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # (tracing) are not wrapper subclasses in this sense: they take the op.
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _MAX_COL_DIMS = 4
+_FLOAT_MAX = sys.float_info.max
 _MAX_GRID = 1024  # programs; far above any GPU's co-resident count at one program per SM
 # Launch tuning. Module globals so that bench/kernel_sweep.py can sweep them
 # (call _clear_plans() after changing one); the defaults come from those sweeps.
@@ -214,29 +217,42 @@ def _empty_like_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def fused_supported(weight: torch.Tensor, dim: int = 0) -> bool:
     """Whether the fused kernels can take this weight (else the reference path is used)."""
+    return _why_not_fused(weight, dim) is None
+
+
+def _why_not_fused(weight: torch.Tensor, dim: int) -> str | None:
+    """Why the fused kernels cannot take this weight, or None where they can (``fused_supported``)."""
     # Called on every read of a layer's weight: the cheapest tests first (is_cuda, not
     # device.type, which builds a torch.device).
     dtype = weight.dtype
     if dtype not in _FUSED_DTYPES:
-        return False
+        return f"dtype {dtype}: the kernels take float16/bfloat16/float32/float64 weights"
     if not _plain_tensor(weight):
-        return False  # TwoTensor, DTensor, ...: no storage of their own to launch on; see _PLAIN_TENSOR_TYPES
-    if not weight.is_cuda and not (INTERPRET and weight.device.type == "cpu" and dtype != torch.bfloat16):
-        return False  # CPU tensors only through the interpreter, which has no bfloat16
+        # TwoTensor, DTensor, ...: no storage of their own to launch on; see _PLAIN_TENSOR_TYPES
+        return f"a {type(weight).__name__} (a wrapper tensor subclass) has no storage of its own to launch on"
+    if not weight.is_cuda:
+        if not INTERPRET or weight.device.type != "cpu":
+            return (f"a {weight.device.type} weight: the kernels run on CUDA tensors, and on CPU tensors "
+                    f"under TRITON_INTERPRET=1")
+        if dtype == torch.bfloat16:
+            return "a bfloat16 CPU weight: Triton's interpreter has no bfloat16"
     ndim = weight.ndim
     numel = weight.numel()
     if ndim < 2 or numel == 0:
-        return False
+        return f"shape {tuple(weight.shape)}: the kernels take non-empty weights of 2 or more dims"
     if ndim - 1 > _MAX_COL_DIMS and _matrix_layout(dim % ndim, weight) is None:
-        return False
+        return (f"strides {weight.stride()} with dim={dim}: the columns of its matrix view need more "
+                f"than {_MAX_COL_DIMS} strides")
     # 32-bit offsets inside the kernels: the workspace indices (program * M, program * N,
     # with at most _MAX_GRID programs) must fit, and so must the largest element offset.
     M = weight.shape[dim]
     if max(M, numel // M) * _MAX_GRID >= 2**31:
-        return False
+        return f"a {M} x {numel // M} matrix: the kernels' 32-bit offsets do not reach its partial sums"
     if numel < 2**31 and weight.is_contiguous():  # the common case, without a loop over strides
-        return True
-    return sum((n - 1) * abs(st) for n, st in zip(weight.shape, weight.stride())) < 2**31
+        return None
+    if sum((n - 1) * abs(st) for n, st in zip(weight.shape, weight.stride())) >= 2**31:
+        return "elements 2**31 or more apart: the kernels' offsets are 32-bit"
+    return None
 
 
 def new_semaphore(device: torch.device | str | None = None) -> torch.Tensor:
@@ -740,7 +756,9 @@ def _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim,
     except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
         plan = _forward_plan(*_concrete(weight.shape, weight.stride(), out.stride()), dim, weight.device,
                              n_power_iterations, training, num_programs, phase_by_phase, weight.element_size())
-    head = (weight, out, u, v, saved, sigma_buf, _workspace(plan, out), sem, eps)
+    # (an int eps is a float to the kernel: one compiled kernel for 0 and 0.0, and no integer
+    # specialization of 1)
+    head = (weight, out, u, v, saved, sigma_buf, _workspace(plan, out), sem, float(eps) if type(eps) is int else eps)
     for i, tail in enumerate(plan.launches):
         _launch(kernels.spectral_norm_fwd_kernel, plan.cfg.grid, head + tail, plan.cfg, plan.cooperative, 8,
                 _forward_key(plan, i, weight, sigma_buf, sem), out)
@@ -1107,16 +1125,29 @@ def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sig
     Type, shape, strides, dtype and device of each tensor; type and value of each other argument
     (``True == 1`` and ``1.0 == 1``, but the checks refuse a bool or float count); whether u, v,
     sigma_buf or sem is an inference tensor (whether a read may write one depends on inference
-    mode, see ``_check_in_place_update``; the layer remakes its own buffers). The layer keeps the
+    mode, see ``_check_in_place_update``; the layer remakes its own buffers); whether u or v
+    requires grad; the addresses of u, v, sigma_buf and sem (what overlaps what in memory:
+    ``_vectors_error``, ``_check_apart``). Not the weight's address, which FSDP's re-gathered
+    parameters change read after read: a weight cannot come to overlap u or v without being made
+    a view of their memory. The layer keeps the
     signature of its last checked read and skips the checks while it holds: ~15 us less host
     time per read, measured on a CPU with the launch stubbed out; the signature itself costs ~2.
     """
     return (type(weight), weight.shape, weight.stride(), weight.dtype, weight.device,
             type(u), u.shape, u.stride(), u.dtype, u.device, type(v), v.shape, v.stride(), v.dtype, v.device,
             u.is_inference() or v.is_inference() or sigma_buf.is_inference() or sem.is_inference(),
+            u.requires_grad, v.requires_grad, _address(u), _address(v), _address(sigma_buf), _address(sem),
             type(sigma_buf), sigma_buf.shape, sigma_buf.dtype, sigma_buf.device,
             type(sem), sem.shape, sem.stride(), sem.dtype, sem.device,
             type(dim), dim, type(n_power_iterations), n_power_iterations, type(eps), eps)
+
+
+def _address(t: torch.Tensor) -> int | None:
+    """``t.data_ptr()``, or None for a tensor without storage of its own (a wrapper subclass)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return None
 
 
 def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim: int,
@@ -1139,15 +1170,19 @@ def _check_weight(weight: torch.Tensor, dim: int) -> int:
     if weight.ndim < 2:
         raise ValueError(f"spectral_norm: the fused kernels take weights with 2 or more dims, "
                          f"got shape {tuple(weight.shape)}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        try:  # (an integer type of numpy's or torch's: what Python's indexing takes)
+            dim = operator.index(dim)
+        except TypeError:
+            raise TypeError(f"spectral_norm: dim must be an int, got {type(dim).__name__}") from None
     if not -weight.ndim <= dim < weight.ndim:
         raise IndexError(f"Dimension out of range (expected to be in range of "
                          f"[-{weight.ndim}, {weight.ndim - 1}] but got {dim})")
     if weight.numel() == 0:
         raise ValueError(f"spectral_norm: weight of shape {tuple(weight.shape)} is empty")
     if not fused_supported(weight, dim):
-        raise RuntimeError(f"spectral_norm: no fused kernel for a {weight.device.type} weight of "
-                           f"dtype {weight.dtype} and shape {tuple(weight.shape)} (use "
-                           f"sn_fused.reference, or set TRITON_INTERPRET=1 for CPU tensors)")
+        raise RuntimeError(f"spectral_norm: no fused kernel for this weight ({_why_not_fused(weight, dim)}); "
+                           f"sn_fused.reference.spectral_norm_reference takes it")
     return dim % weight.ndim
 
 
@@ -1182,8 +1217,12 @@ def _check_vectors_and_args(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
         raise ValueError("Expected n_power_iterations to be non-negative (0: no power iteration), but "
                          f"got n_power_iterations={n_power_iterations}")
-    # (not math.isfinite: Dynamo cannot call it on the SymFloat that dynamic=True makes of eps)
-    if not isinstance(eps, (int, float)) or not -math.inf < eps < math.inf or eps < 0:
+    # A bool is no eps here, as it is no count above (the layer reads PyTorch's True as 1.0).
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"Expected eps to be a real number, but got {type(eps).__name__}")
+    # (not math.isfinite: Dynamo cannot call it on the SymFloat that dynamic=True makes of eps;
+    # an int beyond float's range would reach the kernel as one it cannot take)
+    if not -_FLOAT_MAX <= eps <= _FLOAT_MAX or eps < 0:
         raise ValueError(f"Expected eps to be a finite non-negative number, but got eps={eps}")
 
 
@@ -1207,7 +1246,45 @@ def _vectors_error(weight: torch.Tensor, u, v, dim: int) -> Exception | None:
             return RuntimeError(f"spectral_norm: {name} is on {vec.device}, the weight on {weight.device}")
         if vec.stride(0) != 1:
             return ValueError(f"spectral_norm: {name} must be contiguous")
+        if vec.requires_grad:
+            # PyTorch's SN differentiates sigma with respect to a u or v that requires grad; the
+            # kernels take both as constants (and write them in place).
+            return ValueError(f"spectral_norm: the fused kernels take {name} as a constant, but it "
+                              f"requires grad")
+    spans = {name: _memory_span(t) for name, t in (("u", u), ("v", v), ("the weight", weight))}
+    for a, b in (("u", "v"), ("u", "the weight"), ("v", "the weight")):
+        if _overlap(spans[a], spans[b]):
+            # PyTorch's in-place updates, one after the other, see each other's writes there;
+            # the kernels read all of A, u and v before they write any.
+            return ValueError(f"spectral_norm: the fused kernels need u, v and the weight apart in "
+                              f"memory, but {a} overlaps {b}")
     return None
+
+
+def _memory_span(t: torch.Tensor) -> tuple | None:
+    """``(device, first byte address, last + 1)`` of ``t``'s elements, for ``_overlap``; None
+    where there is no memory to compare: an empty tensor, a meta one, and any but the plain
+    types (FakeTensor, FunctionalTensor: tracing, which has its own view of aliasing; wrapper
+    subclasses; a functorch wrapper that outlived its transform), also while Dynamo traces
+    (which cannot trace ``data_ptr``)."""
+    if torch.compiler.is_compiling() or type(t) not in _PLAIN_TENSOR_TYPES:
+        return None
+    numel = t.numel()
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # "Cannot access data pointer of Tensor that doesn't have storage"
+        return None
+    if numel == 0 or ptr == 0:  # (meta tensors' data_ptr() is 0)
+        return None
+    # (torch has no negative strides)
+    last = numel - 1 if t.is_contiguous() else sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.device, ptr, ptr + (last + 1) * t.element_size()
+
+
+def _overlap(a: tuple | None, b: tuple | None) -> bool:
+    """Whether two ``_memory_span``s meet: tensors that may share memory (two that interleave
+    count, as in torch's own test for in-place ops)."""
+    return a is not None and b is not None and a[1] < b[2] and b[1] < a[2] and a[0] == b[0]
 
 
 def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
@@ -1255,9 +1332,22 @@ def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
         dim = check_inputs(weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps)
     check_semaphore(sem, weight)
     check_sigma_buffer(sigma_buf, weight)
+    _check_apart((("sem", sem), ("sigma_buf", sigma_buf)), (("weight", weight), ("u", u), ("v", v)))
     if training and n_power_iterations > 0:  # (no iteration: u and v are only read)
         _check_in_place_update(u, v)
     return dim
+
+
+def _check_apart(written: tuple, read: tuple) -> None:
+    """Refuse a tensor a kernel writes that overlaps, in memory, another one it writes or
+    reads (``(name, tensor)`` pairs): the semaphore and ``sigma_buf`` (u, v and the weight:
+    ``_vectors_error``). What it only reads may overlap (a gradient that is the weight)."""
+    spans = [(name, _memory_span(t)) for name, t in written + read]
+    for i in range(len(written)):
+        for other, span in spans[i + 1:]:
+            if _overlap(spans[i][1], span):
+                raise ValueError(f"spectral_norm: {spans[i][0]} overlaps {other} in memory, and the "
+                                 f"kernel writes into {spans[i][0]}")
 
 
 # torch's own words (c10/core/TensorImpl, check_inplace) for an in-place op on an inference tensor.
@@ -1292,6 +1382,7 @@ def _check_backward_inputs(grad, weight, saved, sem, dim) -> int:
                          f"contiguous, ({length},), {weight.dtype} on {weight.device}; got {_describe(saved)}")
     check_semaphore(sem, weight)
     _check_grad(grad, weight)
+    _check_apart((("sem", sem),), (("weight", weight), ("grad", grad), ("saved", saved)))
     return dim
 
 
@@ -1368,6 +1459,7 @@ def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **lau
             or sigma.device != weight.device:
         raise ValueError(f"spectral_norm backward: sigma must be a 1-element {weight.dtype} tensor on "
                          f"{weight.device}, got {_describe(sigma)}")
+    _check_apart((("sem", sem),), (("weight", weight), ("grad", grad), ("u", u), ("v", v), ("sigma", sigma)))
     return _backward_unchecked(grad, weight, _pack_saved(u, v, sigma), sem, dim, **launch)
 
 
