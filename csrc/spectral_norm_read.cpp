@@ -145,10 +145,10 @@ static int64_t next_prepared_id = 0;
 // launches and, for an incoming gradient with W_sn's strides (autograd's usual), the backward's.
 class PreparedRead {
  public:
-  PreparedRead(int64_t saved_numel, std::shared_ptr<PreparedLaunches> forward,
+  PreparedRead(int64_t saved_numel, bool writes_uv, std::shared_ptr<PreparedLaunches> forward,
                std::shared_ptr<PreparedLaunches> backward, std::vector<int64_t> weight_strides,
                std::vector<int64_t> grad_strides)
-      : id(next_prepared_id++), saved_numel_(saved_numel), forward_(std::move(forward)),
+      : id(next_prepared_id++), saved_numel_(saved_numel), writes_uv_(writes_uv), forward_(std::move(forward)),
         backward_(std::move(backward)), weight_strides_(std::move(weight_strides)),
         grad_strides_(std::move(grad_strides)) {
     prepared_reads[id] = this;
@@ -169,6 +169,15 @@ class PreparedRead {
     at::Tensor out = at::empty_like(weight, at::MemoryFormat::Preserve);  // torch.empty_like's
     at::Tensor saved = at::empty({saved_numel_}, weight.options());
     forward_->run({weight, out, u, v, saved, sigma_buf, sem});
+    // The kernel wrote these through raw pointers: their version counters must say so, as an
+    // in-place op's do, or a backward that saved one before this read would use the new values
+    // without a word (autograd's "modified by an inplace operation" error, as PyTorch's SN gives).
+    // Not the semaphore, which the barriers leave as they found it.
+    bump_version(sigma_buf);
+    if (writes_uv_) {
+      bump_version(u);
+      bump_version(v);
+    }
     return {out, saved};
   }
 
@@ -197,7 +206,13 @@ class PreparedRead {
   const int64_t id;
 
  private:
+  // (torch.autograd.graph.increment_version's: an inference tensor has no version counter)
+  static void bump_version(const at::Tensor& t) {
+    if (!t.is_inference()) torch::autograd::impl::bump_version(t);
+  }
+
   int64_t saved_numel_;
+  bool writes_uv_;  // a training read with power iterations: u and v are written
   std::shared_ptr<PreparedLaunches> forward_;
   std::shared_ptr<PreparedLaunches> backward_;  // null: none prepared (ops._eager_backward)
   std::vector<int64_t> weight_strides_;
@@ -345,16 +360,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sn_fused;
   m.doc() = "sn_fused's eager read in C++ (see csrc/spectral_norm_read.cpp)";
   // What sn_fused.ops.spectral_norm expects of this module: a build of an older source is refused.
-  m.attr("INTERFACE_VERSION") = 5;
+  m.attr("INTERFACE_VERSION") = 6;
   py::class_<PreparedLaunches, std::shared_ptr<PreparedLaunches>>(m, "PreparedLaunches")
       .def(py::init<int64_t, int64_t, at::Tensor, py::tuple, std::vector<py::tuple>, std::vector<py::object>>(),
            py::arg("ws_index"), py::arg("ws_numel"), py::arg("workspace"), py::arg("scalars"),
            py::arg("tails"), py::arg("launches"));
   py::class_<PreparedRead>(m, "PreparedRead")
-      .def(py::init<int64_t, std::shared_ptr<PreparedLaunches>, std::shared_ptr<PreparedLaunches>,
+      .def(py::init<int64_t, bool, std::shared_ptr<PreparedLaunches>, std::shared_ptr<PreparedLaunches>,
                     std::vector<int64_t>, std::vector<int64_t>>(),
-           py::arg("saved_numel"), py::arg("forward"), py::arg("backward"), py::arg("weight_strides"),
-           py::arg("grad_strides"));
+           py::arg("saved_numel"), py::arg("writes_uv"), py::arg("forward"), py::arg("backward"),
+           py::arg("weight_strides"), py::arg("grad_strides"));
   py::class_<ReadSignature>(m, "ReadSignature")
       .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::object, py::object,
                     py::object>(),

@@ -168,6 +168,12 @@ class _SpectralNorm(Module):
             # records torch ops only, while torch's ops behave there exactly as PyTorch's SN
             # does (and fail where it fails).
             return self._reference_read(weight, transformed=True)
+        if torch.compiler.is_compiling() and not (isinstance(self.n_power_iterations, int)
+                                                  and isinstance(self.eps, (int, float))):
+            # A count or eps that is a numpy scalar or a tensor, which PyTorch's SN takes: Dynamo
+            # traces those as arrays and tensors, which the op's int and float arguments cannot
+            # take (eager reads make numbers of them, _op_arguments).
+            return self._reference_read(weight)
         # Buffers straight from the dict: Module.__getattr__ costs ~1 us per name on this hot
         # path (every read of module.weight), the dict lookup ~0.1 us.
         buffers = self._buffers

@@ -1636,6 +1636,52 @@ def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, dynamic, device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad_mode", ["grad", "no_grad"])
+def test_read_tells_autograd_it_wrote_u_and_v(train, grad_mode, device, seed):
+    """A training read writes u and v in place: a backward that saved one of them before the read
+    then fails with autograd's in-place error, as with PyTorch's SN, whichever read path ran (the
+    first read is the checked one, the next ones the C++ read where it is built); an eval read
+    leaves them alone and the backward runs. (Found in review: the kernels' writes left the
+    version counters alone, and such a backward silently used the new u.)"""
+    ref, ours, make_x = make_pair("linear", seed, device=device)
+    for step in range(3):
+        errors = []
+        for m in (ref, ours):
+            m.train(train)
+            w = torch.randn(par(m)._u.shape[0], device=device, requires_grad=True)
+            y = (w * par(m)._u).sum() + (w.sum() * par(m)._v).sum()  # (mul saves u and v for w's gradient)
+            with torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext():
+                m.weight
+            try:
+                y.backward()
+                errors.append(None)
+            except RuntimeError as e:
+                errors.append(str(e))
+        assert (errors[1] is None) == (errors[0] is None) == (not train), (step, errors)
+        assert train == ("modified by an inplace operation" in str(errors[1])), errors[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["eps_numpy_float64", "eps_tensor", "n_numpy_int", "n_tensor"])
+def test_torch_compile_takes_the_argument_types_pytorch_takes(case, device, seed):
+    """A compiled model whose SN has an eps or count of a type PyTorch's SN takes (a numpy scalar,
+    a one-element tensor) runs with PyTorch's numbers (found in review: Dynamo traces them as an
+    array or a tensor, which the op's float and int refused; the layer reads through PyTorch's
+    ops there). ``fullgraph=True`` but for the counts, whose ``range(n)`` breaks PyTorch's graph too."""
+    ref, ours, make_x = make_pair("conv2d", seed, device=device, **ARGUMENT_TYPES[case])
+    fullgraph = case.startswith("eps")
+    compiled = {m: torch.compile(m, backend=_GraphRecorder(), fullgraph=fullgraph) for m in (ref, ours)}
+    for step in range(3):
+        for m in (ref, ours):
+            m.train(step != 1)
+        x = make_x()
+        assert_close(compiled[ours](x), compiled[ref](x), msg=f"step {step}")
+        assert_uv_close(ours, ref, torch.float32)
+        assert_close(par(ours)._sigma, torch_sigma(ref), msg=f"step {step}: sigma")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_double_backward_is_an_error(device, seed):
     """A second derivative in the weight through a ``torch.compile``'d read (Dynamo alone; with
     AOTAutograd torch itself refuses double backward): where the fused op runs, an error

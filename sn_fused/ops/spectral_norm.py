@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .. import reference
 from . import kernels
 
-_CPP_INTERFACE_VERSION = 5  # csrc/spectral_norm_read.cpp's INTERFACE_VERSION, which this file calls
+_CPP_INTERFACE_VERSION = 6  # csrc/spectral_norm_read.cpp's INTERFACE_VERSION, which this file calls
 try:  # the eager read in C++ (csrc/spectral_norm_read.cpp), built where the build imports torch: setup.py
     # (import_module: ``from .. import _C`` in a package still importing raises a plain ImportError)
     _cpp = importlib.import_module("sn_fused._C")
@@ -795,7 +795,8 @@ def _prepared_read(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps, t
     backward = None if backward_plan is None else _prepared_launches(
         kernels.spectral_norm_bwd_kernel, backward_plan, weight, scalars=(), n_tensors=6, ws_index=4, out_index=2,
         keys=[_backward_key(backward_plan, i, weight, weight, weight, sem) for i in range(len(backward_plan.launches))])
-    return _cpp.PreparedRead(saved_numel=u.shape[0] + v.shape[0] + 1, forward=forward, backward=backward,
+    return _cpp.PreparedRead(saved_numel=u.shape[0] + v.shape[0] + 1,
+                             writes_uv=_writes_uv(training, n_power_iterations), forward=forward, backward=backward,
                              weight_strides=list(weight.stride()), grad_strides=list(out_stride))
 
 
@@ -1085,6 +1086,7 @@ try:
 except (AttributeError, KeyError):  # a torch without it: the wrapper, then
     _apply_spectral_norm_function = _SpectralNormFunction.apply
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_increment_version = torch._C._increment_version  # (torch.autograd.graph.increment_version, less its wrapper)
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
 _function_mode_enabled = torch._C._is_torch_function_mode_enabled
@@ -1333,7 +1335,7 @@ def _check_forward_inputs(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
     check_semaphore(sem, weight)
     check_sigma_buffer(sigma_buf, weight)
     _check_apart((("sem", sem), ("sigma_buf", sigma_buf)), (("weight", weight), ("u", u), ("v", v)))
-    if training and n_power_iterations > 0:  # (no iteration: u and v are only read)
+    if _writes_uv(training, n_power_iterations):  # (no iteration: u and v are only read)
         _check_in_place_update(u, v)
     return dim
 
@@ -1446,7 +1448,19 @@ def _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, ep
     out = _empty_like_weight(weight)
     saved = torch.empty(u.shape[0] + v.shape[0] + 1, dtype=weight.dtype, device=weight.device)
     _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim, n_power_iterations, eps, training, **launch)
+    if type(out) is torch.Tensor and not torch.compiler.is_compiling():  # (a real eager call: see _launch)
+        # The kernel wrote these through raw pointers: their version counters must say so, as an
+        # in-place op's do, or a backward that saved one before this read would use the new values
+        # without a word (autograd's "modified by an inplace operation" error, as PyTorch's SN
+        # gives). Not the semaphore, which the barriers leave as they found it (and whose version
+        # the layer reads as "torch code wrote it"). (The op's dispatcher bumps what it declares.)
+        _increment_version((u, v, sigma_buf) if _writes_uv(training, n_power_iterations) else (sigma_buf,))
     return out, saved
+
+
+def _writes_uv(training: bool, n_power_iterations: int) -> bool:
+    """Whether a read writes u and v: training, with power iterations."""
+    return training and n_power_iterations > 0
 
 
 def spectral_norm_backward_fused(grad, weight, u, v, sigma, sem, *, dim=0, **launch):
