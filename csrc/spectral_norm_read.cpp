@@ -241,7 +241,7 @@ class ReadSignature {
       strides_[i] = t.strides().vec();
       dtypes_[i] = t.scalar_type();
       devices_[i] = t.device();
-      data_ptrs_[i] = i == 0 ? nullptr : t.data_ptr();
+      data_ptrs_[i] = i == 0 ? nullptr : address(t);
       requires_grad_[i] = (i == 1 || i == 2) && t.requires_grad();
     }
     inference_ = any_inference(tensors);
@@ -258,7 +258,7 @@ class ReadSignature {
       const at::Tensor& t = THPVariable_Unpack(tensors[i].ptr());
       if (t.sizes() != c10::IntArrayRef(sizes_[i]) || t.scalar_type() != dtypes_[i] ||
           t.device() != devices_[i] || (i != 3 && t.strides() != c10::IntArrayRef(strides_[i])) ||
-          (i != 0 && t.data_ptr() != data_ptrs_[i]) ||
+          (i != 0 && address(t) != data_ptrs_[i]) ||
           ((i == 1 || i == 2) && t.requires_grad() != requires_grad_[i])) {
         return false;
       }
@@ -278,6 +278,10 @@ class ReadSignature {
   }
 
  private:
+  // ops.spectral_norm._address's: the data pointer, null for a tensor without storage (a
+  // functorch wrapper that outlived its transform), which data_ptr() refuses.
+  static const void* address(const at::Tensor& t) { return t.has_storage() ? t.const_data_ptr() : nullptr; }
+
   // Whether u, v, sigma_buf or sem is an inference tensor (what a read writes).
   static bool any_inference(const py::handle (&tensors)[5]) {
     for (int i = 1; i < 5; i++) {

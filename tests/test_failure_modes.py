@@ -483,9 +483,21 @@ BAD_BUFFERS = {
     "u_in_weight": lambda m, g: setattr(par(m), "_u", orig(m).detach().view(-1)[3:8]),
     "v_in_weight": lambda m, g: setattr(par(m), "_v", orig(m).detach().view(-1)[-7:]),
     # PyTorch's sigma = u^T A v differentiates u then (the read's u.grad is compared below).
+    "u_in_subclass_weight": lambda m, g: _tag_weight_and_put_u_in_it(m),
     "u_requires_grad": lambda m, g: par(m)._u.requires_grad_(),
     "v_requires_grad": lambda m, g: par(m)._v.requires_grad_(),
 }
+
+
+def _tag_weight_and_put_u_in_it(m):
+    """The weight made a Parameter subclass (no wrapper), u a view into its memory."""
+    p = m.parametrizations.weight
+    p.original = _TaggedParameter(p.original.detach())
+    par(m)._u = p.original.detach().view(-1)[3:8]
+
+
+class _TaggedParameter(nn.Parameter):
+    """An nn.Parameter subclass that is no wrapper."""
 
 
 def _set_overlapping_uv(m, buffer):
@@ -566,6 +578,10 @@ def _bad(_all=None, **change):
     return build
 
 
+class _Tagged(torch.Tensor):
+    """A torch.Tensor subclass that is no wrapper (a tag on a tensor, as libraries make them)."""
+
+
 def _overlapping_uv():
     """u (5) and v (7): views of one 9-element buffer that share 3 elements."""
     buffer = F.normalize(torch.randn(9, device=DEVICE), dim=0)
@@ -604,6 +620,7 @@ BAD_OP = {
     "eps_beyond_float": (_bad(eps=10**400), ValueError, r"finite non-negative number, but got eps=1000"),
     "dim_float": (_bad(dim=1.0), TypeError, r"dim must be an int, got float"),
     "dim_none": (_bad(dim=None), TypeError, r"dim must be an int, got NoneType"),
+    "dim_bool": (_bad(dim=True), TypeError, r"dim must be an int, got bool"),  # (as torch's ops: no bool dim)
     "u_requires_grad": (_bad(u=lambda u: u.requires_grad_()), ValueError, r"u as a constant, but it requires grad"),
     "v_requires_grad": (_bad(v=lambda v: v.requires_grad_()), ValueError, r"v as a constant, but it requires grad"),
     "u_overlaps_v": (_bad(_all=lambda a: a.update(zip("uv", _overlapping_uv()))), ValueError,
@@ -612,6 +629,10 @@ BAD_OP = {
                     r"but u overlaps the weight"),
     "v_in_weight": (_bad(_all=lambda a: a.update(v=a["weight"].view(-1)[-7:])), ValueError,
                     r"but v overlaps the weight"),
+    # A Tensor subclass that is no wrapper has memory the kernels read as any tensor's.
+    "u_in_subclass_weight": (_bad(_all=lambda a: a.update(weight=_Tagged(a["weight"]),
+                                                          u=a["weight"].view(-1)[3:8])), ValueError,
+                             r"but u overlaps the weight"),
     # (0 is a read at the op level: a layer whose attribute is set to 0 after registration)
     "n_power_iterations_negative": (_bad(n_power_iterations=-1), ValueError,
                                     r"non-negative .*n_power_iterations=-1"),
@@ -723,9 +744,9 @@ def test_inference_tensor_written_outside_inference_mode_raises(made_inside, tra
         read()  # eval: u and v are read only
         assert launches.total > 0
     with torch.inference_mode():
-        want = reference.spectral_norm_reference(w, before["u"].clone(), before["v"].clone(),
+        want = reference.spectral_norm_reference(w.double(), before["u"].double(), before["v"].double(),
                                                  training=training)[0]
-        torch.testing.assert_close(read(), want)
+        torch.testing.assert_close(read(), want.float(), **TOL[torch.float32])  # (float64 oracle, fp32 rounding)
 
 
 def test_launch_counter_sees_launches(launches):

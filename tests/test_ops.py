@@ -730,6 +730,28 @@ def test_layer_reads_use_the_kept_workspace(device, gen):
         torch.testing.assert_close(m.weight, want, rtol=1e-6, atol=0)
 
 
+def test_layer_under_fake_tensor_mode_touches_no_data_pointer(device):
+    """A layer whose parameters and buffers are FakeTensors, run eagerly under FakeTensorMode (as
+    memory and runtime estimators run a model) reads without asking any tensor for its data
+    pointer, which torch warns about and will refuse (found in review: the read signature's
+    addresses did)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import sn_fused
+    m = sn_fused.spectral_norm(torch.nn.Linear(7, 5, device=device))
+    mode = FakeTensorMode()
+    with mode, warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch's: "Accessing the data pointer of FakeTensor is deprecated")
+        for module in m.modules():
+            for name, p in list(module._parameters.items()):
+                module._parameters[name] = torch.nn.Parameter(mode.from_tensor(p), p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                module._buffers[name] = mode.from_tensor(b)
+        for _ in range(2):  # a checked read, then one that matches its signature
+            out = m(torch.randn(2, 7, device=device))
+    assert type(out).__name__ == "FakeTensor" and out.shape == (2, 5)
+
+
 LAUNCH_MODES = [dict(num_programs=1, phase_by_phase=False), dict(num_programs=1, phase_by_phase=True),
                 dict(num_programs=3, phase_by_phase=True)]
 LAUNCH_IDS = ["single-launch", "phases-G1", "phases-G3"]

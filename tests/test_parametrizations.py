@@ -1635,16 +1635,25 @@ def test_torch_compile_fullgraph_traces_one_graph(train, n_iter, dynamic, device
     assert (ops <= recorder.targets()) == fused, recorder.targets()
 
 
+class _Tagged(torch.Tensor):
+    """A torch.Tensor subclass that is no wrapper (a tag, as libraries make them): W_sn is one too."""
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("grad_mode", ["grad", "no_grad"])
-def test_read_tells_autograd_it_wrote_u_and_v(train, grad_mode, device, seed):
+@pytest.mark.parametrize("weight_type", ["parameter", "subclass"])
+def test_read_tells_autograd_it_wrote_u_and_v(train, grad_mode, weight_type, device, seed):
     """A training read writes u and v in place: a backward that saved one of them before the read
     then fails with autograd's in-place error, as with PyTorch's SN, whichever read path ran (the
-    first read is the checked one, the next ones the C++ read where it is built); an eval read
-    leaves them alone and the backward runs. (Found in review: the kernels' writes left the
-    version counters alone, and such a backward silently used the new u.)"""
+    first read is the checked one, the next ones the C++ read where it is built; a weight of a
+    Tensor subclass always takes the Python one); an eval read leaves them alone and the
+    backward runs. (Found in review: the kernels' writes left the version counters alone, and
+    such a backward silently used the new u.)"""
     ref, ours, make_x = make_pair("linear", seed, device=device)
+    if weight_type == "subclass":
+        for m in (ref, ours):
+            m.parametrizations.weight.original = nn.Parameter(orig(m).detach().as_subclass(_Tagged))
     for step in range(3):
         errors = []
         for m in (ref, ours):

@@ -1145,11 +1145,17 @@ def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sig
 
 
 def _address(t: torch.Tensor) -> int | None:
-    """``t.data_ptr()``, or None for a tensor without storage of its own (a wrapper subclass)."""
-    try:
-        return t.data_ptr()
-    except RuntimeError:
-        return None
+    """``t.data_ptr()`` of a tensor with memory a kernel reads or writes, else None: a fake one
+    (FakeTensor, FunctionalTensor: tracing, or a memory estimator running the model under
+    FakeTensorMode), a wrapper subclass, one without storage (a functorch wrapper that
+    outlived its transform). Not while Dynamo traces, which cannot trace ``data_ptr``: callers
+    that Dynamo may trace ask ``is_compiling()`` first."""
+    if type(t) in _PLAIN_TENSOR_TYPES or (_plain_tensor(t) and not isinstance(t, FakeTensor)):
+        try:
+            return t.data_ptr()
+        except RuntimeError:  # "Cannot access data pointer of Tensor that doesn't have storage"
+            return None
+    return None
 
 
 def check_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *, dim: int,
@@ -1172,11 +1178,12 @@ def _check_weight(weight: torch.Tensor, dim: int) -> int:
     if weight.ndim < 2:
         raise ValueError(f"spectral_norm: the fused kernels take weights with 2 or more dims, "
                          f"got shape {tuple(weight.shape)}")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        try:  # (an integer type of numpy's or torch's: what Python's indexing takes)
-            dim = operator.index(dim)
-        except TypeError:
-            raise TypeError(f"spectral_norm: dim must be an int, got {type(dim).__name__}") from None
+    if type(dim) is not int:
+        # (an integer type of numpy's or torch's, what Python's indexing takes; not a bool, as torch's ops)
+        index = None if isinstance(dim, bool) else getattr(type(dim), "__index__", None)
+        if index is None:
+            raise TypeError(f"spectral_norm: dim must be an int, got {type(dim).__name__}")
+        dim = operator.index(dim)
     if not -weight.ndim <= dim < weight.ndim:
         raise IndexError(f"Dimension out of range (expected to be in range of "
                          f"[-{weight.ndim}, {weight.ndim - 1}] but got {dim})")
@@ -1265,18 +1272,13 @@ def _vectors_error(weight: torch.Tensor, u, v, dim: int) -> Exception | None:
 
 def _memory_span(t: torch.Tensor) -> tuple | None:
     """``(device, first byte address, last + 1)`` of ``t``'s elements, for ``_overlap``; None
-    where there is no memory to compare: an empty tensor, a meta one, and any but the plain
-    types (FakeTensor, FunctionalTensor: tracing, which has its own view of aliasing; wrapper
-    subclasses; a functorch wrapper that outlived its transform), also while Dynamo traces
-    (which cannot trace ``data_ptr``)."""
-    if torch.compiler.is_compiling() or type(t) not in _PLAIN_TENSOR_TYPES:
+    where there is no memory to compare: an empty tensor, a meta one, and where ``_address``
+    has none (tracing)."""
+    if torch.compiler.is_compiling():
         return None
     numel = t.numel()
-    try:
-        ptr = t.data_ptr()
-    except RuntimeError:  # "Cannot access data pointer of Tensor that doesn't have storage"
-        return None
-    if numel == 0 or ptr == 0:  # (meta tensors' data_ptr() is 0)
+    ptr = _address(t)
+    if numel == 0 or not ptr:  # (a meta tensor's data_ptr() is 0)
         return None
     # (torch has no negative strides)
     last = numel - 1 if t.is_contiguous() else sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
@@ -1284,8 +1286,9 @@ def _memory_span(t: torch.Tensor) -> tuple | None:
 
 
 def _overlap(a: tuple | None, b: tuple | None) -> bool:
-    """Whether two ``_memory_span``s meet: tensors that may share memory (two that interleave
-    count, as in torch's own test for in-place ops)."""
+    """Whether two ``_memory_span``s meet: tensors that may share memory. Conservative: two
+    that interleave without sharing an element count too (torch's own test for in-place ops
+    gives up on them instead), which sends such u, v to PyTorch's ops in a layer."""
     return a is not None and b is not None and a[1] < b[2] and b[1] < a[2] and a[0] == b[0]
 
 
@@ -1448,7 +1451,7 @@ def _forward_unchecked(weight, u, v, sigma_buf, sem, dim, n_power_iterations, ep
     out = _empty_like_weight(weight)
     saved = torch.empty(u.shape[0] + v.shape[0] + 1, dtype=weight.dtype, device=weight.device)
     _launch_forward(weight, out, u, v, saved, sigma_buf, sem, dim, n_power_iterations, eps, training, **launch)
-    if type(out) is torch.Tensor and not torch.compiler.is_compiling():  # (a real eager call: see _launch)
+    if not torch.compiler.is_compiling() and _address(out) is not None:  # a real eager call (not a fake tensor)
         # The kernel wrote these through raw pointers: their version counters must say so, as an
         # in-place op's do, or a backward that saved one before this read would use the new values
         # without a word (autograd's "modified by an inplace operation" error, as PyTorch's SN
