@@ -1131,9 +1131,9 @@ def _input_signature(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sig
     requires grad; the addresses of u, v, sigma_buf and sem (what overlaps what in memory:
     ``_vectors_error``, ``_check_apart``). Not the weight's address, which FSDP's re-gathered
     parameters change read after read: a weight cannot come to overlap u or v without being made
-    a view of their memory. The layer keeps the
-    signature of its last checked read and skips the checks while it holds: ~15 us less host
-    time per read, measured on a CPU with the launch stubbed out; the signature itself costs ~2.
+    a view of their memory. The layer keeps the signature of its last checked read and skips the
+    checks while it holds: ~15 us less host time per read, measured on a CPU with the launch
+    stubbed out; the signature itself costs ~3.
     """
     return (type(weight), weight.shape, weight.stride(), weight.dtype, weight.device,
             type(u), u.shape, u.stride(), u.dtype, u.device, type(v), v.shape, v.stride(), v.dtype, v.device,
@@ -1179,9 +1179,8 @@ def _check_weight(weight: torch.Tensor, dim: int) -> int:
         raise ValueError(f"spectral_norm: the fused kernels take weights with 2 or more dims, "
                          f"got shape {tuple(weight.shape)}")
     if type(dim) is not int:
-        # (an integer type of numpy's or torch's, what Python's indexing takes; not a bool, as torch's ops)
-        index = None if isinstance(dim, bool) else getattr(type(dim), "__index__", None)
-        if index is None:
+        # Any integer Python's indexing takes (numpy's, torch's), but not a bool, as torch's ops.
+        if isinstance(dim, bool) or not hasattr(type(dim), "__index__"):
             raise TypeError(f"spectral_norm: dim must be an int, got {type(dim).__name__}")
         dim = operator.index(dim)
     if not -weight.ndim <= dim < weight.ndim:
