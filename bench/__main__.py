@@ -96,9 +96,9 @@ def _profiles() -> dict[str, Profile]:
         compiled_impls=(), compile_shapes=(), compile_dtypes=(), compile_n=(),
         steps=(("sngan_resnet_d", "eager", (1,)),), launch_impls=(), eager_s=0.02, rounds=5, bench_warmup_ms=0,
         bench_rep_ms=0, step_s=0.3, batch=2, step_rounds=3, step_warmup=1,
-        notes=("CPU mode: sn_fused runs its pure-PyTorch reference path on CPU tensors; CPU times "
-               "are for reference (noisy on a shared machine), the SNGAN step at batch 2 is a smoke "
-               "test (the GPU benchmark uses batch 64)",))
+        notes=("CPU mode: sn_fused runs its pure-PyTorch reference path on CPU tensors (without "
+               "TRITON_INTERPRET=1); CPU times are for reference (noisy on a shared machine), the SNGAN "
+               "step at batch 2 is a smoke test of three steps (the GPU benchmark uses batch 64)",))
     return {"quick": quick, "full": full, "cpu": cpu}
 
 
@@ -393,7 +393,8 @@ def run_steps(cases: list[tuple], device: torch.device, budget, batch: int | Non
             progress.advance(result=row["error"] if "error" in row else f"warm-up {row['warmup_s']:.1f} s")
         if ready:
             harness.time_steps([b for b, _ in ready], [r for _, r in ready], device, budget)
-            print(f"step {model} {mode}, ms/step (interleaved): " + ", ".join(
+            timing = "interleaved" if all(r.get("timing") == "interleaved" for _, r in ready) else "each alone"
+            print(f"step {model} {mode}, ms/step ({timing}): " + ", ".join(
                 f"{r['sn']} n={r['n']} {r['step_ms']:.2f}" if "step_ms" in r else f"{r['sn']} n={r['n']} error"
                 for _, r in ready), flush=True)
         ready, bench = [], None  # drop the group's models before the next group
@@ -519,7 +520,7 @@ def _finish_interpreter_check(proc: subprocess.Popen, json_path: str, timeout: f
 
 
 def interpreter_check_main(json_path: str) -> int:
-    from . import host_time, interpreter_check
+    from . import harness, host_time, interpreter_check
 
     check = interpreter_check.run()
     try:  # in the same child: CPU weights take the fused path only under the interpreter
@@ -552,8 +553,8 @@ def run_cpu_mode(args: argparse.Namespace, device: torch.device) -> int:
     notes = list(profile.notes)
     impls = profile.impls
     if in_process:
-        notes.append("TRITON_INTERPRET=1 was set: sn_fused's CPU timing (it would time the "
-                     "interpreter) is skipped")
+        notes.append("TRITON_INTERPRET=1 was set: sn_fused's CPU timings (they would time the "
+                     "interpreter) are skipped, per layer and in the training step")
         impls = tuple(i for i in impls if i != "sn_fused")
     t0 = time.perf_counter()
     check = interpreter_check.run() if in_process else _finish_interpreter_check(proc, json_path)
@@ -577,6 +578,8 @@ def run_cpu_mode(args: argparse.Namespace, device: torch.device) -> int:
     budget = make_budget(profile, args, device)
     l_cases = layer_cases(profile, shape_filter) if "layers" in profile.parts else []
     s_cases = step_cases(profile) if "steps" in profile.parts else []
+    if in_process:
+        s_cases = [case for case in s_cases if case[2] != "sn_fused"]
     threads = torch.get_num_threads()
     notes.append(f"per-layer CPU timings run on one thread (stable on a shared machine); "
                  f"the step uses {threads}")

@@ -1,7 +1,9 @@
 """The one measurement harness: timers, implementations, per-layer and whole-step cases.
 
-Everything ``python -m bench`` and ``bench/test_bench_layers.py`` measure goes
-through here, so the numbers mean the same thing everywhere.
+Everything ``python -m bench`` and ``bench/test_bench_layers.py`` measure is built here
+(layers, steps, implementations from the same seeds). The timers differ: ``python -m bench``
+times with the functions below; pytest-benchmark times its own rounds of back-to-back calls
+(graph modes: a one-read graph replayed, L2 warm), for saved-run comparisons only.
 
 Timers (see ``BENCHMARKS.md`` for the reasoning):
 

@@ -205,7 +205,7 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
                             print(f"  {M}x{N} {label}={val}: {type(e).__name__}: {str(e)[:100]}")
                 results.append(dict(M=M, N=N, knob=knob, value=val, grid=grid, loads=loads, fwd_graph_us=t,
                                     bwd_graph_us=tb, rel_err=err, same_as_default=same))
-                flag = f" ERR {err:.1e}" if err > 1e-5 else ""  # (NaN: the variant raised, printed above)
+                flag = "" if err <= 1e-5 else f" ERR {err:.1e}"  # (NaN: the variant raised, or read NaN)
                 timed = "=default" if same else f"{t:.1f}/{tb:.1f}"
                 print(f"{M:>5}x{N:<6} {label}={val}:{timed}[{grid} {loads}]{flag}", flush=True)
     return results

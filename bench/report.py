@@ -111,7 +111,7 @@ def detail_table(rows: list[dict]) -> Table:
             _us(row.get("eager_fwd_us")), _us(row.get("eager_fwdbwd_us")),
             _us(row.get("graph_fwd_us")), _us(row.get("graph_fwdbwd_us")),
             _pct(row.get("pct_floor_graph_fwd")), _pct(row.get("pct_floor_graph_fwdbwd")),
-            _launches(row), f"{err:.1e}" if finite(err) else "-",
+            _launches(row), "-" if err is None else f"{err:.1e}",
             f"{row['warmup_s']:.2f}" if finite(row.get("warmup_s")) else "-",
         ])
     headers, out = _drop_empty_columns(headers, out, keep=5)
@@ -194,7 +194,7 @@ def error_lines(results: dict) -> list[str]:
         for key, msg in row.get("errors", {}).items():
             lines.append(f"{row['shape']} {row['dtype']} n={row['n']} {row['impl']} {key}: {msg}")
         err, tol = row.get("rel_err_vs_torch"), MATCH_TOLERANCE.get(row["dtype"], 1e-4)
-        if finite(err) and err > tol:
+        if err is not None and not err <= tol:  # (NaN: a NaN first read, where PyTorch's was finite)
             lines.append(f"{row['shape']} {row['dtype']} n={row['n']} {row['impl']}: first read differs "
                          f"from PyTorch's by {err:.1e} (relative, > {tol:g})")
     for row in results.get("steps", []):

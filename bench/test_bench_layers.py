@@ -42,6 +42,7 @@ MODES = ("fwd", "fwdbwd", "graph_fwd", "graph_fwdbwd")
 def _run(benchmark, layer: shapes.Layer, dtype: str, impl: str, mode: str, device: torch.device,
          reads: int) -> None:
     bench = harness.build_layer(layer, impl, dtype=harness.DTYPES[dtype], device=device)
+    _check_first_read(bench, layer, dtype, device)
     fn = bench.fwd_bwd if mode.endswith("fwdbwd") else bench.fwd
     graph = None
     if mode.startswith("graph"):
@@ -64,6 +65,22 @@ def _run(benchmark, layer: shapes.Layer, dtype: str, impl: str, mode: str, devic
     del graph
 
 
+def _check_first_read(bench: harness.LayerBench, layer: shapes.Layer, dtype: str, device: torch.device) -> None:
+    """What is timed is a working read: its first read is finite and PyTorch's (a layer built from
+    the same seed: the same weight, u and v), to the tolerance of ``python -m bench``'s report;
+    on a GPU sn_fused's read is its one kernel, not a fallback."""
+    from bench.report import MATCH_TOLERANCE
+
+    got = bench.fwd().detach()
+    want = harness.build_layer(layer, "torch_param", dtype=harness.DTYPES[dtype], device=device).fwd().detach()
+    assert torch.isfinite(got).all(), f"{bench.impl}: a non-finite first read"
+    err = harness._rel_err(got, want)
+    assert err <= MATCH_TOLERANCE[dtype], f"{bench.impl}: first read {err:.1e} from PyTorch's"
+    if bench.impl == "sn_fused" and device.type == "cuda":
+        launches = harness.count_launches(bench.fwd)
+        assert launches is not None and launches["kernels"] == 1, launches
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 @pytest.mark.parametrize("mode", MODES)
@@ -71,6 +88,10 @@ def _run(benchmark, layer: shapes.Layer, dtype: str, impl: str, mode: str, devic
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("layer", GPU_LAYERS, ids=lambda layer: layer.name)
 def test_layer_gpu(benchmark, layer, dtype, impl, mode):
+    if impl == "torch_legacy" and mode == "graph_fwdbwd":
+        # As harness.measure_layer: capturing the legacy hook's read + backward invalidates the
+        # capture, and every later capture in the process then fails (an H200, torch 2.11).
+        pytest.skip("the legacy hook's read + backward cannot be captured in a CUDA graph")
     _run(benchmark, layer, dtype, impl, mode, torch.device("cuda"), READS_PER_ROUND)
 
 
