@@ -137,6 +137,16 @@ if [ "$mode" != bench ]; then
   [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee "$OUT/kernel_sweep.log"
   [ "$t" != 0 ] && { timeout "$t" python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 \
     | tee "$OUT/kernel_sweep.log" || status=1; }
+  # The weights that fit in L2 with L2 flushed before every read (the table above replays 20 reads
+  # with L2 warm, where they can beat the DRAM floor: bench/NOTES.md v19): issue #3's goals judged
+  # on cold reads too. sn_fused only, graph times.
+  t=$(within 60 "$(reserve 90 250)")
+  if [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== kernel table, L2 flushed before every read (sn_fused, graph) $(date +%T)"
+    timeout "$t" python3 -m bench.kernel_sweep --no-torch --graph-only --reads-per-graph 1 \
+      --table-shapes 64x27,128x1152,512x4608,768x6912,1x8192,24576x20,1000x1536 --out "$W/cold" 2>&1 \
+      | tee "$OUT/kernel_sweep-cold.log" || status=1
+  fi
   t=$(within 150 "$(reserve 60 220)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
     # Phase R's steps on smaller weights too: 128x1152 (ON_CHIP: every program reads the whole

@@ -44,8 +44,16 @@ def copy_bandwidth() -> float:
     return copy_bandwidth.last
 
 
+#: Reads per captured graph (``--reads-per-graph``; None: 20, 10 for a read + backward). do_bench
+#: flushes L2 before each replay, so with 1 every read starts from a cold L2: what a weight that
+#: fits in L2 costs when other layers ran in between (the default replays keep it warm).
+READS_PER_GRAPH = None
+
+
 def graph_time_us(fn, reps_per_graph=20) -> float:
-    """Median GPU time of one ``fn()`` from replays of a graph holding ``reps_per_graph`` calls."""
+    """Median GPU time of one ``fn()`` from replays of a graph holding ``reps_per_graph`` calls
+    (``READS_PER_GRAPH`` where set)."""
+    reps_per_graph = READS_PER_GRAPH or reps_per_graph
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -498,6 +506,11 @@ def main():
     ap.add_argument("--sweep-knobs", default=None, metavar="NAME[=V/V...],...",
                     help="knobs of --sweep, each with its values in KNOBS or those given (default all: %s)"
                     % ",".join(KNOBS))
+    ap.add_argument("--table-shapes", default=None, metavar="MxN,...",
+                    help="the per-shape table's shapes (default %s)" % ",".join(f"{m}x{n}" for m, n in SHAPES))
+    ap.add_argument("--reads-per-graph", type=int, default=None, metavar="N",
+                    help="reads (or reads + backwards) per captured graph; L2 is flushed before each replay, "
+                         "so 1 times every read from a cold L2 (default 20, 10 with the backward: L2 warm)")
     ap.add_argument("--reads", default=None, metavar="MxN",
                     help="only build one MxN layer (one read) and read it, then its backward, 3 times "
                          "(a target for ncu: --launch-skip 5 on both kernels profiles the third of each)")
@@ -531,12 +544,15 @@ def main():
         print_compiled(ops_mod.kernels.spectral_norm_bwd_kernel)
         return
     knobs = (KNOBS if not args.sweep_knobs else parse_knobs(args.sweep_knobs)) if args.sweep else None  # (fail fast)
+    global READS_PER_GRAPH
+    READS_PER_GRAPH = args.reads_per_graph
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"# {dev}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"copy bandwidth {bw / 1e12:.2f} TB/s  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"copy bandwidth {bw / 1e12:.2f} TB/s  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
+          f"reads per graph {READS_PER_GRAPH or '20 (10 with the backward)'}, L2 flushed before each replay")
     rows = []
-    shapes = [] if args.no_table else SHAPES
+    shapes = [] if args.no_table else parse_shapes(args.table_shapes) if args.table_shapes else SHAPES
     hdr = (f"{'shape':>12} {'floor':>6} | {'SNF fwd':>8} {'x floor':>7} {'PT fwd':>7} | {'SNF eager':>9} "
            f"{'PT eager':>8} {'speedup':>7} | {'SNF f+b':>8} {'PT f+b':>7} | {'SNF f+b eager':>13} "
            f"{'PT f+b eager':>12} | {'SNF bwd':>7} {'x floor':>7}")
@@ -561,7 +577,8 @@ def main():
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "kernel_sweep.json"), "w") as f:
                 json.dump(dict(device=dev, torch=torch.__version__, triton=triton.__version__,
-                               copy_bandwidth=bw, rows=rows, sweep=sweep), f, indent=1)
+                               copy_bandwidth=bw, reads_per_graph=READS_PER_GRAPH, rows=rows, sweep=sweep),
+                          f, indent=1)
 
     save()
     parts = [(args.eager_ab, lambda: [dict(eager_ab=eager_ab())]),

@@ -208,3 +208,27 @@ def test_phase_times_time_each_phase_alone_then_the_one_launch(monkeypatch, caps
     assert line.split()[1:3] == [f"[1", f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES}"], line
     assert all(f"fwd.{names[p]}:1.0" in line for p in fwd) and "bwd.DOT:1.0" in line and "bwd.GRAD:1.0" in line
     assert "fwd sum %.1f one launch 1.0" % len(fwd) in line and "bwd sum 2.0 one launch 1.0" in line
+
+
+def test_reads_per_graph_sets_the_reads_each_replay_times(monkeypatch):
+    """``--reads-per-graph`` (``READS_PER_GRAPH``): the captured graph holds that many calls and the
+    time is per call; unset, each caller's count (20 reads, 10 with the backward). With 1, the L2
+    flush before each replay makes every read a cold one (gpu_check's L2-flushed table)."""
+    import contextlib
+
+    import triton
+
+    from bench import kernel_sweep
+
+    cuda = kernel_sweep.torch.cuda
+    for name, stub in (("Stream", lambda: mock.MagicMock()), ("current_stream", lambda: mock.MagicMock()),
+                       ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", lambda: mock.MagicMock()),
+                       ("graph", lambda g: contextlib.nullcontext())):
+        monkeypatch.setattr(cuda, name, stub)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: 1.0)  # ms per replay
+    for setting, want_calls in ((None, 10), (1, 1), (4, 4)):
+        monkeypatch.setattr(kernel_sweep, "READS_PER_GRAPH", setting)
+        calls = []
+        us = kernel_sweep.graph_time_us(lambda: calls.append(1), reps_per_graph=10)
+        assert len(calls) - 3 == want_calls  # (3 warm-up calls before the capture)
+        assert us == 1e3 / want_calls
