@@ -114,7 +114,8 @@ class _SpectralNorm(Module):
     #: own writes leave the version alone, so any other version means torch code wrote into
     #: it -- AveragedModel(use_buffers=True) averaging every buffer, a cast, a fill -- and the
     #: grid barrier's invariant (0 or 0x80000000 at rest) may no longer hold: the next read
-    #: makes a new one. None (instances made by ``convert``): not known, made anew once.
+    #: zeroes it in place (a rest state; a new one if it is no longer an int32[2]). None
+    #: (instances made by ``convert``): not known, zeroed once.
     _sem_version = None
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0,
@@ -200,16 +201,26 @@ class _SpectralNorm(Module):
         if fused_supported(weight, dim) and _vectors_error(weight, u, v, dim % weight.ndim) is None:
             # The two non-persistent buffers do not come with load_state_dict(assign=True): when
             # the weight arrives on another device, they are made anew there, and so when a plain
-            # weight replaces a wrapper-subclass one (DTensor, TwoTensor); the semaphore also
-            # when torch code wrote into it (see _sem_version). (Anything else wrong with them
+            # weight replaces a wrapper-subclass one (DTensor, TwoTensor); the semaphore is put
+            # at rest when torch code wrote into it (see _sem_version). (Anything else wrong with them
             # is for the op's checks to say: an AttributeError here would surface as "no
             # attribute 'weight'", parametrize's property being a property.)
             remade = False
             if isinstance(sem, Tensor):
-                if (sem.device != weight.device or not _plain_tensor(sem)
-                        or (not compiling and sem._version != self._sem_version)):  # written by torch code
+                if sem.device != weight.device or not _plain_tensor(sem):
                     sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
                     remade = True
+                elif not compiling and sem._version != self._sem_version:  # written by torch code
+                    if sem.dtype == torch.int32 and sem.shape == (2,) and sem.is_contiguous():
+                        # Put at rest where it is: the same tensor keeps its address, which a
+                        # compiled graph (CUDA graphs: a static input) and the checked read's
+                        # signature hold. (Also after a compiled read of this layer, which bumps
+                        # the version: its op declares the semaphore written.)
+                        with torch.no_grad():
+                            sem.zero_()
+                    else:
+                        sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
+                        remade = True
                 if not compiling:
                     self._sem_version = sem._version
             if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device

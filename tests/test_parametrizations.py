@@ -1691,6 +1691,26 @@ def test_torch_compile_takes_the_argument_types_pytorch_takes(case, device, seed
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compiled_and_eager_reads_keep_one_semaphore(device, seed):
+    """Compiled and eager reads of one layer, alternating (a compiled training step, eager
+    sampling): the compiled op bumps the semaphore's version (it declares it written), and the
+    next eager read puts it at rest in place -- the same tensor at the same address, which a CUDA
+    graph holds as a static input -- instead of making a new one (found in review: a new one each
+    time). The numbers are eager's."""
+    torch.manual_seed(seed)
+    m = sn(nn.Linear(6, 4, device=device))
+    twin = copy.deepcopy(m)
+    compiled = torch.compile(m, backend=_GraphRecorder(), fullgraph=True)
+    sem = par(m)._sem
+    address = sem.data_ptr()
+    for step in range(3):
+        x = torch.randn(2, 6, device=device)
+        assert_close(compiled(x), twin(x), msg=f"step {step}, compiled")
+        assert_close(m(x), twin(x), msg=f"step {step}, eager")
+        assert par(m)._sem is sem and sem.data_ptr() == address and not sem.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_double_backward_is_an_error(device, seed):
     """A second derivative in the weight through a ``torch.compile``'d read (Dynamo alone; with
     AOTAutograd torch itself refuses double backward): where the fused op runs, an error
