@@ -126,6 +126,11 @@ def cases():
     ]
 
 
+def _worst(errors) -> float:
+    """The largest error, NaN above all (``max`` passes over a NaN that is not first); NaN for none."""
+    return max(errors, key=lambda e: math.inf if math.isnan(e) else e, default=math.nan)
+
+
 def run() -> dict[str, Any]:
     """Run every case; ``{"ok", "summary", "cases": [...]}``."""
     _check_environment()
@@ -135,17 +140,15 @@ def run() -> dict[str, Any]:
         entry: dict[str, Any] = dict(case=name)
         try:
             errors = fn()
-            # (a NaN error fails: max() would pass over one that is not first, and NaN <= x is False)
-            worst_case = max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
-            entry.update(errors=errors, max_rel_err=worst_case,
+            # (a NaN error fails: NaN <= x is False)
+            entry.update(errors=errors, max_rel_err=_worst(errors.values()),
                          ok=all(e <= TOLERANCE for e in errors.values()))
         except Exception as exc:  # noqa: BLE001 -- reported as a failed case
             entry.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
         entry["seconds"] = time.perf_counter() - t0
         results.append(entry)
     ok = all(r["ok"] for r in results)
-    worst = max((r.get("max_rel_err", math.nan) for r in results), key=lambda e: math.inf if math.isnan(e) else e,
-                default=math.nan)
+    worst = _worst(r.get("max_rel_err", math.nan) for r in results)
     summary = (f"{sum(r['ok'] for r in results)}/{len(results)} cases within {TOLERANCE:g} "
                f"of the float64 reference (worst relative error {worst:.1e})")
     return dict(ok=ok, summary=summary, tolerance=TOLERANCE, cases=results)

@@ -31,7 +31,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook as _LegacyLoadStateDictPreHook
 from torch.nn.utils.spectral_norm import SpectralNormStateDictHook as _LegacyStateDictHook
 
-from .parametrizations import _install_fast_read, _new_layer_semaphore, _new_sigma_buffer, _SpectralNorm, check_eps
+from .parametrizations import _install_fast_read, _new_layer_semaphore, _new_sigma_buffer, _SpectralNorm, _check_eps
 
 __all__ = ["convert", "convert_state_dict", "load_legacy_state_dict"]
 
@@ -52,7 +52,7 @@ def _fused_from_state(weight: Tensor, u: Tensor | None, v: Tensor | None, *, dim
     ``weight`` only provides ndim, dtype and device; it is not read.
     """
     # Same refusal as _SpectralNorm.__init__, which this bypasses so as not to draw from the RNG.
-    check_eps(eps)
+    _check_eps(eps)
     ndim = weight.ndim
     if dim >= ndim or dim < -ndim:
         raise IndexError(

@@ -26,8 +26,8 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from .ops import fused_supported, new_semaphore, spectral_norm_fused
-from .ops.spectral_norm import (_check_in_place_update, _plain_tensor, _read_signature, _spectral_norm_checked,
-                                _vectors_error)
+from .ops.spectral_norm import (_check_in_place_update, _is_semaphore, _plain_tensor, _read_signature,
+                                _spectral_norm_checked, _vectors_error)
 
 __all__ = ["spectral_norm", "_SpectralNorm"]
 
@@ -68,7 +68,7 @@ def _op_arguments(n_power_iterations, eps) -> tuple:
     return n_power_iterations, eps
 
 
-def check_eps(eps) -> None:
+def _check_eps(eps) -> None:
     """Refuse an ``eps`` that PyTorch's SN would take but that silently gives NaN/Inf weights
     (negative or not finite), and one that is no real number (``TypeError``, which PyTorch's
     ``clamp_min`` raises at the first read), before anything runs. Any real number as
@@ -132,7 +132,7 @@ class _SpectralNorm(Module):
                 "Expected n_power_iterations to be positive, but "
                 f"got n_power_iterations={n_power_iterations}"
             )
-        check_eps(eps)
+        _check_eps(eps)
         if weight.dtype in (torch.bool,) or not (weight.is_floating_point() or weight.is_complex()):
             raise TypeError(f"spectral_norm expects a floating point or complex weight, got {weight.dtype}")
         self.dim = dim if dim >= 0 else dim + ndim
@@ -169,18 +169,17 @@ class _SpectralNorm(Module):
             # records torch ops only, while torch's ops behave there exactly as PyTorch's SN
             # does (and fail where it fails).
             return self._reference_read(weight, transformed=True)
-        if torch.compiler.is_compiling() and not (isinstance(self.n_power_iterations, int)
-                                                  and isinstance(self.eps, (int, float))):
-            # A count or eps that is a numpy scalar or a tensor, which PyTorch's SN takes: Dynamo
-            # traces those as arrays and tensors, which the op's int and float arguments cannot
-            # take (eager reads make numbers of them, _op_arguments).
-            return self._reference_read(weight)
         # Buffers straight from the dict: Module.__getattr__ costs ~1 us per name on this hot
         # path (every read of module.weight), the dict lookup ~0.1 us.
         buffers = self._buffers
         u, v, sigma_buf, sem = buffers["_u"], buffers["_v"], buffers["_sigma"], buffers["_sem"]
         dim, n_power_iterations, eps = self.dim, self.n_power_iterations, self.eps
         compiling = torch.compiler.is_compiling()  # traced once: checks cost nothing at run time
+        if compiling and not (isinstance(n_power_iterations, int) and isinstance(eps, (int, float))):
+            # A count or eps that is a numpy scalar or a tensor, which PyTorch's SN takes: Dynamo
+            # traces those as arrays and tensors, which the op's int and float arguments cannot
+            # take (eager reads make numbers of them, _op_arguments).
+            return self._reference_read(weight)
         if not compiling:
             checked = self._checked_read
             if checked is not None and checked[0].matches(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
@@ -211,7 +210,7 @@ class _SpectralNorm(Module):
                     sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
                     remade = True
                 elif not compiling and sem._version != self._sem_version:  # written by torch code
-                    if sem.dtype == torch.int32 and sem.shape == (2,) and sem.is_contiguous():
+                    if _is_semaphore(sem, weight.device):
                         # Put at rest where it is: the same tensor keeps its address, which a
                         # compiled graph (CUDA graphs: a static input) and the checked read's
                         # signature hold. (Also after a compiled read of this layer, which bumps

@@ -688,7 +688,7 @@ class _Plan:
 def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, training,
                   num_programs, phase_by_phase, itemsize=4) -> _Plan:
     # No power iteration: u, v stay as they are and sigma = u^T A v, which is the eval read.
-    training = training and n_power_iterations > 0
+    training = _writes_uv(training, n_power_iterations)
     layout = _matrix_layout(dim, torch.empty_strided(shape, w_stride, device="meta"),
                             torch.empty_strided(shape, o_stride, device="meta"))
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
@@ -1297,11 +1297,16 @@ def check_semaphore(sem: torch.Tensor, weight: torch.Tensor) -> None:
     The forward's barriers use ``sem[0]``, the backward's ``sem[1]``; anything shorter
     would be written out of bounds.
     """
-    if (not _plain_tensor(sem) or sem.dtype != torch.int32 or sem.ndim != 1
-            or sem.shape[0] < 2 or sem.stride(0) != 1 or sem.device != weight.device):
+    if not _is_semaphore(sem, weight.device):
         raise ValueError(f"spectral_norm: sem must be a contiguous int32 tensor of 2 elements on "
                          f"{weight.device} (new_semaphore()), got {_describe(sem)}")
     _check_in_place_update(sem)  # a barrier counts on it (and resets it)
+
+
+def _is_semaphore(sem, device: torch.device) -> bool:
+    """Whether ``sem`` can be the kernels' semaphores on ``device`` (``check_semaphore``)."""
+    return (_plain_tensor(sem) and sem.dtype == torch.int32 and sem.ndim == 1 and sem.shape[0] >= 2
+            and sem.stride(0) == 1 and sem.device == device)
 
 
 def check_sigma_buffer(sigma_buf: torch.Tensor, weight: torch.Tensor) -> None:
