@@ -83,9 +83,21 @@ def eager_time_us(fn, iters=200) -> float:
     return sorted(times)[len(times) // 2]
 
 
+#: ``--channels-last``: the table's layers are 3x3 convolutions (``N`` = 9 x in-channels) with
+#: channels-last weights, whose columns the kernels walk in memory order (bench/NOTES.md v20).
+CHANNELS_LAST = False
+
+
 def layer(M, N, impl, device="cuda"):
+    """An ``M x N`` weight with PyTorch's or sn_fused's SN: a Linear, or a channels-last 3x3
+    Conv2d where ``CHANNELS_LAST`` is set (the same matrix, its columns in another order)."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(N, M, bias=False).to(device)
+    if CHANNELS_LAST:
+        if N % 9:
+            raise ValueError(f"--channels-last takes 3x3 conv weights: N = {N} is not 9 x in-channels")
+        lin = torch.nn.Conv2d(N // 9, M, 3, bias=False).to(device, memory_format=torch.channels_last)
+    else:
+        lin = torch.nn.Linear(N, M, bias=False).to(device)
     with torch.no_grad():
         lin.weight.normal_()
     if impl == "sn_fused":
@@ -105,7 +117,7 @@ def backward_alone_us(m, g) -> float:
 
 def measure(M, N, impl, graph_only=False):
     m = layer(M, N, impl)
-    g = torch.randn(M, N, device=m.parametrizations.weight.original.device)
+    g = torch.randn_like(m.parametrizations.weight.original)  # (the weight's shape and strides)
 
     def fwd():
         return m.weight
@@ -511,6 +523,8 @@ def main():
     ap.add_argument("--reads-per-graph", type=int, default=None, metavar="N",
                     help="reads (or reads + backwards) per captured graph; L2 is flushed before each replay, "
                          "so 1 times every read from a cold L2 (default 20, 10 with the backward: L2 warm)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="the table's weights as channels-last 3x3 conv weights (N = 9 x in-channels)")
     ap.add_argument("--reads", default=None, metavar="MxN",
                     help="only build one MxN layer (one read) and read it, then its backward, 3 times "
                          "(a target for ncu: --launch-skip 5 on both kernels profiles the third of each)")
@@ -544,13 +558,15 @@ def main():
         print_compiled(ops_mod.kernels.spectral_norm_bwd_kernel)
         return
     knobs = (KNOBS if not args.sweep_knobs else parse_knobs(args.sweep_knobs)) if args.sweep else None  # (fail fast)
-    global READS_PER_GRAPH
+    global READS_PER_GRAPH, CHANNELS_LAST
     READS_PER_GRAPH = args.reads_per_graph
+    CHANNELS_LAST = args.channels_last
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"# {dev}  torch {torch.__version__}  triton {triton.__version__}  "
           f"copy bandwidth {bw / 1e12:.2f} TB/s  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
-          f"reads per graph {READS_PER_GRAPH or '20 (10 with the backward)'}, L2 flushed before each replay")
+          f"reads per graph {READS_PER_GRAPH or '20 (10 with the backward)'}, L2 flushed before each replay"
+          + (", channels-last 3x3 conv weights" if CHANNELS_LAST else ""))
     rows = []
     shapes = [] if args.no_table else parse_shapes(args.table_shapes) if args.table_shapes else SHAPES
     hdr = (f"{'shape':>12} {'floor':>6} | {'SNF fwd':>8} {'x floor':>7} {'PT fwd':>7} | {'SNF eager':>9} "
@@ -577,7 +593,8 @@ def main():
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "kernel_sweep.json"), "w") as f:
                 json.dump(dict(device=dev, torch=torch.__version__, triton=triton.__version__,
-                               copy_bandwidth=bw, reads_per_graph=READS_PER_GRAPH, rows=rows, sweep=sweep),
+                               copy_bandwidth=bw, reads_per_graph=READS_PER_GRAPH, channels_last=CHANNELS_LAST,
+                               rows=rows, sweep=sweep),
                           f, indent=1)
 
     save()

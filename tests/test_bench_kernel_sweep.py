@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from unittest import mock
 
+import pytest
+
 from conftest import fused_device_or_skip
 from sn_fused.ops import spectral_norm as snm
 
@@ -232,3 +234,24 @@ def test_reads_per_graph_sets_the_reads_each_replay_times(monkeypatch):
         us = kernel_sweep.graph_time_us(lambda: calls.append(1), reps_per_graph=10)
         assert len(calls) - 3 == want_calls  # (3 warm-up calls before the capture)
         assert us == 1e3 / want_calls
+
+
+def test_channels_last_layers_are_the_same_matrix_in_memory_order(monkeypatch):
+    """``--channels-last`` (``CHANNELS_LAST``): the table's M x N layer is a 3x3 Conv2d with N / 9
+    input channels and a channels-last weight, for sn_fused and PyTorch alike; an N that is not
+    9 x in-channels is refused. Unset: the Linear as before."""
+    import torch
+
+    from bench import kernel_sweep
+
+    monkeypatch.setattr(kernel_sweep, "CHANNELS_LAST", True)
+    for impl in ("sn_fused", "torch"):
+        m = kernel_sweep.layer(4, 18, impl, device="cpu")
+        w = m.parametrizations.weight.original
+        assert isinstance(m, torch.nn.Conv2d) and w.shape == (4, 2, 3, 3)
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        assert m.weight.shape == w.shape
+    with pytest.raises(ValueError, match="N = 20 is not 9 x in-channels"):
+        kernel_sweep.layer(4, 20, "sn_fused", device="cpu")
+    monkeypatch.setattr(kernel_sweep, "CHANNELS_LAST", False)
+    assert kernel_sweep.layer(4, 20, "sn_fused", device="cpu").weight.shape == (4, 20)

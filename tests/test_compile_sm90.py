@@ -32,12 +32,12 @@ SCRIPT = textwrap.dedent("""
     bwd.update(ws_ptr="*fp32", sem_ptr="*i32")
 
     def fwd_case(**blocks):
-        defaults = dict(NCOL=1, TRAINING=True, PHASE=-1, LOAD_STAGES=1, RESCALE_STAGES=1, LOAD_PREFETCH=0,
+        defaults = dict(NCOL=1, NCOL_V=1, TRAINING=True, PHASE=-1, LOAD_STAGES=1, RESCALE_STAGES=1, LOAD_PREFETCH=0,
                         RESCALE_PREFETCH=0)
         return (K.spectral_norm_fwd_kernel, fwd, {**defaults, **blocks})
 
     def bwd_case(**blocks):
-        return (K.spectral_norm_bwd_kernel, bwd, dict(PHASE=-1, GRAD_STAGES=1, **blocks))
+        return (K.spectral_norm_bwd_kernel, bwd, {**dict(NCOL_V=1, PHASE=-1, GRAD_STAGES=1), **blocks})
 
     cases = [  # streaming and ON_CHIP, training and eval, strided (NCOL > 1) layouts
         fwd_case(BLOCK_M=16, BLOCK_N=512, BLOCK_R=16, BLOCK_C=128, BLOCK_P=128, BLOCK_Q=32, ROW_IN_TILE=False,
@@ -50,12 +50,15 @@ SCRIPT = textwrap.dedent("""
                  ON_CHIP=False, LOAD_PREFETCH=1, RESCALE_PREFETCH=1),
         fwd_case(BLOCK_M=4, BLOCK_N=64, BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True,
                  ON_CHIP=False, NCOL=3, TRAINING=False),
+        fwd_case(BLOCK_M=4, BLOCK_N=64, BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=False,
+                 ON_CHIP=False, NCOL_V=2),
         fwd_case(BLOCK_M=8, BLOCK_N=2048, BLOCK_R=8, BLOCK_C=64, BLOCK_P=32, BLOCK_Q=4, ROW_IN_TILE=True,
                  ON_CHIP=True),
         fwd_case(BLOCK_M=64, BLOCK_N=32, BLOCK_R=64, BLOCK_C=1, BLOCK_P=64, BLOCK_Q=64, ROW_IN_TILE=True,
                  ON_CHIP=True, NCOL=2, TRAINING=False),
         bwd_case(NCOL=2, BLOCK_M=8, BLOCK_N=256, BLOCK_P=64, ON_CHIP=False),
         bwd_case(NCOL=1, BLOCK_M=8, BLOCK_N=2048, BLOCK_P=32, ON_CHIP=True),
+        bwd_case(NCOL=1, NCOL_V=4, BLOCK_M=8, BLOCK_N=256, BLOCK_P=64, ON_CHIP=False),
     ]
     for fn, pointers, constexprs in cases:
         src = ASTSource(fn, signature(fn, pointers, constexprs), constexprs)
@@ -156,14 +159,36 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
                                           (1000, 1536)]), (M, N, bwd_on_chip)
         assert spills == [[0, 0], [0, 0]], f"{M}x{N}: {spills}"
 
-    # A channels-last conv weight (256x4608, its columns addressed through 3 strides) at 2 rows a
-    # program: its backward streams, which does not spill; as one on-chip 2 x 8192 tile it spilled
-    # 84 bytes (so would float64 tiles: the launcher widens only single-stride fp32/16-bit rows).
-    w = torch.randn(256, 512, 3, 3).to(memory_format=torch.channels_last)
-    launches.clear()
-    snm._launch_backward(w, w, torch.empty_like(w), torch.ones(256 + 4608 + 1), snm.new_semaphore(), 0,
-                         num_programs=132, phase_by_phase=False)
-    assert not launches[0][2].ON_CHIP and spill_bytes(*launches[0]) == [0, 0], launches[0][2]
+    # Channels-last conv weights (3x3, SNGAN's and BigGAN's widths): the launcher walks their
+    # columns in the weight's memory order, where a row is one contiguous run (_MatrixLayout), so
+    # their tiles load 16 bytes at a time and nothing spills. (In A's column order, three strides:
+    # training reads spilled 104-472 bytes, eval reads up to 348, the backward of 768x768x3x3 12 KB;
+    # and the tiles' loads were 4-byte ones.) Only v maps walk positions to its own
+    # indices: eval reads, which hold v's tile across their one pass, keep a few bytes of it
+    # outside the loops (8-12 bytes; 105 registers and none in A's order for a contiguous weight).
+    for shape in [(64, 64, 3, 3), (256, 512, 3, 3), (768, 768, 3, 3)]:
+        w = torch.randn(*shape).to(memory_format=torch.channels_last)
+        M, N = shape[0], w.numel() // shape[0]
+        grid = snm._default_grid(M, N, 132)
+        for kind in ("training", "eval", "backward"):
+            launches.clear()
+            if kind == "backward":
+                snm._launch_backward(w, w, torch.empty_like(w), torch.ones(M + N + 1), snm.new_semaphore(), 0,
+                                     num_programs=grid, phase_by_phase=False)
+            else:
+                snm._launch_forward(w, torch.empty_like(w), torch.randn(M), torch.randn(N), torch.ones(M + N + 1),
+                                    torch.empty(()), snm.new_semaphore(), 0, 1, 1e-12, kind == "training",
+                                    num_programs=grid, phase_by_phase=False)
+            kernel, args, cfg, coop = launches[0]
+            ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"].splitlines()
+            vector = sum("ld.global" in l and ".v4." in l for l in ptx)
+            # (a thread's share of one [BLOCK_M, BLOCK_N] tile of A, in 16-byte loads: scalar before)
+            tile_loads = cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) // 4
+            spills = spill_bytes(kernel, args, cfg, coop)
+            print(f"channels-last {shape} {kind} (on_chip={cfg.ON_CHIP}): spill bytes {spills}, "
+                  f"{vector} 16-byte loads (a tile: {tile_loads})")
+            assert vector >= tile_loads, (shape, kind, vector, tile_loads)
+            assert spills == [0, 0] or (kind == "eval" and max(spills) <= 16), (shape, kind, spills)
 
     # Vector accesses: with N a multiple of 16, the workspace regions and each program's run of
     # columns start on 16-element boundaries, so every per-element store of a one-program read

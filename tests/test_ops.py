@@ -29,6 +29,8 @@ import re
 import types
 import warnings
 import zlib
+
+import numpy as np
 from unittest import mock
 
 import pytest
@@ -164,6 +166,8 @@ CASES = [
     ("4d-step-slice", (8, 6, 5, 5), lambda t: t[:, ::2, 1:4, :], 0),
     ("4d-sliced-permuted-dim1", (6, 8, 4, 3), lambda t: t[1:5, ::3].permute(0, 2, 1, 3), 1),
     ("2d-expanded", (6, 1), lambda t: t.expand(6, 9), 0),
+    # columns in reverse memory order: walked in memory order (one stride), v then has 4
+    ("5d-reversed-columns", (3, 3, 2, 3, 2), lambda t: t.permute(0, 4, 3, 2, 1), 0),
 ]
 CASE_IDS = [c[0] for c in CASES]
 CASE = {c[0]: c for c in CASES}
@@ -358,6 +362,74 @@ def test_forward_layouts_float64(case, device, gen):
         check_forward(weight, u0, v0, res, dim=dim, n=1, eps=1e-12, training=training)
 
 
+def _walk_offsets(p, strides, sizes):
+    """``_column_offsets`` (kernels.py) in numpy: offsets of walk positions ``p`` over merged dims."""
+    offsets = np.zeros_like(p)
+    for stride, size in zip(reversed(strides[:len(sizes)]), reversed(sizes)):
+        offsets += (p % size) * stride
+        p = p // size
+    return offsets
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matrix_layout_walk_addresses_a(case, gen):
+    """Walk position p of row r addresses the weight at ``A[r, j]`` with ``j`` v's offset of p,
+    in every layout: the tiles (weight, output) and v agree on which column p is. Checked on
+    the storage itself, apart from the kernels."""
+    weight, dim = make_weight(case, gen, torch.float64, "cpu")
+    dim %= weight.ndim
+    out = snm._empty_like_weight(weight).copy_(weight)  # (the output's own strides)
+    layout = snm._matrix_layout(dim, weight, out)
+    assert len(layout.sizes) <= 4 and len(layout.v_sizes) <= 4
+    A = weight.movedim(dim, 0).reshape(layout.M, layout.N).numpy()
+    p = np.arange(layout.N)
+    j = _walk_offsets(p, layout.v_strides, layout.v_sizes)
+    assert sorted(j) == list(range(layout.N))  # a permutation of A's columns
+    for tensor, strides in ((weight, layout.strides[0]), (out, layout.strides[1])):
+        assert tensor.stride(dim) == strides[0]
+        columns = _walk_offsets(p, strides[1:], layout.sizes)
+        storage = torch.as_strided(tensor, (tensor.untyped_storage().nbytes() // 8,), (1,), 0).numpy()
+        for r in range(layout.M):
+            assert np.array_equal(storage[tensor.storage_offset() + r * strides[0] + columns], A[r, j])
+
+
+def test_matrix_layout_walk_order():
+    """The launcher walks the columns in the weight's memory order where that merges them into
+    fewer strides (or as many, innermost stride 1), A's order otherwise (then v is unit-strided)."""
+    meta = dict(device="meta")
+    cl = torch.empty(256, 512, 3, 3, **meta).to(memory_format=torch.channels_last)
+    layout = snm._matrix_layout(0, cl, cl)  # (kh, kw, in): one run, against A's 3 strides
+    assert (layout.sizes, layout.strides) == ((4608,), ((4608, 1, 0, 0, 0),) * 2)
+    assert (layout.v_sizes, layout.v_strides) == ((9, 512), (1, 9, 0, 0))
+    plain = torch.empty(256, 512, 3, 3, **meta)
+    layout = snm._matrix_layout(0, plain, plain)
+    assert (layout.sizes, layout.v_sizes, layout.v_strides) == ((4608,), (4608,), (1, 0, 0, 0))
+    # Every other input channel, kh and kw swapped: 3 strides in A's order, 2 in memory order.
+    sliced = torch.empty(256, 1024, 3, 3, **meta)[:, ::2].permute(0, 1, 3, 2)
+    layout = snm._matrix_layout(0, sliced, sliced)
+    assert (layout.sizes, layout.v_sizes, layout.v_strides) == ((512, 9), (512, 3, 3), (9, 1, 3, 0))
+    # As many strides either way, neither innermost 1: A's order.
+    strided = torch.empty(256, 6, 8, **meta)[:, ::2, ::2].permute(0, 2, 1)
+    layout = snm._matrix_layout(0, strided, strided)
+    assert (layout.sizes, layout.strides[0], layout.v_sizes) == ((4, 3), (48, 2, 16, 0, 0), (12,))
+    # As many, but innermost 1 in memory order only: walked.
+    swapped = torch.empty(256, 6, 4, **meta)[:, ::2].permute(0, 2, 1)
+    layout = snm._matrix_layout(0, swapped, swapped)
+    assert (layout.sizes, layout.strides[0], layout.v_sizes) == ((3, 4), (24, 8, 1, 0, 0), (3, 4))
+    # The backward walks in the weight's order (order_by=1), whatever the gradient's: a contiguous
+    # gradient with a channels-last weight takes 2 strides in either order, innermost 1 in the
+    # weight's (and dW's) memory order only.
+    grad = torch.empty(256, 512, 3, 3, **meta)
+    layout = snm._matrix_layout(0, grad, cl, cl, order_by=1)
+    assert (layout.sizes, layout.strides[0], layout.strides[1]) == ((9, 512), (4608, 1, 9, 0, 0), (4608, 512, 1, 0, 0))
+    assert layout.v_sizes == (9, 512)
+    layout = snm._matrix_layout(0, grad, plain, plain, order_by=1)
+    assert layout.sizes == (4608,) and layout.v_sizes == (4608,)
+    # v of more than 4 strides over the walk: A's order if it has at most 4, else no layout.
+    w6 = torch.empty(2, 3, 4, 5, 6, 7, **meta).permute(0, 2, 1, 5, 3, 4)
+    assert snm._matrix_layout(0, w6) is not None and snm._matrix_layout(4, w6) is None
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 3])
 def test_forward_power_iterations(n, device, gen):
     """n = 0 (a layer's attribute set to 0 after registration, which PyTorch reads): no
@@ -433,7 +505,8 @@ def test_forward_buffers_updated_in_place(device, gen):
 BWD_CASES = [CASE[name] for name in (
     "1x1", "1x17", "17x1", "31x33", "5x129", "33x31-dim1", "3d-dim-1", "size1-dims",
     "convT4d-channels_last-dim1", "5d-channels_last_3d", "5d-permuted-dim-2", "2d-transposed",
-    "3d-permuted-dim1", "4d-step-slice", "4d-sliced-permuted-dim1", "2d-expanded")]
+    "3d-permuted-dim1", "4d-step-slice", "4d-sliced-permuted-dim1", "2d-expanded", "conv4d-channels_last",
+    "5d-reversed-columns")]
 
 
 @pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
@@ -506,6 +579,8 @@ MP_CASES = [
     ("7x2-more-programs-than-columns", (7, 2), None, 0),
     ("3x40-fewer-rows-than-programs", (3, 40), None, 0),
     ("channels_last-dim1", (6, 5, 2, 2), _cl, 1),
+    ("channels_last", (6, 5, 2, 2), _cl, 0),  # walked in memory order: v's own strides
+    CASE["5d-reversed-columns"],
 ]
 
 
@@ -1035,11 +1110,15 @@ def test_backward_keeps_rows_wider_than_its_blocks_on_chip(device, gen):
     assert (plan(512, 4608, 132).ON_CHIP, plan(512, 4608, 132).BLOCK_N) == (False, 4096)
     assert not plan(1, 8192, 1, _BWD_ON_CHIP_MAX_ROW=0).ON_CHIP
     assert not plan(1, 16384, 1).ON_CHIP  # wider than the forward's ON_CHIP rows too
-    conv_cl = torch.empty(256, 512, 3, 3, device="meta").to(memory_format=torch.channels_last)  # NCOL 3
-    assert not snm._backward_plan(conv_cl.shape, *[conv_cl.stride()] * 3, 0, torch.device("cpu"), 132,
-                                  False).cfg.ON_CHIP
-    assert snm._backward_plan(conv_cl.shape, *[conv_cl.contiguous().stride()] * 3, 0, torch.device("cpu"), 132,
-                              False).cfg.ON_CHIP
+    # A channels-last conv weight's columns are walked in its memory order, one stride
+    # (_MatrixLayout): on chip as the contiguous one. Columns that need two strides in any order
+    # (every other input channel: strides 18 and 1) still stream.
+    conv = torch.empty(256, 512, 3, 3, device="meta")
+    conv_cl = conv.to(memory_format=torch.channels_last)
+    sliced = torch.empty(256, 1024, 3, 3, device="meta")[:, ::2]
+    for w, on_chip in ((conv, True), (conv_cl, True), (sliced, False)):
+        assert snm._backward_plan(w.shape, *[w.stride()] * 3, 0, torch.device("cpu"), 132,
+                                  False).cfg.ON_CHIP == on_chip, w.stride()
     for (M, N), knobs in [((1, 8192), {}), ((2, 8192), {}), ((1, 5000), {}), ((5, 40), dict(_BWD_BLOCK_N=16))]:
         w = torch.randn(M, N, generator=gen).to(device)
         g = torch.randn(M, N, generator=gen).to(device)
@@ -1964,8 +2043,10 @@ def test_spectral_norm_fused_compiles_fullgraph(device, gen):
 def test_six_dim_weight_layout_is_judged_for_its_own_dim(device, gen):
     """A 6-D weight whose column dims merge for dim=0 but not for dim=4 must not be sent to the
     kernels with dim=4 (the launcher would find no layout): the op refuses it with a clear
-    error before any launch, and the layer takes the reference path, matching PyTorch."""
-    w = randn((2, 3, 4, 5, 6, 7), gen, torch.float32, device).permute(0, 2, 1, 3, 4, 5)
+    error before any launch, and the layer takes the reference path, matching PyTorch.
+    (For dim=4 the weight's memory order merges its tiles' columns into 2 strides, but v, in
+    A's order, would need 5 over that walk; A's own order needs 5.)"""
+    w = randn((2, 3, 4, 5, 6, 7), gen, torch.float32, device).permute(0, 2, 1, 5, 3, 4)
     assert ops.fused_supported(w, 0) and not ops.fused_supported(w, 4)
     M = w.shape[4]
     u, v = unit(M, gen, w.dtype, device), unit(w.numel() // M, gen, w.dtype, device)

@@ -7,6 +7,13 @@ along ``dim``; column ``j`` is the row-major flat index over the other
 dimensions. Nothing is copied: every tensor is addressed through its own
 strides (``_offsets``), so ``dim != 0`` (ConvTranspose), channels-last and
 sliced weights are read in place and the output keeps the weight's layout.
+The kernels walk the columns in the weight's memory order where that needs
+fewer strides (the launcher's ``_MatrixLayout``): a channels-last conv
+weight's row is one contiguous run, so its tiles load as a contiguous
+weight's do (16 bytes at a time, no integer division). Column "``j``" below is
+a position of that walk; the workspace follows it, and only ``v`` (a buffer
+in A's column order) maps a position to its own index (``v_c*``, ``VD*``,
+``NCOL_V``; unit stride where the walk is A's order).
 
 Work split (persistent grid of ``G`` co-resident programs)
 ---------------------------------------------------------
@@ -152,14 +159,23 @@ def grid_barrier(sem_ptr):
 
 @triton.jit
 def _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr):
-    """Element offsets of ``A[rows, cols]`` for a tensor with the given strides.
+    """Element offsets of ``A[rows, cols]`` for a tensor with the given strides
+    (``cols``: positions in the launcher's walk of the columns, ``_column_offsets``)."""
+    return rows[:, None] * s_row + _column_offsets(cols, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL)[None, :]
 
-    Column ``j`` is the row-major index over ``NCOL`` logical column dims
-    (outermost first); ``D1..D3`` are the sizes of the inner ones. The host
-    merges dims that are contiguous in every tensor, so the common cases
-    (Linear, Conv) have ``NCOL == 1`` and no integer division at all.
+
+@triton.jit
+def _column_offsets(cols, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr):
+    """Offsets of the columns ``cols`` in one row of a tensor, or in the vector ``v``.
+
+    Column ``j`` is the row-major index over ``NCOL`` column dims (outermost
+    first); ``D1..D3`` are the sizes of the inner ones. The host merges dims that
+    are contiguous in every tensor, and walks them in the weight's memory order
+    where that merges more (``_MatrixLayout``), so the common cases (Linear, Conv,
+    channels-last Conv) have ``NCOL == 1`` and no integer division at all. ``v``,
+    a buffer in A's column order, then has its own strides over the same walk
+    (``v_c*``, ``VD*``, ``NCOL_V``: 1 and unit stride where the walk is A's order).
     """
-    off_r = rows[:, None] * s_row
     if NCOL == 1:
         off_c = cols * s_c0
     elif NCOL == 2:
@@ -171,7 +187,7 @@ def _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.con
         r3 = cols // D3
         r2 = r3 // D2
         off_c = (r2 // D1) * s_c0 + (r2 % D1) * s_c1 + (r3 % D2) * s_c2 + (cols % D3) * s_c3
-    return off_r + off_c[None, :]
+    return off_c
 
 
 @triton.jit
@@ -235,8 +251,8 @@ def _partials(part_ptr, G, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
-                   pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                   FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr,
+                   pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
+                   FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr, NCOL_V: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TILE: tl.constexpr,
                    LOAD_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
     """Phase ST over own rows: ``s = A x``; training also ``t_part[p] = A[rows]^T s``.
@@ -257,7 +273,8 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
         if FROM_V:
-            x = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+            x = tl.load(v_ptr + _column_offsets(cols, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V), mask=cmask,
+                        other=0.0).to(acc_t)
         else:
             t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
             x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
@@ -290,7 +307,8 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
                 a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
                             mask=rmask[:, None] & cmask[None, :], other=0.0).to(acc_t)
                 if FROM_V:
-                    x = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+                    x = tl.load(v_ptr + _column_offsets(cols, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V),
+                                mask=cmask, other=0.0).to(acc_t)
                 else:
                     t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
                     x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
@@ -377,7 +395,7 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
     s0 = tl.load(s_ptr, cache_modifier=".cg")
     sums_first = _first_column_sums(tpart_ptr, G, N, c0, c1, BLOCK_C, BLOCK_Q)
     du = _clamp(_vector_norm(s_parts, s0, M)[0], eps)
-    _store_normalized(s_first, s_ptr, u_ptr, u_saved_ptr, du, r0, r1, BLOCK_R)
+    _store_normalized(s_first, s_ptr, u_ptr, u_saved_ptr, du, r0, r1, 1, 0, 0, 0, 1, 1, 1, BLOCK_R, 1)
     _combine_columns(sums_first, tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
 
 
@@ -472,11 +490,12 @@ def _t_stats(part_t_ptr, t_ptr, G, N, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _phase_finish_iteration(t_first, t_ptr, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up, nonfinite, eps, c0, c1,
-                            N, BLOCK_C: tl.constexpr):
+                            N, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, BLOCK_C: tl.constexpr, NCOL_V: tl.constexpr):
     """Phase F: ``v = t / max(||t||, eps)`` for own columns (``t_first``: the first block of them,
     ``_load_block``, loaded before the statistics). Returns ``(sigma, dv)``."""
     sigma, dv = _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N)
-    _store_normalized(t_first, t_ptr, v_ptr, v_saved_ptr, dv, c0, c1, BLOCK_C)
+    _store_normalized(t_first, t_ptr, v_ptr, v_saved_ptr, dv, c0, c1, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
+                      BLOCK_C, NCOL_V)
     return sigma, dv
 
 
@@ -494,21 +513,28 @@ def _load_block(x_ptr, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store_normalized(x_first, x_ptr, out_ptr, saved_ptr, d, lo, hi, BLOCK: tl.constexpr):
+def _store_normalized(x_first, x_ptr, out_ptr, saved_ptr, d, lo, hi, o_c0, o_c1, o_c2, o_c3, OD1, OD2, OD3,
+                      BLOCK: tl.constexpr, NCOL_O: tl.constexpr):
     """``out[i] = saved[i] = x[i] / d`` for ``lo <= i < hi``, rounded to out's dtype (u or v);
-    the first block from ``x_first`` (``_load_block``), any further ones loaded here."""
-    _store_normalized_block(x_first, out_ptr, saved_ptr, d, lo, hi, BLOCK)
+    the first block from ``x_first`` (``_load_block``), any further ones loaded here. ``out``
+    and ``saved`` are addressed through ``o_c*, OD*, NCOL_O`` (``_column_offsets``): v's layout
+    over the walk of the columns, or a unit stride (u)."""
+    _store_normalized_block(x_first, out_ptr, saved_ptr, d, lo, hi, o_c0, o_c1, o_c2, o_c3, OD1, OD2, OD3,
+                            BLOCK, NCOL_O)
     for i in range(lo + BLOCK, hi, BLOCK):
-        _store_normalized_block(_load_block(x_ptr, i, hi, BLOCK), out_ptr, saved_ptr, d, i, hi, BLOCK)
+        _store_normalized_block(_load_block(x_ptr, i, hi, BLOCK), out_ptr, saved_ptr, d, i, hi,
+                                o_c0, o_c1, o_c2, o_c3, OD1, OD2, OD3, BLOCK, NCOL_O)
 
 
 @triton.jit
-def _store_normalized_block(x, out_ptr, saved_ptr, d, i, hi, BLOCK: tl.constexpr):
+def _store_normalized_block(x, out_ptr, saved_ptr, d, i, hi, o_c0, o_c1, o_c2, o_c3, OD1, OD2, OD3,
+                            BLOCK: tl.constexpr, NCOL_O: tl.constexpr):
     offs = i + tl.arange(0, BLOCK)
     mask = offs < hi
     y = (x / d).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, y, mask=mask)
-    tl.store(saved_ptr + offs, y, mask=mask)
+    out_offs = _column_offsets(offs, o_c0, o_c1, o_c2, o_c3, OD1, OD2, OD3, NCOL_O)
+    tl.store(out_ptr + out_offs, y, mask=mask)
+    tl.store(saved_ptr + out_offs, y, mask=mask)
 
 
 @triton.jit
@@ -722,13 +748,15 @@ def _on_chip_t_stats(t, cols, N):
 
 
 @triton.jit
-def _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps):
+def _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps,
+               v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V: tl.constexpr):
     """``v = t / dv`` for own columns (stored). Returns ``(sigma, v as the next x)``."""
     sigma, dv = _sigma_and_dv(norm_t, tsq, tsq_up, nonfinite, eps, N)
     v = (t / dv).to(v_ptr.dtype.element_ty)
     own = (cols >= c0) & (cols < c1)
-    tl.store(v_ptr + cols, v, mask=own)
-    tl.store(v_saved_ptr + cols, v, mask=own)
+    v_offs = _column_offsets(cols, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V)
+    tl.store(v_ptr + v_offs, v, mask=own)
+    tl.store(v_saved_ptr + v_offs, v, mask=own)
     return sigma, v.to(t.dtype)
 
 
@@ -736,7 +764,8 @@ def _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_save
 def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
                   tpart_ws, part_s_ws, sem_ptr, pid, G, r0, r1, c0, c1, M, N, n_iters, eps,
                   s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
-                  NCOL: tl.constexpr, TRAINING: tl.constexpr, BLOCK_M: tl.constexpr,
+                  v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
+                  NCOL: tl.constexpr, NCOL_V: tl.constexpr, TRAINING: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """A whole read (PHASE == -1) with A in registers: one barrier per iteration (none if G == 1).
 
@@ -754,7 +783,8 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
     a, rows, cols, mask = _own_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
                                     BLOCK_M, BLOCK_N)
     cmask = cols < N
-    x = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+    x = tl.load(v_ptr + _column_offsets(cols, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V), mask=cmask,
+                other=0.0).to(acc_t)
     if TRAINING:
         for it in range(n_iters):
             s = tl.sum(a.to(acc_t) * x[None, :], axis=1)
@@ -782,7 +812,8 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
                     grid_barrier(sem_ptr)
                     t = _sum_columns(tpart_ws, G, N, cols, cmask, BLOCK_N, BLOCK_Q)
                 norm_t, tsq, tsq_up, nonfinite = _on_chip_t_stats(t, cols, N)
-            sigma, x = _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps)
+            sigma, x = _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps,
+                                  v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V)
             if it < n_iters - 1:
                 if G > 1:
                     grid_barrier(sem_ptr)  # the next products overwrite partials others may still read
@@ -808,7 +839,8 @@ def _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_
 def _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
                      s_ws, tpart_ws, part_s_ws, flag_ws, pid, G, r0, r1, c0, c1, M, N, eps, is_last,
                      s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
-                     NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
+                     NCOL: tl.constexpr, NCOL_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, FIXED: tl.constexpr):
     """Phase-by-phase mode of ``_read_on_chip`` (the interpreter's multi-program test).
 
@@ -833,7 +865,8 @@ def _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sig
         tl.store(flag_ws, overflow.to(flag_ws.dtype.element_ty))  # the same value from every program
         go = overflow == 0
     if go:
-        sigma = _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps)[0]
+        sigma = _on_chip_v(t, norm_t, tsq, tsq_up, nonfinite, cols, c0, c1, N, v_ptr, v_saved_ptr, eps,
+                           v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V)[0]
         if is_last:
             _store_rescaled(out_ptr, a, _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid),
                             rows, cols, mask, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL)
@@ -847,7 +880,8 @@ def spectral_norm_fwd_kernel(
     s_row, s_c0, s_c1, s_c2, s_c3,
     o_row, o_c0, o_c1, o_c2, o_c3,
     D1, D2, D3,
-    NCOL: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
+    v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
+    NCOL: tl.constexpr, NCOL_V: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr, ON_CHIP: tl.constexpr,
     LOAD_STAGES: tl.constexpr, RESCALE_STAGES: tl.constexpr,
@@ -911,12 +945,12 @@ def spectral_norm_fwd_kernel(
         _read_on_chip(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr, sigma_buf_ptr,
                       tpart_ws, part_s_ws, sem_ptr, pid, G, r0, r1, c0, c1, M, N, n_iters, eps,
                       s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
-                      NCOL, TRAINING, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q)
+                      v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL, NCOL_V, TRAINING, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q)
     else:
         if PHASE == -1 or PHASE == 0:
             _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
-                           s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                           True, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES, LOAD_PREFETCH)
+                           s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
+                           True, TRAINING, NCOL, NCOL_V, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES, LOAD_PREFETCH)
         if TRAINING:
             if PHASE == -1:
                 for it in range(n_iters):
@@ -939,11 +973,12 @@ def spectral_norm_fwd_kernel(
                         t_first = _load_block(t_ws, c0, c1, BLOCK_C)  # (t was just rewritten)
                         norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                     sigma, dv = _phase_finish_iteration(t_first, t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up,
-                                                        nonfinite, eps, c0, c1, N, BLOCK_C)
+                                                        nonfinite, eps, c0, c1, N, v_c0, v_c1, v_c2, v_c3,
+                                                        VD1, VD2, VD3, BLOCK_C, NCOL_V)
                     if it < n_iters - 1:
                         _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
-                                       s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                       False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
+                                       s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3,
+                                       VD1, VD2, VD3, False, TRAINING, NCOL, NCOL_V, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
                                        LOAD_PREFETCH)
                     else:
                         _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
@@ -954,8 +989,8 @@ def spectral_norm_fwd_kernel(
                 _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr,
                                  sigma_buf_ptr, s_ws, tpart_ws, part_s_ws, flag_ws, pid, G, r0, r1, c0, c1,
                                  M, N, eps, is_last, s_row, s_c0, s_c1, s_c2, s_c3,
-                                 o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
-                                 NCOL, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q, PHASE == 4)
+                                 o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
+                                 NCOL, NCOL_V, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q, PHASE == 4)
             elif PHASE == 1:
                 _phase_reduce(u_ptr, u_saved_ptr, s_ws, tpart_ws, t_ws, part_s_ws, part_t_ws, eps,
                               pid, G, r0, r1, c0, c1, M, N, BLOCK_R, BLOCK_C, BLOCK_P, BLOCK_Q)
@@ -976,15 +1011,16 @@ def spectral_norm_fwd_kernel(
                 t_first = _load_block(t_ws, c0, c1, BLOCK_C)
                 norm_t, tsq, tsq_up, nonfinite = _t_stats(part_t_ws, t_ws, G, N, BLOCK_P)
                 sigma, dv = _phase_finish_iteration(t_first, t_ws, v_ptr, v_saved_ptr, norm_t, tsq, tsq_up,
-                                                    nonfinite, eps, c0, c1, N, BLOCK_C)
+                                                    nonfinite, eps, c0, c1, N, v_c0, v_c1, v_c2, v_c3,
+                                                    VD1, VD2, VD3, BLOCK_C, NCOL_V)
                 if is_last:
                     _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
                                    D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
                 else:
                     _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
-                                   s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3,
-                                   False, TRAINING, NCOL, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
+                                   s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3,
+                                   VD1, VD2, VD3, False, TRAINING, NCOL, NCOL_V, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
                                    LOAD_PREFETCH)
         else:
             # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd (before
@@ -1019,14 +1055,16 @@ def _grad_rows(saved_ptr, j, r0, r1, N, sigma, BLOCK_M: tl.constexpr):
 @triton.jit
 def _grad_block(g_ptr, dw_ptr, saved_ptr, rows, rmask, u, cb, n_cblocks, N, inner, sigma,
                 g_row, g_c0, g_c1, g_c2, g_c3, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3,
-                NCOL: tl.constexpr, BLOCK_N: tl.constexpr):
+                v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL: tl.constexpr, NCOL_V: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """The GRAD pass on one tile: rows ``rows`` (own rows' ``u``), the ``cb``-th column block
     counted from the last (the reverse of the dot pass). dW leaves L2 first (``evict_first``)."""
     acc_t = u.dtype
     cols = (n_cblocks - 1 - cb) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     mask = rmask[:, None] & cmask[None, :]
-    v = tl.load(saved_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+    v = tl.load(saved_ptr + _column_offsets(cols, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V), mask=cmask,
+                other=0.0).to(acc_t)
     g = tl.load(g_ptr + _offsets(rows, cols, g_row, g_c0, g_c1, g_c2, g_c3, D1, D2, D3, NCOL),
                 mask=mask, other=0.0).to(acc_t)
     dw = _grad_tile(g, inner, u, v, sigma)
@@ -1042,7 +1080,8 @@ def spectral_norm_bwd_kernel(
     s_row, s_c0, s_c1, s_c2, s_c3,
     d_row, d_c0, d_c1, d_c2, d_c3,
     D1, D2, D3,
-    NCOL: tl.constexpr, PHASE: tl.constexpr,
+    v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
+    NCOL: tl.constexpr, NCOL_V: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ON_CHIP: tl.constexpr,
     GRAD_STAGES: tl.constexpr,
 ):
@@ -1083,7 +1122,8 @@ def spectral_norm_bwd_kernel(
         w = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
                     mask=mask, other=0.0).to(acc_t)
         u = tl.load(saved_ptr + (N + rows), mask=rmask, other=0.0).to(acc_t)
-        v = tl.load(saved_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+        v = tl.load(saved_ptr + _column_offsets(cols, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL_V), mask=cmask,
+                    other=0.0).to(acc_t)
         sigma = tl.load(saved_ptr + (N + M)).to(acc_t)
         inner = tl.sum(tl.sum(g * w, axis=1), axis=0)  # the same sums as the streaming DOT phase
         if G > 1:
@@ -1120,11 +1160,11 @@ def spectral_norm_bwd_kernel(
                 rows, rmask, u = _grad_rows(saved_ptr, j, r0, r1, N, sigma, BLOCK_M)
                 _grad_block(g_ptr, dw_ptr, saved_ptr, rows, rmask, u, k - j * n_cblocks, n_cblocks, N, inner,
                             sigma, g_row, g_c0, g_c1, g_c2, g_c3, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3,
-                            NCOL, BLOCK_N)
+                            v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL, NCOL_V, BLOCK_N)
         else:
             for j in range(n_rblocks):
                 rows, rmask, u = _grad_rows(saved_ptr, j, r0, r1, N, sigma, BLOCK_M)
                 for i in range(n_cblocks):
                     _grad_block(g_ptr, dw_ptr, saved_ptr, rows, rmask, u, i, n_cblocks, N, inner, sigma,
                                 g_row, g_c0, g_c1, g_c2, g_c3, d_row, d_c0, d_c1, d_c2, d_c3, D1, D2, D3,
-                                NCOL, BLOCK_N)
+                                v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL, NCOL_V, BLOCK_N)

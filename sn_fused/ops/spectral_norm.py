@@ -166,47 +166,94 @@ _RESCALE_PREFETCH = int(os.environ.get("SN_FUSED_RESCALE_PREFETCH", 0))
 class _MatrixLayout:
     """How ``A = W.permute(dim, *others).flatten(1)`` is addressed in each tensor.
 
-    ``sizes`` are the logical column dims after merging; ``strides[k]`` is
-    ``(row_stride, c0, c1, c2, c3)`` of tensor k (unused dims have stride 0).
+    The kernels walk A's columns in an order of their own: column ``p`` of the walk is
+    the row-major index over the column dims taken in ``order`` (outermost first), which
+    is either A's (the logical order) or the weight's memory order, where that merges
+    into fewer strides (a channels-last conv weight: its rows are one contiguous run,
+    ``(kh, kw, in)``, against three strides in A's ``(in, kh, kw)``). Rows are unchanged.
+    Every tile of the weight, its output, the gradient and dW is addressed in the walk's
+    order, as is the workspace; only the vector ``v`` (a buffer in A's column order)
+    maps a walk position to its own index: ``v_sizes``, ``v_strides``.
+
+    ``sizes`` are the walk's column dims after merging; ``strides[k]`` is
+    ``(row_stride, c0, c1, c2, c3)`` of tensor k (unused dims have stride 0). ``v_sizes``
+    and ``v_strides`` (``(c0, c1, c2, c3)``) are the same for ``v``: ``(N,)`` and
+    ``(1, 0, 0, 0)`` when the walk is A's order.
     """
 
     M: int
     N: int
     sizes: tuple[int, ...]
     strides: tuple[tuple[int, ...], ...]
+    v_sizes: tuple[int, ...]
+    v_strides: tuple[int, ...]
 
     @property
     def inner_sizes(self) -> tuple[int, int, int]:
         """``D1, D2, D3``: sizes of column dims 1..3 (1 where absent)."""
-        inner = list(self.sizes[1:]) + [1] * (_MAX_COL_DIMS - len(self.sizes))
-        return inner[0], inner[1], inner[2]
+        return _inner_sizes(self.sizes)
+
+    @property
+    def v_inner_sizes(self) -> tuple[int, int, int]:
+        """``VD1, VD2, VD3``: ``inner_sizes`` of ``v``."""
+        return _inner_sizes(self.v_sizes)
 
 
-def _matrix_layout(dim: int, *tensors: torch.Tensor) -> _MatrixLayout | None:
-    """Merge the column dims that are contiguous in *every* tensor; None if more than 4 remain."""
-    shape = tensors[0].shape
-    others = [d for d in range(len(shape)) if d != dim]
-    # Size-1 dims carry no offset; dropping them lets more dims merge.
-    cols = [d for d in others if shape[d] != 1] or others[:1]
-    sizes = [shape[d] for d in cols]
-    strides = [[t.stride(d) for d in cols] for t in tensors]
-    k = len(sizes) - 1
-    while k > 0:
+def _inner_sizes(sizes: tuple[int, ...]) -> tuple[int, int, int]:
+    inner = list(sizes[1:]) + [1] * (_MAX_COL_DIMS - len(sizes))
+    return inner[0], inner[1], inner[2]
+
+
+def _merged(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """Dims merged where they are contiguous (``s[k-1] == s[k] * size[k]``) in every stride list."""
+    sizes, strides = list(sizes), [list(s) for s in strides]
+    for k in range(len(sizes) - 1, 0, -1):
         if all(s[k - 1] == s[k] * sizes[k] for s in strides):
             sizes[k - 1] *= sizes[k]
             del sizes[k]
             for s in strides:
                 s[k - 1] = s[k]
                 del s[k]
-        k -= 1
-    if len(sizes) > _MAX_COL_DIMS:
+    return sizes, strides
+
+
+def _matrix_layout(dim: int, *tensors: torch.Tensor, order_by: int = 0) -> _MatrixLayout | None:
+    """The layout of A in ``tensors`` (the same shape), or None if more than 4 strides remain.
+
+    The walk (``_MatrixLayout``) follows ``tensors[order_by]``'s memory order where that
+    merges the columns into fewer strides than A's own order does, or into as many with an
+    innermost stride of 1 where A's is not; A's order otherwise (then v is addressed as it is).
+    """
+    shape = tensors[0].shape
+    others = [d for d in range(len(shape)) if d != dim]
+    # Size-1 dims carry no offset; dropping them lets more dims merge.
+    cols = [d for d in others if shape[d] != 1] or others[:1]
+    v_stride, step = {}, 1  # v is row-major over A's columns
+    for d in reversed(cols):
+        v_stride[d] = step
+        step *= shape[d]
+    # (a stable sort: dims of equal stride, e.g. expanded ones, keep A's order)
+    memory_order = sorted(cols, key=lambda d: -tensors[order_by].stride(d))
+    best = None
+    for order in [cols] + ([memory_order] if memory_order != cols else []):
+        sizes, strides = _merged([shape[d] for d in order], [[t.stride(d) for d in order] for t in tensors])
+        v_sizes, (v_strides,) = _merged([shape[d] for d in order], [[v_stride[d] for d in order]])
+        if len(sizes) > _MAX_COL_DIMS or len(v_sizes) > _MAX_COL_DIMS:
+            continue
+        rank = (len(sizes), strides[order_by][-1] != 1)
+        if best is None or rank < best[0]:
+            best = (rank, sizes, strides, v_sizes, v_strides)
+    if best is None:
         return None
+    _, sizes, strides, v_sizes, v_strides = best
     pad = [0] * (_MAX_COL_DIMS - len(sizes))
     return _MatrixLayout(
         M=shape[dim],
         N=tensors[0].numel() // max(shape[dim], 1),
         sizes=tuple(sizes),
         strides=tuple(tuple([t.stride(dim)] + s + pad) for t, s in zip(tensors, strides)),
+        v_sizes=tuple(v_sizes),
+        v_strides=tuple(v_strides + [0] * (_MAX_COL_DIMS - len(v_sizes))),
     )
 
 
@@ -705,7 +752,8 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
               else [(kernels.PHASE_ALL, True)])
     launches = tuple(
         (layout.M, layout.N, n_power_iterations, int(is_last), *layout.strides[0], *layout.strides[1],
-         *layout.inner_sizes, len(layout.sizes), training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R,
+         *layout.inner_sizes, *layout.v_strides, *layout.v_inner_sizes, len(layout.sizes), len(layout.v_sizes),
+         training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R,
          cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.LOAD_STAGES, cfg.RESCALE_STAGES,
          cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH)
         for phase, is_last in phases)
@@ -851,7 +899,7 @@ def spectral_norm_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_programs, phase_by_phase, itemsize=4):
     metas = [torch.empty_strided(shape, st, device="meta") for st in (g_stride, w_stride, d_stride)]
-    layout = _matrix_layout(dim, *metas)
+    layout = _matrix_layout(dim, *metas, order_by=1)  # (the walk of the forward's tiles, where G has W's strides)
     if layout is None:
         return None
     cfg = _launch_config(layout.M, layout.N, device, num_programs)
@@ -872,7 +920,8 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     rows = _next_power_of_2(_cdiv(layout.M, cfg.grid))
     # (G and W of such a tile are live together: 16384 fp32 elements take 149 registers at 8 warps,
     # 512x4608's 4 x 8192 would spill; so would float64 ones, and columns addressed through
-    # several strides, e.g. a channels-last conv's (NCOL > 1: 84 bytes, fp32); ptxas sm_90a)
+    # several strides (NCOL > 1: 84 bytes, fp32, a channels-last conv's before its columns were
+    # walked in memory order); ptxas sm_90a)
     wide_fits = rows * whole_row <= min(tile, 16384) and itemsize <= 4 and len(layout.sizes) == 1
     if _ON_CHIP and block_n < whole_row <= _BWD_ON_CHIP_MAX_ROW and wide_fits:
         block_n = whole_row  # the program's rows as one tile: ON_CHIP below
@@ -889,7 +938,7 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     phases = [kernels.PHASE_DOT, kernels.PHASE_GRAD] if phase_by_phase else [kernels.PHASE_ALL]
     launches = tuple(
         (layout.M, layout.N, *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.inner_sizes,
-         len(layout.sizes), phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP, cfg.GRAD_STAGES)
+         *layout.v_strides, *layout.v_inner_sizes, len(layout.sizes), len(layout.v_sizes), phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP, cfg.GRAD_STAGES)
         for phase in phases)
     # One ON_CHIP program in one launch sums in registers: no workspace.
     return _Plan(cfg, 0 if on_chip and cfg.grid == 1 and not phase_by_phase else cfg.grid, launches,
