@@ -148,8 +148,9 @@ if [ "$mode" != bench ]; then
       | tee "$OUT/kernel_sweep-cold.log" || status=1
   fi
   # Channels-last 3x3 conv weights (session 19: their columns walked in memory order, one stride,
-  # instead of A's three; ptxas sm_90a: spills of 104-472 bytes per read and 12 KB in 768x768x3x3's
-  # backward gone, the tiles' loads 16 bytes wide instead of 4): this commit's kernels, then with
+  # instead of A's three; ptxas sm_90a: training reads' spills of 104-472 bytes and 12 KB in
+  # 768x768x3x3's backward gone, eval reads' 348 down to 8-12, the tiles' loads 16 bytes wide
+  # instead of 4): this commit's kernels, then with
   # SN_FUSED_BASELINE the baseline's through this commit's kernel_sweep.py (the baseline's has no
   # --channels-last). The table above has the same matrices contiguous. Appended to the L2-flushed
   # table's log: the device tool brings back at most 8 files, and `final` mode writes 8 with it.

@@ -118,6 +118,20 @@ COMPILE_HELPERS = textwrap.dedent("""
                             num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
         return launches[0]
 
+    def launch_of(w, dim, kind, grid):
+        # The launch of a read ("training", "eval") or a "backward" of weight w along dim on grid programs.
+        M = w.shape[dim]
+        N = w.numel() // M
+        launches.clear()
+        if kind == "backward":
+            snm._launch_backward(w, w, torch.empty_like(w), torch.ones(M + N + 1), snm.new_semaphore(), dim,
+                                 num_programs=grid, phase_by_phase=False)
+        else:
+            snm._launch_forward(w, torch.empty_like(w), torch.randn(M), torch.randn(N), torch.ones(M + N + 1),
+                                torch.empty(()), snm.new_semaphore(), dim, 1, 1e-12, kind == "training",
+                                num_programs=grid, phase_by_phase=False)
+        return launches[0]
+
     def spill_bytes(kernel, args, cfg, coop):
         k = compile_launch(kernel, args, cfg, coop)
         with tempfile.TemporaryDirectory() as d:
@@ -171,15 +185,7 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
         M, N = shape[0], w.numel() // shape[0]
         grid = snm._default_grid(M, N, 132)
         for kind in ("training", "eval", "backward"):
-            launches.clear()
-            if kind == "backward":
-                snm._launch_backward(w, w, torch.empty_like(w), torch.ones(M + N + 1), snm.new_semaphore(), 0,
-                                     num_programs=grid, phase_by_phase=False)
-            else:
-                snm._launch_forward(w, torch.empty_like(w), torch.randn(M), torch.randn(N), torch.ones(M + N + 1),
-                                    torch.empty(()), snm.new_semaphore(), 0, 1, 1e-12, kind == "training",
-                                    num_programs=grid, phase_by_phase=False)
-            kernel, args, cfg, coop = launches[0]
+            kernel, args, cfg, coop = launch_of(w, 0, kind, grid)
             ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"].splitlines()
             vector = sum("ld.global" in l and ".v4." in l for l in ptx)
             # (a thread's share of one [BLOCK_M, BLOCK_N] tile of A, in 16-byte loads: scalar before)
@@ -189,6 +195,21 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
                   f"{vector} 16-byte loads (a tile: {tile_loads})")
             assert vector >= tile_loads, (shape, kind, vector, tile_loads)
             assert spills == [0, 0] or (kind == "eval" and max(spills) <= 16), (shape, kind, spills)
+
+    # Weights whose tiles still load element by element (_addressed_per_element): a 3x3
+    # ConvTranspose's rows along dim=1 (runs of 9) stream in tiles of _PER_ELEMENT_TILE_ELEMENTS,
+    # rows wider than that in column blocks (1024x512x3x3: 9216 wide), and do not spill. (With the
+    # default tiles: 348-680 bytes per read, 12236 in 768x768x3x3's backward.)
+    for shape in [(768, 768, 3, 3), (1024, 512, 3, 3)]:
+        w = torch.randn(*shape)
+        M, N = shape[1], w.numel() // shape[1]
+        grid = snm._default_grid(M, N, 132)
+        for kind in ("training", "eval", "backward"):
+            kernel, args, cfg, coop = launch_of(w, 1, kind, grid)
+            spills = spill_bytes(kernel, args, cfg, coop)
+            print(f"ConvTranspose {shape} dim=1 {kind}: tiles {cfg.BLOCK_M}x{cfg.BLOCK_N}, spill bytes {spills}")
+            assert cfg.BLOCK_M * cfg.BLOCK_N <= snm._PER_ELEMENT_TILE_ELEMENTS and not cfg.ON_CHIP, cfg
+            assert spills == [0, 0], (shape, kind, spills)
 
     # Vector accesses: with N a multiple of 16, the workspace regions and each program's run of
     # columns start on 16-element boundaries, so every per-element store of a one-program read

@@ -171,10 +171,11 @@ def _column_offsets(cols, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr
     Column ``j`` is the row-major index over ``NCOL`` column dims (outermost
     first); ``D1..D3`` are the sizes of the inner ones. The host merges dims that
     are contiguous in every tensor, and walks them in the weight's memory order
-    where that merges more (``_MatrixLayout``), so the common cases (Linear, Conv,
-    channels-last Conv) have ``NCOL == 1`` and no integer division at all. ``v``,
-    a buffer in A's column order, then has its own strides over the same walk
-    (``v_c*``, ``VD*``, ``NCOL_V``: 1 and unit stride where the walk is A's order).
+    where that merges more (``_MatrixLayout``), so the common cases' tiles (Linear,
+    Conv, channels-last Conv) have ``NCOL == 1`` and no integer division at all.
+    ``v``, a buffer in A's column order, has its own strides over the same walk
+    (``v_c*``, ``VD*``, ``NCOL_V``: 1 and unit stride where the walk is A's order;
+    a channels-last conv's v takes 2, one ``//`` and one ``%`` per element of v).
     """
     if NCOL == 1:
         off_c = cols * s_c0

@@ -98,6 +98,13 @@ _MAX_GRID = 1024  # programs; far above any GPU's co-resident count at one progr
 _MIN_ELEMENTS_PER_PROGRAM = int(os.environ.get("SN_FUSED_MIN_ELEMENTS_PER_PROGRAM", 8192))
 _TILE_ELEMENTS = int(os.environ.get("SN_FUSED_TILE_ELEMENTS", 16384))  # of A per program per loop step
 _MAX_ROW_IN_TILE = int(os.environ.get("SN_FUSED_MAX_ROW_IN_TILE", 16384))  # widest row read in one tile
+# Streaming tiles (both kernels) of a weight whose tiles are loaded element by element
+# (_addressed_per_element: each element carries its own 64-bit address) hold at most this many,
+# 32 elements per thread at 8 warps, and the forward reads rows wider than this in column blocks.
+# With the default tiles a 3x3 ConvTranspose weight (dim=1) spilled 348-680 bytes per read and
+# 12 KB in 768x768's backward; none at this size (ptxas sm_90a, bench/NOTES.md v20). Not
+# measured on a GPU.
+_PER_ELEMENT_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_PER_ELEMENT_TILE_ELEMENTS", 8192))
 # Phase R sums the G programs' partials of its own columns in [BLOCK_Q, BLOCK_C] tiles of about
 # this many elements, one dependent L2 round trip per tile (ON_CHIP: [BLOCK_Q, BLOCK_N]). Phases
 # launched alone on an H200 (bench/NOTES.md v17): phase R 1.8 us on 4096x4096 (one tile), 3.3 on
@@ -257,6 +264,15 @@ def _matrix_layout(dim: int, *tensors: torch.Tensor, order_by: int = 0) -> _Matr
     )
 
 
+def _addressed_per_element(layout: _MatrixLayout) -> bool:
+    """Whether some tensor's tiles are loaded element by element: its innermost column stride
+    is not 1, or the innermost of several column dims is not a multiple of 16 long (the
+    compiler sees contiguous runs only as far as Triton's divisibility hints reach). Each
+    element then takes its own 64-bit address, where contiguous tiles take one per 16 bytes."""
+    k = len(layout.sizes)
+    return any(s[k] != 1 for s in layout.strides) or (k > 1 and layout.sizes[-1] % 16 != 0)
+
+
 def _empty_like_weight(weight: torch.Tensor) -> torch.Tensor:
     """An output with the weight's strides where they are dense (as ``weight / sigma`` gives)."""
     return torch.empty_like(weight, memory_format=torch.preserve_format)
@@ -287,7 +303,10 @@ def _why_not_fused(weight: torch.Tensor, dim: int) -> str | None:
     numel = weight.numel()
     if ndim < 2 or numel == 0:
         return f"shape {tuple(weight.shape)}: the kernels take non-empty weights of 2 or more dims"
-    if ndim - 1 > _MAX_COL_DIMS and _matrix_layout(dim % ndim, weight) is None:
+    # (with the output the read allocates, whose strides may differ: a plan needs a walk of both;
+    # the backward copies an incoming gradient that merges with neither into dW's strides)
+    if ndim - 1 > _MAX_COL_DIMS and _matrix_layout(dim % ndim, weight, _empty_like_weight(
+            torch.empty_strided(weight.shape, weight.stride(), device="meta"))) is None:
         return (f"strides {weight.stride()} with dim={dim}: the columns of its matrix view need more "
                 f"than {_MAX_COL_DIMS} strides")
     # 32-bit offsets inside the kernels: the workspace indices (program * M, program * N,
@@ -408,8 +427,11 @@ def _default_grid(M: int, N: int, cap: int) -> int:
     return min(cap, _cdiv(M * N, per_program))
 
 
-def _launch_config(M: int, N: int, device: torch.device, num_programs: int | None) -> _LaunchConfig:
-    """Grid and tiles. The grid never exceeds the co-resident bound (a spin barrier needs it)."""
+def _launch_config(M: int, N: int, device: torch.device, num_programs: int | None,
+                   per_element: bool = False) -> _LaunchConfig:
+    """Grid and tiles. The grid never exceeds the co-resident bound (a spin barrier needs it).
+    ``per_element``: the tiles are loaded element by element (``_addressed_per_element``), so
+    streaming ones are kept to ``_PER_ELEMENT_TILE_ELEMENTS``."""
     if num_programs is None:
         if device.type == "cuda":
             cap = min(_max_programs(_cuda_index(device)), _MAX_GRID)
@@ -421,7 +443,9 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     # (one pass over A for both products); wider ones in column blocks of a
     # program's few rows by >= 512 columns.
     rows = _next_power_of_2(_cdiv(M, G))
-    row_in_tile = _next_power_of_2(N) <= _MAX_ROW_IN_TILE
+    # (a row loaded element by element, x and t's sums spill above 8192 wide: 680 bytes at 16384)
+    row_in_tile = _next_power_of_2(N) <= (min(_MAX_ROW_IN_TILE, _PER_ELEMENT_TILE_ELEMENTS) if per_element
+                                          else _MAX_ROW_IN_TILE)
     if row_in_tile:
         block_n = _next_power_of_2(N)
     else:
@@ -439,6 +463,8 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     # vectorized (8.3 against 7.8 before; bench/NOTES.md v9, v10).
     on_chip = (_ON_CHIP and row_in_tile and block_m == rows and block_n <= _ON_CHIP_MAX_ROW
                and G * N <= _ON_CHIP_MAX_PARTIALS)
+    if per_element and not on_chip:  # (at least one row: a wider one keeps its one-row tile)
+        block_m = min(block_m, _floor_power_of_2(_PER_ELEMENT_TILE_ELEMENTS // block_n))
     # The G partials of a column are summed BLOCK_Q programs per load: [BLOCK_Q, BLOCK_C] tiles
     # of own columns (phase R), or [BLOCK_Q, BLOCK_N] tiles of all columns (ON_CHIP).
     block_q = min(block_p, _floor_power_of_2(_PARTIALS_TILE_ELEMENTS // (block_n if on_chip else block_c)))
@@ -738,7 +764,7 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
     training = _writes_uv(training, n_power_iterations)
     layout = _matrix_layout(dim, torch.empty_strided(shape, w_stride, device="meta"),
                             torch.empty_strided(shape, o_stride, device="meta"))
-    cfg = _launch_config(layout.M, layout.N, device, num_programs)
+    cfg = _launch_config(layout.M, layout.N, device, num_programs, _addressed_per_element(layout))
     a_bytes = layout.M * layout.N * itemsize
     load_prefetch = _prefetch(_LOAD_PREFETCH, cfg, itemsize, in_phase_st=True)
     rescale_prefetch = _prefetch(_RESCALE_PREFETCH, cfg, itemsize, in_phase_st=False)
@@ -922,12 +948,15 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     # 512x4608's 4 x 8192 would spill; so would float64 ones, and columns addressed through
     # several strides (NCOL > 1: 84 bytes, fp32, a channels-last conv's before its columns were
     # walked in memory order); ptxas sm_90a)
-    wide_fits = rows * whole_row <= min(tile, 16384) and itemsize <= 4 and len(layout.sizes) == 1
+    per_element = _addressed_per_element(layout)
+    wide_fits = rows * whole_row <= min(tile, 16384) and itemsize <= 4 and not per_element
     if _ON_CHIP and block_n < whole_row <= _BWD_ON_CHIP_MAX_ROW and wide_fits:
         block_n = whole_row  # the program's rows as one tile: ON_CHIP below
     block_m = min(rows, _floor_power_of_2(tile // block_n))
     # A program's rows in one tile: kept in registers across the barrier (kernels.py).
     on_chip = _ON_CHIP and block_m == rows and block_n >= layout.N
+    if per_element and not on_chip:
+        block_m = min(block_m, _floor_power_of_2(_PER_ELEMENT_TILE_ELEMENTS // block_n))
     # (a stage holds a tile of G and its v: BLOCK_N more elements, fp32 at 32768-element tiles: 2)
     grad_stages = 1 if on_chip or _GRAD_STAGES <= 1 else _stages_that_fit(
         _GRAD_STAGES, (block_m + 1) * block_n * itemsize, device)
@@ -954,8 +983,9 @@ def _launch_backward(grad, weight, grad_weight, saved, sem, dim,
     except TypeError:  # symbolic sizes (tracing with dynamic shapes): specialize them
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
                               dim, weight.device, num_programs, phase_by_phase, itemsize)
-    if plan is None:  # a grad layout that does not merge with the weight's: copy it like the weight
-        grad = grad.clone(memory_format=torch.contiguous_format)
+    if plan is None:  # a grad layout that does not merge with the weight's: copy it into dW's, which
+        # does where the forward's output did (dW's strides are the output's: _empty_like_weight)
+        grad = torch.empty_like(grad_weight).copy_(grad)
         plan = _backward_plan(*_concrete(grad.shape, grad.stride(), weight.stride(), grad_weight.stride()),
                               dim, weight.device, num_programs, phase_by_phase, itemsize)
     head = (grad, weight, grad_weight, saved, _workspace(plan, grad_weight), sem)
