@@ -98,6 +98,32 @@ def test_power_iterations_and_layouts(n_iter):
         assert r["out"].stride() == (w / 2).stride()
 
 
+@pytest.mark.parametrize("make, dim", [
+    (lambda: torch.randn(768, 768, 3, 3, device=DEV).to(memory_format=torch.channels_last), 0),
+    (lambda: torch.randn(128, 64, 3, 3, 3, device=DEV).to(memory_format=torch.channels_last_3d), 0),
+    (lambda: torch.randn(768, 768, 3, 3, device=DEV), 1),
+    (lambda: torch.randn(1024, 512, 3, 3, device=DEV), 1),
+    (lambda: torch.randn(256, 256, 3, 3, device=DEV).to(memory_format=torch.channels_last), 1),
+], ids=["conv-channels_last", "conv3d-channels_last_3d", "convT3x3-dim1", "convT3x3-wide-dim1",
+        "convT3x3-channels_last-dim1"])
+def test_walked_and_per_element_layouts(make, dim):
+    """Real-size weights whose columns the kernels walk in memory order (v through its own
+    strides) or whose tiles load element by element (smaller streaming tiles; 9216-wide rows in
+    column blocks), in one launch on the card's grid: reads (n = 1, 2, eval) and the backward
+    (an incoming gradient in W_sn's strides and a contiguous one) against the float64 reference."""
+    w = make()
+    for n_iter, training in ((1, True), (2, True), (1, False)):
+        r = _run_both(w, dim, n_iter, training, seed=n_iter)
+        assert _rel(r["out"], r["ref_out"]) < 5e-5 and _rel(r["sigma"], r["ref_sigma"]) < 5e-5
+        assert _rel(r["u"], r["ref_u"]) < 5e-5 and _rel(r["v"], r["ref_v"]) < 5e-5
+        assert r["out"].stride() == w.stride()
+    for g in (torch.randn_like(w), torch.randn(w.shape, device=DEV)):
+        dw = spectral_norm_backward_fused(g, w, r["us"], r["vs"], r["sigma"], r["sem"], dim=dim)
+        ref_dw = reference.spectral_norm_backward_reference(
+            g.double(), w.double(), r["us"].double(), r["vs"].double(), r["sigma"].double(), dim)
+        assert _rel(dw, ref_dw) < 1e-4 and dw.stride() == w.stride()
+
+
 def test_deterministic_bitwise():
     torch.manual_seed(0)
     w = torch.randn(1536, 13824, device=DEV)
