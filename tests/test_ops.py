@@ -696,6 +696,7 @@ def test_per_element_layouts_stream_in_smaller_tiles():
     cl = torch.channels_last
     assert plans(meta(768, 768, 3, 3), 1) == (True, (1, 8192, True, False), (2, 4096, False))
     assert plans(meta(1024, 512, 3, 3), 1) == (True, (2, 4096, False, False), (2, 4096, False))  # 9216 wide
+    assert plans(meta(1024, 100, 3, 3), 1)[1] == (1, 8192, False, False)  # one row per program
     assert plans(meta(768, 768).t(), 0) == (True, (8, 1024, True, False), (16, 1024, True))
     assert plans(meta(64, 64, 3, 3), 1)[2] == (16, 1024, True)  # on chip as before (5 programs)
     assert plans(meta(768, 768, 4, 4), 1) == (False, (1, 16384, True, False), (8, 4096, False))

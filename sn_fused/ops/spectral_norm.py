@@ -450,6 +450,8 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
         block_n = _next_power_of_2(N)
     else:
         block_n = _floor_power_of_2(max(min(512, _TILE_ELEMENTS // 4), _TILE_ELEMENTS // min(rows, 16)))
+        if per_element:
+            block_n = min(block_n, _floor_power_of_2(_PER_ELEMENT_TILE_ELEMENTS))
     block_m = min(rows, _floor_power_of_2(_TILE_ELEMENTS // block_n))
     # Vector phases: a program's own rows (u) and own columns (t, v), sized separately so a
     # tall or wide matrix does not drag masked lanes through the other loop.
@@ -967,7 +969,8 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     phases = [kernels.PHASE_DOT, kernels.PHASE_GRAD] if phase_by_phase else [kernels.PHASE_ALL]
     launches = tuple(
         (layout.M, layout.N, *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.inner_sizes,
-         *layout.v_strides, *layout.v_inner_sizes, len(layout.sizes), len(layout.v_sizes), phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP, cfg.GRAD_STAGES)
+         *layout.v_strides, *layout.v_inner_sizes, len(layout.sizes), len(layout.v_sizes), phase, cfg.BLOCK_M,
+         cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP, cfg.GRAD_STAGES)
         for phase in phases)
     # One ON_CHIP program in one launch sums in registers: no workspace.
     return _Plan(cfg, 0 if on_chip and cfg.grid == 1 and not phase_by_phase else cfg.grid, launches,
