@@ -344,6 +344,23 @@ def test_training_steps(kind, n_iter, dtype, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind, memory_format", [("conv2d", torch.channels_last),
+                                                 ("convtranspose2d", torch.channels_last),
+                                                 ("conv3d", torch.channels_last_3d)])
+def test_training_steps_channels_last(kind, memory_format, device, seed):
+    """A model moved to channels-last (``model.to(memory_format=...)``, the usual recipe for
+    tensor-core convolutions), its inputs too: the conv weights' columns are walked in their
+    memory order (v through its own strides), the ConvTranspose's are strided (rows along
+    dim=1 have stride 1); trained in lockstep with PyTorch's SN."""
+    ref, ours, make_x = make_pair(kind, seed, device=device)
+    ref, ours = (m.to(memory_format=memory_format) for m in (ref, ours))
+    w = orig(ours)
+    assert w.is_contiguous(memory_format=memory_format) and not w.is_contiguous()
+    train_in_lockstep(ref, ours, lambda: make_x().contiguous(memory_format=memory_format), torch.float32)
+    assert orig(ours).is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, n_iter", kind_iters())
 def test_eval_mode(kind, n_iter, device, seed):
     ref, ours, make_x = make_pair(kind, seed, device=device, n_power_iterations=n_iter)
