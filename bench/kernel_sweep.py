@@ -95,14 +95,14 @@ def layer(M, N, impl, device="cuda"):
     if CHANNELS_LAST:
         if N % 9:
             raise ValueError(f"--channels-last takes 3x3 conv weights: N = {N} is not 9 x in-channels")
-        lin = torch.nn.Conv2d(N // 9, M, 3, bias=False).to(device, memory_format=torch.channels_last)
+        module = torch.nn.Conv2d(N // 9, M, 3, bias=False).to(device, memory_format=torch.channels_last)
     else:
-        lin = torch.nn.Linear(N, M, bias=False).to(device)
+        module = torch.nn.Linear(N, M, bias=False).to(device)
     with torch.no_grad():
-        lin.weight.normal_()
+        module.weight.normal_()
     if impl == "sn_fused":
-        return sn_fused.spectral_norm(lin)
-    return torch.nn.utils.parametrizations.spectral_norm(lin)
+        return sn_fused.spectral_norm(module)
+    return torch.nn.utils.parametrizations.spectral_norm(module)
 
 
 def backward_alone_us(m, g) -> float:

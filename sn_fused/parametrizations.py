@@ -206,20 +206,18 @@ class _SpectralNorm(Module):
             # attribute 'weight'", parametrize's property being a property.)
             remade = False
             if isinstance(sem, Tensor):
-                if sem.device != weight.device or not _plain_tensor(sem):
-                    sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
-                    remade = True
-                elif not compiling and sem._version != self._sem_version:  # written by torch code
-                    if _is_semaphore(sem, weight.device):
-                        # Put at rest where it is: the same tensor keeps its address, which a
-                        # compiled graph (CUDA graphs: a static input) and the checked read's
-                        # signature hold. (Also after a compiled read of this layer, which bumps
-                        # the version: its op declares the semaphore written.)
+                remade = sem.device != weight.device or not _plain_tensor(sem)
+                if not remade and not compiling and sem._version != self._sem_version:  # written by torch code
+                    # Put at rest where it is if it still is a semaphore: the same tensor keeps its
+                    # address, which a compiled graph (CUDA graphs: a static input) and the checked
+                    # read's signature hold. (Also after a compiled read of this layer, which bumps
+                    # the version: its op declares the semaphore written.)
+                    remade = not _is_semaphore(sem, weight.device)
+                    if not remade:
                         with torch.no_grad():
                             sem.zero_()
-                    else:
-                        sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
-                        remade = True
+                if remade:
+                    sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
                 if not compiling:
                     self._sem_version = sem._version
             if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device

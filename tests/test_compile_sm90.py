@@ -109,28 +109,26 @@ COMPILE_HELPERS = textwrap.dedent("""
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
         return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
-    def forward_launch(M, N, dtype, training):
-        # The launch (kernel, args, cfg, cooperative) of a random M x N weight's read on 132 SMs.
-        launches.clear()
-        w, u, v = (torch.randn(n, dtype=dtype) for n in ((M, N), M, N))
-        snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1, dtype=dtype),
-                            torch.empty((), dtype=dtype), snm.new_semaphore(), 0, 1, 1e-12, training,
-                            num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
-        return launches[0]
-
-    def launch_of(w, dim, kind, grid):
-        # The launch of a read ("training", "eval") or a "backward" of weight w along dim on grid programs.
+    def launch_of(w, dim, kind, grid=None):
+        # The launch (kernel, args, cfg, cooperative) of a read ("training", "eval") or a "backward"
+        # of weight w along dim, on grid programs (default: the grid a 132-SM card gives it).
         M = w.shape[dim]
         N = w.numel() // M
+        grid = snm._default_grid(M, N, 132) if grid is None else grid
+        saved = torch.ones(M + N + 1, dtype=w.dtype)
         launches.clear()
         if kind == "backward":
-            snm._launch_backward(w, w, torch.empty_like(w), torch.ones(M + N + 1), snm.new_semaphore(), dim,
+            snm._launch_backward(w, w, torch.empty_like(w), saved, snm.new_semaphore(), dim,
                                  num_programs=grid, phase_by_phase=False)
         else:
-            snm._launch_forward(w, torch.empty_like(w), torch.randn(M), torch.randn(N), torch.ones(M + N + 1),
-                                torch.empty(()), snm.new_semaphore(), dim, 1, 1e-12, kind == "training",
-                                num_programs=grid, phase_by_phase=False)
+            snm._launch_forward(w, torch.empty_like(w), torch.randn(M, dtype=w.dtype), torch.randn(N, dtype=w.dtype),
+                                saved, torch.empty((), dtype=w.dtype), snm.new_semaphore(), dim, 1, 1e-12,
+                                kind == "training", num_programs=grid, phase_by_phase=False)
         return launches[0]
+
+    def forward_launch(M, N, dtype, training):
+        # The launch of a random M x N weight's read on 132 SMs.
+        return launch_of(torch.randn(M, N, dtype=dtype), 0, "training" if training else "eval")
 
     def spill_bytes(kernel, args, cfg, coop):
         k = compile_launch(kernel, args, cfg, coop)
@@ -153,22 +151,17 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
     # with both loops over A pipelined (3 stages).
     for M, N in [(128, 1152), (24576, 20), (1, 4096), (1, 8192), (512, 4608), (1536, 13824), (1000, 1536),
                  (4096, 1024), (4096, 4096), (256, 8192)]:
-        w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
+        w = torch.randn(M, N)
         grid = snm._default_grid(M, N, 132)
         on_chip = snm._launch_config(M, N, w.device, grid).ON_CHIP
-        launches.clear()
-        saved = torch.ones(M + N + 1)
-        snm._launch_forward(w, torch.empty_like(w), u, v, saved, torch.empty(()), snm.new_semaphore(), 0, 1,
-                            1e-12, True, num_programs=grid, phase_by_phase=False)
-        snm._launch_backward(w, w, torch.empty_like(w), saved, snm.new_semaphore(), 0,
-                             num_programs=grid, phase_by_phase=False)
-        stages = (launches[0][2].LOAD_STAGES, launches[0][2].RESCALE_STAGES)
+        pair = [launch_of(w, 0, "training"), launch_of(w, 0, "backward")]
+        stages = (pair[0][2].LOAD_STAGES, pair[0][2].RESCALE_STAGES)
         assert stages == ((3, 3) if M * N * 4 > 50 * 2**20 else (1, 1)), (M, N, stages)
-        spills = [spill_bytes(*launch) for launch in launches]
-        print(f"{M}x{N} ({grid} programs, on_chip={on_chip}/{launches[1][2].ON_CHIP}) spill bytes (stores, loads): "
+        spills = [spill_bytes(*launch) for launch in pair]
+        print(f"{M}x{N} ({grid} programs, on_chip={on_chip}/{pair[1][2].ON_CHIP}) spill bytes (stores, loads): "
               f"forward {spills[0]}, backward {spills[1]}")
         assert on_chip == ((M, N) in [(128, 1152), (24576, 20), (1, 4096), (1, 8192)]), (M, N, on_chip)
-        bwd_on_chip = launches[1][2].ON_CHIP
+        bwd_on_chip = pair[1][2].ON_CHIP
         assert bwd_on_chip == ((M, N) in [(128, 1152), (24576, 20), (1, 4096), (1, 8192), (256, 8192),
                                           (1000, 1536)]), (M, N, bwd_on_chip)
         assert spills == [[0, 0], [0, 0]], f"{M}x{N}: {spills}"
@@ -182,10 +175,8 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
     # outside the loops (8-12 bytes; 105 registers and none in A's order for a contiguous weight).
     for shape in [(64, 64, 3, 3), (256, 512, 3, 3), (768, 768, 3, 3)]:
         w = torch.randn(*shape).to(memory_format=torch.channels_last)
-        M, N = shape[0], w.numel() // shape[0]
-        grid = snm._default_grid(M, N, 132)
         for kind in ("training", "eval", "backward"):
-            kernel, args, cfg, coop = launch_of(w, 0, kind, grid)
+            kernel, args, cfg, coop = launch_of(w, 0, kind)
             ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"].splitlines()
             vector = sum("ld.global" in l and ".v4." in l for l in ptx)
             # (a thread's share of one [BLOCK_M, BLOCK_N] tile of A, in 16-byte loads: scalar before)
@@ -202,10 +193,8 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
     # default tiles: 348-680 bytes per read, 12236 in 768x768x3x3's backward.)
     for shape in [(768, 768, 3, 3), (1024, 512, 3, 3)]:
         w = torch.randn(*shape)
-        M, N = shape[1], w.numel() // shape[1]
-        grid = snm._default_grid(M, N, 132)
         for kind in ("training", "eval", "backward"):
-            kernel, args, cfg, coop = launch_of(w, 1, kind, grid)
+            kernel, args, cfg, coop = launch_of(w, 1, kind)
             spills = spill_bytes(kernel, args, cfg, coop)
             print(f"ConvTranspose {shape} dim=1 {kind}: tiles {cfg.BLOCK_M}x{cfg.BLOCK_N}, spill bytes {spills}")
             assert cfg.BLOCK_M * cfg.BLOCK_N <= snm._PER_ELEMENT_TILE_ELEMENTS and not cfg.ON_CHIP, cfg
@@ -287,11 +276,7 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
     # tiles fit 2 stages and spill 4 bytes (printed, not checked).
     for (M, N), tile, want in [((1536, 13824), 16384, 3), ((4096, 4096), 16384, 3), ((1536, 13824), 32768, 2)]:
         with snm._launch_knobs(_GRAD_STAGES=3, _BWD_TILE_ELEMENTS=tile):
-            launches.clear()
-            w = torch.randn(M, N)
-            snm._launch_backward(w, w, torch.empty_like(w), torch.ones(M + N + 1), snm.new_semaphore(), 0,
-                                 num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
-            kernel, args, cfg, coop = launches[0]
+            kernel, args, cfg, coop = launch_of(torch.randn(M, N), 0, "backward")
             assert cfg.GRAD_STAGES == want and not cfg.ON_CHIP, cfg
             k = compile_launch(kernel, args, cfg, coop)
             loops = [int(x) for x in re.findall(r"tt.num_stages = (\\d+)", k.asm["ttir"])]
@@ -340,12 +325,7 @@ LOAD_ORDER_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
         return rest.split("B")[0]
 
     def forward_ptx(M, N, training):
-        launches.clear()
-        w, u, v = torch.randn(M, N), torch.randn(M), torch.randn(N)
-        snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(M + N + 1), torch.empty(()),
-                            snm.new_semaphore(), 0, 1, 1e-12, training,
-                            num_programs=snm._default_grid(M, N, 132), phase_by_phase=False)
-        return compile_launch(*launches[0]).asm["ptx"]
+        return compile_launch(*forward_launch(M, N, torch.float32, training)).asm["ptx"]
 
     # Streaming training read (512x4608): after the first barrier (phase R) the first block of s
     # (P) and the first step of t's column partials (C, 8 vector loads) go with ||s||'s partials;

@@ -465,7 +465,7 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
     # vectorized (8.3 against 7.8 before; bench/NOTES.md v9, v10).
     on_chip = (_ON_CHIP and row_in_tile and block_m == rows and block_n <= _ON_CHIP_MAX_ROW
                and G * N <= _ON_CHIP_MAX_PARTIALS)
-    if per_element and not on_chip:  # (at least one row: a wider one keeps its one-row tile)
+    if per_element and not on_chip:  # (rows and column blocks are at most that wide: see above)
         block_m = min(block_m, _floor_power_of_2(_PER_ELEMENT_TILE_ELEMENTS // block_n))
     # The G partials of a column are summed BLOCK_Q programs per load: [BLOCK_Q, BLOCK_C] tiles
     # of own columns (phase R), or [BLOCK_Q, BLOCK_N] tiles of all columns (ON_CHIP).
