@@ -20,13 +20,13 @@ echo "== 1/3: kernels through the Triton interpreter (TRITON_INTERPRET=1)"
 TRITON_INTERPRET=1 "$VPY" -m pytest tests -p no:cacheprovider "$@"
 
 echo "== 2/3: the pure-PyTorch fallback path (no interpreter)"
-"$VPY" -m pytest tests/test_parametrizations.py tests/test_convert.py tests/test_distributed.py \
-  tests/test_failure_modes.py -p no:cacheprovider "$@"
+"$VPY" -m pytest tests/test_parametrizations.py tests/test_parametrizations_stateful.py tests/test_convert.py \
+  tests/test_distributed.py tests/test_failure_modes.py -p no:cacheprovider "$@"
 
 if [ "${SN_FUSED_REQUIRE_CPP:-0}" = "1" ]; then
   echo "== 3/3: layers through the kernels, Python read path (TRITON_INTERPRET=1 SN_FUSED_CPP=0)"
   TRITON_INTERPRET=1 SN_FUSED_CPP=0 "$VPY" -m pytest tests/test_parametrizations.py \
-    tests/test_failure_modes.py -p no:cacheprovider "$@"
+    tests/test_parametrizations_stateful.py tests/test_failure_modes.py -p no:cacheprovider "$@"
 else
   echo "== 3/3: skipped (sn_fused._C not built: stage 1 read layers through the Python path)"
 fi

@@ -396,6 +396,7 @@ def _phase_reduce(u_ptr, u_saved_ptr, s_ptr, tpart_ptr, t_ptr, part_s_ptr, part_
     s0 = tl.load(s_ptr, cache_modifier=".cg")
     sums_first = _first_column_sums(tpart_ptr, G, N, c0, c1, BLOCK_C, BLOCK_Q)
     du = _clamp(_vector_norm(s_parts, s0, M)[0], eps)
+    # u is contiguous (the launcher's check): unit stride, one dim of columns (NCOL_O = 1).
     _store_normalized(s_first, s_ptr, u_ptr, u_saved_ptr, du, r0, r1, 1, 0, 0, 0, 1, 1, 1, BLOCK_R, 1)
     _combine_columns(sums_first, tpart_ptr, t_ptr, part_t_ptr, du, pid, G, c0, c1, N, BLOCK_C, BLOCK_Q)
 
