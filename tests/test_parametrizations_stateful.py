@@ -8,7 +8,8 @@ same module, u and v, PyTorch's SN on one copy and sn_fused's on the other, floa
 applies a random sequence of
 
 * reads in train and eval mode, under ``no_grad``, ``inference_mode`` and ``parametrize.cached``,
-  several before one backward (``D(real) - D(fake)``);
+  through ``torch.func.functional_call`` (the model's tensors or copies), several before one
+  backward (``D(real) - D(fake)``);
 * backward, SGD steps with momentum, ``zero_grad``;
 * new values of ``n_power_iterations`` and ``eps``;
 * ``state_dict`` saved from one side and loaded into both;
@@ -101,6 +102,22 @@ class SpectralNormUse(RuleBasedStateMachine):
         else:
             with torch.no_grad() if context == "no_grad" else torch.inference_mode():
                 self._read(keep=False)
+
+    @rule(copies=st.booleans())
+    def read_functional_call(self, copies):
+        """``torch.func.functional_call`` with the model's own tensors or with copies of them
+        (a functional training loop's state): a training read updates the u, v it is given."""
+        x = self._input()
+
+        def call(m):
+            state = {k: t.detach().clone() if copies else t for k, t in [*m.named_parameters(), *m.named_buffers()]}
+            return torch.func.functional_call(m, state, (x,)), state
+
+        (y_ref, state_ref), (y_ours, state_ours) = self._both(call)
+        assert_close(y_ours, y_ref, msg=f"{self.kind}: outputs differ")
+        for key in state_ref:
+            if key.endswith(("._u", "._v")):
+                assert_close(state_ours[key], state_ref[key], DTYPE, VEC_TOL, scale=False, msg=key)
 
     @rule(train=st.booleans())
     def set_training(self, train):
