@@ -598,6 +598,7 @@ def test_accurate_dot_is_correctly_rounded_but_for_an_ulp():
     term that cancels the rest (error ~ eps^2 sum |terms|, as in twice float64's precision)."""
     from fractions import Fraction
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    eps = torch.finfo(torch.float64).eps
     for n in (1, 2, 3, 1000, 3000):
         a = torch.randn(3, n, generator=gen, dtype=torch.float64)
         x = torch.randn(3, n, generator=gen, dtype=torch.float64)
@@ -610,7 +611,6 @@ def test_accurate_dot_is_correctly_rounded_but_for_an_ulp():
             err = abs(Fraction(got[i].item()) - exact)
             # One ulp of the result, plus the plain sum of the (exact) error terms: at most
             # log2(n) + 1 of them per product, each below eps |product|.
-            eps = torch.finfo(torch.float64).eps
             terms = (a[i] * x[i]).abs().sum().item()
             bound = ulp(want.view(1), torch.float64).item() + (math.log2(n) + 1) * n * eps * eps * terms
             assert err <= Fraction(bound), (n, i, got[i].item(), float(exact))
