@@ -147,26 +147,40 @@ if [ "$mode" != bench ]; then
       --table-shapes 64x27,128x1152,512x4608,768x6912,1x8192,24576x20,1000x1536 --out "$W/cold" 2>&1 \
       | tee "$OUT/kernel_sweep-cold.log" || status=1
   fi
+  # ab_table SECONDS NAME KERNEL_SWEEP_ARGS...: a kernel table of this commit's kernels, then with
+  # SN_FUSED_BASELINE the baseline's through this commit's kernel_sweep.py (run as a script from
+  # the baseline's folder: an older kernel_sweep.py may lack the options), half the time each.
+  # Appended to the L2-flushed table's log: the device tool brings back at most 8 files, and
+  # `final` mode writes 8 with it.
+  ab_table() {
+    local t=$1 name=$2 repo=$PWD failed=0
+    shift 2
+    timeout $((t / 2)) python3 -m bench.kernel_sweep "$@" --out "$W/$name" || failed=1
+    if [ -n "${SN_FUSED_BASELINE:-}" ]; then
+      echo "# baseline $SN_FUSED_BASELINE: its sn_fused, this commit's bench/kernel_sweep.py"
+      (cd "$SN_FUSED_BASELINE" && PYTHONPATH=. timeout $((t / 2)) python3 "$repo/bench/kernel_sweep.py" "$@") \
+        || failed=1
+    fi
+    [ "$failed" = 0 ]
+  }
   # Channels-last 3x3 conv weights (session 19: their columns walked in memory order, one stride,
   # instead of A's three; ptxas sm_90a: training reads' spills of 104-472 bytes and 12 KB in
   # 768x768x3x3's backward gone, eval reads' 348 down to 8-12, the tiles' loads 16 bytes wide
-  # instead of 4): this commit's kernels, then with
-  # SN_FUSED_BASELINE the baseline's through this commit's kernel_sweep.py (the baseline's has no
-  # --channels-last). The table above has the same matrices contiguous. Appended to the L2-flushed
-  # table's log: the device tool brings back at most 8 files, and `final` mode writes 8 with it.
+  # instead of 4). The table above has the same matrices contiguous.
   t=$(within 100 "$(reserve 60 220)")
   if [ "$mode" != dev ] && [ "$t" != 0 ]; then
     echo "== kernel table, channels-last 3x3 conv weights (sn_fused, graph) $(date +%T)"
-    cl=(--no-torch --graph-only --channels-last --table-shapes 512x4608,768x6912,1536x13824)
-    repo=$PWD
-    { failed=0
-      timeout $((t / 2)) python3 -m bench.kernel_sweep "${cl[@]}" --out "$W/channels_last" || failed=1
-      if [ -n "${SN_FUSED_BASELINE:-}" ]; then
-        echo "# baseline $SN_FUSED_BASELINE: its sn_fused, this commit's bench/kernel_sweep.py"
-        (cd "$SN_FUSED_BASELINE" && PYTHONPATH=. timeout $((t / 2)) python3 "$repo/bench/kernel_sweep.py" "${cl[@]}") \
-          || failed=1
-      fi
-      [ "$failed" = 0 ]; } 2>&1 | tee -a "$OUT/kernel_sweep-cold.log" || status=1
+    ab_table "$t" channels_last --no-torch --graph-only --channels-last --table-shapes 512x4608,768x6912,1536x13824 \
+      2>&1 | tee -a "$OUT/kernel_sweep-cold.log" || status=1
+  fi
+  # Rows not 16-element aligned (session 21: their backward streams 2x4096 tiles where the default
+  # 8x4096 ones spilled 2.2 KB per thread streaming, 768x6900, and 336-752 bytes on chip, 768x3500;
+  # ptxas sm_90a). Compare with the aligned 768x6912 of the main table.
+  t=$(within 60 "$(reserve 60 220)")
+  if [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== kernel table, rows not 16-element aligned (sn_fused, graph) $(date +%T)"
+    ab_table "$t" misaligned --no-torch --graph-only --table-shapes 768x6900,768x3500 \
+      2>&1 | tee -a "$OUT/kernel_sweep-cold.log" || status=1
   fi
   t=$(within 150 "$(reserve 60 220)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then

@@ -200,6 +200,17 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
             assert cfg.BLOCK_M * cfg.BLOCK_N <= snm._PER_ELEMENT_TILE_ELEMENTS and not cfg.ON_CHIP, cfg
             assert spills == [0, 0], (shape, kind, spills)
 
+    # Rows whose stride is not a multiple of 16 elements load element by element too (Triton
+    # hints 16-divisibility only). Their backward streams in tiles of _PER_ELEMENT_TILE_ELEMENTS
+    # and is on chip only up to 16384 elements: no spills. (Before: 768x6900's streamed 8x4096
+    # tiles spilled 2176/1156 bytes, 768x3500's on-chip 8x4096 ones 336/640.)
+    for M, N in [(768, 6900), (768, 3500)]:
+        kernel, args, cfg, coop = launch_of(torch.randn(M, N), 0, "backward")
+        spills = spill_bytes(kernel, args, cfg, coop)
+        print(f"{M}x{N} backward (rows not 16-aligned): tiles {cfg.BLOCK_M}x{cfg.BLOCK_N}, spill bytes {spills}")
+        assert cfg.BLOCK_M * cfg.BLOCK_N <= snm._PER_ELEMENT_TILE_ELEMENTS and not cfg.ON_CHIP, cfg
+        assert spills == [0, 0], (M, N, spills)
+
     # Vector accesses: with N a multiple of 16, the workspace regions and each program's run of
     # columns start on 16-element boundaries, so every per-element store of a one-program read
     # is 16 bytes wide; only single values (partials, sigma, u of one row) stay scalar. (With

@@ -16,7 +16,7 @@ whole batch. What must hold, and why:
   and the same number of reads (one per forward per layer), as the single
   process, so they follow the same sequence.
 
-Two DDP set-ups run in the same two processes:
+Three set-ups run in the same two processes, two of DDP and one of FSDP2:
 
 * DDP's defaults (``broadcast_buffers=True``): rank 1 builds its model from
   another seed (DDP's construction-time broadcast must replace its
@@ -32,6 +32,12 @@ Two DDP set-ups run in the same two processes:
   ``forward_sync_buffers=False`` where PyTorch has it): the ranks stay in
   step because they compute the same thing (both use seed 0 here: with
   ``broadcast_buffers=False`` DDP does not sync buffers at construction).
+* ``fully_shard`` (FSDP2) on each SN layer and on the model: every rank
+  holds half of each ``parametrizations.weight.original`` (a ``DTensor``) and
+  all-gathers it before the layer's forward, so each read sees the whole
+  weight as a plain tensor; the gradients are reduce-scattered (averaged), and
+  buffers (u, v, sigma, the semaphore) stay each rank's own. Parameters and
+  gradients are compared whole (``full_tensor()``).
 
 The children run in whichever mode the parent imported sn_fused in
 (``TRITON_INTERPRET=1``: the Triton kernels through the interpreter; else
@@ -87,6 +93,7 @@ SCENARIOS = {
     "broadcast_buffers": (True, (0, 1)),
     "local_buffers": (False, (0, 0)),
 }
+FSDP = "fully_shard"  # (FSDP2: torch.distributed.fsdp.fully_shard, torch >= 2.6)
 
 
 # --------------------------------------------------------------------------- shared by both sides
@@ -141,6 +148,15 @@ def train(forward: nn.Module, model: nn.Module, x: torch.Tensor, before_step=Non
         snap["eval_out"] = forward(make_batch())
     model.train()
     return snap
+
+
+def _fsdp2():
+    """``fully_shard`` where this torch has it (FSDP2), else None."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return None
+    return fully_shard
 
 
 # --------------------------------------------------------------------------- child
@@ -212,10 +228,31 @@ def _worker(rank: int, world: int, port: int, out_dir: Path, expect_interpret: b
             snap["init"] = init
             results[name] = snap
             dist.barrier()
+        if _fsdp2() is not None:
+            model = make_model(0)
+            for m in model.modules():
+                if hasattr(m, "parametrizations"):
+                    _fsdp2()(m)
+            _fsdp2()(model)
+            init = _whole({n: p.detach() for n, p in model.named_parameters()})
+            init.update({n: b.clone() for n, b in model.named_buffers()})
+            snap = train(model, model, shard)
+            for part in ("params", "grads"):
+                snap[part] = _whole(snap[part])
+            snap["init"] = init
+            results[FSDP] = snap
+            dist.barrier()
         results["counts"] = counts
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _whole(tensors: dict) -> dict:
+    """Sharded parameters (``DTensor``) gathered whole, in name order on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in tensors.items()}
 
 
 def _main(argv: list[str]) -> None:
@@ -239,6 +276,8 @@ if __name__ == "__main__":
 import pytest  # noqa: E402  (children never import pytest)
 
 pytestmark = pytest.mark.skipif(not _GLOO, reason="torch.distributed with the gloo backend is unavailable")
+# Every set-up the children run (FSDP2's where this torch has it).
+ALL_SCENARIOS = list(SCENARIOS) + ([FSDP] if _GLOO and _fsdp2() is not None else [])
 
 
 def _free_port() -> int:
@@ -312,7 +351,7 @@ def _run_children(out_dir: Path) -> list[dict]:
             log.close()
     if failure is not None:
         report = "\n".join(f"----- rank {r} output -----\n{o[-6000:]}" for r, o in enumerate(outputs))
-        pytest.fail(f"DDP children failed: {failure}\n{report}", pytrace=False)
+        pytest.fail(f"distributed children failed: {failure}\n{report}", pytrace=False)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -356,7 +395,7 @@ def test_children_ran_in_the_parents_mode(ddp_results):
             assert counts["fused"] == 0 and counts["reference"] > 0, (rank, counts)
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario", ALL_SCENARIOS)
 def test_ranks_agree_bitwise(ddp_results, scenario):
     r0, r1 = (res[scenario] for res in ddp_results)
     # Construction: with broadcast_buffers, rank 1's other-seed state (parameters and
@@ -368,7 +407,7 @@ def test_ranks_agree_bitwise(ddp_results, scenario):
     assert r0["state_dict_keys"] == r1["state_dict_keys"]
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario", ALL_SCENARIOS)
 def test_ranks_match_single_process(ddp_results, single_process, scenario):
     ref = single_process
     res = ddp_results[0][scenario]
@@ -394,7 +433,7 @@ def test_ranks_match_single_process(ddp_results, single_process, scenario):
             assert not torch.equal(b, ref["init"][k]), k
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario", ALL_SCENARIOS)
 def test_semaphore_survives_gloo_broadcast(ddp_results, single_process, scenario):
     ref = single_process["buffers"]
     for rank, res in enumerate(ddp_results):

@@ -704,6 +704,44 @@ def test_per_element_layouts_stream_in_smaller_tiles():
     assert plans(meta(768, 768, 3, 3).to(memory_format=cl), 0) == (False, (2, 8192, True, False), (8, 4096, False))
 
 
+def test_backward_of_misaligned_rows_in_smaller_tiles(device, gen):
+    """Rows whose stride is not a multiple of 16 elements (768x6900; a Linear(1000, ...)) load
+    element by element too, one row being one contiguous run: Triton hints divisibility by 16
+    only. The backward streams them in tiles of ``_PER_ELEMENT_TILE_ELEMENTS`` and keeps a
+    program's rows on chip only up to 16384 elements (the default 8x4096 tiles spilled 2.2 KB
+    streaming, 336-752 bytes on chip; ptxas sm_90a, tests/test_compile_sm90.py). The forward,
+    which did not spill, keeps its tiles; aligned rows keep theirs."""
+    cpu = torch.device("cpu")
+
+    def plans(M, N):  # (the grid a 132-SM card gives the weight)
+        grid = snm._default_grid(M, N, 132)
+        f = snm._forward_plan((M, N), (N, 1), (N, 1), 0, cpu, 1, True, grid, False).cfg
+        b = snm._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, cpu, grid, False).cfg
+        return (f.BLOCK_M, f.BLOCK_N, f.ON_CHIP), (b.BLOCK_M, b.BLOCK_N, b.ON_CHIP)
+
+    assert plans(768, 6900) == ((2, 8192, False), (2, 4096, False))
+    assert plans(768, 6912) == ((2, 8192, False), (8, 4096, False))
+    assert plans(768, 3500) == ((4, 4096, False), (2, 4096, False))
+    assert plans(768, 3456) == ((4, 4096, False), (8, 4096, True))
+    assert plans(1000, 1000)[1] == (16, 1024, True)  # 16384 elements: on chip as before
+    assert plans(132, 6900)[1] == (2, 8192, True)  # a program's rows wider than a block, on chip
+    assert plans(1, 6900)[1] == (1, 8192, True)  # one row: nothing to align
+    # A row stride of 16k elements (a slice of wider rows) is aligned, whatever the row's length.
+    wide = torch.empty(768, 6912, device="meta")[:, :6900]
+    assert snm._backward_plan(wide.shape, *[wide.stride()] * 3, 0, cpu, 132, False).cfg.BLOCK_M == 8
+    # One program's 5 rows of 4001 (misaligned): 8x4096 on chip before, now 2x4096 tiles streamed;
+    # dW against the oracle.
+    w = torch.randn(5, 4001, generator=gen).to(device)
+    g = torch.randn(5, 4001, generator=gen).to(device)
+    cfg = snm._backward_plan(w.shape, *[w.stride()] * 3, 0, w.device, 1, False).cfg
+    assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.ON_CHIP) == (2, 4096, False), cfg
+    res = fused_forward(w, *vec_pair(w, 0, gen), dim=0, num_programs=1)
+    saved = (res["u_saved"], res["v_saved"], res["sigma"])
+    with poisoned_empty():
+        dw = fused_backward(g, w, *saved, dim=0, num_programs=1, phase_by_phase=False)
+    check_backward(dw, g, w, *saved, dim=0)
+
+
 @pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
 @pytest.mark.parametrize("case", [CASE["convT4d-dim1"], CASE["2d-transposed"]], ids=["convT4d-dim1", "2d-transposed"])
 def test_per_element_tiles(case, num_programs, phase_by_phase, device, gen):

@@ -1293,6 +1293,37 @@ def test_module_to_double_after_registration(device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_module_to_with_swapped_params(device, seed):
+    """``torch.__future__.set_swap_module_params_on_conversion(True)``: ``.to()`` swaps the
+    parameter's contents into the same object (``torch.utils.swap_tensors``) instead of assigning
+    ``.data``. Reads after ``.double()`` and after a move to channels-last (where the layer's
+    checked signature sees a new dtype and new strides in the same tensor) agree with PyTorch's SN,
+    weights, u, v and gradients."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        ref, ours, make_x = make_pair("conv2d", seed, device=device)
+        for m in (ref, ours):  # a checked read before the swaps
+            m(make_x()).sum().backward()
+        original = orig(ours)
+        for convert in (lambda m: m.double(), lambda m: m.to(memory_format=torch.channels_last)):
+            for m in (ref, ours):
+                convert(m)
+                m.zero_grad()
+            assert orig(ours) is original and orig(ours).dtype == torch.float64
+            x = make_x().double()
+            out_ref, out = ref(x), ours(x)
+            assert_close(out, out_ref, dtype=torch.float32)  # (u, v and grads came from fp32)
+            assert_uv_close(ours, ref, torch.float32)
+            out_ref.square().sum().backward()
+            out.square().sum().backward()
+            assert_close(orig(ours).grad, orig(ref).grad, dtype=torch.float32)
+        assert orig(ours).stride() == orig(ref).stride() and orig(ours).stride()[1] == 1  # channels-last
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_meta_init_then_to_empty(device, seed):
     """Deferred init (a model built on the meta device, ``to_empty``, then initialized by the user,
     as FSDP and big-model loaders do): the same outputs as PyTorch's SN, and the grid-barrier

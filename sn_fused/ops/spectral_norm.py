@@ -273,6 +273,13 @@ def _addressed_per_element(layout: _MatrixLayout) -> bool:
     return any(s[k] != 1 for s in layout.strides) or (k > 1 and layout.sizes[-1] % 16 != 0)
 
 
+def _rows_misaligned(layout: _MatrixLayout) -> bool:
+    """Whether some tensor's rows start at offsets Triton cannot prove 16-element aligned: a row
+    stride that is not a multiple of 16 (Triton hints divisibility by 16 only). Tiles spanning
+    rows are then loaded element by element too, though each row is one contiguous run."""
+    return layout.M > 1 and any(s[0] % 16 != 0 for s in layout.strides)
+
+
 def _empty_like_weight(weight: torch.Tensor) -> torch.Tensor:
     """An output with the weight's strides where they are dense (as ``weight / sigma`` gives)."""
     return torch.empty_like(weight, memory_format=torch.preserve_format)
@@ -950,13 +957,21 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     # 512x4608's 4 x 8192 would spill; so would float64 ones, and columns addressed through
     # several strides (NCOL > 1: 84 bytes, fp32, a channels-last conv's before its columns were
     # walked in memory order); ptxas sm_90a)
-    per_element = _addressed_per_element(layout)
-    wide_fits = rows * whole_row <= min(tile, 16384) and itemsize <= 4 and not per_element
+    strided_columns = _addressed_per_element(layout)
+    wide_fits = rows * whole_row <= min(tile, 16384) and itemsize <= 4 and not strided_columns
+    # Rows not 16-element aligned (768x6900, a Linear(1000, ...)) are loaded element by element
+    # too: the default 8x4096 tiles spilled 2.2 KB per thread (ptxas sm_90a, 255 registers),
+    # 8192-element ones none (163). (Their forward reads do not spill at 8192-16384 elements,
+    # so _launch_config keeps its tiles; nor do 132x6900's wide 2x8192 ones here.)
+    per_element = strided_columns or _rows_misaligned(layout)
     if _ON_CHIP and block_n < whole_row <= _BWD_ON_CHIP_MAX_ROW and wide_fits:
         block_n = whole_row  # the program's rows as one tile: ON_CHIP below
     block_m = min(rows, _floor_power_of_2(tile // block_n))
-    # A program's rows in one tile: kept in registers across the barrier (kernels.py).
-    on_chip = _ON_CHIP and block_m == rows and block_n >= layout.N
+    # A program's rows in one tile: kept in registers across the barrier (kernels.py). Tiles
+    # loaded element by element only up to 16384 elements: 768x3500's 8x4096 (rows not aligned)
+    # spilled 336-752 bytes, 1000x1000's 16x1024 none (ptxas sm_90a); beyond that they stream.
+    on_chip = (_ON_CHIP and block_m == rows and block_n >= layout.N
+               and not (per_element and block_m * block_n > 16384))
     if per_element and not on_chip:
         block_m = min(block_m, _floor_power_of_2(_PER_ELEMENT_TILE_ELEMENTS // block_n))
     # (a stage holds a tile of G and its v: BLOCK_N more elements, fp32 at 32768-element tiles: 2)
