@@ -85,62 +85,13 @@ def test_kernels_compile_for_sm90():
     run_compiler_script(SCRIPT)
 
 
-# What the scripts below share: the launcher's launches captured, compiled for sm_90a.
+# What the scripts below share (bench/sm90.py): the launcher's own launches of a weight on a
+# 132-SM card, captured, compiled for sm_90a as Triton compiles them, and ptxas' report.
 COMPILE_HELPERS = textwrap.dedent("""
-    import os, re, subprocess, tempfile
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    import re
+    import torch
+    from bench.sm90 import captured_launches, compile_launch, forward_launch, launch_of, spill_bytes
     from sn_fused.ops import spectral_norm as snm
-
-    # The binaries an H100 would get: the launcher's own arguments (its plan for 132 programs),
-    # specialized by Triton's own binder (ints equal to 1 become constants, 16-byte alignment
-    # hints), compiled for sm_90a, then `ptxas -v`.
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    launches = []
-    snm._launch = lambda kernel, grid, args, cfg, coop, n_tensors, key, out: launches.append((kernel, args, cfg, coop))
-
-    def compile_launch(kernel, args, cfg, coop):
-        kwargs = dict(num_warps=cfg.num_warps, launch_cooperative_grid=coop)
-        bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
-        return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-
-    def launch_of(w, dim, kind, grid=None):
-        # The launch (kernel, args, cfg, cooperative) of a read ("training", "eval") or a "backward"
-        # of weight w along dim, on grid programs (default: the grid a 132-SM card gives it).
-        M = w.shape[dim]
-        N = w.numel() // M
-        grid = snm._default_grid(M, N, 132) if grid is None else grid
-        saved = torch.ones(M + N + 1, dtype=w.dtype)
-        launches.clear()
-        if kind == "backward":
-            snm._launch_backward(w, w, torch.empty_like(w), saved, snm.new_semaphore(), dim,
-                                 num_programs=grid, phase_by_phase=False)
-        else:
-            snm._launch_forward(w, torch.empty_like(w), torch.randn(M, dtype=w.dtype), torch.randn(N, dtype=w.dtype),
-                                saved, torch.empty((), dtype=w.dtype), snm.new_semaphore(), dim, 1, 1e-12,
-                                kind == "training", num_programs=grid, phase_by_phase=False)
-        return launches[0]
-
-    def forward_launch(M, N, dtype, training):
-        # The launch of a random M x N weight's read on 132 SMs.
-        return launch_of(torch.randn(M, N, dtype=dtype), 0, "training" if training else "eval")
-
-    def spill_bytes(kernel, args, cfg, coop):
-        k = compile_launch(kernel, args, cfg, coop)
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "k.ptx")
-            with open(path, "w") as f:
-                f.write(k.asm["ptx"])
-            out = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull],
-                                 capture_output=True, text=True).stderr
-        found = [int(x) for x in re.findall(r"(\\d+) bytes spill (?:stores|loads)", out)]
-        assert len(found) == 2, out
-        return found
 """)
 
 
@@ -218,11 +169,11 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
     # on chip.)
     for on_chip in (True, False):
         with snm._launch_knobs(_ON_CHIP=on_chip):
-            launches.clear()
             w, u, v = torch.randn(1, 8192), torch.randn(1), torch.randn(8192)
-            snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(8194), torch.empty(()),
-                                snm.new_semaphore(), 0, 1, 1e-12, True, num_programs=1, phase_by_phase=False)
-            assert launches[0][2].ON_CHIP == on_chip
+            with captured_launches() as launches:
+                snm._launch_forward(w, torch.empty_like(w), u, v, torch.ones(8194), torch.empty(()),
+                                    snm.new_semaphore(), 0, 1, 1e-12, True, num_programs=1, phase_by_phase=False)
+            assert launches[0].cfg.ON_CHIP == on_chip
             ptx = compile_launch(*launches[0]).asm["ptx"].splitlines()
             scalar = [l for l in ptx if "st.global" in l and ".v4." not in l and ".v2." not in l]
             vector = [l for l in ptx if "st.global" in l and ".v4." in l]

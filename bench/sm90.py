@@ -1,0 +1,209 @@
+r"""The launcher's own launches compiled for Hopper (sm_90a) on any machine, and what ptxas says
+of them: registers, spills. No GPU needed, only Triton's NVIDIA backend and its bundled ptxas.
+
+A launch here is what ``sn_fused.ops.spectral_norm._launch`` would get for a read or a backward of
+a weight on a 132-SM card (an H100/H200): the kernel, every argument, the plan's config. It is
+compiled the way Triton compiles it on a launch (its own binder specializes ints equal to 1 and
+adds 16-byte alignment hints; the launcher's options), then ``ptxas -v`` reports the binary's
+resources. Used by ``tests/test_compile_sm90.py`` (spill and load-order checks) and, as a
+scan of every default launch of the benchmark's layers::
+
+    python -m bench.sm90 [--groups G,...] [--dtypes float32,bfloat16] [--extra MxN,...] [--jobs 2]
+
+Import it without ``TRITON_INTERPRET`` set: the interpreter replaces ``triton.jit`` at import,
+and there is nothing to compile then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import NamedTuple
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from sn_fused.ops import spectral_norm as snm
+
+#: The card the launches are planned for and compiled to.
+SMS = 132
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+KINDS = ("training", "eval", "backward")
+
+
+class Launch(NamedTuple):
+    """One launch as ``_launch`` receives it (unpacks into ``compile_launch``'s arguments)."""
+
+    kernel: object
+    args: tuple
+    cfg: object  # the plan's _LaunchConfig
+    cooperative: bool
+
+
+@contextlib.contextmanager
+def captured_launches():
+    """A list that collects the launcher's launches instead of running them."""
+    launches = []
+    launch = snm._launch
+    snm._launch = lambda kernel, grid, args, cfg, coop, n_tensors, key, out: launches.append(
+        Launch(kernel, args, cfg, coop))
+    try:
+        yield launches
+    finally:
+        snm._launch = launch
+
+
+def launch_of(w: torch.Tensor, dim: int, kind: str, grid: int | None = None) -> Launch:
+    """The launch of a read (``"training"``: one power iteration; ``"eval"``) or a ``"backward"``
+    of weight ``w`` (a CPU or meta-free tensor; only its shape, strides and dtype matter) along
+    ``dim``, on ``grid`` programs (default: the grid a ``SMS``-SM card gives it), in one launch."""
+    M = w.shape[dim]
+    N = w.numel() // M
+    grid = snm._default_grid(M, N, SMS) if grid is None else grid
+    saved = torch.ones(M + N + 1, dtype=w.dtype)
+    with captured_launches() as launches:
+        if kind == "backward":
+            snm._launch_backward(w, w, torch.empty_like(w), saved, snm.new_semaphore(), dim,
+                                 num_programs=grid, phase_by_phase=False)
+        elif kind in ("training", "eval"):
+            snm._launch_forward(w, torch.empty_like(w), torch.randn(M, dtype=w.dtype),
+                                torch.randn(N, dtype=w.dtype), saved, torch.empty((), dtype=w.dtype),
+                                snm.new_semaphore(), dim, 1, 1e-12, kind == "training", num_programs=grid,
+                                phase_by_phase=False)
+        else:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return launches[0]
+
+
+def forward_launch(M: int, N: int, dtype: torch.dtype, training: bool) -> Launch:
+    """The launch of a random ``M x N`` weight's read on ``SMS`` SMs."""
+    return launch_of(torch.randn(M, N, dtype=dtype), 0, "training" if training else "eval")
+
+
+def compile_launch(kernel, args, cfg, cooperative):
+    """The ``CompiledKernel`` Triton would build for a launch (``compile_launch(*launch)``) on the
+    target card."""
+    backend = make_backend(TARGET)
+    kwargs = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
+    bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
+        *args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET,
+                          options=options.__dict__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """What ``ptxas -v`` reports for a binary: registers per thread, bytes of spill stores and
+    spill loads in its code (static counts, not traffic)."""
+
+    registers: int
+    spill_stores: int
+    spill_loads: int
+
+    @property
+    def spills(self) -> list[int]:
+        return [self.spill_stores, self.spill_loads]
+
+
+def ptxas_usage(compiled) -> Usage:
+    """``ptxas -arch=sm_90a -v`` of ``compiled``'s PTX."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
+    registers = re.findall(r"Used (\d+) registers", out)
+    if len(spills) != 2 or len(registers) != 1:
+        raise RuntimeError(f"unexpected ptxas output:\n{out}")
+    return Usage(int(registers[0]), *spills)
+
+
+def spill_bytes(kernel, args, cfg, cooperative) -> list[int]:
+    """``[stores, loads]``: bytes of spill code in a launch's sm_90a binary (``spill_bytes(*launch)``)."""
+    return ptxas_usage(compile_launch(kernel, args, cfg, cooperative)).spills
+
+
+# --------------------------------------------------------------------------- the scan
+
+
+def _cases(groups, dtypes, extra):
+    """(weight shape, dim, dtype, channels_last) of every layer of ``groups`` (each once),
+    channels-last too for convs wider than 1x1, then the ``extra`` M x N weights."""
+    from bench.shapes import select
+
+    cases = []
+    for layer in select(groups):
+        for dtype in dtypes:
+            for cl in (False, True) if layer.kind == "conv2d" and layer.args[2] > 1 else (False,):
+                cases.append((layer.weight_shape, layer.dim, dtype, cl))
+    cases += [((M, N), 0, dtype, False) for M, N in extra for dtype in dtypes]
+    return cases
+
+
+def _scan_case(case) -> list[dict]:
+    shape, dim, dtype, cl = case
+    w = torch.empty(shape, dtype=dtype)
+    if cl:
+        w = w.to(memory_format=torch.channels_last)
+    rows = []
+    for kind in KINDS:
+        launch = launch_of(w, dim, kind)
+        cfg = launch.cfg
+        rows.append(dict(shape="x".join(map(str, shape)), dim=dim, dtype=str(dtype).removeprefix("torch."),
+                         layout="channels_last" if cl else "", kind=kind,
+                         tiles=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", on_chip=cfg.ON_CHIP, warps=cfg.num_warps,
+                         grid=cfg.grid, **dataclasses.asdict(ptxas_usage(compile_launch(*launch)))))
+    return rows
+
+
+def main(argv=None) -> int:
+    from bench.shapes import TABLES
+
+    ap = argparse.ArgumentParser(prog="python -m bench.sm90", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--groups", default=",".join(TABLES), help="shape groups of bench/shapes.py (default: all)")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--extra", default="", metavar="MxN,...", help="more (contiguous) weights")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (ptxas runs in each)")
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        ap.error("unset TRITON_INTERPRET: the interpreter has nothing to compile")
+    dtypes = [getattr(torch, d) for d in a.dtypes.split(",") if d]
+    extra = [tuple(int(x) for x in s.split("x")) for s in a.extra.split(",") if s]
+    cases = _cases(a.groups.split(","), dtypes, extra)
+    print(f"# {len(cases) * len(KINDS)} launches, sm_90a, {SMS} SMs, triton {triton.__version__}, "
+          f"torch {torch.__version__}", flush=True)
+    if a.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
+            results = pool.map(_scan_case, cases, chunksize=1)
+    else:
+        results = [_scan_case(c) for c in cases]
+    rows = [r for rs in results for r in rs]
+    head = f"{'weight':>16} {'dim':>3} {'dtype':>8} {'layout':>13} {'kind':>8} {'tiles':>9} " \
+           f"{'on chip':>7} {'warps':>5} {'grid':>4} {'regs':>4} {'spill st/ld (B)':>15}"
+    print(head)
+    for r in rows:
+        print(f"{r['shape']:>16} {r['dim']:>3} {r['dtype']:>8} {r['layout']:>13} {r['kind']:>8} "
+              f"{r['tiles']:>9} {str(r['on_chip']):>7} {r['warps']:>5} {r['grid']:>4} {r['registers']:>4} "
+              f"{r['spill_stores']:>7}/{r['spill_loads']:<7}")
+    spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    print(f"# {len(spilling)} of {len(rows)} launches spill", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

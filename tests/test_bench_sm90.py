@@ -1,0 +1,49 @@
+"""``python -m bench.sm90``, the scan of every default launch's sm_90a binary (registers, spills;
+``tests/test_compile_sm90.py`` uses the same helpers for its checks): it runs on a CPU-only machine,
+prints a row per launch with ptxas' numbers, and refuses the interpreter."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, interpret):
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "bench.sm90", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_scan_prints_each_launch_with_ptxas_numbers():
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton wheel ships no ptxas")
+    # The ConvTranspose group (one 512x256x4x4 weight read along dim=1) and a made-up weight whose
+    # rows are not 16-element aligned: 2 weights x 3 launches.
+    proc = _run(["--groups", "conv_transpose", "--dtypes", "float32", "--extra", "40x100", "--jobs", "1"], False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+x\d+", line)]
+    assert [(r[0], r[1]) for r in rows] == [("512x256x4x4", "1")] * 3 + [("40x100", "0")] * 3, out
+    assert {r[3] for r in rows} == {"training", "eval", "backward"}, out
+    for r in rows:
+        regs, spills = int(r[-2]), r[-1]
+        assert 16 <= regs <= 255 and re.fullmatch(r"\d+/\d+", spills), r
+    assert re.search(r"# \d+ of 6 launches spill", out), out
+
+
+def test_scan_refuses_the_interpreter():
+    proc = _run(["--groups", "conv_transpose", "--jobs", "1"], True)
+    assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr, proc.stderr[-2000:]
