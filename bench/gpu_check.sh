@@ -114,12 +114,13 @@ if [ "$mode" != bench ]; then
   # warps to issue the loads of phase ST, the rescale and the backward's passes, which ran at
   # 76-87 % of a copy's rate), phase R's partials in one step (_PARTIALS_TILE_ELEMENTS: 2-6 us of
   # round trips), the backward's GRAD pass pipelined (_GRAD_STAGES: 2 with its 32768-element tiles,
-  # 3 with 16384) and phase ST 4 stages deep. Measured before and left out: the pipelined loads
+  # 3 with 16384), phase ST 4 stages deep and ptxas free to use 255 registers (_MAXNREG: it keeps
+  # room for a second CTA per SM otherwise; session 21). Measured before and left out: the pipelined loads
   # against none (1/1) and the other variants of the loads over A (session 16, three runs on an
   # H200). Each entry compiles its variant of both kernels (~5 s) and times both.
   # shellcheck disable=SC2206
   extra=(${SN_FUSED_SWEEP_ARGS---profile --phases --sweep
-         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4
+         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4,_MAXNREG
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then

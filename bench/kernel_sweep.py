@@ -150,6 +150,10 @@ KNOBS["_GRAD_STAGES"] = (2,)
 KNOBS["_GRAD_STAGES+_BWD_TILE_ELEMENTS"] = ((3, 16384),)
 # (0: the backward streams rows wider than _BWD_BLOCK_N, as before session 17; 1x8192, 256x8192)
 KNOBS["_BWD_ON_CHIP_MAX_ROW"] = (0,)
+# (ptxas free to use 255 registers, where it otherwise keeps room for a second CTA per SM: 286 of
+# the 336 default launches of bench/shapes.py's layers compile differently, 10 of the 12 that
+# spilled do not; `SN_FUSED_MAXNREG=255 python -m bench.sm90`)
+KNOBS["_MAXNREG"] = (255,)
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 

@@ -94,7 +94,7 @@ def compile_launch(kernel, args, cfg, cooperative):
     """The ``CompiledKernel`` Triton would build for a launch (``compile_launch(*launch)``) on the
     target card."""
     backend = make_backend(TARGET)
-    kwargs = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
+    kwargs = snm._launch_options(cfg, cooperative)  # (the launcher's own: warps, stages, registers)
     bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
         *args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)

@@ -162,6 +162,18 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
         assert cfg.BLOCK_M * cfg.BLOCK_N <= snm._PER_ELEMENT_TILE_ELEMENTS and not cfg.ON_CHIP, cfg
         assert spills == [0, 0], (M, N, spills)
 
+    # _MAXNREG (off by default until measured): the limit reaches ptxas, which then uses the
+    # registers it otherwise keeps for a second CTA per SM: a bfloat16 read of 4096x4096 spills 36/40
+    # bytes at the 128 registers ptxas picks alone, none at 255 (printed, the default not checked).
+    for knob in (0, 255):
+        with snm._launch_knobs(_MAXNREG=knob):
+            launch = forward_launch(4096, 4096, torch.bfloat16, True)
+            ptx = compile_launch(*launch).asm["ptx"]
+            spills = spill_bytes(*launch)
+        print(f"4096x4096 bfloat16 training read, _MAXNREG={knob}: spill bytes {spills}")
+        assert (".maxnreg 255" in ptx) == (knob == 255), knob
+        assert spills == [0, 0] or knob == 0, spills
+
     # Vector accesses: with N a multiple of 16, the workspace regions and each program's run of
     # columns start on 16-element boundaries, so every per-element store of a one-program read
     # is 16 bytes wide; only single values (partials, sigma, u of one row) stay scalar. (With

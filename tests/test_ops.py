@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -1013,6 +1014,28 @@ def test_backward_writes_every_output_element(launch, device, gen):
                              sem, dim, **launch)
     assert torch.isfinite(grad_w).all(), f"{(~torch.isfinite(grad_w)).sum()} elements not written"
     check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
+
+
+def test_launch_options_register_limit(monkeypatch):
+    """``_MAXNREG`` reaches the compiler as ``maxnreg`` only where it is a real eager launch (not
+    under torch.compile, whose wrap_triton would not take it; not in the interpreter), capped
+    where ``_PROGRAMS_PER_SM`` programs of the launch's warps would not fit 64K registers; off
+    (ptxas' own choice) by default. (That ptxas then uses it: tests/test_compile_sm90.py.)"""
+    cfg = snm._launch_config(512, 4608, torch.device("cpu"), 132)
+    assert cfg.num_warps == 8 and snm._MAXNREG == 0
+    monkeypatch.setattr(snm, "INTERPRET", False)
+    assert "maxnreg" not in snm._launch_options(cfg, True)
+    with snm._launch_knobs(_MAXNREG=255):
+        assert snm._launch_options(cfg, True) == dict(num_warps=8, launch_cooperative_grid=True, maxnreg=255)
+        assert snm._launch_options(dataclasses.replace(cfg, num_warps=16), True)["maxnreg"] == 128
+        assert "maxnreg" not in snm._launch_options(cfg, True, compiling=True)
+        monkeypatch.setattr(snm, "INTERPRET", True)
+        assert "maxnreg" not in snm._launch_options(cfg, True)
+        monkeypatch.setattr(snm, "INTERPRET", False)
+    with snm._launch_knobs(_MAXNREG=255, _PROGRAMS_PER_SM=2):
+        assert snm._launch_options(cfg, True)["maxnreg"] == 128
+    with snm._launch_knobs(_MAXNREG=200):
+        assert snm._launch_options(cfg, True)["maxnreg"] == 200
 
 
 @pytest.mark.parametrize("tile", [16384, 3000, 100])

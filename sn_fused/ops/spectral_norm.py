@@ -140,6 +140,14 @@ _ON_CHIP_MAX_ROW = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_ROW", 8192))  # wide
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
+# Registers a thread may use (Triton's ``maxnreg``; 0: ptxas' own choice). Without a limit ptxas
+# keeps room for a second CTA per SM, which these one-program-per-SM launches never use, and
+# spills a few bytes to stay within it (bfloat16 read of 4096x4096: 128 registers and 32 bytes of
+# stack; at 255: 165 and none; ptxas sm_90a, bench/NOTES.md v22). Capped where _PROGRAMS_PER_SM
+# programs of the launch's warps would not fit an SM's 64K registers. Eager launches only: under
+# torch.compile, wrap_triton does not take it as a launch option. 0 (off) until a GPU run
+# measures it (`kernel_sweep --sweep-knobs _MAXNREG=255`).
+_MAXNREG = int(os.environ.get("SN_FUSED_MAXNREG", 0))
 # The forward's streaming loops over A as tl.range(..., num_stages=...) (kernels.py,
 # LOAD_STAGES for phase ST, RESCALE_STAGES for the rescale): above 1 the next tiles are loaded
 # into shared memory while one is used. 0 (the default): _STAGES_BEYOND_L2 where A does not fit
@@ -657,6 +665,18 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     return _RUNNERS.get(key) if cached else None
 
 
+def _launch_options(cfg: _LaunchConfig, cooperative: bool, compiling: bool = False) -> dict:
+    """The compile and launch options of a launch with config ``cfg`` (``kernel[grid](*args,
+    **options)``); ``compiling``: launched from code torch.compile traces."""
+    options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
+    if cfg.num_stages:
+        options["num_stages"] = cfg.num_stages
+    if _MAXNREG and not compiling and not INTERPRET:
+        fits = 65536 // (32 * cfg.num_warps * _PROGRAMS_PER_SM) // 8 * 8  # (ptxas allocates by 8)
+        options["maxnreg"] = min(_MAXNREG, fits, 255)
+    return options
+
+
 def _launch_uncached(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool,
                      key: tuple | None, out: torch.Tensor) -> None:
     """``_launch`` through Triton's own entry points; keeps a runner under ``key`` (if any)."""
@@ -673,9 +693,7 @@ def _launch_uncached(kernel, grid: int, args: tuple, cfg: _LaunchConfig, coopera
         # in functionalized tracing (FunctionalTensor: aot_eager, Inductor), the interpreter
         # still fails loudly.
         return
-    options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
-    if cfg.num_stages:
-        options["num_stages"] = cfg.num_stages
+    options = _launch_options(cfg, cooperative, compiling=torch.compiler.is_compiling())
     if key is None:
         wrap_triton(kernel)[(grid,)](*args, **options)
         return
