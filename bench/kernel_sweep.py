@@ -200,7 +200,8 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     Each variant's first read is also checked against the float64 reference (``err`` above
     1e-5 is flagged), so a faster variant is known to compute the same thing. The defaults
     are timed first and again last: the spread of the two is the drift of the run. A variant
-    whose launches (both kernels' configs as launched) are the defaults' is not timed again:
+    whose launches (both kernels' configs and compile options as launched) are the defaults' is
+    not timed again:
     it prints ``=default`` (a knob the launcher refused or lowered, or one that changes nothing
     on that shape). One line per entry, as it finishes (a run cut short keeps what it timed).
     """
@@ -208,15 +209,19 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     results = []
     print(f"# knob sweep: fwd/bwd graph us [{LOADS_LEGEND}] (one knob changed from the defaults {defaults})")
     nan = float("nan")
+    def launched(M, N):  # (both configs, and the compile options they launch with: _MAXNREG is only there)
+        plans = launched_plans(M, N)
+        return plans, [ops_mod._launch_options(cfg, True) for cfg in plans]
+
     for M, N in shapes:
-        default_plans = launched_plans(M, N)
+        default_plans = launched(M, N)
         for knob, values in [("default", (None,))] + list(knobs.items()) + [("default", (None,))]:
             for val in values:
                 names, vals = knob.split("+"), val if "+" in knob else (val,)
                 label = "+".join(name.strip("_") for name in names)  # (not cut: _RESCALE_STAGES, _RESCALE_PREFETCH)
                 with ops_mod._launch_knobs(**({} if knob == "default" else dict(zip(names, vals)))):
-                    plans = launched_plans(M, N)
-                    grid, loads = plans[0].grid, launched_loads(*plans)
+                    plans = launched(M, N)
+                    grid, loads = plans[0][0].grid, launched_loads(*plans[0])
                     same = knob != "default" and plans == default_plans
                     t = tb = err = nan
                     if not same:

@@ -85,6 +85,29 @@ def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch, capsys):
     assert lines[-2].startswith("   16x64     TILE_ELEMENTS=64:1.0/2.0["), lines[-2]
 
 
+def test_knob_sweep_times_a_knob_of_the_compile_options(monkeypatch, capsys):
+    """``_MAXNREG`` leaves both configs as they are and changes only the compile options they are
+    launched with (on a GPU; the interpreter takes none, so it is patched off here): the sweep
+    must time it, not take it for the defaults."""
+    import torch
+
+    from bench import kernel_sweep
+
+    seen = []
+    monkeypatch.setattr(kernel_sweep, "cuda_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: seen.append(snm._MAXNREG))
+    monkeypatch.setattr(kernel_sweep, "first_read_error", lambda m: 0.0)
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", lambda fn: 1.0)
+    monkeypatch.setattr(kernel_sweep, "backward_alone_us", lambda m, g: 2.0)
+    monkeypatch.setattr(snm, "INTERPRET", False)
+    monkeypatch.setattr(snm, "_MAXNREG", 0)
+    rows = kernel_sweep.knob_sweep([(16, 64)], {"_MAXNREG": kernel_sweep.KNOBS["_MAXNREG"]})
+    assert [(r["knob"], r["value"], r["same_as_default"]) for r in rows] == [
+        ("default", None, False), ("_MAXNREG", 255, False), ("default", None, False)]
+    assert seen == [0, 255, 0] and snm._MAXNREG == 0
+    assert "MAXNREG=255:1.0/2.0[" in capsys.readouterr().out
+
+
 def test_measure_times_the_backward_alone_for_sn_fused(monkeypatch):
     """The kernel table's row: forward, forward + backward, and (sn_fused only) the backward
     kernel alone, each timed on the calls it names. Timers are stubbed to call once (the

@@ -33,11 +33,12 @@ Three set-ups run in the same two processes, two of DDP and one of FSDP2:
   step because they compute the same thing (both use seed 0 here: with
   ``broadcast_buffers=False`` DDP does not sync buffers at construction).
 * ``fully_shard`` (FSDP2) on each SN layer and on the model: every rank
-  holds half of each ``parametrizations.weight.original`` (a ``DTensor``) and
+  holds its shard of each ``parametrizations.weight.original`` (a ``DTensor``,
+  split along dim 0: the 1 x 32 Linear weight is all on rank 0) and
   all-gathers it before the layer's forward, so each read sees the whole
   weight as a plain tensor; the gradients are reduce-scattered (averaged), and
-  buffers (u, v, sigma, the semaphore) stay each rank's own. Parameters and
-  gradients are compared whole (``full_tensor()``).
+  buffers (u, v, sigma, the semaphore) stay each rank's own, never broadcast.
+  Parameters and gradients are compared whole (``full_tensor()``).
 
 The children run in whichever mode the parent imported sn_fused in
 (``TRITON_INTERPRET=1``: the Triton kernels through the interpreter; else
@@ -434,7 +435,8 @@ def test_ranks_match_single_process(ddp_results, single_process, scenario):
 
 
 @pytest.mark.parametrize("scenario", ALL_SCENARIOS)
-def test_semaphore_survives_gloo_broadcast(ddp_results, single_process, scenario):
+def test_semaphore_valid_after_distributed_training(ddp_results, single_process, scenario):
+    """The semaphores after training, gloo's broadcasts of them included (DDP's scenarios)."""
     ref = single_process["buffers"]
     for rank, res in enumerate(ddp_results):
         bufs = res[scenario]["buffers"]

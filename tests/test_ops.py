@@ -1036,6 +1036,14 @@ def test_launch_options_register_limit(monkeypatch):
         assert snm._launch_options(cfg, True)["maxnreg"] == 128
     with snm._launch_knobs(_MAXNREG=200):
         assert snm._launch_options(cfg, True)["maxnreg"] == 200
+    # Knob values no launch uses fall back to ptxas' own choice (0 programs per SM: as 1; a limit
+    # below 32 registers, which ptxas would refuse at 0, or a negative one: none).
+    with snm._launch_knobs(_MAXNREG=255, _PROGRAMS_PER_SM=0):
+        assert snm._launch_options(cfg, True)["maxnreg"] == 255
+    with snm._launch_knobs(_MAXNREG=255, _PROGRAMS_PER_SM=16):
+        assert "maxnreg" not in snm._launch_options(dataclasses.replace(cfg, num_warps=32), True)
+    with snm._launch_knobs(_MAXNREG=-1):
+        assert "maxnreg" not in snm._launch_options(cfg, True)
 
 
 @pytest.mark.parametrize("tile", [16384, 3000, 100])

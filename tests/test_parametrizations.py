@@ -1298,7 +1298,8 @@ def test_module_to_with_swapped_params(device, seed):
     parameter's contents into the same object (``torch.utils.swap_tensors``) instead of assigning
     ``.data``. Reads after ``.double()`` and after a move to channels-last (where the layer's
     checked signature sees a new dtype and new strides in the same tensor) agree with PyTorch's SN,
-    weights, u, v and gradients."""
+    weights, u, v and gradients. (The parameter is the same object without the flag too, and the
+    test passes there as well: it checks reads after a swap, not that one happened.)"""
     before = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:

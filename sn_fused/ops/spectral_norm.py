@@ -671,9 +671,11 @@ def _launch_options(cfg: _LaunchConfig, cooperative: bool, compiling: bool = Fal
     options = dict(num_warps=cfg.num_warps, launch_cooperative_grid=cooperative)
     if cfg.num_stages:
         options["num_stages"] = cfg.num_stages
-    if _MAXNREG and not compiling and not INTERPRET:
-        fits = 65536 // (32 * cfg.num_warps * _PROGRAMS_PER_SM) // 8 * 8  # (ptxas allocates by 8)
-        options["maxnreg"] = min(_MAXNREG, fits, 255)
+    if _MAXNREG > 0 and not compiling and not INTERPRET:
+        fits = 65536 // (32 * cfg.num_warps * max(_PROGRAMS_PER_SM, 1)) // 8 * 8  # (ptxas allocates by 8)
+        maxnreg = min(_MAXNREG, fits, 255)
+        if maxnreg >= 32:  # (below that, knobs no launch uses: ptxas' own choice)
+            options["maxnreg"] = maxnreg
     return options
 
 
@@ -693,7 +695,9 @@ def _launch_uncached(kernel, grid: int, args: tuple, cfg: _LaunchConfig, coopera
         # in functionalized tracing (FunctionalTensor: aot_eager, Inductor), the interpreter
         # still fails loudly.
         return
-    options = _launch_options(cfg, cooperative, compiling=torch.compiler.is_compiling())
+    # (``out`` of another type: a trace, where wrap_triton would take maxnreg for a kernel argument)
+    traced = torch.compiler.is_compiling() or type(out) is not torch.Tensor
+    options = _launch_options(cfg, cooperative, compiling=traced)
     if key is None:
         wrap_triton(kernel)[(grid,)](*args, **options)
         return
