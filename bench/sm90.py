@@ -131,6 +131,35 @@ def ptxas_usage(compiled) -> Usage:
     return Usage(int(registers[0]), *spills)
 
 
+def local_accesses_in_loops(compiled) -> int:
+    """Local-memory instructions (``LDL``/``STL``: spills) inside the binary's loops, counted in
+    its SASS (``nvdisasm``; a loop is the code between a backward branch and its target, nested
+    ones counted once). Spills outside the loops cost a few instructions per launch; inside, they
+    add memory traffic to every step."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([os.path.join(os.path.dirname(PTXAS), "nvdisasm"), "-c", path],
+                              capture_output=True, text=True, check=True).stdout
+    code, label_at, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if ins:
+            address = int(ins.group(1), 16)
+            label_at.update((name, address) for name in pending)
+            pending = []
+            code.append((address, ins.group(2)))
+    loops = [(label_at[m.group(1)], address) for address, text in code
+             for m in [re.search(r"BRA.*`\(\.(L_x_\d+)\)", text)] if m and label_at.get(m.group(1), address + 1) <= address]
+    return sum(1 for address, text in code if re.search(r"\b(LDL|STL)\b", text)
+               and any(lo <= address <= hi for lo, hi in loops))
+
+
 def spill_bytes(kernel, args, cfg, cooperative) -> list[int]:
     """``[stores, loads]``: bytes of spill code in a launch's sm_90a binary (``spill_bytes(*launch)``)."""
     return ptxas_usage(compile_launch(kernel, args, cfg, cooperative)).spills
@@ -162,10 +191,13 @@ def _scan_case(case) -> list[dict]:
     for kind in KINDS:
         launch = launch_of(w, dim, kind)
         cfg = launch.cfg
+        compiled = compile_launch(*launch)
+        usage = ptxas_usage(compiled)
+        in_loops = local_accesses_in_loops(compiled) if usage.spill_stores or usage.spill_loads else 0
         rows.append(dict(shape="x".join(map(str, shape)), dim=dim, dtype=str(dtype).removeprefix("torch."),
                          layout="channels_last" if cl else "", kind=kind,
                          tiles=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", on_chip=cfg.ON_CHIP, warps=cfg.num_warps,
-                         grid=cfg.grid, **dataclasses.asdict(ptxas_usage(compile_launch(*launch)))))
+                         grid=cfg.grid, **dataclasses.asdict(usage), in_loops=in_loops))
     return rows
 
 
@@ -194,14 +226,15 @@ def main(argv=None) -> int:
         results = [_scan_case(c) for c in cases]
     rows = [r for rs in results for r in rs]
     head = f"{'weight':>16} {'dim':>3} {'dtype':>8} {'layout':>13} {'kind':>8} {'tiles':>9} " \
-           f"{'on chip':>7} {'warps':>5} {'grid':>4} {'regs':>4} {'spill st/ld (B)':>15}"
+           f"{'on chip':>7} {'warps':>5} {'grid':>4} {'regs':>4} {'spill st/ld (B)':>15} {'LDL/STL in loops':>16}"
     print(head)
     for r in rows:
         print(f"{r['shape']:>16} {r['dim']:>3} {r['dtype']:>8} {r['layout']:>13} {r['kind']:>8} "
               f"{r['tiles']:>9} {str(r['on_chip']):>7} {r['warps']:>5} {r['grid']:>4} {r['registers']:>4} "
-              f"{r['spill_stores']:>7}/{r['spill_loads']:<7}")
+              f"{r['spill_stores']:>7}/{r['spill_loads']:<7} {r['in_loops']:>16}")
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
-    print(f"# {len(spilling)} of {len(rows)} launches spill", flush=True)
+    print(f"# {len(spilling)} of {len(rows)} launches spill, "
+          f"{sum(1 for r in spilling if r['in_loops'])} of them inside loops", flush=True)
     return 0
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,40 @@ def test_scan_prints_each_launch_with_ptxas_numbers():
     assert [(r[0], r[1]) for r in rows] == [("512x256x4x4", "1")] * 3 + [("40x100", "0")] * 3, out
     assert {r[3] for r in rows} == {"training", "eval", "backward"}, out
     for r in rows:
-        regs, spills = int(r[-2]), r[-1]
-        assert 16 <= regs <= 255 and re.fullmatch(r"\d+/\d+", spills), r
-    assert re.search(r"# \d+ of 6 launches spill", out), out
+        regs, spills, in_loops = int(r[-3]), r[-2], int(r[-1])
+        assert 16 <= regs <= 255 and re.fullmatch(r"\d+/\d+", spills) and in_loops >= 0, r
+        assert in_loops == 0 or spills != "0/0", r
+    assert re.search(r"# \d+ of 6 launches spill, \d+ of them inside loops", out), out
+
+
+def test_local_accesses_in_loops_counts_the_spills_in_a_loop():
+    """The scan's last column. 768x6900's backward in 8x4096 tiles (the plan before session 21,
+    brought back by a knob) spilled inside its tile loops: 145 STL + 145 LDL per step of the dot
+    pass, 14 + 14 in the GRAD pass; its default 2x4096 tiles spill nowhere."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton wheel ships no ptxas")
+    script = textwrap.dedent("""
+        import torch
+        from bench import sm90
+        from sn_fused.ops import spectral_norm as snm
+        w = torch.empty(768, 6900)
+        for knobs, tiles in (({}, (2, 4096)), (dict(_PER_ELEMENT_TILE_ELEMENTS=32768), (8, 4096))):
+            with snm._launch_knobs(**knobs):
+                launch = sm90.launch_of(w, 0, "backward")
+                compiled = sm90.compile_launch(*launch)
+            n = sm90.local_accesses_in_loops(compiled)
+            print(tiles, sm90.ptxas_usage(compiled), n)
+            assert (launch.cfg.BLOCK_M, launch.cfg.BLOCK_N) == tiles, launch.cfg
+            assert n == 0 if not knobs else n > 200, n
+        print("OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), proc.stdout + proc.stderr[-3000:]
 
 
 def test_scan_refuses_the_interpreter():
