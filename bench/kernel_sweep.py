@@ -209,20 +209,22 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     results = []
     print(f"# knob sweep: fwd/bwd graph us [{LOADS_LEGEND}] (one knob changed from the defaults {defaults})")
     nan = float("nan")
+
     def launched(M, N):  # (both configs, and the compile options they launch with: _MAXNREG is only there)
         plans = launched_plans(M, N)
         return plans, [ops_mod._launch_options(cfg, True) for cfg in plans]
 
     for M, N in shapes:
-        default_plans = launched(M, N)
+        default_launch = launched(M, N)
         for knob, values in [("default", (None,))] + list(knobs.items()) + [("default", (None,))]:
             for val in values:
                 names, vals = knob.split("+"), val if "+" in knob else (val,)
                 label = "+".join(name.strip("_") for name in names)  # (not cut: _RESCALE_STAGES, _RESCALE_PREFETCH)
                 with ops_mod._launch_knobs(**({} if knob == "default" else dict(zip(names, vals)))):
-                    plans = launched(M, N)
-                    grid, loads = plans[0][0].grid, launched_loads(*plans[0])
-                    same = knob != "default" and plans == default_plans
+                    launch = launched(M, N)
+                    plans = launch[0]
+                    grid, loads = plans[0].grid, launched_loads(*plans)
+                    same = knob != "default" and launch == default_launch
                     t = tb = err = nan
                     if not same:
                         try:

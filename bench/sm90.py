@@ -65,7 +65,7 @@ def captured_launches():
 
 def launch_of(w: torch.Tensor, dim: int, kind: str, grid: int | None = None) -> Launch:
     """The launch of a read (``"training"``: one power iteration; ``"eval"``) or a ``"backward"``
-    of weight ``w`` (a CPU or meta-free tensor; only its shape, strides and dtype matter) along
+    of weight ``w`` (a CPU tensor; only its shape, strides and dtype matter) along
     ``dim``, on ``grid`` programs (default: the grid a ``SMS``-SM card gives it), in one launch."""
     M = w.shape[dim]
     N = w.numel() // M

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from test_compile_sm90 import run_compiler_script, skip_without_ptxas
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,10 +29,7 @@ def _run(args, interpret):
 
 
 def test_scan_prints_each_launch_with_ptxas_numbers():
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton wheel ships no ptxas")
+    skip_without_ptxas()
     # The ConvTranspose group (one 512x256x4x4 weight read along dim=1) and a made-up weight whose
     # rows are not 16-element aligned: 2 weights x 3 launches.
     proc = _run(["--groups", "conv_transpose", "--dtypes", "float32", "--extra", "40x100", "--jobs", "1"], False)
@@ -50,11 +49,8 @@ def test_local_accesses_in_loops_counts_the_spills_in_a_loop():
     """The scan's last column. 768x6900's backward in 8x4096 tiles (the plan before session 21,
     brought back by a knob) spilled inside its tile loops: 145 STL + 145 LDL per step of the dot
     pass, 14 + 14 in the GRAD pass; its default 2x4096 tiles spill nowhere."""
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton wheel ships no ptxas")
-    script = textwrap.dedent("""
+    skip_without_ptxas()
+    run_compiler_script(textwrap.dedent("""
         import torch
         from bench import sm90
         from sn_fused.ops import spectral_norm as snm
@@ -68,12 +64,7 @@ def test_local_accesses_in_loops_counts_the_spills_in_a_loop():
             assert (launch.cfg.BLOCK_M, launch.cfg.BLOCK_N) == tiles, launch.cfg
             assert n == 0 if not knobs else n > 200, n
         print("OK")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), proc.stdout + proc.stderr[-3000:]
+    """))
 
 
 def test_scan_refuses_the_interpreter():

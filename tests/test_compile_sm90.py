@@ -70,6 +70,14 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def skip_without_ptxas() -> None:
+    """Skip where the Triton wheel ships no ptxas (the spill checks need its report)."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton wheel ships no ptxas")
+
+
 def run_compiler_script(script: str) -> None:
     """Run ``script`` in a subprocess with the real compiler (no interpreter); it must print OK."""
     pytest.importorskip("triton.backends.nvidia")
@@ -90,7 +98,7 @@ def test_kernels_compile_for_sm90():
 COMPILE_HELPERS = textwrap.dedent("""
     import re
     import torch
-    from bench.sm90 import captured_launches, compile_launch, forward_launch, launch_of, spill_bytes
+    from bench.sm90 import captured_launches, compile_launch, forward_launch, launch_of, ptxas_usage, spill_bytes
     from sn_fused.ops import spectral_norm as snm
 """)
 
@@ -128,11 +136,11 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
         w = torch.randn(*shape).to(memory_format=torch.channels_last)
         for kind in ("training", "eval", "backward"):
             kernel, args, cfg, coop = launch_of(w, 0, kind)
-            ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"].splitlines()
-            vector = sum("ld.global" in l and ".v4." in l for l in ptx)
+            compiled = compile_launch(kernel, args, cfg, coop)
+            vector = sum("ld.global" in l and ".v4." in l for l in compiled.asm["ptx"].splitlines())
             # (a thread's share of one [BLOCK_M, BLOCK_N] tile of A, in 16-byte loads: scalar before)
             tile_loads = cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) // 4
-            spills = spill_bytes(kernel, args, cfg, coop)
+            spills = ptxas_usage(compiled).spills
             print(f"channels-last {shape} {kind} (on_chip={cfg.ON_CHIP}): spill bytes {spills}, "
                   f"{vector} 16-byte loads (a tile: {tile_loads})")
             assert vector >= tile_loads, (shape, kind, vector, tile_loads)
@@ -168,8 +176,8 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
     for knob in (0, 255):
         with snm._launch_knobs(_MAXNREG=knob):
             launch = forward_launch(4096, 4096, torch.bfloat16, True)
-            ptx = compile_launch(*launch).asm["ptx"]
-            spills = spill_bytes(*launch)
+            compiled = compile_launch(*launch)
+            ptx, spills = compiled.asm["ptx"], ptxas_usage(compiled).spills
         print(f"4096x4096 bfloat16 training read, _MAXNREG={knob}: spill bytes {spills}")
         assert (".maxnreg 255" in ptx) == (knob == 255), knob
         assert spills == [0, 0] or knob == 0, spills
@@ -215,7 +223,7 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
                 assert loops == [want, 2], (M, N, dtype, training, loops)
                 copies = k.asm["ptx"].count("cp.async.cg.shared.global")
                 shared = k.metadata.shared
-                spills = spill_bytes(kernel, args, cfg, coop) if training else [0, 0]
+                spills = ptxas_usage(k).spills if training else [0, 0]
             print(f"{M}x{N} {dtype} forward (training={training}), stages {want}/2: {copies} cp.async, "
                   f"{shared} B shared, spill bytes {spills}")
             assert copies > 0 and shared <= 227 * 1024, (M, N, dtype, stages, copies, shared)
@@ -239,8 +247,8 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
         with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1, _LOAD_STAGES=1, _RESCALE_STAGES=1):
             kernel, args, cfg, coop = forward_launch(M, N, dtype, training)
             assert (cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH) == want and cfg.LOAD_STAGES == cfg.RESCALE_STAGES == 1
-            ptx = compile_launch(kernel, args, cfg, coop).asm["ptx"]
-            spills = spill_bytes(kernel, args, cfg, coop)
+            compiled = compile_launch(kernel, args, cfg, coop)
+            ptx, spills = compiled.asm["ptx"], ptxas_usage(compiled).spills
         print(f"{M}x{N} {dtype} forward (training={training}), prefetch {want}: spill bytes {spills}")
         assert spills == [0, 0] and "cp.async" not in ptx and "L1::evict_first" in ptx, (M, N, dtype, spills)
 
@@ -255,7 +263,7 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
             k = compile_launch(kernel, args, cfg, coop)
             loops = [int(x) for x in re.findall(r"tt.num_stages = (\\d+)", k.asm["ttir"])]
             copies, shared = k.asm["ptx"].count("cp.async.cg.shared.global"), k.metadata.shared
-            spills = spill_bytes(kernel, args, cfg, coop)
+            spills = ptxas_usage(k).spills
         print(f"{M}x{N} backward, {tile}-element tiles, GRAD_STAGES {want}: loops {loops}, {copies} cp.async, "
               f"{shared} B shared, spill bytes {spills}")
         assert loops == [want] and copies > 0 and shared <= 227 * 1024, (M, N, tile, loops, copies, shared)
@@ -269,10 +277,7 @@ def test_launched_kernels_do_not_spill_on_sm90():
     value in registers (ptxas reports 0 spill bytes) on small, large, wide and tall weights.
     A spill would put local-memory traffic into loops that are meant to be bound by A alone.
     Compiled with the pinned Triton's own ptxas; needs no GPU."""
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton wheel ships no ptxas")
+    skip_without_ptxas()
     run_compiler_script(SPILL_SCRIPT)
 
 

@@ -229,12 +229,13 @@ def _worker(rank: int, world: int, port: int, out_dir: Path, expect_interpret: b
             snap["init"] = init
             results[name] = snap
             dist.barrier()
-        if _fsdp2() is not None:
+        fully_shard = _fsdp2()
+        if fully_shard is not None:
             model = make_model(0)
             for m in model.modules():
                 if hasattr(m, "parametrizations"):
-                    _fsdp2()(m)
-            _fsdp2()(model)
+                    fully_shard(m)
+            fully_shard(model)
             init = _whole({n: p.detach() for n, p in model.named_parameters()})
             init.update({n: b.clone() for n, b in model.named_buffers()})
             snap = train(model, model, shard)
