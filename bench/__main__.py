@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shapes", metavar="PATTERNS",
                     help="comma-separated filter: a shape (128x1152, 256x8192T), part of a "
                          "layer label ('conv2d(768'), or a group: sngan_resnet, sngan_cnn, "
-                         "biggan128_d, conv_transpose, large, table4")
+                         "biggan128_d, biggan128_g, conv_transpose, large, table4")
     ap.add_argument("--dtypes", help="comma-separated, e.g. fp32,bf16 (default: the profile's)")
     ap.add_argument("--n", help="power iterations, comma-separated, e.g. 1,5 (default: the profile's)")
     ap.add_argument("--impls", help="comma-separated subset of torch_param,sn_fused,torch_legacy,"

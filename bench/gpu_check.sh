@@ -174,14 +174,25 @@ if [ "$mode" != bench ]; then
     ab_table "$t" channels_last --no-torch --graph-only --channels-last --table-shapes 512x4608,768x6912,1536x13824 \
       2>&1 | tee -a "$OUT/kernel_sweep-cold.log" || status=1
   fi
-  # Rows not 16-element aligned (session 21: their backward streams 2x4096 tiles where the default
-  # 8x4096 ones spilled 2.2 KB per thread streaming, 768x6900, and 336-752 bytes on chip, 768x3500;
-  # ptxas sm_90a). Compare with the aligned 768x6912 of the main table.
-  t=$(within 60 "$(reserve 60 220)")
+  # Rows not 16-element aligned. Odd strides (768x6901, 768x3501; session 21): their backward
+  # streams 2x4096 tiles where the default 8x4096 ones spilled 2.2 KB per thread streaming and
+  # 336-752 bytes on chip (ptxas sm_90a). Strides of 4k (768x6900, 768x3500, BigGAN G's 1536x148;
+  # session 22): the kernels are told (ROW_ALIGN), so they load 16 bytes at a time with the
+  # aligned weights' tiles. Compare with the aligned 768x6912 and 768x3456 of the main table.
+  t=$(within 80 "$(reserve 60 220)")
   if [ "$mode" != dev ] && [ "$t" != 0 ]; then
     echo "== kernel table, rows not 16-element aligned (sn_fused, graph) $(date +%T)"
-    ab_table "$t" misaligned --no-torch --graph-only --table-shapes 768x6900,768x3500 \
+    ab_table "$t" misaligned --no-torch --graph-only --table-shapes 768x6901,768x3501,768x6900,768x3500,1536x148 \
       2>&1 | tee -a "$OUT/kernel_sweep-cold.log" || status=1
+  fi
+  # The same change on one commit: ROW_ALIGN off (each element of such rows its own load, the
+  # backward's smaller tiles) against on, forward and backward, on the 4-aligned weights that
+  # differ (24576x20 is in issue #3's table).
+  t=$(within 60 "$(reserve 60 200)")
+  if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== kernel sweep: rows told 4-element aligned or not $(date +%T)"
+    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _ROW_ALIGN \
+      --sweep-shapes 24576x20,1536x148,768x6900 --out "$W/row_align" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
   t=$(within 150 "$(reserve 60 220)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then

@@ -154,6 +154,9 @@ KNOBS["_BWD_ON_CHIP_MAX_ROW"] = (0,)
 # the 336 default launches of bench/shapes.py's layers compile differently, 10 of the 12 that
 # spilled do not; `SN_FUSED_MAXNREG=255 python -m bench.sm90`)
 KNOBS["_MAXNREG"] = (255,)
+# Rows aligned to 2-8 elements, not 16 (BigGAN G's 24576x20 and Cx148): told to the kernels by
+# default (16-byte loads), or not, as before session 22 (session 22; differs on such weights only).
+KNOBS["_ROW_ALIGN"] = (0,)
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 

@@ -127,7 +127,7 @@ def model_totals(rows: list[dict]) -> Table | None:
         headers += [f"{m} SNF", f"{m} PT", "x"]
     out = []
     dtype_n = list(dict.fromkeys((d, n) for (_s, d, n) in cases))
-    for model in ("sngan_resnet", "sngan_cnn", "biggan128_d"):
+    for model in ("sngan_resnet", "sngan_cnn", "biggan128_d", "biggan128_g"):
         for dtype, n in dtype_n:
             members = [(layer.name, count) for layer, count in TABLES[model]]
             if not all((name, dtype, n) in cases for name, _ in members):

@@ -119,6 +119,23 @@ TABLES: dict[str, list[tuple[Layer, int]]] = {
         (_conv(96, 12, 1), 2), (_conv(96, 48, 1), 1), (_conv(48, 96, 1), 1),
         (Layer("linear", (1536, 1)), 1), (Layer("embedding", (1000, 1536)), 1),
     ],
+    # BigGAN-128 G, ch=96 (BigGAN-PyTorch's G_ch=96, shared_dim=128, dim_z=120 in 6 chunks of 20):
+    # 41 tensors. The first linear (z chunk -> 4x4x1536), per GBlock in -> out: conv1, conv2,
+    # the 1x1 shortcut and four conditional-BN linears (gain and bias of bn1 (in) and bn2 (out),
+    # each from the shared class embedding and a z chunk: 148 wide); self-attention at 64x64
+    # (theta, phi, g, o; g's shape is block 5's shortcut's); the output conv.
+    "biggan128_g": [
+        (Layer("linear", (20, 24576)), 1),
+        (_conv(1536, 1536, 3), 2), (_conv(1536, 1536, 1), 1),
+        (_conv(1536, 768, 3), 1), (_conv(768, 768, 3), 1), (_conv(1536, 768, 1), 1),
+        (_conv(768, 384, 3), 1), (_conv(384, 384, 3), 1), (_conv(768, 384, 1), 1),
+        (_conv(384, 192, 3), 1), (_conv(192, 192, 3), 1), (_conv(384, 192, 1), 1),
+        (_conv(192, 96, 3), 1), (_conv(96, 96, 3), 1), (_conv(192, 96, 1), 2),
+        (_conv(192, 24, 1), 2), (_conv(96, 192, 1), 1), (_conv(96, 3, 3), 1),
+        (Layer("linear", (148, 1536)), 6), (Layer("linear", (148, 768)), 4),
+        (Layer("linear", (148, 384)), 4), (Layer("linear", (148, 192)), 4),
+        (Layer("linear", (148, 96)), 2),
+    ],
     # DCGAN-style generator layer: dim=1, A is 256 x 8192.
     "conv_transpose": [(Layer("convT2d", (512, 256, 4)), 1)],
     # A large square weight.

@@ -46,15 +46,16 @@ def test_scan_prints_each_launch_with_ptxas_numbers():
 
 
 def test_local_accesses_in_loops_counts_the_spills_in_a_loop():
-    """The scan's last column. 768x6900's backward in 8x4096 tiles (the plan before session 21,
-    brought back by a knob) spilled inside its tile loops: 145 STL + 145 LDL per step of the dot
-    pass, 14 + 14 in the GRAD pass; its default 2x4096 tiles spill nowhere."""
+    """The scan's last column. 768x6901's backward in 8x4096 tiles loaded element by element (the
+    plan before session 21, brought back by a knob) spills inside its tile loops (768x6900's
+    did, before session 22 told the kernels its rows are 4-element aligned: 145 STL + 145 LDL per
+    step of the dot pass, 14 + 14 in the GRAD pass); its default 2x4096 tiles spill nowhere."""
     skip_without_ptxas()
     run_compiler_script(textwrap.dedent("""
         import torch
         from bench import sm90
         from sn_fused.ops import spectral_norm as snm
-        w = torch.empty(768, 6900)
+        w = torch.empty(768, 6901)
         for knobs, tiles in (({}, (2, 4096)), (dict(_PER_ELEMENT_TILE_ELEMENTS=32768), (8, 4096))):
             with snm._launch_knobs(**knobs):
                 launch = sm90.launch_of(w, 0, "backward")

@@ -29,6 +29,7 @@ SHAPES = [
     (64, 27), (128, 1152), (128, 3), (1, 128), (1, 8192), (512, 4608), (768, 6912),
     (1536, 13824), (4096, 4096), (24576, 20), (1000, 1536), (12, 96), (20, 148), (1, 1), (257, 1023),
     (256, 8192),  # (the backward on chip with rows wider than its blocks, across 132 programs)
+    (1536, 148), (768, 6900),  # (rows 4-element aligned: ROW_ALIGN, on chip and streaming)
 ]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
@@ -104,16 +105,20 @@ def test_power_iterations_and_layouts(n_iter):
     (lambda: torch.randn(768, 768, 3, 3, device=DEV), 1),
     (lambda: torch.randn(1024, 512, 3, 3, device=DEV), 1),
     (lambda: torch.randn(256, 256, 3, 3, device=DEV).to(memory_format=torch.channels_last), 1),
+    (lambda: torch.randn(768, 6901, device=DEV), 0),
+    (lambda: torch.randn(768, 3501, device=DEV), 0),
     (lambda: torch.randn(768, 6900, device=DEV), 0),
-    (lambda: torch.randn(768, 3500, device=DEV), 0),
+    (lambda: torch.randn(1536, 148, device=DEV), 0),
 ], ids=["conv-channels_last", "conv3d-channels_last_3d", "convT3x3-dim1", "convT3x3-wide-dim1",
-        "convT3x3-channels_last-dim1", "rows-misaligned", "rows-misaligned-on-chip-before"])
+        "convT3x3-channels_last-dim1", "rows-misaligned", "rows-misaligned-on-chip-before", "rows-4-aligned",
+        "rows-4-aligned-on-chip"])
 def test_walked_and_per_element_layouts(make, dim):
     """Real-size weights whose columns the kernels walk in memory order (v through its own
     strides) or whose tiles load element by element (smaller streaming tiles; 9216-wide rows in
-    column blocks; rows not 16-element aligned, whose backward streams smaller tiles), in one
-    launch on the card's grid: reads (n = 1, 2, eval) and the backward (an incoming gradient in
-    W_sn's strides and a contiguous one) against the float64 reference."""
+    column blocks; rows not 16-element aligned, whose backward streams smaller tiles) or whose
+    rows the kernels are told are 4-element aligned (ROW_ALIGN: 16-byte loads), in one launch
+    on the card's grid: reads (n = 1, 2, eval) and the backward (an incoming gradient in W_sn's
+    strides and a contiguous one) against the float64 reference."""
     w = make()
     for n_iter, training in ((1, True), (2, True), (1, False)):
         r = _run_both(w, dim, n_iter, training, seed=n_iter)

@@ -706,29 +706,31 @@ def test_per_element_layouts_stream_in_smaller_tiles():
 
 
 def test_backward_of_misaligned_rows_in_smaller_tiles(device, gen):
-    """Rows whose stride is not a multiple of 16 elements (768x6900; a Linear(1000, ...)) load
-    element by element too, one row being one contiguous run: Triton hints divisibility by 16
-    only. The backward streams them in tiles of ``_PER_ELEMENT_TILE_ELEMENTS`` and keeps a
-    program's rows on chip only up to 16384 elements (the default 8x4096 tiles spilled 2.2 KB
-    streaming, 336-752 bytes on chip; ptxas sm_90a, tests/test_compile_sm90.py). The forward,
-    which did not spill, keeps its tiles; aligned rows keep theirs."""
+    """Rows that start where the compiler can prove no 16-byte vector (a row stride of 6901; a
+    bfloat16 one of 6900, which ``_row_align`` proves 4 elements, 8 bytes) load element by
+    element or nearly, one row being one contiguous run. The backward streams them in tiles of
+    ``_PER_ELEMENT_TILE_ELEMENTS`` and keeps a program's rows on chip only up to 16384 elements
+    (8x4096 tiles loaded element by element spilled 2.2 KB streaming, 336-752 bytes on chip;
+    ptxas sm_90a, tests/test_compile_sm90.py). The forward, which did not spill, keeps its tiles;
+    rows aligned to 16 bytes (float32 strides of 6900, 3500: 4 elements) keep the aligned ones."""
     cpu = torch.device("cpu")
 
-    def plans(M, N):  # (the grid a 132-SM card gives the weight)
+    def plans(M, N, itemsize=4):  # (the grid a 132-SM card gives the weight)
         grid = snm._default_grid(M, N, 132)
-        f = snm._forward_plan((M, N), (N, 1), (N, 1), 0, cpu, 1, True, grid, False).cfg
-        b = snm._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, cpu, grid, False).cfg
+        f = snm._forward_plan((M, N), (N, 1), (N, 1), 0, cpu, 1, True, grid, False, itemsize).cfg
+        b = snm._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, cpu, grid, False, itemsize).cfg
         return (f.BLOCK_M, f.BLOCK_N, f.ON_CHIP), (b.BLOCK_M, b.BLOCK_N, b.ON_CHIP)
 
-    assert plans(768, 6900) == ((2, 8192, False), (2, 4096, False))
-    assert plans(768, 6912) == ((2, 8192, False), (8, 4096, False))
-    assert plans(768, 3500) == ((4, 4096, False), (2, 4096, False))
-    assert plans(768, 3456) == ((4, 4096, False), (8, 4096, True))
-    assert plans(1000, 1000)[1] == (16, 1024, True)  # 16384 elements: on chip as before
-    assert plans(132, 6900)[1] == (2, 8192, True)  # a program's rows wider than a block, on chip
-    assert plans(1, 6900)[1] == (1, 8192, True)  # one row: nothing to align
+    assert plans(768, 6901) == ((2, 8192, False), (2, 4096, False))
+    assert plans(768, 6900, itemsize=2) == ((2, 8192, False), (2, 4096, False))
+    assert plans(768, 6912) == plans(768, 6900) == ((2, 8192, False), (8, 4096, False))
+    assert plans(768, 3501) == ((4, 4096, False), (2, 4096, False))
+    assert plans(768, 3456) == plans(768, 3500) == ((4, 4096, False), (8, 4096, True))
+    assert plans(1000, 1001)[1] == (16, 1024, True)  # 16384 elements: on chip as before
+    assert plans(132, 6901)[1] == (2, 8192, True)  # a program's rows wider than a block, on chip
+    assert plans(1, 6901)[1] == (1, 8192, True)  # one row: nothing to align
     # A row stride of 16k elements (a slice of wider rows) is aligned, whatever the row's length.
-    wide = torch.empty(768, 6912, device="meta")[:, :6900]
+    wide = torch.empty(768, 6912, device="meta")[:, :6901]
     assert snm._backward_plan(wide.shape, *[wide.stride()] * 3, 0, cpu, 132, False).cfg.BLOCK_M == 8
     # One program's 5 rows of 4001 (misaligned): 8x4096 on chip before, now 2x4096 tiles streamed;
     # dW against the oracle.
@@ -741,6 +743,62 @@ def test_backward_of_misaligned_rows_in_smaller_tiles(device, gen):
     with poisoned_empty():
         dw = fused_backward(g, w, *saved, dim=0, num_programs=1, phase_by_phase=False)
     check_backward(dw, g, w, *saved, dim=0)
+
+
+def test_row_align():
+    """``ROW_ALIGN``, the power of two below 16 that both kernels tell the compiler divides ``N``
+    and every row stride (``kernels._multiple_of``): the largest one that does, 1 where 16 does
+    (Triton's own hint) or where only 1 does. The last argument of every launch."""
+    cpu = torch.device("cpu")
+
+    def align(shape, *strides, dim=0):
+        layout = snm._matrix_layout(dim, *[torch.empty_strided(shape, st, device="meta") for st in strides])
+        return snm._row_align(layout)
+
+    assert align((24576, 20), (20, 1)) == 4  # BigGAN G's first linear
+    assert align((1536, 148), (148, 1)) == 4  # its conditional-BN linears
+    assert align((256, 328), (328, 1)) == 8
+    assert align((64, 30), (30, 1)) == 2
+    assert align((64, 27), (27, 1)) == align((768, 6912), (6912, 1)) == 1
+    assert align((1, 148), (148, 1)) == 4  # N's alignment counts with one row too
+    assert align((64, 20), (20, 1), (24, 1)) == 4  # every tensor's stride: the gradient's too
+    assert align((64, 20), (20, 1), (22, 1)) == 2
+    assert align((48, 148), (148, 1), (160, 1)) == 4  # a row stride of 160, N of 148
+    assert align((64, 32), (32, 1), (36, 1)) == 4  # N aligned to 16, a stride to 4 only
+    assert align((20, 64), (1, 20)) == 1  # transposed: rows one element apart
+    conv = torch.empty(96, 192, 1, 1, device="meta")
+    assert align(conv.shape, conv.stride()) == 1  # 192 wide: aligned
+    fwd = snm._forward_plan((24576, 20), (20, 1), (20, 1), 0, cpu, 1, True, 120, False)
+    bwd = snm._backward_plan((1536, 148), (148, 1), (148, 1), (148, 1), 0, cpu, 28, False)
+    assert {launch[-1] for launch in fwd.launches + bwd.launches} == {4}
+
+
+@pytest.mark.parametrize("shape,num_programs,phase_by_phase", [
+    ((7, 148), 1, False), ((13, 148), 3, True), ((24, 20), 1, False), ((33, 20), 3, True), ((9, 44), 3, True),
+    ((5, 328), 2, True)], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "streaming"])
+def test_rows_aligned_below_16_elements(shape, num_programs, phase_by_phase, on_chip, device, gen):
+    """Weights whose rows ``_row_align`` finds 2, 4 or 8 elements aligned (BigGAN G's 148- and
+    20-wide linears): the read (training, n = 2, and eval) and the backward against the oracle,
+    outputs poisoned, one program and several phase by phase, on chip and streaming (small
+    tiles, so a program's rows take several). A ``ROW_ALIGN`` the layout does not have would
+    move the rows' offsets (``kernels._multiple_of`` rounds down to it) and fail here."""
+    w = torch.randn(*shape, generator=gen).to(device)
+    grad = torch.randn(*shape, generator=gen).to(device)
+    knobs = {} if on_chip else dict(_ON_CHIP=False, _TILE_ELEMENTS=64, _BWD_TILE_ELEMENTS=64, _BWD_BLOCK_N=32)
+    with snm._launch_knobs(**knobs):
+        layout = snm._matrix_layout(0, w)
+        assert snm._row_align(layout) > 1, shape
+        for training, n in ((True, 2), (False, 1)):
+            u0, v0 = vec_pair(w, 0, gen)
+            with poisoned_empty():
+                res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=n, training=training,
+                                    num_programs=num_programs, phase_by_phase=phase_by_phase)
+            check_forward(w, u0, v0, res, dim=0, n=n, eps=1e-12, training=training)
+        saved = (res["u_saved"], res["v_saved"], res["sigma"])
+        with poisoned_empty():
+            dw = fused_backward(grad, w, *saved, dim=0, num_programs=num_programs, phase_by_phase=phase_by_phase)
+        check_backward(dw, grad, w, *saved, dim=0)
 
 
 @pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
@@ -1143,7 +1201,7 @@ def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training,
     knobs = dict(_ON_CHIP=False, _TILE_ELEMENTS=64, _PREFETCH_MIN_BLOCK_N=1) if row_in_tile else dict(
         _ON_CHIP=False, _MAX_ROW_IN_TILE=16, _TILE_ELEMENTS=32, _PREFETCH_MIN_BLOCK_N=1)
     reads = []
-    # (stages asked for, prefetch asked for) -> the kernel's last four arguments
+    # (stages asked for, prefetch asked for) -> the four arguments before ROW_ALIGN
     variants = {((1, 1), (0, 0)): (1, 1, 0, 0), ((3, 2), (0, 0)): (3, 2, 0, 0),
                 ((1, 1), (1, 1)): (1, 1, 1, 1), ((3, 3), (1, 0)): (1, 3, 1, 0)}
     for (stages, prefetch), tail in variants.items():
@@ -1152,8 +1210,8 @@ def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training,
             plan = snm._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, training, 2, None)
             assert plan.cfg.ROW_IN_TILE == row_in_tile and not plan.cfg.ON_CHIP
             assert plan.cfg.BLOCK_M == 1 or not row_in_tile  # 4-5 steps per program and loop
-            # LOAD_STAGES, RESCALE_STAGES, LOAD_PREFETCH, RESCALE_PREFETCH: the last four arguments
-            assert {launch[-4:] for launch in plan.launches} == {tail if row_in_tile else (1, 1, 0, 0)}
+            # LOAD_STAGES, RESCALE_STAGES, LOAD_PREFETCH, RESCALE_PREFETCH: the four before ROW_ALIGN (the last)
+            assert {launch[-5:-1] for launch in plan.launches} == {tail if row_in_tile else (1, 1, 0, 0)}
             with count_launches() as launches:
                 res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=2, training=training, num_programs=2)
             assert len(launches) == len(plan.launches)
@@ -1212,7 +1270,7 @@ def test_pipelined_loads_by_default_only_beyond_l2(monkeypatch):
 
 def test_grad_stages_reach_the_backward_and_change_no_value(device, gen):
     """``_GRAD_STAGES`` (the backward's GRAD pass as one flat ``tl.range(..., num_stages=...)``
-    loop, kernels.py): in every streaming backward launch's last argument, lowered to what fits
+    loop, kernels.py): in every streaming backward launch's argument before ROW_ALIGN, lowered to what fits
     (a stage holds a tile of G and its v), 1 on chip; the flat loop visits the tiles the nested
     loops do (several row and column blocks per program here) and dW is bitwise theirs, and right
     against the oracle. (The interpreter runs the pipelined loop as a plain one; on a GPU only the
@@ -1226,7 +1284,7 @@ def test_grad_stages_reach_the_backward_and_change_no_value(device, gen):
         with snm._launch_knobs(_GRAD_STAGES=stages, _ON_CHIP=False, _BWD_TILE_ELEMENTS=32, _BWD_BLOCK_N=16):
             plan = snm._backward_plan(w.shape, w.stride(), w.stride(), w.stride(), 0, w.device, G, None)
             assert (plan.cfg.BLOCK_M, plan.cfg.BLOCK_N, plan.cfg.GRAD_STAGES) == (2, 16, stages)  # 3 x 3 tiles
-            assert {launch[-1] for launch in plan.launches} == {stages}
+            assert {launch[-2] for launch in plan.launches} == {stages}
             grads.append(fused_backward(g, w, res["u_saved"], res["v_saved"], res["sigma"], dim=0, num_programs=G))
     assert torch.equal(grads[0], grads[1])
     check_backward(grads[1], g, w, res["u_saved"], res["v_saved"], res["sigma"], dim=0)
@@ -1245,7 +1303,7 @@ def test_grad_stages_reach_the_backward_and_change_no_value(device, gen):
     # _launch_backward plans with G's element size (bfloat16: 4 stages where float32 gets 2).
     def launched(dtype):
         tails = []
-        with mock.patch.object(snm, "_launch", lambda kernel, grid, args, *rest: tails.append(args[-1])), \
+        with mock.patch.object(snm, "_launch", lambda kernel, grid, args, *rest: tails.append(args[-2])), \
                 snm._launch_knobs(_GRAD_STAGES=4):
             t = torch.empty(1536, 13824, dtype=dtype)
             snm._launch_backward(t, t, t, torch.empty(1536 + 13824 + 1, dtype=dtype), snm.new_semaphore(), 0,

@@ -148,6 +148,12 @@ _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's defau
 # torch.compile, wrap_triton does not take it as a launch option. 0 (off) until a GPU run
 # measures it (`kernel_sweep --sweep-knobs _MAXNREG=255`).
 _MAXNREG = int(os.environ.get("SN_FUSED_MAXNREG", 0))
+# Tell the kernels the alignment of rows whose stride is a multiple of 2, 4 or 8 elements but not
+# of 16 (_row_align; ptxas sm_90a: 16-byte loads of float32 rows of 148 and 20, 1536x148's on-chip
+# backward from 68 bytes of spills to none, bench/NOTES.md v23). 0: not at all (every element of
+# such rows its own load, and the backward's smaller tiles for them), for the same-card A/B
+# (`kernel_sweep --sweep-knobs _ROW_ALIGN=0`). Not yet measured on a GPU.
+_ROW_ALIGN = int(os.environ.get("SN_FUSED_ROW_ALIGN", 1))
 # The forward's streaming loops over A as tl.range(..., num_stages=...) (kernels.py,
 # LOAD_STAGES for phase ST, RESCALE_STAGES for the rescale): above 1 the next tiles are loaded
 # into shared memory while one is used. 0 (the default): _STAGES_BEYOND_L2 where A does not fit
@@ -281,11 +287,32 @@ def _addressed_per_element(layout: _MatrixLayout) -> bool:
     return any(s[k] != 1 for s in layout.strides) or (k > 1 and layout.sizes[-1] % 16 != 0)
 
 
-def _rows_misaligned(layout: _MatrixLayout) -> bool:
-    """Whether some tensor's rows start at offsets Triton cannot prove 16-element aligned: a row
-    stride that is not a multiple of 16 (Triton hints divisibility by 16 only). Tiles spanning
-    rows are then loaded element by element too, though each row is one contiguous run."""
-    return layout.M > 1 and any(s[0] % 16 != 0 for s in layout.strides)
+def _row_align(layout: _MatrixLayout) -> int:
+    """The kernels' ``ROW_ALIGN``: the largest power of two below 16 that divides ``N`` and every
+    tensor's row stride, where 16 does not; 1 where 16 does (Triton hints that itself) or none does.
+
+    Triton hints an integer argument's divisibility by 16 only, so without it a row stride of
+    148 (BigGAN G's conditional-BN linears) or 20 (its first linear, 24576x20) loads every
+    element of a tile on its own; told 4, the kernels load float32 rows 16 bytes at a time
+    (``kernels._multiple_of``). ``N`` counts because the tiles' column masks (``cols < N``)
+    must be constant over a vector.
+    """
+    values = (layout.N, *(s[0] for s in layout.strides))
+    if not _ROW_ALIGN or all(x % 16 == 0 for x in values):
+        return 1
+    align = 8
+    while align > 1 and any(x % align for x in values):
+        align //= 2
+    return align
+
+
+def _rows_misaligned(layout: _MatrixLayout, itemsize: int) -> bool:
+    """Whether tiles spanning several rows load in pieces narrower than 16 bytes: some row stride
+    is not a multiple of 16 elements and ``_row_align`` proves less than 16 bytes (a float32 row
+    stride of 148 proves 4 elements, 16 bytes; of 6900 too; a bfloat16 one of 148, 8 bytes).
+    Such rows are loaded element by element or nearly, though each row is one contiguous run."""
+    return (layout.M > 1 and any(s[0] % 16 != 0 for s in layout.strides)
+            and _row_align(layout) * itemsize < 16)
 
 
 def _empty_like_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -812,7 +839,7 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
          *layout.inner_sizes, *layout.v_strides, *layout.v_inner_sizes, len(layout.sizes), len(layout.v_sizes),
          training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R,
          cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.LOAD_STAGES, cfg.RESCALE_STAGES,
-         cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH)
+         cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH, _row_align(layout))
         for phase, is_last in phases)
     # One ON_CHIP program in one launch keeps everything in registers: no workspace.
     ws_numel = 0 if cfg.ON_CHIP and cfg.grid == 1 and not phase_by_phase else \
@@ -981,17 +1008,20 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     # walked in memory order); ptxas sm_90a)
     strided_columns = _addressed_per_element(layout)
     wide_fits = rows * whole_row <= min(tile, 16384) and itemsize <= 4 and not strided_columns
-    # Rows not 16-element aligned (768x6900, a Linear(1000, ...)) are loaded element by element
-    # too: the default 8x4096 tiles spilled 2.2 KB per thread (ptxas sm_90a, 255 registers),
-    # 8192-element ones none (163). (Their forward reads do not spill at 8192-16384 elements,
-    # so _launch_config keeps its tiles; nor do 132x6900's wide 2x8192 ones here.)
-    per_element = strided_columns or _rows_misaligned(layout)
+    # Rows not proven 16-byte aligned (a row stride of 6901; bfloat16 rows of 6900, which
+    # _row_align proves 8 bytes) are loaded element by element or nearly, too: 768x6900's default
+    # 8x4096 tiles spilled 2.2 KB per thread before its float32 rows were told 4-element aligned
+    # (ptxas sm_90a, 255 registers), 8192-element ones none (163). (Their forward reads do not
+    # spill at 8192-16384 elements, so _launch_config keeps its tiles; nor do 132x6901's wide
+    # 2x8192 ones here.)
+    per_element = strided_columns or _rows_misaligned(layout, itemsize)
     if _ON_CHIP and block_n < whole_row <= _BWD_ON_CHIP_MAX_ROW and wide_fits:
         block_n = whole_row  # the program's rows as one tile: ON_CHIP below
     block_m = min(rows, _floor_power_of_2(tile // block_n))
     # A program's rows in one tile: kept in registers across the barrier (kernels.py). Tiles
-    # loaded element by element only up to 16384 elements: 768x3500's 8x4096 (rows not aligned)
-    # spilled 336-752 bytes, 1000x1000's 16x1024 none (ptxas sm_90a); beyond that they stream.
+    # loaded element by element only up to 16384 elements: 768x3500's 8x4096, loaded so before
+    # session 22, spilled 336-752 bytes, 1000x1000's 16x1024 none (ptxas sm_90a); beyond that
+    # they stream.
     on_chip = (_ON_CHIP and block_m == rows and block_n >= layout.N
                and not (per_element and block_m * block_n > 16384))
     if per_element and not on_chip:
@@ -1007,7 +1037,7 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     launches = tuple(
         (layout.M, layout.N, *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.inner_sizes,
          *layout.v_strides, *layout.v_inner_sizes, len(layout.sizes), len(layout.v_sizes), phase, cfg.BLOCK_M,
-         cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP, cfg.GRAD_STAGES)
+         cfg.BLOCK_N, cfg.BLOCK_P, cfg.ON_CHIP, cfg.GRAD_STAGES, _row_align(layout))
         for phase in phases)
     # One ON_CHIP program in one launch sums in registers: no workspace.
     return _Plan(cfg, 0 if on_chip and cfg.grid == 1 and not phase_by_phase else cfg.grid, launches,
