@@ -171,17 +171,29 @@ def first_read_error(m) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
+def _plans(M: int, N: int):
+    """The plans of ``layer(M, N, "sn_fused")``'s training read (float32) and backward."""
+    dev = cuda_device()
+    return (ops_mod._forward_plan((M, N), (N, 1), (N, 1), 0, dev, 1, True, None, None, 4),
+            ops_mod._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, dev, None, None, 4))
+
+
 def launched_config(M: int, N: int):
     """The launch config of a training read of ``layer(M, N, "sn_fused")`` (float32) as launched:
     the plan's, where the knobs' loads over A are lowered or refused to what fits."""
-    return ops_mod._forward_plan((M, N), (N, 1), (N, 1), 0, cuda_device(), 1, True, None, None, 4).cfg
+    return _plans(M, N)[0].cfg
 
 
 def launched_plans(M: int, N: int):
     """(forward config, backward config) of ``layer(M, N, "sn_fused")``'s read and backward as
     launched: the plans', where the knobs are lowered or refused to what fits."""
-    dev = cuda_device()
-    return (launched_config(M, N), ops_mod._backward_plan((M, N), (N, 1), (N, 1), (N, 1), 0, dev, None, None, 4).cfg)
+    return tuple(plan.cfg for plan in _plans(M, N))
+
+
+def launched_arguments(M: int, N: int):
+    """(forward, backward): the arguments after the tensors of each launch of the two plans,
+    which a knob may change where no config does (``_ROW_ALIGN``: only ``ROW_ALIGN``)."""
+    return tuple(plan.launches for plan in _plans(M, N))
 
 
 # How a layer loads its tiles as launched (launched_loads), as the sweeps' lines print it.
@@ -203,8 +215,8 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     Each variant's first read is also checked against the float64 reference (``err`` above
     1e-5 is flagged), so a faster variant is known to compute the same thing. The defaults
     are timed first and again last: the spread of the two is the drift of the run. A variant
-    whose launches (both kernels' configs and compile options as launched) are the defaults' is
-    not timed again:
+    whose launches (both kernels' configs, compile options and arguments as launched) are the
+    defaults' is not timed again:
     it prints ``=default`` (a knob the launcher refused or lowered, or one that changes nothing
     on that shape). One line per entry, as it finishes (a run cut short keeps what it timed).
     """
@@ -213,9 +225,10 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     print(f"# knob sweep: fwd/bwd graph us [{LOADS_LEGEND}] (one knob changed from the defaults {defaults})")
     nan = float("nan")
 
-    def launched(M, N):  # (both configs, and the compile options they launch with: _MAXNREG is only there)
+    def launched(M, N):  # (both configs, the compile options they launch with, where only _MAXNREG
+        # shows, and the launches' arguments, where only _ROW_ALIGN shows)
         plans = launched_plans(M, N)
-        return plans, [ops_mod._launch_options(cfg, True) for cfg in plans]
+        return plans, [ops_mod._launch_options(cfg, True) for cfg in plans], launched_arguments(M, N)
 
     for M, N in shapes:
         default_launch = launched(M, N)

@@ -108,6 +108,33 @@ def test_knob_sweep_times_a_knob_of_the_compile_options(monkeypatch, capsys):
     assert "MAXNREG=255:1.0/2.0[" in capsys.readouterr().out
 
 
+def test_knob_sweep_times_a_knob_of_the_launch_arguments(monkeypatch, capsys):
+    """``_ROW_ALIGN=0`` leaves a 24x20 weight's configs and compile options as they are and
+    changes only the launches' last argument (``ROW_ALIGN`` 4 -> 1): the sweep must time it;
+    on a 16x64 weight (aligned rows) it changes nothing and is not timed."""
+    import torch
+
+    from bench import kernel_sweep
+
+    seen = []
+    monkeypatch.setattr(kernel_sweep, "cuda_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: seen.append((M, N, snm._ROW_ALIGN)))
+    monkeypatch.setattr(kernel_sweep, "first_read_error", lambda m: 0.0)
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", lambda fn: 1.0)
+    monkeypatch.setattr(kernel_sweep, "backward_alone_us", lambda m, g: 2.0)
+    configs = {}
+    for value in (1, 0):
+        with snm._launch_knobs(_ROW_ALIGN=value):
+            configs[value] = kernel_sweep.launched_plans(24, 20)
+    assert configs[0] == configs[1]  # (what the sweep compared before session 22)
+    rows = kernel_sweep.knob_sweep([(24, 20), (16, 64)], {"_ROW_ALIGN": kernel_sweep.KNOBS["_ROW_ALIGN"]})
+    assert [(r["N"], r["knob"], r["same_as_default"]) for r in rows] == [
+        (20, "default", False), (20, "_ROW_ALIGN", False), (20, "default", False),
+        (64, "default", False), (64, "_ROW_ALIGN", True), (64, "default", False)]
+    assert seen == [(24, 20, 1), (24, 20, 0), (24, 20, 1), (16, 64, 1), (16, 64, 1)] and snm._ROW_ALIGN == 1
+    assert "ROW_ALIGN=0:1.0/2.0[" in capsys.readouterr().out
+
+
 def test_measure_times_the_backward_alone_for_sn_fused(monkeypatch):
     """The kernel table's row: forward, forward + backward, and (sn_fused only) the backward
     kernel alone, each timed on the calls it names. Timers are stubbed to call once (the

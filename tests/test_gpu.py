@@ -132,6 +132,34 @@ def test_walked_and_per_element_layouts(make, dim):
         assert _rel(dw, ref_dw) < 1e-4 and dw.stride() == w.stride()
 
 
+@pytest.mark.parametrize("wide_w, wide_g, dtype, aligns", [
+    (152, 150, torch.float32, (4, 2)),  # W's rows 152 apart, W_sn's 148, G's 150
+    (160, 148, torch.float32, (4, 4)),
+    (328, 328, torch.bfloat16, (8, 8)),  # 16-byte vectors of bfloat16
+    (336, 330, torch.bfloat16, (8, 2)),
+], ids=["f32-152-150", "f32-160-148", "bf16-328", "bf16-336-330"])
+def test_row_align_of_tensors_with_their_own_row_strides(wide_w, wide_g, dtype, aligns):
+    """ROW_ALIGN where the tensors' row strides differ (a weight and a gradient sliced from wider
+    rows; W_sn and dW dense): what all of them share, so the vector loads the compiler emits
+    for each are aligned on the card. Reads and the backward against the float64 reference."""
+    N = 148 if wide_w in (152, 160) else 328
+    M = 1536 if dtype == torch.float32 else 256
+    w = torch.randn(M, wide_w, device=DEV, dtype=dtype)[:, :N]
+    g = torch.randn(M, wide_g, device=DEV, dtype=dtype)[:, :N]
+    layout = ops_mod._matrix_layout(0, w, torch.empty(M, N, device=DEV))
+    assert ops_mod._row_align(layout) == aligns[0]
+    tol = 5e-5 if dtype == torch.float32 else 2e-2
+    for n_iter, training in ((1, True), (2, True), (1, False)):
+        r = _run_both(w, 0, n_iter, training, seed=n_iter)
+        assert _rel(r["out"], r["ref_out"]) < tol and _rel(r["sigma"], r["ref_sigma"]) < tol
+    layout = ops_mod._matrix_layout(0, g, w, torch.empty(M, N, device=DEV))
+    assert ops_mod._row_align(layout) == aligns[1]
+    dw = spectral_norm_backward_fused(g, w, r["us"], r["vs"], r["sigma"], r["sem"], dim=0)
+    ref_dw = reference.spectral_norm_backward_reference(
+        g.double(), w.double(), r["us"].double(), r["vs"].double(), r["sigma"].double(), 0)
+    assert _rel(dw, ref_dw) < 1e-4 * (1 if dtype == torch.float32 else 100)
+
+
 def test_deterministic_bitwise():
     torch.manual_seed(0)
     w = torch.randn(1536, 13824, device=DEV)

@@ -773,6 +773,35 @@ def test_row_align():
     assert {launch[-1] for launch in fwd.launches + bwd.launches} == {4}
 
 
+@pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
+def test_row_align_of_tensors_with_their_own_row_strides(num_programs, phase_by_phase, device, gen):
+    """Row strides that differ between the tensors (a weight sliced from rows 152 apart, its
+    gradient from rows 150 apart; W_sn and dW dense, 148): ``ROW_ALIGN`` is what all of them
+    share, 4 for the read and 2 for the backward. Reads and the backward against the oracle,
+    outputs poisoned."""
+    M, N = 11, 148
+    w = torch.randn(M, 152, generator=gen).to(device)[:, :N]
+    grad = torch.randn(M, 150, generator=gen).to(device)[:, :N]
+    fwd = snm._forward_plan(w.shape, w.stride(), (N, 1), 0, w.device, 2, True, num_programs, phase_by_phase)
+    bwd = snm._backward_plan(w.shape, grad.stride(), w.stride(), (N, 1), 0, w.device, num_programs, phase_by_phase)
+    assert {launch[-1] for launch in fwd.launches} == {4} and {launch[-1] for launch in bwd.launches} == {2}
+    _reads_and_backward_against_oracle(w, grad, gen, num_programs=num_programs, phase_by_phase=phase_by_phase)
+
+
+def _reads_and_backward_against_oracle(w, grad, gen, **launch):
+    """A training read (n = 2), an eval read and the backward of the eval read's sigma, u and v
+    (dim 0), each output poisoned, against the float64 oracle."""
+    for training, n in ((True, 2), (False, 1)):
+        u0, v0 = vec_pair(w, 0, gen)
+        with poisoned_empty():
+            res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=n, training=training, **launch)
+        check_forward(w, u0, v0, res, dim=0, n=n, eps=1e-12, training=training)
+    saved = (res["u_saved"], res["v_saved"], res["sigma"])
+    with poisoned_empty():
+        dw = fused_backward(grad, w, *saved, dim=0, **launch)
+    check_backward(dw, grad, w, *saved, dim=0)
+
+
 @pytest.mark.parametrize("shape,num_programs,phase_by_phase", [
     ((7, 148), 1, False), ((13, 148), 3, True), ((24, 20), 1, False), ((33, 20), 3, True), ((9, 44), 3, True),
     ((5, 328), 2, True)], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
@@ -789,16 +818,7 @@ def test_rows_aligned_below_16_elements(shape, num_programs, phase_by_phase, on_
     with snm._launch_knobs(**knobs):
         layout = snm._matrix_layout(0, w)
         assert snm._row_align(layout) > 1, shape
-        for training, n in ((True, 2), (False, 1)):
-            u0, v0 = vec_pair(w, 0, gen)
-            with poisoned_empty():
-                res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=n, training=training,
-                                    num_programs=num_programs, phase_by_phase=phase_by_phase)
-            check_forward(w, u0, v0, res, dim=0, n=n, eps=1e-12, training=training)
-        saved = (res["u_saved"], res["v_saved"], res["sigma"])
-        with poisoned_empty():
-            dw = fused_backward(grad, w, *saved, dim=0, num_programs=num_programs, phase_by_phase=phase_by_phase)
-        check_backward(dw, grad, w, *saved, dim=0)
+        _reads_and_backward_against_oracle(w, grad, gen, num_programs=num_programs, phase_by_phase=phase_by_phase)
 
 
 @pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])

@@ -242,11 +242,12 @@ def _norm_of(sumsq, x0, n):
 def _padded(n):
     """``n`` rounded up to a multiple of 16: where workspace regions start and the bounds of a
     program's columns. Triton vectorizes a load or store only where it can prove 16-byte
-    alignment (pointer, offsets and mask bounds; an integer argument is known divisible by 16
-    or not at all); scalar accesses take 4x the memory instructions (one program of 1x8192
-    spent half its issue slots waiting on the LG queue, ncu). The partials table keeps row
-    stride N: where N is not a multiple of 16 its masks are scalar anyway, and padding the
-    rows would only spread the table over more L2 sectors."""
+    alignment (pointer, offsets and mask bounds; Triton knows an integer argument divisible by
+    16 or not at all, and ``_multiple_of`` tells it of 2, 4 or 8); scalar accesses take 4x the
+    memory instructions (one program of 1x8192 spent half its issue slots waiting on the LG
+    queue, ncu). The partials table keeps row stride N: its rows are as aligned as N is
+    (``ROW_ALIGN``: 24576x20's loads of it are 16 bytes wide), and padding them would only
+    spread the table over more L2 sectors."""
     return tl.cdiv(n, 16) * 16
 
 

@@ -152,7 +152,7 @@ _MAXNREG = int(os.environ.get("SN_FUSED_MAXNREG", 0))
 # of 16 (_row_align; ptxas sm_90a: 16-byte loads of float32 rows of 148 and 20, 1536x148's on-chip
 # backward from 68 bytes of spills to none, bench/NOTES.md v23). 0: not at all (every element of
 # such rows its own load, and the backward's smaller tiles for them), for the same-card A/B
-# (`kernel_sweep --sweep-knobs _ROW_ALIGN=0`). Not yet measured on a GPU.
+# (`kernel_sweep --sweep-knobs _ROW_ALIGN=0`); any other value is 1. Not yet measured on a GPU.
 _ROW_ALIGN = int(os.environ.get("SN_FUSED_ROW_ALIGN", 1))
 # The forward's streaming loops over A as tl.range(..., num_stages=...) (kernels.py,
 # LOAD_STAGES for phase ST, RESCALE_STAGES for the rescale): above 1 the next tiles are loaded
@@ -400,8 +400,10 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# Rows at most this wide are "narrow": their loads do not vectorize (a row of 20 float32 is
-# not 16-byte aligned), so a thread keeps a 64-bit address per element of its tiles.
+# Rows at most this wide are "narrow": tuned when their loads did not vectorize (a row of 20
+# float32 was not known 16-byte aligned, so a thread kept a 64-bit address per element of its
+# tiles). Since session 22 rows aligned to 4 elements load as vectors (_row_align); the rules
+# that use this (_default_grid's grid, the backward's tiles) are not re-measured since.
 _NARROW_BLOCK_N = 64
 
 
@@ -458,9 +460,10 @@ def _cuda_index(device: torch.device) -> int:
 def _default_grid(M: int, N: int, cap: int) -> int:
     """Programs for an M x N weight: one per ``_MIN_ELEMENTS_PER_PROGRAM`` elements, at most ``cap``.
 
-    Narrow rows get one per half that: their loads do not vectorize, so a program takes
+    Narrow rows get one per half that: their loads did not vectorize, so a program took
     longer per element. 24576x20 on an H100: 120 programs 7.0 us against 60 programs 9.7 us
-    per read; 128x1152 is fastest at the full 8192 (knob sweep, bench/NOTES.md v9).
+    per read; 128x1152 is fastest at the full 8192 (knob sweep, bench/NOTES.md v9). (Its rows
+    load as vectors since session 22, ``_row_align``: not re-measured.)
     """
     per_program = _MIN_ELEMENTS_PER_PROGRAM
     if _next_power_of_2(N) <= _NARROW_BLOCK_N and M * N > per_program:
