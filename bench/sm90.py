@@ -8,7 +8,7 @@ adds 16-byte alignment hints; the launcher's options), then ``ptxas -v`` reports
 resources. Used by ``tests/test_compile_sm90.py`` (spill and load-order checks) and, as a
 scan of every default launch of the benchmark's layers::
 
-    python -m bench.sm90 [--groups G,...] [--dtypes float32,bfloat16] [--extra MxN,...] [--jobs 2]
+    python -m bench.sm90 [--groups G,...] [--dtypes float32,bfloat16] [--extra MxN,...] [--jobs 2] [--spilling]
 
 Import it without ``TRITON_INTERPRET`` set: the interpreter replaces ``triton.jit`` at import,
 and there is nothing to compile then.
@@ -160,6 +160,24 @@ def local_accesses_in_loops(compiled) -> int:
                and any(lo <= address <= hi for lo, hi in loops))
 
 
+def global_loads(compiled) -> tuple[int, int]:
+    """``(16-byte, narrower)``: the binary's global load instructions by width, in its PTX (the
+    grid barrier's ``.acquire`` spin loads left out). A tile of A loads 16 bytes at a time only
+    where Triton can prove the alignment (``kernels._multiple_of``); a scan whose tiles show
+    none (``0/...``) loads them element by element (24576x20 before session 22: 0/66)."""
+    wide = narrow = 0
+    for op in re.findall(r"\bld\.global[.\w:]*", compiled.asm["ptx"]):
+        if ".acquire" in op:
+            continue
+        bits = int(re.search(r"\.[bfsu](\d+)$", op).group(1))
+        lanes = int(m.group(1)) if (m := re.search(r"\.v(\d)\.", op)) else 1
+        if bits * lanes >= 128:
+            wide += 1
+        else:
+            narrow += 1
+    return wide, narrow
+
+
 def spill_bytes(kernel, args, cfg, cooperative) -> list[int]:
     """``[stores, loads]``: bytes of spill code in a launch's sm_90a binary (``spill_bytes(*launch)``)."""
     return ptxas_usage(compile_launch(kernel, args, cfg, cooperative)).spills
@@ -194,10 +212,11 @@ def _scan_case(case) -> list[dict]:
         compiled = compile_launch(*launch)
         usage = ptxas_usage(compiled)
         in_loops = local_accesses_in_loops(compiled) if usage.spill_stores or usage.spill_loads else 0
+        wide, narrow = global_loads(compiled)
         rows.append(dict(shape="x".join(map(str, shape)), dim=dim, dtype=str(dtype).removeprefix("torch."),
                          layout="channels_last" if cl else "", kind=kind,
                          tiles=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", on_chip=cfg.ON_CHIP, warps=cfg.num_warps,
-                         grid=cfg.grid, **dataclasses.asdict(usage), in_loops=in_loops))
+                         grid=cfg.grid, **dataclasses.asdict(usage), in_loops=in_loops, loads=f"{wide}/{narrow}"))
     return rows
 
 
@@ -209,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--extra", default="", metavar="MxN,...", help="more (contiguous) weights")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (ptxas runs in each)")
+    ap.add_argument("--spilling", action="store_true", help="print only the launches that spill")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: the interpreter has nothing to compile")
@@ -226,13 +246,14 @@ def main(argv=None) -> int:
         results = [_scan_case(c) for c in cases]
     rows = [r for rs in results for r in rs]
     head = f"{'weight':>16} {'dim':>3} {'dtype':>8} {'layout':>13} {'kind':>8} {'tiles':>9} " \
-           f"{'on chip':>7} {'warps':>5} {'grid':>4} {'regs':>4} {'spill st/ld (B)':>15} {'LDL/STL in loops':>16}"
+           f"{'on chip':>7} {'warps':>5} {'grid':>4} {'loads 16B/less':>14} {'regs':>4} {'spill st/ld (B)':>15} " \
+           f"{'LDL/STL in loops':>16}"
     print(head)
-    for r in rows:
-        print(f"{r['shape']:>16} {r['dim']:>3} {r['dtype']:>8} {r['layout']:>13} {r['kind']:>8} "
-              f"{r['tiles']:>9} {str(r['on_chip']):>7} {r['warps']:>5} {r['grid']:>4} {r['registers']:>4} "
-              f"{r['spill_stores']:>7}/{r['spill_loads']:<7} {r['in_loops']:>16}")
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    for r in spilling if a.spilling else rows:
+        print(f"{r['shape']:>16} {r['dim']:>3} {r['dtype']:>8} {r['layout']:>13} {r['kind']:>8} "
+              f"{r['tiles']:>9} {str(r['on_chip']):>7} {r['warps']:>5} {r['grid']:>4} {r['loads']:>14} "
+              f"{r['registers']:>4} {r['spill_stores']:>7}/{r['spill_loads']:<7} {r['in_loops']:>16}")
     print(f"# {len(spilling)} of {len(rows)} launches spill, "
           f"{sum(1 for r in spilling if r['in_loops'])} of them inside loops", flush=True)
     return 0
