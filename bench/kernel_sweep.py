@@ -190,12 +190,6 @@ def launched_plans(M: int, N: int):
     return tuple(plan.cfg for plan in _plans(M, N))
 
 
-def launched_arguments(M: int, N: int):
-    """(forward, backward): the arguments after the tensors of each launch of the two plans,
-    which a knob may change where no config does (``_ROW_ALIGN``: only ``ROW_ALIGN``)."""
-    return tuple(plan.launches for plan in _plans(M, N))
-
-
 # How a layer loads its tiles as launched (launched_loads), as the sweeps' lines print it.
 LOADS_LEGEND = "G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH qBLOCK_Q gGRAD_STAGES as launched"
 
@@ -226,9 +220,10 @@ def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
     nan = float("nan")
 
     def launched(M, N):  # (both configs, the compile options they launch with, where only _MAXNREG
-        # shows, and the launches' arguments, where only _ROW_ALIGN shows)
-        plans = launched_plans(M, N)
-        return plans, [ops_mod._launch_options(cfg, True) for cfg in plans], launched_arguments(M, N)
+        # shows, and the arguments after the tensors of each launch, where only _ROW_ALIGN shows)
+        plans = _plans(M, N)
+        configs = tuple(plan.cfg for plan in plans)
+        return configs, [ops_mod._launch_options(cfg, True) for cfg in configs], [plan.launches for plan in plans]
 
     for M, N in shapes:
         default_launch = launched(M, N)

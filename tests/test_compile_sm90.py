@@ -98,7 +98,8 @@ def test_kernels_compile_for_sm90():
 COMPILE_HELPERS = textwrap.dedent("""
     import re
     import torch
-    from bench.sm90 import captured_launches, compile_launch, forward_launch, launch_of, ptxas_usage, spill_bytes
+    from bench.sm90 import (captured_launches, compile_launch, forward_launch, global_loads, launch_of, ptxas_usage,
+                            spill_bytes)
     from sn_fused.ops import spectral_norm as snm
 """)
 
@@ -108,8 +109,7 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
         # (the binary, its 16-byte global loads, and a thread's share of one [BLOCK_M, BLOCK_N]
         # tile of A in 16-byte loads)
         compiled, cfg = compile_launch(*launch), launch[2]
-        vector = sum("ld.global" in l and ".v4." in l for l in compiled.asm["ptx"].splitlines())
-        return compiled, vector, cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) // 4
+        return compiled, global_loads(compiled)[0], cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) // 4
 
     # The grid the launcher gives each weight on a 132-SM card (small ones get fewer programs);
     # the first four take the forward's ON_CHIP path, the others the streaming one (the backward:
