@@ -21,7 +21,8 @@ it launches through sn_fused's Python runners). ``SN_FUSED_BUILD_CPP`` chooses:
     SN_FUSED_BUILD_CPP=1 python setup.py build_ext --inplace       # in a checkout
 
 A plain ``pip install .`` builds in an isolated environment without torch, so it installs
-the pure-Python package. (Adding torch to ``build-system.requires`` would build against
+the pure-Python package, with ``_C``'s source packed in it: ``python -m sn_fused.build_cpp``
+then builds ``_C`` in the installed package. (Adding torch to ``build-system.requires`` would build against
 whatever torch pip downloads there, not the one installed, and such an ``_C`` refuses to
 load.) Whether an install has it: ``python -c "import sn_fused.ops.spectral_norm as s; print(s.CPP_READS)"``.
 Packagers who build with ``--no-build-isolation`` by convention (conda, distributions) and
@@ -34,6 +35,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 _MODE = os.environ.get("SN_FUSED_BUILD_CPP", "")
 if _MODE not in ("", "0", "1"):
@@ -45,7 +47,18 @@ def _say(message):
     sys.stderr.write(f"sn_fused: {message}\n")
 
 
-ext_modules, cmdclass = [], {}
+class _BuildPy(build_py):
+    """setuptools' build_py; also packs ``_C``'s source as ``sn_fused/csrc/``, so that an install
+    built without ``_C`` can compile it later against its torch (``python -m sn_fused.build_cpp``)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "sn_fused", "csrc")
+        self.mkpath(target)
+        self.copy_file(os.path.join("csrc", "spectral_norm_read.cpp"), target)
+
+
+ext_modules, cmdclass = [], {"build_py": _BuildPy}
 if _MODE != "0":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -81,6 +94,6 @@ if _MODE != "0":
 
         ext_modules = [CppExtension("sn_fused._C", ["csrc/spectral_norm_read.cpp"],
                                     extra_compile_args=["-O2"])]
-        cmdclass = {"build_ext": _BuildExtension}
+        cmdclass["build_ext"] = _BuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -8,6 +8,9 @@ touched), the modes of ``SN_FUSED_BUILD_CPP`` where ``_C`` cannot be built:
 * a compiler that passes torch's compiler check (``--version``) and fails every compile, as a
   broken toolchain does (~2 s: nothing compiles);
 * an environment where torch does not import, as in pip's isolated build.
+
+And ``python -m sn_fused.build_cpp``, which builds ``_C`` into such an install from the source
+``build_py`` packs in it: one real compile (~1 min), a failing one, a package it cannot write.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -127,3 +131,79 @@ def test_unknown_mode_is_refused(source_copy):
     result = _build(source_copy, "yes")
     assert result.returncode != 0
     assert "SN_FUSED_BUILD_CPP must be 0, 1 or unset, got 'yes'" in result.stderr
+
+
+# ``python -m sn_fused.build_cpp``: ``_C`` for an install built without it (pip's isolated build).
+
+def _install_without_cpp(source_copy, site):
+    """The package as a pure-Python install lays it out (``build_py``, what a wheel packs)."""
+    env = {k: v for k, v in os.environ.items() if k != "SN_FUSED_BUILD_CPP"}
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(site)], cwd=source_copy,
+                            env={**env, "SN_FUSED_BUILD_CPP": "0"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return site / "sn_fused"
+
+
+def _build_cpp(site, compiler=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SN_FUSED_CPP")}
+    env["PYTHONPATH"] = str(site)
+    if compiler is not None:
+        env.update(CC=compiler, CXX=compiler)
+    return subprocess.run([sys.executable, "-m", "sn_fused.build_cpp"], cwd=site.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_install_carries_the_source_of_the_extension(source_copy, tmp_path):
+    package = _install_without_cpp(source_copy, tmp_path / "site")
+    assert (package / "csrc" / "spectral_norm_read.cpp").read_bytes() == \
+        (ROOT / "csrc" / "spectral_norm_read.cpp").read_bytes()
+    assert not (package / EXT).exists()
+
+
+def _import_in_a_new_process(site):
+    """``CPP_READS`` and ``_C``'s file as a user's process sees them, and its warnings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SN_FUSED_CPP")}
+    env["PYTHONPATH"] = str(site)
+    check = subprocess.run([sys.executable, "-c", "import sn_fused.ops.spectral_norm as s; "
+                            "print(s.CPP_READS, s._cpp and s._cpp.__file__)"], cwd=site.parent, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr
+    return check.stdout.split(), check.stderr
+
+
+def test_build_cpp_builds_the_extension_into_an_install_without_it(source_copy, tmp_path):
+    site = tmp_path / "site"
+    package = _install_without_cpp(source_copy, site)
+    # An _C that does not load (another torch's, say) is not used, and the warning says what to run.
+    (package / EXT).write_bytes(b"an _C built for another torch")
+    (cpp_reads, _), warned = _import_in_a_new_process(site)
+    assert cpp_reads == "False"
+    assert "the compiled read sn_fused._C does not load" in warned
+    assert "rebuild it: python -m sn_fused.build_cpp" in warned
+    result = _build_cpp(site)  # ~1 min: a real compile
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"sn_fused: built {package.resolve() / EXT}; new processes read layers through it" in result.stdout
+    assert [p.name for p in package.iterdir() if p.name.startswith("_C")] == [EXT]  # (no partial copy left)
+    loaded, warned = _import_in_a_new_process(site)
+    assert loaded == ["True", str(package / EXT)]
+    assert "sn_fused" not in warned
+
+
+def test_build_cpp_fails_loudly(source_copy, tmp_path, failing_compiler):
+    site = tmp_path / "site"
+    package = _install_without_cpp(source_copy, site)
+    result = _build_cpp(site, compiler=failing_compiler)
+    assert result.returncode == 1
+    assert "fake compiler: error: this compile fails" in result.stdout + result.stderr
+    assert "sn_fused: building sn_fused._C failed: " in result.stderr
+    assert [p.name for p in package.iterdir() if p.name.startswith("_C")] == []
+
+
+def test_build_cpp_refuses_a_package_it_cannot_write(capsys):
+    from sn_fused import build_cpp
+
+    with mock.patch.object(build_cpp.os, "access", return_value=False) as access:
+        assert build_cpp.main([]) == 1
+    access.assert_called_once_with(build_cpp.PACKAGE_DIR, os.W_OK)
+    assert f"sn_fused: building sn_fused._C failed: cannot write {build_cpp.PACKAGE_DIR} (the installed " \
+           "package)" in capsys.readouterr().err

@@ -58,8 +58,7 @@ except ModuleNotFoundError:  # not built: eager reads go through the Python Func
     _cpp = None
 except ImportError as error:  # built, but not for this torch (a C++ extension matches one build) or source
     warnings.warn(f"sn_fused: the compiled read sn_fused._C does not load ({error}); eager reads use the "
-                  f"Python path (rebuild it: SN_FUSED_BUILD_CPP=1 pip install --no-build-isolation ., or in a "
-                  f"checkout SN_FUSED_BUILD_CPP=1 python setup.py build_ext --inplace)")
+                  f"Python path (rebuild it: python -m sn_fused.build_cpp)")
     _cpp = None
 
 __all__ = [
