@@ -1094,6 +1094,25 @@ def test_backward_writes_every_output_element(launch, device, gen):
     check_backward(grad_w, grad, weight, res["u_saved"], res["v_saved"], res["sigma"], dim=dim)
 
 
+def test_real_eager_call():
+    """What decides kept runners, the kept workspace and eager-only launch options: only a plain
+    tensor outside torch.compile is a real eager call; a trace's fake or functional output, or
+    any subclass, is not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    assert snm._real_eager_call(torch.empty(3))
+    with FakeTensorMode():
+        assert not snm._real_eager_call(torch.empty(3))
+    with FunctionalTensorMode():
+        out = torch.empty(3)
+    assert type(out) is FunctionalTensor and not snm._real_eager_call(out)
+    assert not snm._real_eager_call(two_tensor(torch.empty(3)))
+    assert not snm._real_eager_call(torch.nn.Parameter(torch.empty(3)))
+    with mock.patch.object(torch.compiler, "is_compiling", return_value=True):
+        assert not snm._real_eager_call(torch.empty(3))
+
+
 def test_launch_options_register_limit(monkeypatch):
     """``_MAXNREG`` reaches the compiler as ``maxnreg`` only where it is a real eager launch (not
     under torch.compile, whose wrap_triton would not take it; not in the interpreter), capped

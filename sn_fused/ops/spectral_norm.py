@@ -657,6 +657,14 @@ def _current_device() -> int:
     return torch.cuda.current_device()
 
 
+def _real_eager_call(out: torch.Tensor) -> bool:
+    """Whether a launch is a real eager call, from ``out``, an output its launcher just allocated:
+    a plain ``torch.Tensor`` outside ``torch.compile``. Tracing allocates FakeTensors or
+    FunctionalTensors instead (Dynamo, AOTAutograd, opcheck, make_fx), and a kept runner,
+    a kept workspace or a launch option Inductor's launch does not take must not enter a trace."""
+    return type(out) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: bool,
             n_tensors: int, key: tuple, out: torch.Tensor):
     """The one launch site of both kernels. ``args``: every kernel parameter, in order.
@@ -669,16 +677,14 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
     flags, so every integer argument -- and dtypes) plus the 16-byte alignment of
     the ``n_tensors`` tensor arguments. Under ``torch.compile`` (``wrap_triton``),
     in the interpreter or with launch hooks (profilers) installed, the ordinary path
-    runs. ``out`` is an output the launcher allocated: a plain ``torch.Tensor``
-    exactly when this is a real eager call (a FakeTensor / FunctionalTensor under
-    tracing).
+    runs. ``out``: an output the launcher allocated (``_real_eager_call``).
 
     Eager launches run on ``out``'s device whatever the current device is, as
     PyTorch's ops do (Triton launches on the current one, and a Python op gets no
     device guard from the dispatcher). Compiled code sets its own guard.
     """
-    cached = (_KEEP_RUNNERS and type(out) is torch.Tensor and not torch.compiler.is_compiling()
-              and not _launch_hooks_set())
+    eager = _real_eager_call(out)
+    cached = _KEEP_RUNNERS and eager and not _launch_hooks_set()
     if cached:
         # The common case first, with nothing built that it does not use (~2 us less host time
         # per launch on a CPU, measured up to the runner call).
@@ -687,8 +693,7 @@ def _launch(kernel, grid: int, args: tuple, cfg: _LaunchConfig, cooperative: boo
         if runner is not None:
             runner(args)
             return runner
-    on_other_device = (type(out) is torch.Tensor and out.device.type == "cuda"
-                       and not torch.compiler.is_compiling() and out.device.index != _current_device())
+    on_other_device = eager and out.device.type == "cuda" and out.device.index != _current_device()
     with torch.cuda.device(out.device.index) if on_other_device else contextlib.nullcontext():
         _launch_uncached(kernel, grid, args, cfg, cooperative, key if cached else None, out)
     return _RUNNERS.get(key) if cached else None
@@ -724,9 +729,8 @@ def _launch_uncached(kernel, grid: int, args: tuple, cfg: _LaunchConfig, coopera
         # in functionalized tracing (FunctionalTensor: aot_eager, Inductor), the interpreter
         # still fails loudly.
         return
-    # (``out`` of another type: a trace, where wrap_triton would take maxnreg for a kernel argument)
-    traced = torch.compiler.is_compiling() or type(out) is not torch.Tensor
-    options = _launch_options(cfg, cooperative, compiling=traced)
+    # (in a trace, wrap_triton would take maxnreg for a kernel argument)
+    options = _launch_options(cfg, cooperative, compiling=not _real_eager_call(out))
     if key is None:
         wrap_triton(kernel)[(grid,)](*args, **options)
         return
@@ -857,18 +861,16 @@ _NO_WORKSPACE_NUMEL = 16  # (tests make it large, to see a stray write)
 def _workspace(plan: _Plan, out: torch.Tensor) -> torch.Tensor:
     """The launch's workspace (accumulation dtype: the kernels read their sums' type from it).
 
-    ``out``: the output the launcher just allocated (weight's dtype and device), a plain
-    ``torch.Tensor`` exactly in a real eager call (as in ``_launch``). A launch that touches
-    no workspace (one ON_CHIP program: every sum stays in registers) then gets a tensor kept
+    ``out``: the output the launcher just allocated (weight's dtype and device). In a real
+    eager call (``_real_eager_call``), a launch that touches no workspace (one ON_CHIP program: every sum stays in registers) then gets a tensor kept
     per device and dtype: one allocation less per read and per backward (host time of a
     layer's read on a CPU: -2 to -4 us; a CUDA ``torch.empty`` cost ~4 us on an H100's host).
     The kernels never read or write it (a test poisons it and checks both). Traced calls
-    (FakeTensor, FunctionalTensor, torch.compile) allocate as always: a kept tensor must not
-    enter a traced graph, nor a fake one the cache (a mode that fakes ``torch.empty`` fakes
-    ``out`` too, so a plain ``out`` means a plain workspace).
+    allocate as always: a kept tensor must not enter a traced graph, nor a fake one the cache
+    (a mode that fakes ``torch.empty`` fakes ``out`` too, so a plain ``out`` means a plain workspace).
     """
     dtype = _workspace_dtype(out)
-    if plan.ws_numel == 0 and type(out) is torch.Tensor and not torch.compiler.is_compiling():
+    if plan.ws_numel == 0 and _real_eager_call(out):
         return _kept_workspace(out.device, dtype)
     return torch.empty(max(plan.ws_numel, 1), dtype=dtype, device=out.device)
 
