@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,14 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from .ops import fused_supported, new_semaphore, spectral_norm_fused
+from .ops import spectral_norm as _ops
 from .ops.spectral_norm import (_check_in_place_update, _is_semaphore, _plain_tensor, _read_signature,
                                 _spectral_norm_checked, _vectors_error)
 
 __all__ = ["spectral_norm", "_SpectralNorm"]
+
+# Guards the first assignment of a layer's _sem_stream and _stream_sems (_stream_semaphore).
+_SEM_STREAM_LOCK = threading.Lock()
 
 
 def _new_sigma_buffer(weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -97,8 +102,10 @@ class _SpectralNorm(Module):
       kernel itself, no extra launch.
     * ``_sem``: the grid-barrier semaphores of this parametrization's
       kernels (non-persistent). One per module, so two modules running at
-      the same time on two streams never share one. Zeroed again after
-      ``to()``, ``to_empty()`` and the like (``_apply``).
+      the same time on two streams never share one; eager reads of this one
+      on another CUDA stream take semaphores of their own
+      (``_stream_semaphore``). Zeroed again after ``to()``, ``to_empty()``
+      and the like (``_apply``).
     """
 
     #: ``(_read_signature(...), (dim in [0, ndim), n_power_iterations, eps), prepared,
@@ -117,6 +124,13 @@ class _SpectralNorm(Module):
     #: zeroes it in place (a rest state; a new one if it is no longer an int32[2]). None
     #: (instances made by ``convert``): not known, zeroed once.
     _sem_version = None
+    #: The CUDA stream (``cudaStream_t`` as an int) whose eager reads use ``_sem``: the first
+    #: that read this layer since it was made or moved; ``_stream_sems``: ``{(device index,
+    #: stream): semaphore}`` of the eager reads on any other (``_stream_semaphore``). Class
+    #: attributes, as ``_checked_read``: instances made without ``__init__`` and copies start
+    #: without (a copy's reads are its own).
+    _sem_stream = None
+    _stream_sems = None
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, dim: int = 0,
                  eps: float = 1e-12) -> None:
@@ -191,6 +205,9 @@ class _SpectralNorm(Module):
                 # (u or v an inference tensor, checked[3]: a training read outside inference mode
                 # would write it, which the checks refuse with torch's error)
                 if at_rest and not (checked[3] and self.training and not torch.is_inference_mode_enabled()):
+                    index = weight.get_device()  # (an int: -1 on a CPU, where the interpreter runs)
+                    if index >= 0:
+                        sem = self._stream_semaphore(sem, index)
                     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training,
                                                   checked[2])
             # None where a buffer is not a tensor: the checks below say so.
@@ -225,8 +242,14 @@ class _SpectralNorm(Module):
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(weight, sigma_buf.dtype)
                 remade = True
             n_arg, eps_arg = _op_arguments(n_power_iterations, eps)
+            # (the signature below keeps _sem, which the checks above looked at)
+            launch_sem = sem
+            if not compiling and isinstance(sem, Tensor):
+                index = weight.get_device()  # (as on the checked path)
+                if index >= 0:
+                    launch_sem = self._stream_semaphore(sem, index)
             weight_sn = spectral_norm_fused(
-                weight, u, v, sigma_buf, sem, dim=dim, n_power_iterations=n_arg, eps=eps_arg,
+                weight, u, v, sigma_buf, launch_sem, dim=dim, n_power_iterations=n_arg, eps=eps_arg,
                 training=self.training,
                 weight_checked=True)  # fused_supported just said yes: do not check the weight twice
             if not (compiling or signature is None or isinstance(n_power_iterations, Tensor)
@@ -242,6 +265,51 @@ class _SpectralNorm(Module):
         # or device): PyTorch's ops do with it what PyTorch's SN does, resize it with torch's
         # warning or raise torch's error.
         return self._reference_read(weight)
+
+    def _stream_semaphore(self, sem: Tensor, device_index: int) -> Tensor:
+        """The semaphore for an eager read of this layer on the current CUDA stream of device
+        ``device_index``: ``sem`` (``_sem``) on ``_sem_stream``, the stream that read first, and
+        during a CUDA-graph capture; on any other stream, one of this layer's own for it.
+
+        A grid barrier works only while no other grid uses its semaphore
+        (``kernels.grid_barrier``). Launches on one stream run one after another, but launches
+        on two may overlap: two threads reading one layer, each on its own stream, which
+        PyTorch's SN allows (its eval read writes nothing, and its training read's races on
+        u and v leave W_sn a normalized weight). Sharing one semaphore, their barriers would
+        count each other's programs: a program could leave a barrier before its own grid has
+        arrived (a wrong sigma, without a word) or wait for arrivals that never come (a hang).
+        A backward uses its read's semaphore (``sem[1]``) and runs on its read's stream.
+
+        A capture keeps ``sem``: the graph's launches then use the semaphore the layer's reads
+        on ``_sem_stream`` use, so replaying it on that stream is safe, and nothing is allocated
+        (a new semaphore's zeros would be a memset node in the graph). So is compiled code,
+        which reads ``_sem`` as a buffer: ``torch.compile``'d or captured reads of one layer
+        running on two streams at once still share it (README).
+        """
+        stream = _ops._raw_stream(device_index)
+        home = self._sem_stream
+        if stream == home:
+            return sem
+        if home is None:
+            with _SEM_STREAM_LOCK:  # two threads' first reads: one of them takes _sem
+                if self._sem_stream is None:
+                    self._sem_stream = stream
+            if stream == self._sem_stream:
+                return sem
+        if torch.cuda.is_current_stream_capturing():
+            return sem
+        sems = self._stream_sems
+        if sems is None:
+            with _SEM_STREAM_LOCK:
+                if self._stream_sems is None:
+                    self._stream_sems = {}
+            sems = self._stream_sems
+        own = sems.get((device_index, stream))
+        if own is None:
+            # Made on this stream (its zeros come before the read's launch) and kept: the stream
+            # serializes this layer's reads on it.
+            own = sems.setdefault((device_index, stream), _new_layer_semaphore(sem.device))
+        return own
 
     def _reference_read(self, weight: Tensor, transformed: bool = False) -> Tensor:
         """The read as torch ops (``reference.spectral_norm_reference``), where the kernels
@@ -286,6 +354,10 @@ class _SpectralNorm(Module):
         # so writing it after any _apply is safe (kernels on the stream come before it).
         super()._apply(fn, recurse)
         self._normal_own_buffers()  # (inside inference_mode, _apply makes inference tensors)
+        # Semaphores of other streams: made anew where they are next needed (a tensor freed here
+        # is reused only by its stream's later allocations, after this layer's launches on it).
+        self.__dict__.pop("_sem_stream", None)
+        self.__dict__.pop("_stream_sems", None)
         sem = self._buffers.get("_sem")
         if isinstance(sem, Tensor):
             if _plain_tensor(sem) and sem.dtype == torch.int32:
@@ -302,6 +374,8 @@ class _SpectralNorm(Module):
         # neither copies nor pickles, and its prepared launches belong to this layer.
         state = super().__getstate__()
         state.pop("_checked_read", None)
+        state.pop("_sem_stream", None)  # (and the semaphores of other streams: the copy's reads are its own)
+        state.pop("_stream_sems", None)
         return state
 
     def __setstate__(self, state):

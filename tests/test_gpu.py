@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -351,6 +354,67 @@ def test_two_modules_on_two_streams():
         for _ in range(5):
             expected = t.weight
         assert _rel(outs[i], expected) < 1e-5
+
+
+# Two threads read each layer in eval mode at the same time, each on a stream of its own, as a
+# server sharing one model between request threads would; every read is compared with one read
+# on the default stream, bit for bit (an eval read is deterministic). Prints what differed.
+_TWO_STREAMS_SCRIPT = r"""
+import sys, threading
+import torch, sn_fused
+from sn_fused.parametrizations import _SpectralNorm
+if sys.argv[1] == "shared":  # every read on the layer's one semaphore, as before _stream_semaphore
+    _SpectralNorm._stream_semaphore = lambda self, sem, index: sem
+torch.manual_seed(0)
+for M, N in ((128, 1152), (24576, 20), (4096, 4096)):  # 18, 60 and 132 programs
+    m = sn_fused.spectral_norm(torch.nn.Linear(N, M)).cuda().eval()
+    with torch.no_grad():
+        expected = m.weight.clone()  # (on the default stream: the layer's _sem)
+    torch.cuda.synchronize()
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = [[], []]
+    go = threading.Barrier(2)
+    def reads(i):
+        with torch.no_grad(), torch.cuda.stream(streams[i]):
+            go.wait()
+            for _ in range(300):
+                outs[i].append(m.weight)
+    threads = [threading.Thread(target=reads, args=(i,)) for i in range(2)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    torch.cuda.synchronize()
+    wrong = sum(not torch.equal(o, expected) for out in outs for o in out)
+    p = m.parametrizations.weight[0]
+    sems = [p._sem] + list((p._stream_sems or {}).values())
+    print(f"{M}x{N}: {wrong} of 600 reads differ; {len(sems)} semaphores, at rest "
+          f"{all(s.tolist()[0] in (0, -2**31) for s in sems)}", flush=True)
+"""
+
+
+def _two_streams(mode: str, timeout: float):
+    try:
+        result = subprocess.run([sys.executable, "-c", _TWO_STREAMS_SCRIPT, mode], capture_output=True,
+                                text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:  # (its output: bytes, whatever text= says)
+        out = error.stdout or b""
+        return None, out.decode() if isinstance(out, bytes) else out
+    assert result.returncode == 0, result.stderr
+    return result.returncode, result.stdout
+
+
+def test_one_layer_read_on_two_streams_at_once():
+    """Each stream's reads of a layer take a semaphore of their own (``_stream_semaphore``): the
+    grid barriers of overlapping launches must never count each other's programs. In a
+    subprocess with a time limit, because a shared semaphore can hang; what one shared
+    semaphore does (before ``_stream_semaphore``) is reported as a warning, not asserted."""
+    rc, out = _two_streams("own", timeout=90)
+    assert rc == 0, f"timed out (a hang):\n{out}"
+    lines = out.strip().splitlines()
+    assert len(lines) == 3, out
+    for line in lines:
+        assert " 0 of 600 reads differ; 3 semaphores, at rest True" in line, out
+    rc, out = _two_streams("shared", timeout=45)
+    warnings.warn(f"one shared semaphore, two streams: {'hung' if rc is None else 'finished'}: {out.strip()}")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -1923,3 +1923,122 @@ def test_make_fx_of_a_layer_never_drops_the_kernel(grad, seed):
             assert INTERPRET and fused_supported(orig(m), 0)  # loud, and only where no HOP exists
             return
     torch.testing.assert_close(graph(state, x), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer read on several CUDA streams: a semaphore per stream (_SpectralNorm._stream_semaphore).
+# A CPU has no streams: the current stream is played by a value the test sets.
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    """``ops.spectral_norm._raw_stream`` answers the calling thread's ``stream`` (1 by default) and
+    ``torch.cuda.is_current_stream_capturing`` its ``capturing`` (False)."""
+    import threading
+
+    from sn_fused.ops import spectral_norm as snm
+
+    state = threading.local()
+    monkeypatch.setattr(snm, "_raw_stream", lambda index: getattr(state, "stream", 1))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: getattr(state, "capturing", False))
+    return state
+
+
+def test_stream_semaphore(fake_streams):
+    """``_sem`` on the stream that read first and in a capture; one semaphore of the layer's own
+    per other (device, stream), at rest, a normal tensor even in inference mode; copies, pickles
+    and moves start without."""
+    m = sn_fused.spectral_norm(nn.Linear(8, 4))
+    p = m.parametrizations.weight[0]
+    sem = p._sem
+    fake_streams.stream = 7
+    assert p._stream_semaphore(sem, 0) is sem and p._sem_stream == 7
+    assert p._stream_semaphore(sem, 0) is sem
+    fake_streams.stream = 9
+    own = p._stream_semaphore(sem, 0)
+    assert own is not sem and own.dtype == torch.int32 and own.tolist() == [0, 0]
+    assert p._stream_semaphore(sem, 0) is own
+    other_device = p._stream_semaphore(sem, 1)  # (raw streams are per device)
+    assert other_device is not own and other_device is not sem
+    fake_streams.stream = 7
+    assert p._stream_semaphore(sem, 0) is sem
+    fake_streams.stream, fake_streams.capturing = 11, True
+    assert p._stream_semaphore(sem, 0) is sem and (0, 11) not in p._stream_sems
+    fake_streams.capturing = False
+    with torch.inference_mode():
+        assert not p._stream_semaphore(sem, 0).is_inference()
+    assert sorted(p._stream_sems) == [(0, 9), (0, 11), (1, 9)]
+    for q in (copy.deepcopy(m).parametrizations.weight[0], pickle.loads(pickle.dumps(p))):
+        assert q._sem_stream is None and q._stream_sems is None
+        assert q._stream_semaphore(q._sem, 0) is q._sem  # (stream 11 reads first here)
+    m.double()
+    assert p._sem_stream is None and p._stream_sems is None
+
+
+def test_stream_semaphore_first_reads_from_many_threads(fake_streams):
+    """Threads that read a new layer at once, each on its own stream: exactly one takes ``_sem``."""
+    import threading
+
+    m = sn_fused.spectral_norm(nn.Linear(8, 4))
+    p = m.parametrizations.weight[0]
+    n = 8
+    start, got = threading.Barrier(n), [None] * n
+
+    def first_read(i):
+        fake_streams.stream = 100 + i
+        start.wait()
+        got[i] = p._stream_semaphore(p._sem, 0)
+
+    threads = [threading.Thread(target=first_read, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [g is p._sem for g in got].count(True) == 1
+    assert len({id(g) for g in got}) == n
+    assert got[p._sem_stream - 100] is p._sem
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU weights take the kernels only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("training", [True, False])
+def test_reads_on_two_streams_launch_with_their_own_semaphores(fake_streams, monkeypatch, training):
+    """A layer's reads, alternating between two streams, checked and (the second) unchecked:
+    the reads get ``_sem`` on the first stream and the second stream's own semaphore
+    on the second (their backwards use their read's), and the numbers are those of a twin read
+    on one stream."""
+    from sn_fused import parametrizations as pz
+
+    torch.manual_seed(0)
+    m = sn_fused.spectral_norm(nn.Linear(24, 12)).train(training)
+    twin = copy.deepcopy(m)
+    expected = []
+    for _ in range(4):
+        w = twin.weight
+        w.backward(torch.ones_like(w))
+        expected.append(w.detach().clone())
+
+    launched = []
+    for name in ("spectral_norm_fused", "_spectral_norm_checked"):  # (unchecked and checked reads)
+        read = getattr(pz, name)
+
+        def spy(weight, u, v, sigma_buf, sem, *args, read=read, name=name, **kwargs):
+            launched.append((name, sem))
+            return read(weight, u, v, sigma_buf, sem, *args, **kwargs)
+
+        monkeypatch.setattr(pz, name, spy)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # (as a CUDA weight's)
+    p = m.parametrizations.weight[0]
+    sems = []
+    for i in range(4):
+        fake_streams.stream = 1 + i % 2
+        if i == 1:
+            p._checked_read = None  # (registration's read was checked: this one is not)
+        w = m.weight
+        w.backward(torch.ones_like(w))
+        sems.append(p._sem if i % 2 == 0 else p._stream_sems[(0, 2)])
+        assert torch.equal(w, expected[i]), i
+    assert p._sem_stream == 1 and list(p._stream_sems) == [(0, 2)]
+    assert [name for name, _ in launched] == ["_spectral_norm_checked", "spectral_norm_fused",
+                                              "_spectral_norm_checked", "_spectral_norm_checked"]
+    assert all(sem is sems[i] for i, (_, sem) in enumerate(launched))
+    assert torch.equal(m.parametrizations.weight.original.grad, twin.parametrizations.weight.original.grad)
