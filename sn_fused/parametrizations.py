@@ -35,6 +35,7 @@ __all__ = ["spectral_norm", "_SpectralNorm"]
 
 # Guards the first assignment of a layer's _sem_stream and _stream_sems (_stream_semaphore).
 _SEM_STREAM_LOCK = threading.Lock()
+_MAX_STREAM_SEMS = 256  # semaphores of other streams a layer keeps
 
 
 def _new_sigma_buffer(weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -207,7 +208,7 @@ class _SpectralNorm(Module):
                 if at_rest and not (checked[3] and self.training and not torch.is_inference_mode_enabled()):
                     index = weight.get_device()  # (an int: -1 on a CPU, where the interpreter runs)
                     if index >= 0:
-                        sem = self._stream_semaphore(sem, index)
+                        sem = self._stream_semaphore(sem, weight, index)
                     return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training,
                                                   checked[2])
             # None where a buffer is not a tensor: the checks below say so.
@@ -221,8 +222,18 @@ class _SpectralNorm(Module):
             # at rest when torch code wrote into it (see _sem_version). (Anything else wrong with them
             # is for the op's checks to say: an AttributeError here would surface as "no
             # attribute 'weight'", parametrize's property being a property.)
+            # The semaphore this read launches with: _sem, or one of this stream's own. The
+            # signature below keeps _sem, which the checks above looked at.
+            launch_sem = sem
+            if not compiling and isinstance(sem, Tensor):
+                index = weight.get_device()  # (as on the checked path)
+                if index >= 0:
+                    launch_sem = self._stream_semaphore(sem, weight, index)
             remade = False
-            if isinstance(sem, Tensor):
+            if isinstance(sem, Tensor) and launch_sem is sem:
+                # (Only where this read uses _sem: written or replaced from another stream, it
+                # could change under a launch of _sem's stream. Reads there see to it: the checked
+                # read finds _sem not at rest and comes here.)
                 remade = sem.device != weight.device or not _plain_tensor(sem)
                 if not remade and not compiling and sem._version != self._sem_version:  # written by torch code
                     # Put at rest where it is if it still is a semaphore: the same tensor keeps its
@@ -234,7 +245,7 @@ class _SpectralNorm(Module):
                         with torch.no_grad():
                             sem.zero_()
                 if remade:
-                    sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
+                    sem = launch_sem = buffers["_sem"] = _new_layer_semaphore(weight.device)
                 if not compiling:
                     self._sem_version = sem._version
             if isinstance(sigma_buf, Tensor) and (sigma_buf.device != weight.device
@@ -242,12 +253,6 @@ class _SpectralNorm(Module):
                 sigma_buf = buffers["_sigma"] = _new_sigma_buffer(weight, sigma_buf.dtype)
                 remade = True
             n_arg, eps_arg = _op_arguments(n_power_iterations, eps)
-            # (the signature below keeps _sem, which the checks above looked at)
-            launch_sem = sem
-            if not compiling and isinstance(sem, Tensor):
-                index = weight.get_device()  # (as on the checked path)
-                if index >= 0:
-                    launch_sem = self._stream_semaphore(sem, index)
             weight_sn = spectral_norm_fused(
                 weight, u, v, sigma_buf, launch_sem, dim=dim, n_power_iterations=n_arg, eps=eps_arg,
                 training=self.training,
@@ -266,10 +271,11 @@ class _SpectralNorm(Module):
         # warning or raise torch's error.
         return self._reference_read(weight)
 
-    def _stream_semaphore(self, sem: Tensor, device_index: int) -> Tensor:
-        """The semaphore for an eager read of this layer on the current CUDA stream of device
-        ``device_index``: ``sem`` (``_sem``) on ``_sem_stream``, the stream that read first, and
-        during a CUDA-graph capture; on any other stream, one of this layer's own for it.
+    def _stream_semaphore(self, sem: Tensor, weight: Tensor, device_index: int) -> Tensor:
+        """The semaphore for an eager read of ``weight`` (on CUDA device ``device_index``) on
+        the current stream: ``sem`` (``_sem``) on ``_sem_stream``, the first stream that read
+        this layer outside a capture, and in a CUDA-graph capture; on any other stream, one of
+        this layer's own for that stream.
 
         A grid barrier works only while no other grid uses its semaphore
         (``kernels.grid_barrier``). Launches on one stream run one after another, but launches
@@ -277,18 +283,22 @@ class _SpectralNorm(Module):
         PyTorch's SN allows (its eval read writes nothing, and its training read's races on
         u and v leave W_sn a normalized weight). Sharing one semaphore, their barriers would
         count each other's programs: a program could leave a barrier before its own grid has
-        arrived (a wrong sigma, without a word) or wait for arrivals that never come (a hang).
-        A backward uses its read's semaphore (``sem[1]``) and runs on its read's stream.
+        arrived (a wrong sigma, without a word) or wait for arrivals that never come (a hang;
+        seen on an H200 with two streams' reads of 128x1152 made to overlap, bench/NOTES.md
+        v24). A backward uses its read's semaphore (``sem[1]``) and runs on its read's stream.
+        Only reads that use ``_sem`` write or replace it (``forward``'s fix-ups).
 
-        A capture keeps ``sem``: the graph's launches then use the semaphore the layer's reads
-        on ``_sem_stream`` use, so replaying it on that stream is safe, and nothing is allocated
-        (a new semaphore's zeros would be a memset node in the graph). So is compiled code,
-        which reads ``_sem`` as a buffer: ``torch.compile``'d or captured reads of one layer
-        running on two streams at once still share it (README).
+        A capture keeps ``sem``: the graph's launches then use the semaphore of the reads on
+        ``_sem_stream``, so replaying it there is safe, and nothing is allocated (a new
+        semaphore's zeros would be a memset node in the graph). Compiled code reads ``_sem`` as
+        a buffer. So ``torch.compile``'d or captured reads of one layer must not run at once
+        with each other or with eager reads on ``_sem_stream`` on another stream (README).
         """
         stream = _ops._raw_stream(device_index)
         home = self._sem_stream
         if stream == home:
+            return sem
+        if _ops._stream_capturing():
             return sem
         if home is None:
             with _SEM_STREAM_LOCK:  # two threads' first reads: one of them takes _sem
@@ -296,19 +306,23 @@ class _SpectralNorm(Module):
                     self._sem_stream = stream
             if stream == self._sem_stream:
                 return sem
-        if torch.cuda.is_current_stream_capturing():
-            return sem
         sems = self._stream_sems
         if sems is None:
             with _SEM_STREAM_LOCK:
                 if self._stream_sems is None:
                     self._stream_sems = {}
             sems = self._stream_sems
-        own = sems.get((device_index, stream))
+        key = (device_index, stream)
+        own = sems.get(key)
         if own is None:
+            if len(sems) >= _MAX_STREAM_SEMS:
+                # A bound, not a policy (torch.cuda.Stream() hands out pooled streams, 32 per
+                # priority per device). A freed semaphore's memory goes only to later allocations
+                # of its own stream, so after that stream's pending launches.
+                sems.clear()
             # Made on this stream (its zeros come before the read's launch) and kept: the stream
             # serializes this layer's reads on it.
-            own = sems.setdefault((device_index, stream), _new_layer_semaphore(sem.device))
+            own = sems.setdefault(key, _new_layer_semaphore(weight.device))
         return own
 
     def _reference_read(self, weight: Tensor, transformed: bool = False) -> Tensor:
@@ -352,12 +366,18 @@ class _SpectralNorm(Module):
         # (the semaphore is 0 or 0x80000000 at rest) would not hold: a multi-program launch
         # could leave a barrier early, a wrong result without a word. Zero is a rest state,
         # so writing it after any _apply is safe (kernels on the stream come before it).
+        sem = self._buffers.get("_sem")
+        device = sem.device if isinstance(sem, Tensor) else None
         super()._apply(fn, recurse)
         self._normal_own_buffers()  # (inside inference_mode, _apply makes inference tensors)
-        # Semaphores of other streams: made anew where they are next needed (a tensor freed here
-        # is reused only by its stream's later allocations, after this layer's launches on it).
-        self.__dict__.pop("_sem_stream", None)
-        self.__dict__.pop("_stream_sems", None)
+        sem = self._buffers.get("_sem")
+        if not isinstance(sem, Tensor) or sem.device != device:
+            # Moved: the stream that reads first, and the other streams' semaphores, start anew
+            # on the new device (a tensor freed here goes only to its stream's later allocations).
+            # Not on a cast in place (.float(), .half()): another thread's stream may still have
+            # launches of _sem queued, and another stream taking it meanwhile would share it.
+            self.__dict__.pop("_sem_stream", None)
+            self.__dict__.pop("_stream_sems", None)
         sem = self._buffers.get("_sem")
         if isinstance(sem, Tensor):
             if _plain_tensor(sem) and sem.dtype == torch.int32:

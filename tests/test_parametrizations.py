@@ -1933,45 +1933,55 @@ def test_make_fx_of_a_layer_never_drops_the_kernel(grad, seed):
 @pytest.fixture
 def fake_streams(monkeypatch):
     """``ops.spectral_norm._raw_stream`` answers the calling thread's ``stream`` (1 by default) and
-    ``torch.cuda.is_current_stream_capturing`` its ``capturing`` (False)."""
+    ``ops.spectral_norm._stream_capturing`` its ``capturing`` (False)."""
     import threading
 
     from sn_fused.ops import spectral_norm as snm
 
     state = threading.local()
     monkeypatch.setattr(snm, "_raw_stream", lambda index: getattr(state, "stream", 1))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: getattr(state, "capturing", False))
+    monkeypatch.setattr(snm, "_stream_capturing", lambda: getattr(state, "capturing", False))
     return state
 
 
-def test_stream_semaphore(fake_streams):
-    """``_sem`` on the stream that read first and in a capture; one semaphore of the layer's own
-    per other (device, stream), at rest, a normal tensor even in inference mode; copies, pickles
-    and moves start without."""
+def test_stream_semaphore(fake_streams, monkeypatch):
+    """``_sem`` on the stream that read first outside a capture, and in captures; one semaphore
+    of the layer's own per other (device, stream), at rest, on the weight's device, a normal
+    tensor even in inference mode, and at most ``_MAX_STREAM_SEMS`` of them; copies, pickles and
+    moves start without, casts in place keep them."""
+    from sn_fused import parametrizations as pz
+
     m = sn_fused.spectral_norm(nn.Linear(8, 4))
     p = m.parametrizations.weight[0]
-    sem = p._sem
-    fake_streams.stream = 7
-    assert p._stream_semaphore(sem, 0) is sem and p._sem_stream == 7
-    assert p._stream_semaphore(sem, 0) is sem
+    sem, w = p._sem, m.parametrizations.weight.original
+    fake_streams.stream, fake_streams.capturing = 5, True  # (a first read inside a capture)
+    assert p._stream_semaphore(sem, w, 0) is sem and p._sem_stream is None
+    fake_streams.stream, fake_streams.capturing = 7, False
+    assert p._stream_semaphore(sem, w, 0) is sem and p._sem_stream == 7
+    assert p._stream_semaphore(sem, w, 0) is sem
     fake_streams.stream = 9
-    own = p._stream_semaphore(sem, 0)
-    assert own is not sem and own.dtype == torch.int32 and own.tolist() == [0, 0]
-    assert p._stream_semaphore(sem, 0) is own
-    other_device = p._stream_semaphore(sem, 1)  # (raw streams are per device)
+    own = p._stream_semaphore(sem, w, 0)
+    assert own is not sem and own.dtype == torch.int32 and own.tolist() == [0, 0] and own.device == w.device
+    assert p._stream_semaphore(sem, w, 0) is own
+    other_device = p._stream_semaphore(sem, w, 1)  # (raw streams are per device)
     assert other_device is not own and other_device is not sem
     fake_streams.stream = 7
-    assert p._stream_semaphore(sem, 0) is sem
+    assert p._stream_semaphore(sem, w, 0) is sem
     fake_streams.stream, fake_streams.capturing = 11, True
-    assert p._stream_semaphore(sem, 0) is sem and (0, 11) not in p._stream_sems
+    assert p._stream_semaphore(sem, w, 0) is sem and (0, 11) not in p._stream_sems
     fake_streams.capturing = False
     with torch.inference_mode():
-        assert not p._stream_semaphore(sem, 0).is_inference()
+        assert not p._stream_semaphore(sem, w, 0).is_inference()
     assert sorted(p._stream_sems) == [(0, 9), (0, 11), (1, 9)]
     for q in (copy.deepcopy(m).parametrizations.weight[0], pickle.loads(pickle.dumps(p))):
         assert q._sem_stream is None and q._stream_sems is None
-        assert q._stream_semaphore(q._sem, 0) is q._sem  # (stream 11 reads first here)
-    m.double()
+        assert q._stream_semaphore(q._sem, w, 0) is q._sem  # (stream 11 reads first here)
+    m.float()  # a cast in place: the same stream keeps _sem, the others theirs
+    assert p._sem_stream == 7 and sorted(p._stream_sems) == [(0, 9), (0, 11), (1, 9)]
+    monkeypatch.setattr(pz, "_MAX_STREAM_SEMS", 3)
+    fake_streams.stream = 12
+    assert p._stream_semaphore(sem, w, 0) is not sem and list(p._stream_sems) == [(0, 12)]
+    m.to("meta")  # moved
     assert p._sem_stream is None and p._stream_sems is None
 
 
@@ -1987,7 +1997,7 @@ def test_stream_semaphore_first_reads_from_many_threads(fake_streams):
     def first_read(i):
         fake_streams.stream = 100 + i
         start.wait()
-        got[i] = p._stream_semaphore(p._sem, 0)
+        got[i] = p._stream_semaphore(p._sem, m.parametrizations.weight.original, 0)
 
     threads = [threading.Thread(target=first_read, args=(i,)) for i in range(n)]
     for t in threads:
@@ -2000,45 +2010,70 @@ def test_stream_semaphore_first_reads_from_many_threads(fake_streams):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="CPU weights take the kernels only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp_read", "python_read"])
 @pytest.mark.parametrize("training", [True, False])
-def test_reads_on_two_streams_launch_with_their_own_semaphores(fake_streams, monkeypatch, training):
-    """A layer's reads, alternating between two streams, checked and (the second) unchecked:
-    the reads get ``_sem`` on the first stream and the second stream's own semaphore
-    on the second (their backwards use their read's), and the numbers are those of a twin read
-    on one stream."""
+def test_reads_on_two_streams_launch_with_their_own_semaphores(fake_streams, monkeypatch, training, cpp):
+    """A layer's reads and backwards, alternating between two streams, checked and (the second)
+    unchecked: every launch of a read on the first stream, and of its backward, gets ``_sem``;
+    on the second stream, that stream's own semaphore; the numbers are those of a twin read on
+    one stream. Torch code writing ``_sem`` (as a compiled read does) is put right only by a
+    read on ``_sem``'s stream: from the other, a ``zero_`` could land inside a launch of it."""
     from sn_fused import parametrizations as pz
+    from sn_fused.ops import kernels
+    from sn_fused.ops import spectral_norm as snm
 
+    if cpp and not snm.CPP_READS:
+        pytest.skip("sn_fused._C is not built, or switched off")
+    monkeypatch.setattr(snm, "CPP_READS", cpp)
     torch.manual_seed(0)
     m = sn_fused.spectral_norm(nn.Linear(24, 12)).train(training)
     twin = copy.deepcopy(m)
     expected = []
-    for _ in range(4):
+    for _ in range(6):
         w = twin.weight
         w.backward(torch.ones_like(w))
         expected.append(w.detach().clone())
 
-    launched = []
-    for name in ("spectral_norm_fused", "_spectral_norm_checked"):  # (unchecked and checked reads)
+    entered = []  # the layer's calls into the op layer: (which, semaphore)
+    for name in ("spectral_norm_fused", "_spectral_norm_checked"):
         read = getattr(pz, name)
 
         def spy(weight, u, v, sigma_buf, sem, *args, read=read, name=name, **kwargs):
-            launched.append((name, sem))
+            entered.append((name, sem))
             return read(weight, u, v, sigma_buf, sem, *args, **kwargs)
 
         monkeypatch.setattr(pz, name, spy)
+    launched = []  # every kernel launch, from Python or from the C++ read: (forward?, semaphore)
+    launch = snm._launch
+
+    def launch_spy(kernel, grid, args, *rest):
+        forward = kernel is kernels.spectral_norm_fwd_kernel
+        launched.append((forward, args[7] if forward else args[5]))
+        return launch(kernel, grid, args, *rest)
+
+    monkeypatch.setattr(snm, "_launch", launch_spy)
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # (as a CUDA weight's)
     p = m.parametrizations.weight[0]
-    sems = []
-    for i in range(4):
+    sem = p._sem
+    for i in range(6):
         fake_streams.stream = 1 + i % 2
         if i == 1:
             p._checked_read = None  # (registration's read was checked: this one is not)
+        if i == 3:
+            torch.autograd.graph.increment_version(sem)  # torch code wrote _sem
+        del launched[:]
         w = m.weight
         w.backward(torch.ones_like(w))
-        sems.append(p._sem if i % 2 == 0 else p._stream_sems[(0, 2)])
+        expected_sem = sem if i % 2 == 0 else p._stream_sems[(0, 2)]
+        assert launched and {f for f, _ in launched} == {True, False}, i
+        assert all(s is expected_sem for _, s in launched), i
         assert torch.equal(w, expected[i]), i
+        if i == 3:  # from stream 2: not put right (not zeroed, not at rest by its version)
+            assert p._sem_version != sem._version
+    assert p._sem_version == sem._version and p._sem is sem  # put right by read 4, on stream 1
     assert p._sem_stream == 1 and list(p._stream_sems) == [(0, 2)]
-    assert [name for name, _ in launched] == ["_spectral_norm_checked", "spectral_norm_fused",
-                                              "_spectral_norm_checked", "_spectral_norm_checked"]
-    assert all(sem is sems[i] for i, (_, sem) in enumerate(launched))
+    assert [name for name, _ in entered] == ["_spectral_norm_checked", "spectral_norm_fused",
+                                             "_spectral_norm_checked", "spectral_norm_fused",
+                                             "spectral_norm_fused", "_spectral_norm_checked"]
+    assert all(s is (sem if i % 2 == 0 else p._stream_sems[(0, 2)]) for i, (_, s) in enumerate(entered))
     assert torch.equal(m.parametrizations.weight.original.grad, twin.parametrizations.weight.original.grad)

@@ -651,6 +651,8 @@ def _direct_runner(compiled, grid: int, device_index: int):
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (absent from CPU-only builds)
+# torch.cuda.is_current_stream_capturing() less its wrapper (~1 us on an H200's host)
+_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
 
 
 def _current_device() -> int:
