@@ -112,15 +112,15 @@ if [ "$mode" != bench ]; then
   # alone per variant) on the weights whose phases were timed: 16 warps per program (with the
   # backward's tiles at 16384 elements: both kernels compile without spills, ptxas sm_90a; more
   # warps to issue the loads of phase ST, the rescale and the backward's passes, which ran at
-  # 76-87 % of a copy's rate), phase R's partials in one step (_PARTIALS_TILE_ELEMENTS: 2-6 us of
-  # round trips), the backward's GRAD pass pipelined (_GRAD_STAGES: 2 with its 32768-element tiles,
+  # 76-87 % of a copy's rate), phase R's partials in one step on 1536x13824 (_PARTIALS_TILE_ELEMENTS
+  # 32768; 16384, two steps, is the default since session 23: -0.6 to -1.1 us), the backward's GRAD pass pipelined (_GRAD_STAGES: 2 with its 32768-element tiles,
   # 3 with 16384), phase ST 4 stages deep and ptxas free to use 255 registers (_MAXNREG: it keeps
   # room for a second CTA per SM otherwise; session 21). Measured before and left out: the pipelined loads
   # against none (1/1) and the other variants of the loads over A (session 16, three runs on an
   # H200). Each entry compiles its variant of both kernels (~5 s) and times both.
   # shellcheck disable=SC2206
   extra=(${SN_FUSED_SWEEP_ARGS---profile --phases --sweep
-         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4,_MAXNREG
+         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS=32768,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4,_MAXNREG
          --sweep-shapes 768x6912,1536x13824,4096x4096})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
@@ -185,27 +185,24 @@ if [ "$mode" != bench ]; then
     ab_table "$t" misaligned --no-torch --graph-only --table-shapes 768x6901,768x3501,768x6900,768x3500,1536x148 \
       2>&1 | tee -a "$OUT/kernel_sweep-cold.log" || status=1
   fi
-  # The same change on one commit: ROW_ALIGN off (each element of such rows its own load, the
-  # backward's smaller tiles) against on, forward and backward, on the 4-aligned weights that
-  # differ (24576x20 is in issue #3's table); and half the programs: 24576x20 60 instead of 120
-  # (_default_grid gives narrow rows twice the programs because their loads did not vectorize),
-  # 1536x148 14 instead of 28 (768x6900 stays at 132: =default, untimed).
+  # Rows told 4-element aligned (ROW_ALIGN, measured on in session 23: 24576x20 5.9/4.7 us forward/
+  # backward against 6.5/5.6 off, 1536x148 7.3/5.1 against 8.6/8.7): half the programs now that
+  # their loads vectorize: 24576x20 60 instead of 120 (_default_grid gives narrow rows twice the
+  # programs because their loads did not vectorize), 1536x148 14 instead of 28.
   t=$(within 90 "$(reserve 60 200)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
     echo "== kernel sweep: rows told 4-element aligned or not $(date +%T)"
-    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _ROW_ALIGN,_MIN_ELEMENTS_PER_PROGRAM=16384 \
-      --sweep-shapes 24576x20,1536x148,768x6900 --out "$W/row_align" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _MIN_ELEMENTS_PER_PROGRAM=16384 \
+      --sweep-shapes 24576x20,1536x148 --out "$W/row_align" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
   t=$(within 150 "$(reserve 60 220)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
-    # Phase R's steps on smaller weights too: 128x1152 (ON_CHIP: every program reads the whole
-    # 18 x 1152 table of partials, 5 dependent steps by default, 2 at 32768), 512x4608 and 256x8192
-    # (2 steps, 1 at 16384); all compile without spills (ptxas sm_90a). And the backward's rows
-    # wider than its blocks on chip (session 17's default) against streaming (_BWD_ON_CHIP_MAX_ROW=0)
-    # on the two weights where they differ, 1x8192 and 256x8192. Appended to the same log.
-    echo "== kernel sweep: the partials' tile and the backward's wide rows on smaller weights $(date +%T)"
-    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _PARTIALS_TILE_ELEMENTS,_BWD_ON_CHIP_MAX_ROW \
-      --sweep-shapes 128x1152,512x4608,256x8192,1x8192 --out "$W/partials" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+    # The backward's rows wider than its blocks on chip (session 17's default; 1x8192's backward
+    # 5.4 -> 2.8 us against 20e8c06 in session 23) against streaming (_BWD_ON_CHIP_MAX_ROW=0) on the
+    # two weights where they differ, 1x8192 and 256x8192 (untimed). Appended to the same log.
+    echo "== kernel sweep: the backward's wide rows $(date +%T)"
+    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _BWD_ON_CHIP_MAX_ROW \
+      --sweep-shapes 256x8192,1x8192 --out "$W/partials" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
   # DRAM bytes and L2 hit rate of one forward read (floor: A read once, W_sn written once) and of
   # one backward (floor: G and W read once, dW written once), the third of each in --reads: where

@@ -137,7 +137,7 @@ def measure(M, N, impl, graph_only=False):
 
 KNOBS = dict(_PROGRAMS_PER_SM=(2, 4), _NUM_WARPS=(4, 16), _NUM_STAGES=(1, 4), _TILE_ELEMENTS=(4096, 8192, 32768),
              _MIN_ELEMENTS_PER_PROGRAM=(2048, 4096, 16384, 32768), _LOAD_STAGES=(1, 2, 3, 4), _RESCALE_STAGES=(1, 2, 3),
-             _LOAD_PREFETCH=(1,), _RESCALE_PREFETCH=(1,), _PARTIALS_TILE_ELEMENTS=(16384, 32768))
+             _LOAD_PREFETCH=(1,), _RESCALE_PREFETCH=(1,), _PARTIALS_TILE_ELEMENTS=(8192, 32768))
 # Knobs changed together: "A+B" with value tuples.
 # (stages: 0, the default, pipelines both loops where A does not fit in L2; 1/1 pipelines none)
 KNOBS["_LOAD_STAGES+_RESCALE_STAGES"] = ((1, 1), (3, 3))
