@@ -378,7 +378,6 @@ class _SpectralNorm(Module):
             # launches of _sem queued, and another stream taking it meanwhile would share it.
             self.__dict__.pop("_sem_stream", None)
             self.__dict__.pop("_stream_sems", None)
-        sem = self._buffers.get("_sem")
         if isinstance(sem, Tensor):
             if _plain_tensor(sem) and sem.dtype == torch.int32:
                 with torch.no_grad():
