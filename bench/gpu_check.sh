@@ -191,9 +191,9 @@ if [ "$mode" != bench ]; then
   # programs because their loads did not vectorize), 1536x148 14 instead of 28.
   t=$(within 90 "$(reserve 60 200)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
-    echo "== kernel sweep: rows told 4-element aligned or not $(date +%T)"
+    echo "== kernel sweep: half the programs on 4-element aligned rows $(date +%T)"
     timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _MIN_ELEMENTS_PER_PROGRAM=16384 \
-      --sweep-shapes 24576x20,1536x148 --out "$W/row_align" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+      --sweep-shapes 24576x20,1536x148 --out "$W/half_programs" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
   t=$(within 150 "$(reserve 60 220)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
@@ -202,7 +202,7 @@ if [ "$mode" != bench ]; then
     # two weights where they differ, 1x8192 and 256x8192 (untimed). Appended to the same log.
     echo "== kernel sweep: the backward's wide rows $(date +%T)"
     timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep --sweep-knobs _BWD_ON_CHIP_MAX_ROW \
-      --sweep-shapes 256x8192,1x8192 --out "$W/partials" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+      --sweep-shapes 256x8192,1x8192 --out "$W/bwd_rows" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
   # DRAM bytes and L2 hit rate of one forward read (floor: A read once, W_sn written once) and of
   # one backward (floor: G and W read once, dW written once), the third of each in --reads: where

@@ -16,7 +16,9 @@ afterwards read layers through it; one already running keeps the path it importe
 
 It needs a C++ compiler, not a CUDA toolkit (``_C`` launches through sn_fused's Python
 runners). Run it again after changing torch: an ``_C`` built for another torch is not
-used (``import sn_fused`` warns and reads through the Python path).
+used (``import sn_fused`` warns and reads through the Python path). pip does not know of the
+file (it is not in the install's RECORD): ``pip uninstall sn_fused`` leaves it, and the
+directory, behind.
 """
 
 from __future__ import annotations

@@ -199,18 +199,19 @@ class _SpectralNorm(Module):
             checked = self._checked_read
             if checked is not None and checked[0].matches(weight, u, v, sigma_buf, sem, dim, n_power_iterations,
                                                           eps):
-                try:
-                    at_rest = sem._version == self._sem_version
-                except RuntimeError:  # an inference tensor has no version (see below)
-                    at_rest = False
+                index = weight.get_device()  # (an int: -1 on a CPU, where the interpreter runs)
+                launch_sem = sem if index < 0 else self._stream_semaphore(sem, weight, index)
+                at_rest = True  # (another stream's own semaphore: only its reads write it)
+                if launch_sem is sem:
+                    try:
+                        at_rest = sem._version == self._sem_version
+                    except RuntimeError:  # an inference tensor has no version (see below)
+                        at_rest = False
                 # (u or v an inference tensor, checked[3]: a training read outside inference mode
                 # would write it, which the checks refuse with torch's error)
                 if at_rest and not (checked[3] and self.training and not torch.is_inference_mode_enabled()):
-                    index = weight.get_device()  # (an int: -1 on a CPU, where the interpreter runs)
-                    if index >= 0:
-                        sem = self._stream_semaphore(sem, weight, index)
-                    return _spectral_norm_checked(weight, u, v, sigma_buf, sem, *checked[1], self.training,
-                                                  checked[2])
+                    return _spectral_norm_checked(weight, u, v, sigma_buf, launch_sem, *checked[1],
+                                                  self.training, checked[2])
             # None where a buffer is not a tensor: the checks below say so.
             signature = _read_signature(weight, u, v, sigma_buf, sem, dim, n_power_iterations, eps)
             if self._normal_own_buffers():
@@ -286,7 +287,7 @@ class _SpectralNorm(Module):
         arrived (a wrong sigma, without a word) or wait for arrivals that never come (a hang;
         seen on an H200 with two streams' reads of 128x1152 made to overlap, bench/NOTES.md
         v24). A backward uses its read's semaphore (``sem[1]``) and runs on its read's stream.
-        Only reads that use ``_sem`` write or replace it (``forward``'s fix-ups).
+        Of the reads, only those that use ``_sem`` write or replace it (``forward``'s fix-ups).
 
         A capture keeps ``sem``: the graph's launches then use the semaphore of the reads on
         ``_sem_stream``, so replaying it there is safe, and nothing is allocated (a new
@@ -299,6 +300,11 @@ class _SpectralNorm(Module):
         if stream == home:
             return sem
         if _ops._stream_capturing():
+            return sem
+        if sem.get_device() != device_index:
+            # The weight came to another device without _apply (load_state_dict(assign=True)):
+            # as a move, _sem is for forward to make anew there, and streams start anew.
+            self._sem_stream = self._stream_sems = None
             return sem
         if home is None:
             with _SEM_STREAM_LOCK:  # two threads' first reads: one of them takes _sem
@@ -365,20 +371,22 @@ class _SpectralNorm(Module):
         # for the user's init, but the semaphore is ours, and the grid barrier's invariant
         # (the semaphore is 0 or 0x80000000 at rest) would not hold: a multi-program launch
         # could leave a barrier early, a wrong result without a word. Zero is a rest state,
-        # so writing it after any _apply is safe (kernels on the stream come before it).
-        sem = self._buffers.get("_sem")
-        device = sem.device if isinstance(sem, Tensor) else None
+        # so writing it into a new semaphore is safe (kernels on the stream come before it).
+        before = self._buffers.get("_sem")
         super()._apply(fn, recurse)
         self._normal_own_buffers()  # (inside inference_mode, _apply makes inference tensors)
         sem = self._buffers.get("_sem")
-        if not isinstance(sem, Tensor) or sem.device != device:
+        if not isinstance(sem, Tensor) or not isinstance(before, Tensor) or sem.device != before.device:
             # Moved: the stream that reads first, and the other streams' semaphores, start anew
             # on the new device (a tensor freed here goes only to its stream's later allocations).
-            # Not on a cast in place (.float(), .half()): another thread's stream may still have
-            # launches of _sem queued, and another stream taking it meanwhile would share it.
+            # Not on a cast (.float(), .half()): another thread's stream may still have launches
+            # of _sem queued, and another stream taking it meanwhile would share it.
             self.__dict__.pop("_sem_stream", None)
             self.__dict__.pop("_stream_sems", None)
-        if isinstance(sem, Tensor):
+        if isinstance(sem, Tensor) and sem is not before:
+            # (The same tensor, which casts leave an int32 buffer as, is not written here: from
+            # this stream, a zero could land inside another stream's launch of it. Whatever fn
+            # wrote into it in place, its version says, and a read on its stream puts it right.)
             if _plain_tensor(sem) and sem.dtype == torch.int32:
                 with torch.no_grad():
                     sem.zero_()

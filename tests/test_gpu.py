@@ -395,7 +395,7 @@ for M, N in ((128, 1152), (24576, 20)):  # 18 and 120 programs
     p = m.parametrizations.weight[0]
     sems = [p._sem] + list((p._stream_sems or {}).values())
     print(f"{M}x{N}: reads {done}, wrong {[int(b) for b in bad]}, errors {errors}, semaphores {len(sems)}, "
-          f"at rest {all(s.tolist()[0] in (0, -2**31) for s in sems)}", flush=True)
+          f"at rest {all(x in (0, -2**31) for s in sems for x in s.tolist())}", flush=True)
 """
 
 
@@ -405,8 +405,10 @@ def test_one_layer_read_on_two_streams_at_once():
     subprocess with a time limit, because a shared semaphore can hang (bench/NOTES.md v24: two
     streams' overlapping reads of 128x1152 on one semaphore hung an H200)."""
     try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (this checkout's sn_fused)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         result = subprocess.run([sys.executable, "-c", _TWO_STREAMS_SCRIPT], capture_output=True,
-                                text=True, timeout=90)
+                                text=True, timeout=90, cwd=root, env=env)
     except subprocess.TimeoutExpired as error:  # (its output: bytes, whatever text= says)
         out = error.stdout or b""
         pytest.fail(f"timed out (a hang?):\n{out.decode() if isinstance(out, bytes) else out}")

@@ -1946,12 +1946,13 @@ def fake_streams(monkeypatch):
 
 def test_stream_semaphore(fake_streams, monkeypatch):
     """``_sem`` on the stream that read first outside a capture, and in captures; one semaphore
-    of the layer's own per other (device, stream), at rest, on the weight's device, a normal
-    tensor even in inference mode, and at most ``_MAX_STREAM_SEMS`` of them; copies, pickles and
-    moves start without, casts in place keep them."""
+    of the layer's own per other stream, at rest, on the weight's device, a normal tensor even
+    in inference mode, and at most ``_MAX_STREAM_SEMS`` of them; copies, pickles and moves start
+    without, casts keep them; a weight on another device than ``_sem`` counts as a move."""
     from sn_fused import parametrizations as pz
 
-    m = sn_fused.spectral_norm(nn.Linear(8, 4))
+    m = sn_fused.spectral_norm(nn.Linear(8, 4))  # (its registration's read on a CPU: no stream)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # (as CUDA tensors on device 0)
     p = m.parametrizations.weight[0]
     sem, w = p._sem, m.parametrizations.weight.original
     fake_streams.stream, fake_streams.capturing = 5, True  # (a first read inside a capture)
@@ -1963,8 +1964,6 @@ def test_stream_semaphore(fake_streams, monkeypatch):
     own = p._stream_semaphore(sem, w, 0)
     assert own is not sem and own.dtype == torch.int32 and own.tolist() == [0, 0] and own.device == w.device
     assert p._stream_semaphore(sem, w, 0) is own
-    other_device = p._stream_semaphore(sem, w, 1)  # (raw streams are per device)
-    assert other_device is not own and other_device is not sem
     fake_streams.stream = 7
     assert p._stream_semaphore(sem, w, 0) is sem
     fake_streams.stream, fake_streams.capturing = 11, True
@@ -1972,24 +1971,46 @@ def test_stream_semaphore(fake_streams, monkeypatch):
     fake_streams.capturing = False
     with torch.inference_mode():
         assert not p._stream_semaphore(sem, w, 0).is_inference()
-    assert sorted(p._stream_sems) == [(0, 9), (0, 11), (1, 9)]
+    assert sorted(p._stream_sems) == [(0, 9), (0, 11)]
     for q in (copy.deepcopy(m).parametrizations.weight[0], pickle.loads(pickle.dumps(p))):
         assert q._sem_stream is None and q._stream_sems is None
         assert q._stream_semaphore(q._sem, w, 0) is q._sem  # (stream 11 reads first here)
-    m.float()  # a cast in place: the same stream keeps _sem, the others theirs
-    assert p._sem_stream == 7 and sorted(p._stream_sems) == [(0, 9), (0, 11), (1, 9)]
-    monkeypatch.setattr(pz, "_MAX_STREAM_SEMS", 3)
+    m.float()  # a cast: the same stream keeps _sem, the others theirs, and _sem is not written
+    assert p._sem_stream == 7 and sorted(p._stream_sems) == [(0, 9), (0, 11)] and p._sem is sem
+    monkeypatch.setattr(pz, "_MAX_STREAM_SEMS", 2)
     fake_streams.stream = 12
     assert p._stream_semaphore(sem, w, 0) is not sem and list(p._stream_sems) == [(0, 12)]
+    # The weight on device 1, _sem on device 0 (load_state_dict(assign=True) moves no buffer):
+    # _sem is for the read to remake there, and the streams start anew.
+    assert p._stream_semaphore(sem, w, 1) is sem and p._sem_stream is None and p._stream_sems is None
+    p._sem_stream, p._stream_sems = 7, {(0, 9): own}
     m.to("meta")  # moved
     assert p._sem_stream is None and p._stream_sems is None
 
 
-def test_stream_semaphore_first_reads_from_many_threads(fake_streams):
+def test_apply_writes_only_a_new_semaphore():
+    """``_apply`` zeroes ``_sem`` where it is a new tensor (``to_empty``, a move) and leaves the
+    same one alone (a cast: another stream's launch may be using it); a write that ``fn`` makes
+    into it in place shows in its version, which the next read on its stream puts right."""
+    m = sn_fused.spectral_norm(nn.Linear(8, 4))
+    p = m.parametrizations.weight[0]
+    sem = p._sem
+    sem.fill_(-(2**31))  # (a rest state: where an odd number of barriers leaves it)
+    version = sem._version
+    m.half()
+    assert p._sem is sem and sem.tolist() == [-(2**31)] * 2 and sem._version == version
+    m._apply(lambda t: t.fill_(7) if t.dtype == torch.int32 else t)  # torch code writing it in place
+    assert p._sem is sem and sem._version != p._sem_version
+    m.to_empty(device="cpu")
+    assert p._sem is not sem and p._sem.tolist() == [0, 0] and p._sem._version == p._sem_version
+
+
+def test_stream_semaphore_first_reads_from_many_threads(fake_streams, monkeypatch):
     """Threads that read a new layer at once, each on its own stream: exactly one takes ``_sem``."""
     import threading
 
-    m = sn_fused.spectral_norm(nn.Linear(8, 4))
+    m = sn_fused.spectral_norm(nn.Linear(8, 4))  # (its registration's read on a CPU: no stream)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # (as CUDA tensors on device 0)
     p = m.parametrizations.weight[0]
     n = 8
     start, got = threading.Barrier(n), [None] * n
@@ -2072,8 +2093,9 @@ def test_reads_on_two_streams_launch_with_their_own_semaphores(fake_streams, mon
             assert p._sem_version != sem._version
     assert p._sem_version == sem._version and p._sem is sem  # put right by read 4, on stream 1
     assert p._sem_stream == 1 and list(p._stream_sems) == [(0, 2)]
+    # (read 3, on stream 2, checked: its own semaphore need not wait for _sem to be put right)
     assert [name for name, _ in entered] == ["_spectral_norm_checked", "spectral_norm_fused",
-                                             "_spectral_norm_checked", "spectral_norm_fused",
+                                             "_spectral_norm_checked", "_spectral_norm_checked",
                                              "spectral_norm_fused", "_spectral_norm_checked"]
     assert all(s is (sem if i % 2 == 0 else p._stream_sems[(0, 2)]) for i, (_, s) in enumerate(entered))
     assert torch.equal(m.parametrizations.weight.original.grad, twin.parametrizations.weight.original.grad)

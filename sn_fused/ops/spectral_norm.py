@@ -106,8 +106,8 @@ _MAX_ROW_IN_TILE = int(os.environ.get("SN_FUSED_MAX_ROW_IN_TILE", 16384))  # wid
 _PER_ELEMENT_TILE_ELEMENTS = int(os.environ.get("SN_FUSED_PER_ELEMENT_TILE_ELEMENTS", 8192))
 # Phase R sums the G programs' partials of its own columns in [BLOCK_Q, BLOCK_C] tiles of about
 # this many elements, one dependent L2 round trip per tile (ON_CHIP: [BLOCK_Q, BLOCK_N]). Phases
-# launched alone on an H200 (bench/NOTES.md v17): phase R 1.8 us on 4096x4096 (one tile), 3.3 on
-# 768x6912 (two), 6.1 on 1536x13824 (three), a launch's ~1.8 us taken off each. 16384 against
+# launched alone on an H200 (bench/NOTES.md v17), at 8192: phase R 1.8 us on 4096x4096 (one tile),
+# 3.3 on 768x6912 (two), 6.1 on 1536x13824 (three), a launch's ~1.8 us taken off each. 16384 against
 # 8192, forward reads on an H200 (v24): 512x4608 12.2 against 12.9-13.0 us, 768x6912 17.8 against
 # 18.4-18.7, 1536x13824 72.5 against 73.6, 128x1152 6.4 against 6.3-6.6 (32768: 7.3); the other
 # kernel-table shapes launch the same.
