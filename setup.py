@@ -42,6 +42,9 @@ if _MODE not in ("", "0", "1"):
     raise SystemExit(f"SN_FUSED_BUILD_CPP must be 0, 1 or unset, got {_MODE!r}")
 
 
+_CPP_SOURCE = os.path.join("csrc", "spectral_norm_read.cpp")  # sn_fused._C's one source file
+
+
 def _say(message):
     # (pip shows a build's output only with -v, or when the build fails)
     sys.stderr.write(f"sn_fused: {message}\n")
@@ -55,7 +58,7 @@ class _BuildPy(build_py):
         super().run()
         target = os.path.join(self.build_lib, "sn_fused", "csrc")
         self.mkpath(target)
-        self.copy_file(os.path.join("csrc", "spectral_norm_read.cpp"), target)
+        self.copy_file(_CPP_SOURCE, target)
 
 
 ext_modules, cmdclass = [], {"build_py": _BuildPy}
@@ -92,7 +95,7 @@ if _MODE != "0":
                     _say(f"building without sn_fused._C (the C++ eager read): its compile failed ({error}); "
                          "SN_FUSED_BUILD_CPP=1 makes that an error")
 
-        ext_modules = [CppExtension("sn_fused._C", ["csrc/spectral_norm_read.cpp"],
+        ext_modules = [CppExtension("sn_fused._C", [_CPP_SOURCE],
                                     extra_compile_args=["-O2"])]
         cmdclass["build_ext"] = _BuildExtension
 

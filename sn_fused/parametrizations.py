@@ -304,7 +304,7 @@ class _SpectralNorm(Module):
         if sem.get_device() != device_index:
             # The weight came to another device without _apply (load_state_dict(assign=True)):
             # as a move, _sem is for forward to make anew there, and streams start anew.
-            self._sem_stream = self._stream_sems = None
+            self._forget_streams()
             return sem
         if home is None:
             with _SEM_STREAM_LOCK:  # two threads' first reads: one of them takes _sem
@@ -330,6 +330,13 @@ class _SpectralNorm(Module):
             # serializes this layer's reads on it.
             own = sems.setdefault(key, _new_layer_semaphore(weight.device))
         return own
+
+    def _forget_streams(self) -> None:
+        """After a move: the stream that reads first, and the other streams' semaphores, start
+        anew on the new device (the class attributes' None). A semaphore freed here goes only to
+        later allocations of its own stream, so after that stream's launches of it."""
+        self.__dict__.pop("_sem_stream", None)
+        self.__dict__.pop("_stream_sems", None)
 
     def _reference_read(self, weight: Tensor, transformed: bool = False) -> Tensor:
         """The read as torch ops (``reference.spectral_norm_reference``), where the kernels
@@ -377,12 +384,9 @@ class _SpectralNorm(Module):
         self._normal_own_buffers()  # (inside inference_mode, _apply makes inference tensors)
         sem = self._buffers.get("_sem")
         if not isinstance(sem, Tensor) or not isinstance(before, Tensor) or sem.device != before.device:
-            # Moved: the stream that reads first, and the other streams' semaphores, start anew
-            # on the new device (a tensor freed here goes only to its stream's later allocations).
-            # Not on a cast (.float(), .half()): another thread's stream may still have launches
-            # of _sem queued, and another stream taking it meanwhile would share it.
-            self.__dict__.pop("_sem_stream", None)
-            self.__dict__.pop("_stream_sems", None)
+            # Moved. Not on a cast (.float(), .half()): another thread's stream may still have
+            # launches of _sem queued, and another stream taking it meanwhile would share it.
+            self._forget_streams()
         if isinstance(sem, Tensor) and sem is not before:
             # (The same tensor, which casts leave an int32 buffer as, is not written here: from
             # this stream, a zero could land inside another stream's launch of it. Whatever fn
