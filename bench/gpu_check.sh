@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: GPU tests + kernel table + quick benchmark, in ONE call.
 #
-#   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|kernels|dev|bench]   (repo root, on the lent GPU)
+#   SN_FUSED_COMMIT=<sha> bash bench/gpu_check.sh [final|kernels|dev|bench|tests]   (repo root, on the lent GPU)
 #
 #   final (default): GPU tests, per-shape kernel table with its extras (below) and ncu,
 #                    `python -m bench --quick` (~9-10 min with the default extras, a guess)
@@ -10,6 +10,8 @@
 #   dev:             GPU tests, kernel table, every knob of the launch-knob sweep, the backward
 #                    and ON_CHIP sweeps, host profile (instead of the default extras), bench --quick
 #   bench:           GPU tests and `python -m bench --quick` only (when device time is short)
+#   tests:           the GPU tests only, both reads (~150 s on an H200 in session 16, with the C++
+#                    build): what a session whose device time is too short for `kernels` still runs
 #
 # Optional, same call:
 #   SN_FUSED_BASELINE=DIR    also time sn_fused from DIR (a copy of an older checkout's sn_fused/
@@ -55,8 +57,8 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET
 mode=${1:-final}
 case "$mode" in  # a mistyped mode must not run another one: a call is ~10 minutes of a scarce GPU
-  final|kernels|dev|bench) ;;
-  *) echo "gpu_check.sh: unknown mode '$mode' (final, kernels, dev or bench)" >&2; exit 2 ;;
+  final|kernels|dev|bench|tests) ;;
+  *) echo "gpu_check.sh: unknown mode '$mode' (final, kernels, dev, bench or tests)" >&2; exit 2 ;;
 esac
 status=0
 # The time this script may take (a device call allows 590 s; the tool kills at its limit, which
@@ -105,7 +107,7 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
   -k "double_backward or torch_func or forward_mode_ad or torch_export or fullgraph or gradient_penalty or semaphore_written or meta_init or jit_trace" \
   -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/gpu_tests.log" || status=1
 
-if [ "$mode" != bench ]; then
+if [ "$mode" != bench ] && [ "$mode" != tests ]; then
   echo "== kernel table $(date +%T)"
   # Where the time of each launch goes (--phases: each phase of a read and of a backward launched
   # alone, against the one launch; bench/NOTES.md v17), and the next sweep (forward and backward
@@ -231,7 +233,7 @@ if [ "$mode" != bench ]; then
   fi
 fi
 
-if [ "$mode" != kernels ]; then
+if [ "$mode" != kernels ] && [ "$mode" != tests ]; then
   echo "== python -m bench --quick $(date +%T)"
   t=$(within 185 5)
   if [ "$t" = 0 ]; then echo "skipped: $(left) s left" | tee "$OUT/bench.log"
