@@ -140,6 +140,15 @@ if [ "$mode" != bench ] && [ "$mode" != tests ]; then
   [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee "$OUT/kernel_sweep.log"
   [ "$t" != 0 ] && { timeout "$t" python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 \
     | tee "$OUT/kernel_sweep.log" || status=1; }
+  # The ceiling of a pass over A in the kernels' grid (one program per SM, a band of rows each)
+  # against a full grid and torch's kernels, on the two weights beyond L2 (bench/stream_probe.py;
+  # the passes ran at 3.2-3.6 TB/s against a copy's 4.25 on an H200, NOTES v17). Appended to the
+  # table's log (the device tool brings back at most 8 files).
+  t=$(within 100 "$(reserve 90 250)")
+  if [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== stream probe: the grid's ceiling on a pass over A $(date +%T)"
+    timeout "$t" python3 -m bench.stream_probe --out "$W/stream_probe" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+  fi
   # The weights that fit in L2 with L2 flushed before every read (the table above replays 20 reads
   # with L2 warm, where they can beat the DRAM floor: bench/NOTES.md v19): issue #3's goals judged
   # on cold reads too. sn_fused only, graph times.
