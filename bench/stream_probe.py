@@ -27,7 +27,8 @@ pipelined 3 deep through ``tl.range(num_stages=3)``):
 * ``grid``: one program per row block (no persistence, many waves, as torch's kernels): Triton's
   own ceiling;
 * ``strided``: row block ``i`` to program ``i % G`` (all programs sweep A together) instead of bands;
-* ``2/SM``: two programs per SM (the kernels would need both co-resident: registers, shared memory);
+* ``2/SM``: two programs per SM, each small enough for both to be co-resident (as the kernels
+  would need them): unpipelined, or half the tile;
 * warps, tile size (half, double), column block (``bn``: an eighth, less padding of 13824's
   columns), pipeline depth, ``evict_first`` (scale only).
 
@@ -50,6 +51,8 @@ import triton.language as tl
 SHAPES = [(1536, 13824), (4096, 4096)]  # beyond L2: what DRAM gives a pass
 TILE = 16384  # elements per program per loop step, as the kernels' streaming passes (_TILE_ELEMENTS)
 STAGES = 3  # the kernels' pipelined loads beyond L2 (_STAGES_BEYOND_L2)
+DEVICE = "cuda"  # (tests run the GPU path's reporting on CPU tensors)
+SHARED_BYTES = 200 * 1024  # pipelined tiles of A a program may keep (an H100/H200 block: 227 KB)
 
 
 @triton.jit
@@ -101,16 +104,22 @@ def scale_kernel(w_ptr, out_ptr, scale, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def rowdot_kernel(w_ptr, x_ptr, s_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  STAGES: tl.constexpr, STRIDED: tl.constexpr):
+                  STAGES: tl.constexpr, STRIDED: tl.constexpr, ROW_IN_TILE: tl.constexpr):
     """``s = A x`` over a contiguous ``M x N`` matrix (phase ST's loads of A, one product). One flat
     loop over the tiles, so the pipeline does not drain at each row block; a row block's sum is
-    stored at its last column block."""
+    stored at its last column block. ``ROW_IN_TILE`` (``N <= BLOCK_N``): x is loaded once, as
+    phase ST loads it (in the loop it would be pipelined too, a second tile of shared memory)."""
     steps, r0, r1, first, every, n_cblocks = _steps(M, N, BLOCK_M, BLOCK_N, STRIDED)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if ROW_IN_TILE:
+        x_row = tl.load(x_ptr + tl.arange(0, BLOCK_N), mask=tl.arange(0, BLOCK_N) < N, other=0.0)
     for k in tl.range(steps, num_stages=STAGES):
         rows, cols, mask, cb = _tile(k, n_cblocks, r0, r1, first, every, BLOCK_M, BLOCK_N, N)
         a = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
-        x = tl.load(x_ptr + cols, mask=cols < N, other=0.0)
+        if ROW_IN_TILE:
+            x = x_row
+        else:
+            x = tl.load(x_ptr + cols, mask=cols < N, other=0.0)
         acc = tl.where(cb == 0, 0.0, acc) + a * x[None, :]
         tl.store(s_ptr + rows, tl.sum(acc, axis=1), mask=(rows < r1) & (cb == n_cblocks - 1))
 
@@ -119,26 +128,36 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def launches(M: int, N: int, programs_per_sm_grid: int, tile: int = TILE, stages: int = STAGES) -> list[dict]:
+def launches(M: int, N: int, programs_per_sm_grid: int, tile: int | None = None, stages: int = STAGES) -> list[dict]:
     """The launches to time: ``base`` as the kernels launch a streaming pass, then one knob changed
     at a time. ``programs_per_sm_grid``: the grid of one program per SM (the SM count)."""
     from sn_fused.ops import spectral_norm as ops_mod
 
+    tile = tile or TILE
     bn = min(_next_power_of_2(N), tile)
     base = dict(name="base", G=programs_per_sm_grid, bm=max(tile // bn, 1), bn=bn,
-                warps=ops_mod._num_warps(tile, bn), stages=stages, strided=False, evict=False)
+                warps=ops_mod._num_warps(tile, bn), stages=stages, strided=False, evict=False, maxnreg=0)
     rows = [base]
 
     def variant(name, **knobs):
         cfg = {**base, **knobs, "name": name}
-        if cfg not in rows:
+        # Pipelined tiles beyond shared memory: fewer stages, as the launcher lowers them
+        # (_stages_that_fit; a stage count s keeps s - 1 tiles of A in shared memory).
+        while cfg["stages"] > 1 and (cfg["stages"] - 1) * cfg["bm"] * cfg["bn"] * 4 > SHARED_BYTES:
+            cfg["stages"] -= 1
+        if all(any(cfg[k] != r[k] for k in cfg if k != "name") for r in rows):
             rows.append(cfg)
 
     variant("grid (1 row block each)", G=triton.cdiv(M, base["bm"]), strided=True)
     variant("strided", strided=True)
-    variant("2/SM", G=2 * base["G"])
-    variant("2/SM strided", G=2 * base["G"], strided=True)
-    variant("2/SM, stages 1", G=2 * base["G"], stages=1)  # (pipelined tiles leave shared memory for one)
+    # Two programs per SM, co-resident (the kernels' grid barrier needs it): registers and shared
+    # memory for both. Registers capped at half an SM's (ptxas sm_90a, 8 warps, unpipelined
+    # 16384-element tiles: 112-116 registers for the scale, 144-181 for the row sums); tiles of
+    # 8192 elements 3 deep take 64 KB of shared memory each where the row fits (4096 wide).
+    two = dict(G=2 * base["G"], maxnreg=65536 // (2 * 32 * base["warps"]))
+    variant("2/SM, stages 1", stages=1, **two)
+    variant("2/SM strided, stages 1", stages=1, strided=True, **two)
+    variant(f"2/SM, tile {tile // 2}", bm=max(tile // 2 // bn, 1), bn=min(bn, tile // 2), **two)
     for w in (4, 16):
         variant(f"warps {w}", warps=w)
     for t in (tile // 2, tile * 2):
@@ -151,15 +170,15 @@ def launches(M: int, N: int, programs_per_sm_grid: int, tile: int = TILE, stages
     return rows
 
 
-def run(kernel: str, cfg: dict, w: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> None:
-    """One launch of ``kernel`` ("scale" or "rowdot") with ``cfg`` (``launches``)."""
+def run(kernel: str, cfg: dict, w: torch.Tensor, out: torch.Tensor, x: torch.Tensor):
+    """One launch of ``kernel`` ("scale" or "rowdot") with ``cfg`` (``launches``); returns what
+    Triton's launch returns (on a GPU, the compiled kernel)."""
     M, N = w.shape
     common = dict(BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], STAGES=cfg["stages"], STRIDED=cfg["strided"],
-                  num_warps=cfg["warps"])
+                  num_warps=cfg["warps"], **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}))
     if kernel == "scale":
-        scale_kernel[(cfg["G"],)](w, out, 0.5, M, N, EVICT_FIRST=cfg["evict"], **common)
-    else:
-        rowdot_kernel[(cfg["G"],)](w, x, out, M, N, **common)
+        return scale_kernel[(cfg["G"],)](w, out, 0.5, M, N, EVICT_FIRST=cfg["evict"], **common)
+    return rowdot_kernel[(cfg["G"],)](w, x, out, M, N, ROW_IN_TILE=N <= cfg["bn"], **common)
 
 
 def check(shapes=((37, 50), (5, 300), (64, 64)), grid: int = 3) -> int:
@@ -183,22 +202,38 @@ def check(shapes=((37, 50), (5, 300), (64, 64)), grid: int = 3) -> int:
     return checked
 
 
+def programs_per_sm(compiled, num_warps: int, props) -> int:
+    """How many programs of ``compiled`` an SM holds at once (registers, shared memory): below
+    ``G / SMs``, a grid of G runs in waves, and the kernels' barrier could not wait on it."""
+    threads = 32 * num_warps
+    # (an H100's or H200's where torch's properties lack one)
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    shared_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    max_threads = getattr(props, "max_threads_per_multi_processor", 2048)
+    by_regs = regs // max(compiled.n_regs * threads, 1)
+    shared = compiled.metadata.shared
+    by_shared = shared_per_sm // shared if shared else by_regs
+    return min(by_regs, by_shared, max_threads // threads)
+
+
 def probe(shapes=SHAPES) -> list[dict]:
     from bench.kernel_sweep import copy_bandwidth, graph_time_us
 
     bw = copy_bandwidth()
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())  # (stubbed by tests)
+    sms = props.multi_processor_count
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"copy bandwidth {bw / 1e12:.2f} TB/s  {sms} SMs  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("# graph us per launch (20 per graph, L2 flushed before each replay) [TB/s over the bytes the pass "
-          "must move, % of the copy's]; launch: G programs, [bm x bn] tiles, warps, stages")
+          "must move, % of the copy's]; launch: G programs, [bm x bn] tiles, warps, stages; registers per "
+          "thread, shared memory, programs an SM holds at once")
     results = []
     for M, N in shapes:
         torch.manual_seed(0)
-        w = torch.randn(M, N, device="cuda")
+        w = torch.randn(M, N, device=DEVICE)
         out = torch.empty_like(w)
-        x = torch.randn(N, device="cuda")
-        s = torch.empty(M, device="cuda")
+        x = torch.randn(N, device=DEVICE)
+        s = torch.empty(M, device=DEVICE)
         moved = {"scale": 2 * w.numel() * 4, "rowdot": w.numel() * 4}
 
         def line(kernel, name, fn, cfg=None):
@@ -208,8 +243,14 @@ def probe(shapes=SHAPES) -> list[dict]:
                 print(f"  {kernel:<6} {name:<24} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                 return
             rate = moved[kernel] / (t * 1e-6)
-            what = (f"G={cfg['G']} [{cfg['bm']}x{cfg['bn']}] w{cfg['warps']} s{cfg['stages']}"
-                    + (" strided" if cfg["strided"] else "") + (" evict_first" if cfg["evict"] else "")) if cfg else ""
+            what = ""
+            if cfg:
+                compiled = run(kernel, cfg, w, out if kernel == "scale" else s, x)
+                held = programs_per_sm(compiled, cfg["warps"], props)
+                what = (f"G={cfg['G']} [{cfg['bm']}x{cfg['bn']}] w{cfg['warps']} s{cfg['stages']}"
+                        + (" strided" if cfg["strided"] else "") + (" evict_first" if cfg["evict"] else "")
+                        + (f" maxnreg {cfg['maxnreg']}" if cfg["maxnreg"] else "") + f"; {compiled.n_regs} regs, {compiled.metadata.shared // 1024} KB, {held}/SM")
+                cfg = {**cfg, "regs": compiled.n_regs, "shared": compiled.metadata.shared, "per_sm": held}
             print(f"  {kernel:<6} {name:<24} {t:7.1f} us [{rate / 1e12:.2f} TB/s, {100 * rate / bw:3.0f} %]  {what}",
                   flush=True)
             results.append(dict(M=M, N=N, pass_=kernel, name=name, us=t, tbs=rate / 1e12, cfg=cfg))

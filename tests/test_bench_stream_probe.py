@@ -23,7 +23,8 @@ def test_every_launch_computes_its_pass():
 
     # Small tiles: bands of uneven length (37 rows over 3 programs), rows over several column
     # blocks (300 columns in blocks of 64), strided row blocks, a grid of one row block each.
-    assert stream_probe.check(shapes=((37, 50), (5, 300))) == 2 * len(stream_probe.launches(37, 50, 3, tile=64))
+    shapes = ((37, 50), (5, 300))
+    assert stream_probe.check(shapes=shapes) == sum(len(stream_probe.launches(M, N, 3, tile=64, stages=2)) for M, N in shapes)
 
 
 @pytest.mark.parametrize("kernel", ["scale", "rowdot"])
@@ -64,3 +65,45 @@ def test_main_without_a_gpu_says_what_it_checked():
                          timeout=600, env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr
     assert "the rates need a GPU" in out.stdout and "checked" in out.stdout
+
+
+def test_gpu_report_of_every_launch(monkeypatch, capsys):
+    """The GPU path's table on CPU tensors (the device, its timer and Triton's compiled kernel
+    stubbed): a line per launch of both passes, each with its rate and how many programs an SM
+    holds, and every launch's result checked."""
+    from types import SimpleNamespace
+
+    from bench import kernel_sweep, stream_probe
+
+    props = SimpleNamespace(multi_processor_count=3, regs_per_multiprocessor=65536,
+                            shared_memory_per_multiprocessor=228 * 1024, max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "stub")
+    monkeypatch.setattr(kernel_sweep, "copy_bandwidth", lambda: 2e12)
+    timed = []
+
+    def graph_time_us(fn):
+        fn()
+        timed.append(fn)
+        return 4.0
+
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", graph_time_us)
+    run = stream_probe.run
+    compiled = SimpleNamespace(n_regs=128, metadata=SimpleNamespace(shared=64 * 1024))
+    monkeypatch.setattr(stream_probe, "run", lambda *args: run(*args) or compiled)
+    monkeypatch.setattr(stream_probe, "DEVICE", device)
+    monkeypatch.setattr(stream_probe, "TILE", 64)
+    results = stream_probe.probe(shapes=[(7, 40)])
+    out = capsys.readouterr().out
+    n = len(stream_probe.launches(7, 40, 3))
+    assert len(results) == len(timed) == 3 + n + (n - 2)  # torch's 3, scale's n, rowdot's n less 2 evict_first
+    assert "WRONG" not in out and "failed" not in out
+    # 7x40 float32 scaled: 2 x 1120 bytes in 4 us; an SM holds as many programs as its registers
+    # (128 per thread), its shared memory (64 KB each: 3) and its threads allow
+    for r in (r for r in results if r["cfg"]):
+        threads = 32 * r["cfg"]["warps"]
+        assert r["cfg"]["per_sm"] == min(65536 // (128 * threads), 3, 2048 // threads), r
+    base = next(r for r in results if r["name"] == "base" and r["pass_"] == "scale")
+    assert base["tbs"] == pytest.approx(2 * 7 * 40 * 4 / 4e-6 / 1e12)
+    assert out.count("/SM\n") == 2 * n - 2
