@@ -30,7 +30,9 @@ pipelined 3 deep through ``tl.range(num_stages=3)``):
 * ``2/SM``: two programs per SM, each small enough for both to be co-resident (as the kernels
   would need them): unpipelined, or half the tile;
 * warps, tile size (half, double), column block (``bn``: an eighth, less padding of 13824's
-  columns), pipeline depth, ``evict_first`` (scale only).
+  columns), pipeline depth, ``evict_first`` (scale only);
+* ``TMA``: tiles loaded (and, scaled, stored) through TMA descriptors, Hopper's bulk copies into
+  shared memory, ``[16..64 x 256]`` boxes 3 to 8 deep, row blocks strided.
 
 Times: CUDA-graph replays of 20 launches (``kernel_sweep.graph_time_us``), L2 flushed before
 each replay; the rate is over the bytes the pass must move. Without CUDA (``TRITON_INTERPRET=1``)
@@ -47,6 +49,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 SHAPES = [(1536, 13824), (4096, 4096)]  # beyond L2: what DRAM gives a pass
 TILE = 16384  # elements per program per loop step, as the kernels' streaming passes (_TILE_ELEMENTS)
@@ -65,6 +68,18 @@ def _tile(k, n_cblocks, r0, r1, first, every, BLOCK_M: tl.constexpr, BLOCK_N: tl
     cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < r1)[:, None] & (cols < N)[None, :]
     return rows, cols, mask, cb
+
+
+@triton.jit
+def _load_tile(w, rows, cols, mask, N, TMA: tl.constexpr, EVICT_FIRST: tl.constexpr):
+    """A tile of A: through a pointer (masked), or a TMA descriptor (``TMA``: one bulk copy into
+    shared memory per tile, zeros beyond A's edges; ``rows``/``cols`` start on a block)."""
+    if TMA:
+        return w.load([tl.min(rows, axis=0), tl.min(cols, axis=0)])
+    elif EVICT_FIRST:
+        return tl.load(w + rows[:, None] * N + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        return tl.load(w + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -88,34 +103,35 @@ def _steps(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDED: tl.const
 
 
 @triton.jit
-def scale_kernel(w_ptr, out_ptr, scale, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STAGES: tl.constexpr, STRIDED: tl.constexpr, EVICT_FIRST: tl.constexpr):
-    """``out = w * scale`` over a contiguous ``M x N`` matrix (the rescale's memory traffic)."""
+def scale_kernel(w, out, scale, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 STAGES: tl.constexpr, STRIDED: tl.constexpr, EVICT_FIRST: tl.constexpr, TMA: tl.constexpr):
+    """``out = w * scale`` over a contiguous ``M x N`` matrix (the rescale's memory traffic).
+    ``w``, ``out``: pointers, or TMA descriptors of ``[BLOCK_M, BLOCK_N]`` blocks (``TMA``)."""
     steps, r0, r1, first, every, n_cblocks = _steps(M, N, BLOCK_M, BLOCK_N, STRIDED)
     for k in tl.range(steps, num_stages=STAGES):
         rows, cols, mask, _ = _tile(k, n_cblocks, r0, r1, first, every, BLOCK_M, BLOCK_N, N)
-        offs = rows[:, None] * N + cols[None, :]
-        if EVICT_FIRST:
-            a = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        a = _load_tile(w, rows, cols, mask, N, TMA, EVICT_FIRST)
+        if TMA:
+            out.store([tl.min(rows, axis=0), tl.min(cols, axis=0)], a * scale)
         else:
-            a = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, a * scale, mask=mask)
+            tl.store(out + rows[:, None] * N + cols[None, :], a * scale, mask=mask)
 
 
 @triton.jit
-def rowdot_kernel(w_ptr, x_ptr, s_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  STAGES: tl.constexpr, STRIDED: tl.constexpr, ROW_IN_TILE: tl.constexpr):
+def rowdot_kernel(w, x_ptr, s_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  STAGES: tl.constexpr, STRIDED: tl.constexpr, ROW_IN_TILE: tl.constexpr, TMA: tl.constexpr):
     """``s = A x`` over a contiguous ``M x N`` matrix (phase ST's loads of A, one product). One flat
     loop over the tiles, so the pipeline does not drain at each row block; a row block's sum is
     stored at its last column block. ``ROW_IN_TILE`` (``N <= BLOCK_N``): x is loaded once, as
-    phase ST loads it (in the loop it would be pipelined too, a second tile of shared memory)."""
+    phase ST loads it (in the loop it would be pipelined too, a second tile of shared memory).
+    ``w``: a pointer, or a TMA descriptor (``TMA``)."""
     steps, r0, r1, first, every, n_cblocks = _steps(M, N, BLOCK_M, BLOCK_N, STRIDED)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if ROW_IN_TILE:
         x_row = tl.load(x_ptr + tl.arange(0, BLOCK_N), mask=tl.arange(0, BLOCK_N) < N, other=0.0)
     for k in tl.range(steps, num_stages=STAGES):
         rows, cols, mask, cb = _tile(k, n_cblocks, r0, r1, first, every, BLOCK_M, BLOCK_N, N)
-        a = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        a = _load_tile(w, rows, cols, mask, N, TMA, False)
         if ROW_IN_TILE:
             x = x_row
         else:
@@ -136,7 +152,7 @@ def launches(M: int, N: int, programs_per_sm_grid: int, tile: int | None = None,
     tile = tile or TILE
     bn = min(_next_power_of_2(N), tile)
     base = dict(name="base", G=programs_per_sm_grid, bm=max(tile // bn, 1), bn=bn,
-                warps=ops_mod._num_warps(tile, bn), stages=stages, strided=False, evict=False, maxnreg=0)
+                warps=ops_mod._num_warps(tile, bn), stages=stages, strided=False, evict=False, maxnreg=0, tma=False)
     rows = [base]
 
     def variant(name, **knobs):
@@ -167,6 +183,15 @@ def launches(M: int, N: int, programs_per_sm_grid: int, tile: int | None = None,
         variant(f"stages {s}", stages=s)
     variant("evict_first", evict=True)
     variant("evict_first, stages 1", evict=True, stages=1)
+    # Tiles through TMA (Hopper's bulk copies into shared memory; a box is at most 256 per dimension,
+    # rows must be 16-byte aligned), row blocks strided (a block may cross a band's end), so
+    # A's edges are the only masks, and TMA zero-fills beyond them.
+    if N * 4 % 16 == 0:
+        box_n = min(256, tile)
+        for bm, stages_ in ((16, 4), (32, 3), (64, 3), (16, 8)):
+            bm = max(1, min(bm, tile // box_n))
+            variant(f"TMA [{bm}x{box_n}] s{stages_}", tma=True, strided=True, bm=bm, bn=box_n, stages=stages_,
+                    warps=ops_mod._num_warps(bm * box_n, box_n))
     return rows
 
 
@@ -175,7 +200,11 @@ def run(kernel: str, cfg: dict, w: torch.Tensor, out: torch.Tensor, x: torch.Ten
     Triton's launch returns (on a GPU, the compiled kernel)."""
     M, N = w.shape
     common = dict(BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], STAGES=cfg["stages"], STRIDED=cfg["strided"],
-                  num_warps=cfg["warps"], **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}))
+                  TMA=cfg["tma"], num_warps=cfg["warps"], **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}))
+    if cfg["tma"]:
+        w = TensorDescriptor.from_tensor(w, [cfg["bm"], cfg["bn"]])
+        if kernel == "scale":
+            out = TensorDescriptor.from_tensor(out, [cfg["bm"], cfg["bn"]])
     if kernel == "scale":
         return scale_kernel[(cfg["G"],)](w, out, 0.5, M, N, EVICT_FIRST=cfg["evict"], **common)
     return rowdot_kernel[(cfg["G"],)](w, x, out, M, N, ROW_IN_TILE=N <= cfg["bn"], **common)
@@ -249,7 +278,8 @@ def probe(shapes=SHAPES) -> list[dict]:
                 held = programs_per_sm(compiled, cfg["warps"], props)
                 what = (f"G={cfg['G']} [{cfg['bm']}x{cfg['bn']}] w{cfg['warps']} s{cfg['stages']}"
                         + (" strided" if cfg["strided"] else "") + (" evict_first" if cfg["evict"] else "")
-                        + (f" maxnreg {cfg['maxnreg']}" if cfg["maxnreg"] else "") + f"; {compiled.n_regs} regs, {compiled.metadata.shared // 1024} KB, {held}/SM")
+                        + (f" maxnreg {cfg['maxnreg']}" if cfg["maxnreg"] else "") + (" TMA" if cfg["tma"] else "")
+                        + f"; {compiled.n_regs} regs, {compiled.metadata.shared // 1024} KB, {held}/SM")
                 cfg = {**cfg, "regs": compiled.n_regs, "shared": compiled.metadata.shared, "per_sm": held}
             print(f"  {kernel:<6} {name:<24} {t:7.1f} us [{rate / 1e12:.2f} TB/s, {100 * rate / bw:3.0f} %]  {what}",
                   flush=True)

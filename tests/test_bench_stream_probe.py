@@ -22,8 +22,11 @@ def test_every_launch_computes_its_pass():
     from bench import stream_probe
 
     # Small tiles: bands of uneven length (37 rows over 3 programs), rows over several column
-    # blocks (300 columns in blocks of 64), strided row blocks, a grid of one row block each.
+    # blocks (300 columns in blocks of 64), strided row blocks, a grid of one row block each, TMA
+    # boxes beyond A's edges (the interpreter's descriptors).
     shapes = ((37, 50), (5, 300))
+    assert any(cfg["tma"] for cfg in stream_probe.launches(5, 300, 3, tile=64, stages=2))  # (rows of 1200 bytes)
+    assert not any(cfg["tma"] for cfg in stream_probe.launches(37, 50, 3, tile=64, stages=2))  # (200: not 16-aligned)
     assert stream_probe.check(shapes=shapes) == sum(len(stream_probe.launches(M, N, 3, tile=64, stages=2)) for M, N in shapes)
 
 
