@@ -149,6 +149,13 @@ if [ "$mode" != bench ] && [ "$mode" != tests ]; then
     echo "== stream probe: the grid's ceiling on a pass over A $(date +%T)"
     timeout "$t" python3 -m bench.stream_probe --out "$W/stream_probe" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
+  # What one grid barrier costs, alone and as a reduction round (bench/barrier_probe.py; NOTES v18's
+  # open question, v25's estimate 1-1.5 us). ~20-30 s, a guess. Appended to the same log.
+  t=$(within 45 "$(reserve 90 250)")
+  if [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== barrier probe: one grid barrier, one reduction round $(date +%T)"
+    timeout "$t" python3 -m bench.barrier_probe --out "$W/barrier_probe" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+  fi
   # The weights that fit in L2 with L2 flushed before every read (the table above replays 20 reads
   # with L2 warm, where they can beat the DRAM floor: bench/NOTES.md v19): issue #3's goals judged
   # on cold reads too. sn_fused only, graph times.

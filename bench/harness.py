@@ -29,9 +29,12 @@ read), and ``torch.compile`` of the PyTorch / sn_fused reads.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
+import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -243,6 +246,36 @@ def floors_us(layer: Layer, dtype: torch.dtype, bandwidth: float) -> tuple[float
     """Memory floors (µs): forward reads W and writes W_sn; fwd+bwd adds read G, W, write dW."""
     nbytes = layer.numel * torch.empty((), dtype=dtype).element_size()
     return 2 * nbytes / bandwidth * 1e6, 5 * nbytes / bandwidth * 1e6
+
+
+def probe_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The argument parser of a probe module (``bench/*_probe.py``): its docstring's first line,
+    and ``--out DIR`` for its ``name.json``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", default=None, help=f"write {name}.json there")
+    return ap
+
+
+def checked_without_gpu(check: Callable[[], int], what: str, needs: str) -> bool:
+    """A probe's CPU mode: without a CUDA GPU (or under ``TRITON_INTERPRET``), run ``check`` (the
+    probe's launches against their expected results, through the interpreter) and say so, and
+    that ``needs`` a GPU; True then. False on a GPU, where the probe times."""
+    if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        return False
+    print(f"# no CUDA GPU: checked {check()} launches of {what} (Triton interpreter); {needs} a GPU")
+    return True
+
+
+def save_json(obj: Any, out_dir: str | None, name: str) -> str | None:
+    """``obj`` as indented JSON in ``out_dir/name`` (the folder made if missing); nothing
+    without ``out_dir``. Returns the path written."""
+    if not out_dir:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    return path
 
 
 def release_memory(device: torch.device) -> None:

@@ -41,8 +41,6 @@ it checks every launch's result against torch on small matrices and says that ra
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
@@ -50,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import harness
 
 SHAPES = [(1536, 13824), (4096, 4096)]  # beyond L2: what DRAM gives a pass
 TILE = 16384  # elements per program per loop step, as the kernels' streaming passes (_TILE_ELEMENTS)
@@ -307,22 +307,15 @@ def probe(shapes=SHAPES) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.probe_parser(__doc__, "stream_probe")
     ap.add_argument("--shapes", default=None, metavar="MxN,...",
                     help="default %s" % ",".join(f"{m}x{n}" for m, n in SHAPES))
-    ap.add_argument("--out", default=None, help="write stream_probe.json there")
     args = ap.parse_args()
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET"):
-        n = check()
-        print(f"# no CUDA GPU: checked {n} launches of both passes against torch (Triton interpreter); "
-              "the rates need a GPU")
+    if harness.checked_without_gpu(check, "both passes against torch", "the rates need"):
         return
     shapes = ([tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES)
     results = probe(shapes)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "stream_probe.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    harness.save_json(results, args.out, "stream_probe.json")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -22,6 +26,16 @@ def fused_device_or_skip() -> str:
         return "cuda"
     pytest.skip("needs TRITON_INTERPRET=1 (set before importing triton) or a CUDA GPU",
                 allow_module_level=True)
+
+
+def run_module_on_cpu(module: str, *args: str) -> str:
+    """``python -m module args`` in a new process from this checkout, with ``TRITON_INTERPRET=1``
+    (a bench entry point's CPU mode): its stdout, after checking that it exited with 0."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=root, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def cuda_kernel_names(fn) -> list[str]:

@@ -1,0 +1,55 @@
+"""``bench/barrier_probe.py`` (what one grid barrier costs, timed on a GPU by ``bench/gpu_check.sh``):
+its rounds compute what the check expects (through the interpreter, one program: a barrier of
+more would deadlock there), the check sees a launch that skips a round, and the GPU path's report
+runs on CPU with the device stubbed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import fused_device_or_skip, run_module_on_cpu
+
+device = fused_device_or_skip()
+
+
+def test_rounds_give_the_expected_values():
+    from bench import barrier_probe
+
+    assert barrier_probe.check(device) == 2 * len(barrier_probe.ROUNDS)
+
+
+def test_a_skipped_round_fails_the_check(monkeypatch):
+    from bench import barrier_probe
+
+    launch = barrier_probe.launch
+    monkeypatch.setattr(barrier_probe, "launch", lambda G, R, *args: launch(G, max(R - 1, 0), *args))
+    with pytest.raises(AssertionError):
+        barrier_probe.check(device)
+
+
+def test_gpu_report(monkeypatch, capsys):
+    from bench import barrier_probe, kernel_sweep
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "stub")
+    times = iter([1.0, 2.0, 9.0, 33.0] * 2)
+
+    def graph_time_us(fn):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", graph_time_us)
+    monkeypatch.setattr(barrier_probe, "DEVICE", device)
+    results = barrier_probe.probe([1])
+    out = capsys.readouterr().out
+    assert "WRONG" not in out
+    assert [r["kind"] for r in results] == ["barrier", "round"]
+    assert all(r["per_round_us"] == pytest.approx(1.0) for r in results)  # (33 - 1) / 32
+    assert out.count("per barrier: 1.00 us") == 1 and out.count("per round: 1.00 us") == 1
+
+
+def test_main_without_a_gpu_says_what_it_checked():
+    if device != "cpu":
+        pytest.skip("the CPU mode of the entry point")
+    out = run_module_on_cpu("bench.barrier_probe")
+    assert "the times need a GPU" in out and "checked 8 launches" in out
