@@ -64,12 +64,18 @@ def rounds_kernel(sem_ptr, part_ptr, out_ptr, R, READ_PARTIALS: tl.constexpr, BL
     tl.store(out_ptr + pid, value)
 
 
+def call(G: int, R: int, read_partials: bool, sem: torch.Tensor, part: torch.Tensor, out: torch.Tensor):
+    """``(args, kwargs)`` of one launch of ``G`` programs and ``R`` rounds (cooperative, as the
+    kernels' launcher makes a launch of more than one program): ``rounds_kernel[(G,)](*args,
+    **kwargs)`` (``launch``; ``bench.sm90`` compiles the same for sm_90a)."""
+    return (sem, part, out, R), dict(READ_PARTIALS=read_partials, BLOCK_P=triton.next_power_of_2(G),
+                                     num_warps=WARPS, launch_cooperative_grid=G > 1)
+
+
 def launch(G: int, R: int, read_partials: bool, sem: torch.Tensor, part: torch.Tensor, out: torch.Tensor):
-    """One launch of ``G`` programs and ``R`` rounds (cooperative, as the kernels' launcher makes
-    a launch of more than one program)."""
-    return rounds_kernel[(G,)](sem, part, out, R, READ_PARTIALS=read_partials,
-                               BLOCK_P=triton.next_power_of_2(G), num_warps=WARPS,
-                               launch_cooperative_grid=G > 1)
+    """One launch (``call``)."""
+    args, kwargs = call(G, R, read_partials, sem, part, out)
+    return rounds_kernel[(G,)](*args, **kwargs)
 
 
 def expected(G: int, R: int) -> torch.Tensor:

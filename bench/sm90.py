@@ -93,8 +93,14 @@ def forward_launch(M: int, N: int, dtype: torch.dtype, training: bool) -> Launch
 def compile_launch(kernel, args, cfg, cooperative):
     """The ``CompiledKernel`` Triton would build for a launch (``compile_launch(*launch)``) on the
     target card."""
+    # (the launcher's own options: warps, stages, registers)
+    return compile_call(kernel, args, snm._launch_options(cfg, cooperative))
+
+
+def compile_call(kernel, args, kwargs):
+    """The ``CompiledKernel`` Triton would build for ``kernel[grid](*args, **kwargs)`` on the target
+    card (constexprs and launch options in ``kwargs``; tensors may be on the meta device)."""
     backend = make_backend(TARGET)
-    kwargs = snm._launch_options(cfg, cooperative)  # (the launcher's own: warps, stages, registers)
     bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
         *args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)

@@ -195,19 +195,26 @@ def launches(M: int, N: int, programs_per_sm_grid: int, tile: int | None = None,
     return rows
 
 
-def run(kernel: str, cfg: dict, w: torch.Tensor, out: torch.Tensor, x: torch.Tensor):
-    """One launch of ``kernel`` ("scale" or "rowdot") with ``cfg`` (``launches``); returns what
-    Triton's launch returns (on a GPU, the compiled kernel)."""
+def call(kernel: str, cfg: dict, w: torch.Tensor, out: torch.Tensor, x: torch.Tensor):
+    """``(jit function, args, kwargs)`` of one launch of ``kernel`` ("scale" or "rowdot") with
+    ``cfg`` (``launches``): ``fn[(cfg["G"],)](*args, **kwargs)`` (``run``; ``bench.sm90`` compiles
+    the same for sm_90a)."""
     M, N = w.shape
-    common = dict(BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], STAGES=cfg["stages"], STRIDED=cfg["strided"],
+    kwargs = dict(BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], STAGES=cfg["stages"], STRIDED=cfg["strided"],
                   TMA=cfg["tma"], num_warps=cfg["warps"], **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}))
     if cfg["tma"]:
         w = TensorDescriptor.from_tensor(w, [cfg["bm"], cfg["bn"]])
         if kernel == "scale":
             out = TensorDescriptor.from_tensor(out, [cfg["bm"], cfg["bn"]])
     if kernel == "scale":
-        return scale_kernel[(cfg["G"],)](w, out, 0.5, M, N, EVICT_FIRST=cfg["evict"], **common)
-    return rowdot_kernel[(cfg["G"],)](w, x, out, M, N, ROW_IN_TILE=N <= cfg["bn"], **common)
+        return scale_kernel, (w, out, 0.5, M, N), dict(EVICT_FIRST=cfg["evict"], **kwargs)
+    return rowdot_kernel, (w, x, out, M, N), dict(ROW_IN_TILE=N <= cfg["bn"], **kwargs)
+
+
+def run(kernel: str, cfg: dict, w: torch.Tensor, out: torch.Tensor, x: torch.Tensor):
+    """One launch (``call``); returns what Triton's launch returns (on a GPU, the compiled kernel)."""
+    fn, args, kwargs = call(kernel, cfg, w, out, x)
+    return fn[(cfg["G"],)](*args, **kwargs)
 
 
 def check(shapes=((37, 50), (5, 300), (64, 64)), grid: int = 3) -> int:

@@ -98,8 +98,8 @@ def test_kernels_compile_for_sm90():
 COMPILE_HELPERS = textwrap.dedent("""
     import re
     import torch
-    from bench.sm90 import (captured_launches, compile_launch, forward_launch, global_loads, launch_of, ptxas_usage,
-                            spill_bytes)
+    from bench.sm90 import (captured_launches, compile_call, compile_launch, forward_launch, global_loads, launch_of,
+                            ptxas_usage, spill_bytes)
     from sn_fused.ops import spectral_norm as snm
 """)
 
@@ -361,3 +361,45 @@ def test_loads_after_a_grid_barrier_share_one_round_trip():
     path (session 17; not yet timed on a GPU). Checked in the sm_90a PTX of the launcher's own
     launches, so a change of the kernels or of Triton that serializes them again fails here."""
     run_compiler_script(LOAD_ORDER_SCRIPT)
+
+
+PROBES_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
+    from bench import barrier_probe, sm90, stream_probe
+
+    # The probes' GPU launches (bench/stream_probe.py, bench/barrier_probe.py), compiled for
+    # sm_90a as their GPU call will compile them: each fits an SM's shared memory (a launch the
+    # card refuses would print "failed" instead of a rate), the launches as the kernels make
+    # them (base) and through TMA spill nothing, and TMA launches do use bulk tensor copies.
+    for M, N in stream_probe.SHAPES:
+        w, x = torch.empty(M, N, device="meta"), torch.empty(N, device="meta")
+        for cfg in stream_probe.launches(M, N, 132):
+            if not (cfg["name"] == "base" or cfg["tma"] or cfg["name"].startswith("2/SM, stages")):
+                continue  # (the rest: knobs of these; bench/NOTES.md v25 lists their resources)
+            for kernel in ("scale", "rowdot"):
+                out = torch.empty(M, N, device="meta") if kernel == "scale" else torch.empty(M, device="meta")
+                compiled = compile_call(*stream_probe.call(kernel, cfg, w, out, x))
+                usage, shared = ptxas_usage(compiled), compiled.metadata.shared
+                bulk = compiled.asm["ptx"].count("cp.async.bulk.tensor")
+                print(f"{M}x{N} {kernel} {cfg['name']}: {usage.registers} registers, spills {usage.spills}, "
+                      f"{shared} B shared, {bulk} bulk copies")
+                assert shared <= 227 * 1024, (M, N, kernel, cfg, shared)
+                assert bool(bulk) == cfg["tma"], (M, N, kernel, cfg, bulk)
+                if cfg["name"] == "base" or cfg["tma"]:
+                    assert usage.spills == [0, 0], (M, N, kernel, cfg, usage)
+    sem, part, out = (torch.empty(n, dtype=d, device="meta") for n, d in ((2, torch.int32), (256, torch.float32),
+                                                                        (132, torch.float32)))
+    for read_partials in (False, True):
+        compiled = compile_call(barrier_probe.rounds_kernel, *barrier_probe.call(132, 32, read_partials, sem, part, out))
+        ptx = compiled.asm["ptx"]
+        print("barrier probe, partials" if read_partials else "barrier probe", ptxas_usage(compiled))
+        assert "atom.global.gpu.release.add" in ptx and "ld.global.gpu.acquire" in ptx
+        assert ("ld.global.cg" in ptx) == read_partials
+    print("OK")
+""")
+
+
+def test_probes_compile_for_sm90():
+    """The probes a GPU call runs (``bench/stream_probe.py``, ``bench/barrier_probe.py``) compile
+    for Hopper, within an SM's shared memory, their base and TMA launches without spills."""
+    skip_without_ptxas()
+    run_compiler_script(PROBES_SCRIPT)
