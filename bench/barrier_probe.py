@@ -15,9 +15,12 @@ launch, as the kernels' launcher makes it):
   them: the kernels' pattern (phase R, the ON_CHIP combine), partials double-buffered so a round's
   stores never meet the previous round's loads.
 
-The cost of a round is the slope over ``R``; ``R = 0`` is the launch alone. Every launch's
-result is checked: each round makes every program's value the mean of the last round's plus 1,
-so a program that read a stale partial (a barrier that let it through early) ends lower.
+The cost of a round is the slope over ``R``; ``R = 0`` is the launch alone. Results are checked:
+each round makes every program's value the mean of the last round's plus 1, so a program that
+read a stale partial (a barrier that let it through early) gets another sum; every round of
+every launch counts such sums (one atomic per program at the end of a launch), and the last
+launch's values and the semaphore at rest are checked too. (The ``barrier`` kind moves no data
+between programs: it can show a hang or a semaphore left off its rest, not an early exit.)
 
     python -m bench.barrier_probe [--grids 1,2,18,66,132] [--out DIR]
 
@@ -43,13 +46,16 @@ DEVICE = "cuda"  # (tests run the GPU path's reporting on the CPU)
 WARPS = 8  # the kernels' warps for 8192- and 16384-element tiles (``_num_warps``)
 
 
-@triton.jit
-def rounds_kernel(sem_ptr, part_ptr, out_ptr, R, READ_PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr):
+@triton.jit(do_not_specialize=["R"])  # (one binary for every R: R = 1 would be another)
+def rounds_kernel(sem_ptr, part_ptr, out_ptr, err_ptr, R, READ_PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr):
     """``R`` barriers (``READ_PARTIALS``: reduction rounds) of a grid; ``out[p]``: program ``p``'s
-    value after them, ``(G - 1) / 2 + R`` for every program when ``R >= 1`` and the barriers hold."""
+    value after them, ``(G - 1) / 2 + R`` for every program when ``R >= 1`` and the barriers hold.
+    Reduction rounds also count, in ``*err``, every round of every launch whose sum came out
+    other than expected (a partial read before its program stored it)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     value = pid.to(tl.float32)
+    bad = 0
     for i in range(R):
         if READ_PARTIALS:
             slot = part_ptr + (i % 2) * BLOCK_P  # (two slots: round i's stores, round i - 1's loads)
@@ -58,23 +64,28 @@ def rounds_kernel(sem_ptr, part_ptr, out_ptr, R, READ_PARTIALS: tl.constexpr, BL
             p = tl.arange(0, BLOCK_P)
             parts = tl.load(slot + p, mask=p < G, other=0.0, cache_modifier=".cg")
             value = tl.sum(parts, axis=0) / G + 1.0
+            bad += (value != (G - 1) / 2 + (i + 1.0)).to(tl.int32)
         else:
             kernels.grid_barrier(sem_ptr)
             value = (G - 1) / 2 + (i + 1.0)
     tl.store(out_ptr + pid, value)
+    if READ_PARTIALS:
+        tl.atomic_add(err_ptr, bad)  # (once per program and launch, for every R alike)
 
 
-def call(G: int, R: int, read_partials: bool, sem: torch.Tensor, part: torch.Tensor, out: torch.Tensor):
+def call(G: int, R: int, read_partials: bool, sem: torch.Tensor, part: torch.Tensor, out: torch.Tensor,
+         err: torch.Tensor):
     """``(args, kwargs)`` of one launch of ``G`` programs and ``R`` rounds (cooperative, as the
     kernels' launcher makes a launch of more than one program): ``rounds_kernel[(G,)](*args,
     **kwargs)`` (``launch``; ``bench.sm90`` compiles the same for sm_90a)."""
-    return (sem, part, out, R), dict(READ_PARTIALS=read_partials, BLOCK_P=triton.next_power_of_2(G),
-                                     num_warps=WARPS, launch_cooperative_grid=G > 1)
+    return (sem, part, out, err, R), dict(READ_PARTIALS=read_partials, BLOCK_P=triton.next_power_of_2(G),
+                                          num_warps=WARPS, launch_cooperative_grid=G > 1)
 
 
-def launch(G: int, R: int, read_partials: bool, sem: torch.Tensor, part: torch.Tensor, out: torch.Tensor):
+def launch(G: int, R: int, read_partials: bool, sem: torch.Tensor, part: torch.Tensor, out: torch.Tensor,
+           err: torch.Tensor):
     """One launch (``call``)."""
-    args, kwargs = call(G, R, read_partials, sem, part, out)
+    args, kwargs = call(G, R, read_partials, sem, part, out, err)
     return rounds_kernel[(G,)](*args, **kwargs)
 
 
@@ -83,23 +94,36 @@ def expected(G: int, R: int) -> torch.Tensor:
     return torch.full((G,), (G - 1) / 2 + R) if R else torch.arange(G, dtype=torch.float32)
 
 
-def buffers(G: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def buffers(G: int, device) -> tuple[torch.Tensor, ...]:
     """The semaphore (the kernels' own, zeroed), two slots of partials, the output (NaN: an
-    unwritten value shows)."""
+    unwritten value shows), the count of wrong rounds."""
     part = torch.zeros(2 * triton.next_power_of_2(G), device=device)
-    return ops_mod.new_semaphore(device), part, torch.full((G,), float("nan"), device=device)
+    out = torch.full((G,), float("nan"), device=device)
+    return ops_mod.new_semaphore(device), part, out, torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def wrong(G: int, R: int, sem: torch.Tensor, out: torch.Tensor, err: torch.Tensor) -> str | None:
+    """What is wrong after launches of ``G`` programs and ``R`` rounds: the last launch's values,
+    a wrong round of any launch, the semaphore not at rest (``grid_barrier``'s invariant)."""
+    if not torch.equal(out.cpu(), expected(G, R)):
+        return f"values {out.tolist()[:4]}"
+    if err.item():
+        return f"{err.item()} wrong rounds"
+    if sem.tolist()[0] not in (0, -2**31):
+        return f"semaphore {sem.tolist()}"
+    return None
 
 
 def check(device="cpu", grids=(1,)) -> int:
-    """Every round count of both kinds against ``expected``; returns the launches checked."""
+    """Every round count of both kinds (``wrong``); returns the launches checked."""
     checked = 0
     for G in grids:
         for read_partials in (False, True):
             for R in ROUNDS:
-                sem, part, out = buffers(G, device)
-                launch(G, R, read_partials, sem, part, out)
-                assert torch.equal(out.cpu(), expected(G, R)), (G, R, read_partials, out)
-                assert sem.tolist()[0] in (0, -2**31), sem  # at rest: the invariant of grid_barrier
+                sem, part, out, err = buffers(G, device)
+                launch(G, R, read_partials, sem, part, out, err)
+                problem = wrong(G, R, sem, out, err)
+                assert problem is None, (G, R, read_partials, problem)
                 checked += 1
     return checked
 
@@ -115,12 +139,13 @@ def probe(grids) -> list[dict]:
     for G in grids:
         for read_partials in (False, True):
             kind = "round" if read_partials else "barrier"
-            sem, part, out = buffers(G, DEVICE)
             times = {}
             for R in ROUNDS:
-                times[R] = graph_time_us(lambda R=R: launch(G, R, read_partials, sem, part, out))
-                if not torch.equal(out.cpu(), expected(G, R)) or sem.tolist()[0] not in (0, -2**31):
-                    print(f"  G={G} {kind} R={R}: WRONG RESULT {out.tolist()[:4]} sem {sem.tolist()}")
+                sem, part, out, err = buffers(G, DEVICE)
+                times[R] = graph_time_us(lambda R=R: launch(G, R, read_partials, sem, part, out, err))
+                problem = wrong(G, R, sem, out, err)
+                if problem:
+                    print(f"  G={G} {kind} R={R}: WRONG RESULT: {problem}")
             slope = (times[ROUNDS[-1]] - times[0]) / ROUNDS[-1]
             print(f"  G={G:<4} {kind:<8} " + "  ".join(f"R={R}: {t:6.2f}" for R, t in times.items())
                   + f"   per {kind}: {slope:.2f} us", flush=True)

@@ -108,6 +108,25 @@ timeout 120 python3 -m pytest tests/test_parametrizations.py -q -n 8 --timeout=1
   -o log_level=WARNING 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/gpu_tests.log" || status=1
 
 if [ "$mode" != bench ] && [ "$mode" != tests ]; then
+  : > "$OUT/kernel_sweep.log"  # (the probes and the table append to it)
+  # First the two probes (session 24; ~1 min in all, a guess): they ask what the knobs tried since
+  # session 3 could not tell apart (bench/NOTES.md v25), so they go before the table's sweep.
+  # The ceiling of a pass over A in the kernels' grid (one program per SM, a band of rows each)
+  # against a full grid, TMA and torch's kernels, on the two weights beyond L2 (bench/stream_probe.py;
+  # the passes ran at 3.2-3.6 TB/s against a copy's 4.25 on an H200, NOTES v17). Appended to the
+  # table's log (the device tool brings back at most 8 files).
+  t=$(within 100 "$(reserve 250 400)")
+  if [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== stream probe: the grid's ceiling on a pass over A $(date +%T)"
+    timeout "$t" python3 -m bench.stream_probe --out "$W/stream_probe" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+  fi
+  # What one grid barrier costs, alone and as a reduction round (bench/barrier_probe.py; NOTES v18's
+  # open question, v25's estimate 1-1.5 us). ~20-30 s, a guess. Appended to the same log.
+  t=$(within 45 "$(reserve 250 400)")
+  if [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== barrier probe: one grid barrier, one reduction round $(date +%T)"
+    timeout "$t" python3 -m bench.barrier_probe --out "$W/barrier_probe" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+  fi
   echo "== kernel table $(date +%T)"
   # Where the time of each launch goes (--phases: each phase of a read and of a backward launched
   # alone, against the one launch; bench/NOTES.md v17), and the next sweep (forward and backward
@@ -137,25 +156,9 @@ if [ "$mode" != bench ] && [ "$mode" != tests ]; then
   fi
   # (reserve: the second sweep and ncu below, and --quick in final mode)
   t=$(within 420 "$(reserve 100 260)")
-  [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee "$OUT/kernel_sweep.log"
+  [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee -a "$OUT/kernel_sweep.log"
   [ "$t" != 0 ] && { timeout "$t" python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 \
-    | tee "$OUT/kernel_sweep.log" || status=1; }
-  # The ceiling of a pass over A in the kernels' grid (one program per SM, a band of rows each)
-  # against a full grid and torch's kernels, on the two weights beyond L2 (bench/stream_probe.py;
-  # the passes ran at 3.2-3.6 TB/s against a copy's 4.25 on an H200, NOTES v17). Appended to the
-  # table's log (the device tool brings back at most 8 files).
-  t=$(within 100 "$(reserve 90 250)")
-  if [ "$mode" != dev ] && [ "$t" != 0 ]; then
-    echo "== stream probe: the grid's ceiling on a pass over A $(date +%T)"
-    timeout "$t" python3 -m bench.stream_probe --out "$W/stream_probe" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
-  fi
-  # What one grid barrier costs, alone and as a reduction round (bench/barrier_probe.py; NOTES v18's
-  # open question, v25's estimate 1-1.5 us). ~20-30 s, a guess. Appended to the same log.
-  t=$(within 45 "$(reserve 90 250)")
-  if [ "$mode" != dev ] && [ "$t" != 0 ]; then
-    echo "== barrier probe: one grid barrier, one reduction round $(date +%T)"
-    timeout "$t" python3 -m bench.barrier_probe --out "$W/barrier_probe" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
-  fi
+    | tee -a "$OUT/kernel_sweep.log" || status=1; }
   # The weights that fit in L2 with L2 flushed before every read (the table above replays 20 reads
   # with L2 warm, where they can beat the DRAM floor: bench/NOTES.md v19): issue #3's goals judged
   # on cold reads too. sn_fused only, graph times.

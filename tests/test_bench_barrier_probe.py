@@ -28,6 +28,24 @@ def test_a_skipped_round_fails_the_check(monkeypatch):
         barrier_probe.check(device)
 
 
+def test_wrong_names_what_is_off():
+    """After a launch: the last launch's values, the in-kernel count of wrong rounds (of any
+    launch: the interpreter's one program cannot make one, so it is set here), the semaphore."""
+    from bench import barrier_probe
+
+    sem, part, out, err = barrier_probe.buffers(1, device)
+    barrier_probe.launch(1, 2, True, sem, part, out, err)
+    assert barrier_probe.wrong(1, 2, sem, out, err) is None and err.item() == 0
+    barrier_probe.launch(1, 3, True, sem, part, out, err)  # (R = 3 where the check expects 2)
+    assert barrier_probe.wrong(1, 2, sem, out, err).startswith("values")
+    barrier_probe.launch(1, 2, True, sem, part, out, err)
+    err.fill_(2)
+    assert barrier_probe.wrong(1, 2, sem, out, err) == "2 wrong rounds"
+    err.zero_()
+    sem[0] = 1
+    assert barrier_probe.wrong(1, 2, sem, out, err).startswith("semaphore")
+
+
 def test_gpu_report(monkeypatch, capsys):
     from bench import barrier_probe, kernel_sweep
 

@@ -368,14 +368,16 @@ PROBES_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
 
     # The probes' GPU launches (bench/stream_probe.py, bench/barrier_probe.py), compiled for
     # sm_90a as their GPU call will compile them: each fits an SM's shared memory (a launch the
-    # card refuses would print "failed" instead of a rate), the launches as the kernels make
-    # them (base) and through TMA spill nothing, and TMA launches do use bulk tensor copies.
+    # card refuses would print "failed" instead of a rate), two-per-SM launches fit twice
+    # (registers and shared memory: else they would time waves, not co-resident programs), the
+    # launches as the kernels make them (base) and through TMA spill nothing, and TMA launches do
+    # use bulk tensor copies.
     for M, N in stream_probe.SHAPES:
         w, x = torch.empty(M, N, device="meta"), torch.empty(N, device="meta")
         for cfg in stream_probe.launches(M, N, 132):
-            if not (cfg["name"] == "base" or cfg["tma"] or cfg["name"].startswith("2/SM, stages")):
+            if not (cfg["name"] == "base" or cfg["tma"] or cfg["name"].startswith("2/SM")):
                 continue  # (the rest: knobs of these; bench/NOTES.md v25 lists their resources)
-            for kernel in ("scale", "rowdot"):
+            for kernel in cfg["passes"]:
                 out = torch.empty(M, N, device="meta") if kernel == "scale" else torch.empty(M, device="meta")
                 compiled = compile_call(*stream_probe.call(kernel, cfg, w, out, x))
                 usage, shared = ptxas_usage(compiled), compiled.metadata.shared
@@ -386,10 +388,14 @@ PROBES_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
                 assert bool(bulk) == cfg["tma"], (M, N, kernel, cfg, bulk)
                 if cfg["name"] == "base" or cfg["tma"]:
                     assert usage.spills == [0, 0], (M, N, kernel, cfg, usage)
-    sem, part, out = (torch.empty(n, dtype=d, device="meta") for n, d in ((2, torch.int32), (256, torch.float32),
-                                                                        (132, torch.float32)))
+                if cfg["name"].startswith("2/SM"):
+                    assert 2 * shared <= 228 * 1024 and 2 * usage.registers * 32 * cfg["warps"] <= 65536, (
+                        M, N, kernel, cfg, shared, usage)
+    sem, part, out, err = (torch.empty(n, dtype=d, device="meta") for n, d in (
+        (2, torch.int32), (256, torch.float32), (132, torch.float32), (1, torch.int32)))
     for read_partials in (False, True):
-        compiled = compile_call(barrier_probe.rounds_kernel, *barrier_probe.call(132, 32, read_partials, sem, part, out))
+        compiled = compile_call(barrier_probe.rounds_kernel,
+                                *barrier_probe.call(132, 32, read_partials, sem, part, out, err))
         ptx = compiled.asm["ptx"]
         print("barrier probe, partials" if read_partials else "barrier probe", ptxas_usage(compiled))
         assert "atom.global.gpu.release.add" in ptx and "ld.global.gpu.acquire" in ptx
