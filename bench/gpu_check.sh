@@ -40,7 +40,8 @@
 # GPU tests with the C++ build ~150 s of it. On an H100 (session 14, `final` with a baseline):
 # 438 s, --quick 117 s of it. Each section prints the time it starts. With today's default sweeps
 # (3 shapes x 9 entries and 2 x 4, each timing the forward and the backward; not yet timed)
-# `kernels` ~7-8 min, a guess (tests ~150 s, table + phases ~80, sweeps ~200, ncu ~50): run it
+# `kernels` ~8-9 min, a guess (tests ~150 s, the stream and barrier probes ~60, table + phases ~80,
+# sweeps ~200, ncu ~50; the later sections skip themselves when time runs short): run it
 # with timeout_s 590; with SN_FUSED_BASELINE (its table ~60-120 s, first) the sweeps and ncu get
 # what is left; `final` (+2 min) only with a shorter SN_FUSED_SWEEP_ARGS, and it leaves a
 # baseline only ~50 s.
