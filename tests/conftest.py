@@ -28,12 +28,16 @@ def fused_device_or_skip() -> str:
                 allow_module_level=True)
 
 
-def run_module_on_cpu(module: str, *args: str) -> str:
+def run_module_on_cpu(module: str, *args: str, interpret: bool = True) -> str:
     """``python -m module args`` in a new process from this checkout, with ``TRITON_INTERPRET=1``
-    (a bench entry point's CPU mode): its stdout, after checking that it exited with 0."""
+    (or without it: ``interpret``), a bench entry point's CPU mode: its stdout, after checking
+    that it exited with 0."""
     root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-m", module, *args], cwd=root, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+                         timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout
 

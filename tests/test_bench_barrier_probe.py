@@ -71,3 +71,13 @@ def test_main_without_a_gpu_says_what_it_checked():
         pytest.skip("the CPU mode of the entry point")
     out = run_module_on_cpu("bench.barrier_probe")
     assert "the times need a GPU" in out and "checked 8 launches" in out
+
+
+@pytest.mark.parametrize("module", ["bench.barrier_probe", "bench.stream_probe"])
+def test_probes_without_the_interpreter_say_so(module):
+    """On a CPU without ``TRITON_INTERPRET=1`` (Triton has no driver for CPU tensors) the probes
+    say what they need instead of failing in Triton's driver lookup."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU: the probes time")
+    out = run_module_on_cpu(module, interpret=False)
+    assert "TRITON_INTERPRET=1 not set: nothing checked" in out
