@@ -149,7 +149,9 @@ class _SpectralNorm(Module):
             )
         _check_eps(eps)
         if weight.dtype in (torch.bool,) or not (weight.is_floating_point() or weight.is_complex()):
-            raise TypeError(f"spectral_norm expects a floating point or complex weight, got {weight.dtype}")
+            # A RuntimeError, as PyTorch's SN raises for such a weight (from its first norm or its
+            # normal_: NotImplementedError is one), with a message that says what is wrong.
+            raise RuntimeError(f"spectral_norm expects a floating point or complex weight, got {weight.dtype}")
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
         if ndim > 1:

@@ -418,11 +418,11 @@ class _Holder(nn.Module):
 
 BAD_REGISTRATION = {
     "int64_weight": (lambda: _Holder(torch.ones(3, 4, dtype=torch.int64, device=DEVICE)), {},
-                     TypeError, r"floating point or complex weight, got torch\.int64"),
+                     RuntimeError, r"floating point or complex weight, got torch\.int64"),
     "int8_conv_weight": (lambda: _Holder(torch.ones(2, 3, 3, 3, dtype=torch.int8, device=DEVICE)), {},
-                         TypeError, r"floating point or complex weight, got torch\.int8"),
+                         RuntimeError, r"floating point or complex weight, got torch\.int8"),
     "bool_weight": (lambda: _Holder(torch.ones(3, 4, dtype=torch.bool, device=DEVICE)), {},
-                    TypeError, r"floating point or complex weight, got torch\.bool"),
+                    RuntimeError, r"floating point or complex weight, got torch\.bool"),
     "eps_negative": (lambda: nn.Linear(4, 3, device=DEVICE), {"eps": -1e-12}, ValueError,
                      r"eps to be a finite non-negative number, but got eps=-1e-12"),
     "eps_nan": (lambda: nn.Linear(4, 3, device=DEVICE), {"eps": NAN}, ValueError, r"eps=nan"),

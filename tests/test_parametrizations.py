@@ -1062,11 +1062,16 @@ def test_good_eps_accepted(eps, seed):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 @pytest.mark.parametrize("ndim", [1, 2])
-def test_integer_weight_type_error(dtype, ndim):
-    m = nn.Module()
+def test_integer_weight_error_as_pytorch(dtype, ndim):
+    """A RuntimeError where PyTorch's SN raises one (a NotImplementedError from its normal_, or a
+    RuntimeError from its first norm: both are RuntimeErrors), with a message of its own."""
+    m, ref = nn.Module(), nn.Module()
     shape = (4,) if ndim == 1 else (4, 3)
     m.weight = nn.Parameter(torch.ones(shape, dtype=dtype), requires_grad=False)
-    with pytest.raises(TypeError):
+    ref.weight = nn.Parameter(torch.ones(shape, dtype=dtype), requires_grad=False)
+    with pytest.raises(RuntimeError):
+        torch_sn(ref)
+    with pytest.raises(RuntimeError, match="floating point or complex weight"):
         sn(m)
     _assert_untouched(m)
 
