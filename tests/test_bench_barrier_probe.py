@@ -66,6 +66,28 @@ def test_gpu_report(monkeypatch, capsys):
     assert out.count("per barrier: 1.00 us") == 1 and out.count("per round: 1.00 us") == 1
 
 
+def test_gpu_report_goes_on_past_a_refused_grid(monkeypatch, capsys):
+    """A grid the card refuses (the cooperative launch's error) is reported and the next timed."""
+    from bench import barrier_probe, kernel_sweep
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "stub")
+    calls = []
+
+    def graph_time_us(fn):
+        calls.append(fn)
+        if len(calls) == 1:
+            raise RuntimeError("cooperative launch too large\nmore")
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", graph_time_us)
+    monkeypatch.setattr(barrier_probe, "DEVICE", device)
+    results = barrier_probe.probe([1])
+    out = capsys.readouterr().out
+    assert "failed: RuntimeError: cooperative launch too large" in out
+    assert [r["kind"] for r in results] == ["round"] and "WRONG" not in out
+
+
 def test_main_without_a_gpu_says_what_it_checked():
     if device != "cpu":
         pytest.skip("the CPU mode of the entry point")
