@@ -528,6 +528,11 @@ def _load_block(x_ptr, lo, hi, BLOCK: tl.constexpr):
     on, so the two loads share one round trip: a load placed after that sum (a block-wide
     reduction, with barriers the compiler does not move loads across) would wait for it and
     then for its own data.
+
+    A plain load (not ``.cg``), after a grid barrier too: only this program wrote these elements,
+    from its own SM, so its L1 holds no stale line of them. Should another program ever write
+    them (a different split of rows or columns), this load must become ``.cg``
+    (``tests/single_launch.py`` flags it).
     """
     offs = lo + tl.arange(0, BLOCK)
     return tl.load(x_ptr + offs, mask=offs < hi, other=0.0)
@@ -737,7 +742,11 @@ def _first_if_one(x, idx, n):
 
 @triton.jit
 def _on_chip_u(s, sumsq, rows, r1, u_ptr, u_saved_ptr, eps, M):
-    """``u = s / du`` for own rows (stored); returns ``(u, du)``. ``du = max(||s||, eps)``."""
+    """``u = s / du`` for own rows (stored); returns ``(u, du)``. ``du = max(||s||, eps)``.
+
+    Every program must get the same ``du`` (the fallback's branch and its barriers follow from
+    it). With ``M == 1`` it comes from the program that owns row 0, so only while that is the
+    whole grid: the launcher never gives a weight more programs than rows (``_launch_config``)."""
     du = _clamp(_norm_of(sumsq, _first_if_one(s, rows, M), M), eps)
     rmask = rows < r1
     # Masked rows are 0, not 0/du: du can be 0 (eps = 0), and the fallback's A^T u sums them.

@@ -485,6 +485,8 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
         else:
             cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
         num_programs = _default_grid(M, N, cap)
+    # (whole rows per program; the on-chip read also relies on it: with one row, its du comes
+    # from the program that owns the row, kernels._on_chip_u)
     G = max(1, min(num_programs, M))
     # Tiles of ~_TILE_ELEMENTS. Rows up to _MAX_ROW_IN_TILE wide are read whole
     # (one pass over A for both products); wider ones in column blocks of a
