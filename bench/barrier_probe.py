@@ -148,7 +148,7 @@ def probe(grids) -> list[dict]:
                     if problem:
                         print(f"  G={G} {kind} R={R}: WRONG RESULT: {problem}")
             except Exception as exc:  # (a grid the card cannot hold at once: the cooperative launch refuses it)
-                print(f"  G={G:<4} {kind:<8} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                print(f"  G={G:<4} {kind:<8} failed: {harness.error_text(exc).splitlines()[0][:120]}")
                 continue
             slope = (times[ROUNDS[-1]] - times[0]) / ROUNDS[-1]
             print(f"  G={G:<4} {kind:<8} " + "  ".join(f"R={R}: {t:6.2f}" for R, t in times.items())

@@ -24,15 +24,17 @@ beyond L2: one program per SM, each its band of rows, 16384-element tiles with r
 wide in one tile, so 13824 is padded to 16384 columns; ``kernels``' warps for that tile, loads
 pipelined 3 deep through ``tl.range(num_stages=3)``):
 
-* ``grid``: one program per row block (no persistence, many waves, as torch's kernels): Triton's
-  own ceiling;
+* ``grid``: 4096-element tiles, 4 warps, unpipelined, one tile per program (the row sums: one
+  row block each), many programs per SM and many waves, as torch's kernels run: Triton's own
+  ceiling;
 * ``strided``: row block ``i`` to program ``i % G`` (all programs sweep A together) instead of bands;
 * ``2/SM``: two programs per SM, each small enough for both to be co-resident (as the kernels
   would need them): unpipelined, or half the tile;
 * warps, tile size (half, double), column block (``bn``: an eighth, less padding of 13824's
   columns), pipeline depth, ``evict_first`` (scale only);
 * ``TMA``: tiles loaded (and, scaled, stored) through TMA descriptors, Hopper's bulk copies into
-  shared memory, ``[16..64 x 256]`` boxes 3 to 8 deep, row blocks strided.
+  shared memory, ``[16..64 x 256]`` boxes 3 to 8 deep; the scale's tiles strided over the
+  programs, the row sums' row blocks of at most M / G rows.
 
 Times: CUDA-graph replays of 20 launches (``kernel_sweep.graph_time_us``), L2 flushed before
 each replay; the rate is over the bytes the pass must move. Without CUDA (``TRITON_INTERPRET=1``)
@@ -41,13 +43,14 @@ it checks every launch's result against torch on small matrices and says that ra
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from sn_fused.ops import INTERPRET
 
 from . import harness
 
@@ -152,10 +155,6 @@ def rowdot_kernel(w, x_ptr, s_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
         tl.store(s_ptr + rows, tl.sum(acc, axis=1), mask=(rows < r1) & (cb == n_cblocks - 1))
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def launches(M: int, N: int, programs_per_sm_grid: int, tile: int | None = None, stages: int = STAGES) -> list[dict]:
     """The launches to time: ``base`` as the kernels launch a streaming pass, then one knob changed
     at a time. ``programs_per_sm_grid``: the grid of one program per SM (the SM count). Each
@@ -164,7 +163,7 @@ def launches(M: int, N: int, programs_per_sm_grid: int, tile: int | None = None,
     from sn_fused.ops import spectral_norm as ops_mod
 
     tile = tile or TILE
-    bn = min(_next_power_of_2(N), tile)
+    bn = min(ops_mod._next_power_of_2(N), tile)
     base = dict(name="base", G=programs_per_sm_grid, bm=max(tile // bn, 1), bn=bn, warps=ops_mod._num_warps(tile, bn),
                 stages=stages, order=0, evict=False, maxnreg=0, tma=False, passes=("scale", "rowdot"))
     rows = [base]
@@ -212,7 +211,7 @@ def launches(M: int, N: int, programs_per_sm_grid: int, tile: int | None = None,
             bm = max(1, min(bm, tile // box_n))
             tma = dict(tma=True, bn=box_n, stages=stages_, warps=ops_mod._num_warps(bm * box_n, box_n))
             variant(f"TMA [{bm}x{box_n}] s{stages_}", bm=bm, order=2, passes=("scale",), **tma)
-            rows_bm = max(1, min(bm, _floor_power_of_2(M // base["G"])))
+            rows_bm = max(1, min(bm, ops_mod._floor_power_of_2(M // base["G"])))
             variant(f"TMA [{rows_bm}x{box_n}] s{stages_}", bm=rows_bm, order=1, passes=("rowdot",), **tma)
     for cfg in rows:
         cfg["active"] = active_programs(cfg, M, N)
@@ -225,10 +224,6 @@ def active_programs(cfg: dict, M: int, N: int) -> int:
         return min(cfg["G"], M)
     blocks = triton.cdiv(M, cfg["bm"]) * (triton.cdiv(N, cfg["bn"]) if cfg["order"] == 2 else 1)
     return min(cfg["G"], blocks)
-
-
-def _floor_power_of_2(n: int) -> int:
-    return 1 << (max(n, 1).bit_length() - 1)
 
 
 def call(kernel: str, cfg: dict, w: torch.Tensor, out: torch.Tensor, x: torch.Tensor):
@@ -257,7 +252,7 @@ def check(shapes=((37, 50), (5, 300), (64, 64)), grid: int = 3) -> int:
     """Every launch of ``launches`` against torch on small matrices (interpreter or GPU): the scale
     bit for bit, the row sums to float32 rounding, into outputs poisoned with NaN. Small tiles so
     that bands, strides and masks all show. Returns the number of passes checked."""
-    device = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
     checked = 0
     for M, N in shapes:
         w = torch.randn(M, N, device=device)
@@ -318,7 +313,7 @@ def probe(shapes=SHAPES) -> list[dict]:
             try:
                 t = graph_time_us(fn)
             except Exception as exc:  # (a launch the card refuses: too many registers or shared memory)
-                print(f"  {kernel:<6} {name:<24} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                print(f"  {kernel:<6} {name:<24} failed: {harness.error_text(exc).splitlines()[0][:120]}")
                 return
             right = _right(kernel, out, w, ref, 1e-4) if checked else None
             rate = moved[kernel] / (t * 1e-6)

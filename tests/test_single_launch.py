@@ -114,7 +114,7 @@ def _backward(g, w, r, dim, G, phase_by_phase):
                                             num_programs=G, phase_by_phase=phase_by_phase)
 
 
-def _vectors(w, dim, G, name=None):
+def _vectors(w, dim, G):
     M = w.shape[dim]
     gen = torch.Generator().manual_seed(G)
     u = F.normalize(torch.randn(M, generator=gen, dtype=torch.float64), dim=0).to(w.dtype)
