@@ -160,6 +160,20 @@ if [ "$mode" != bench ] && [ "$mode" != tests ]; then
   [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee -a "$OUT/kernel_sweep.log"
   [ "$t" != 0 ] && { timeout "$t" python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 \
     | tee -a "$OUT/kernel_sweep.log" || status=1; }
+  # A program's tile kept in registers through the streaming read (KEEP_A, session 25; the default
+  # where the rows fit one tile but the table of partials is too large for ON_CHIP: 1000x1536,
+  # 256x8192, 512x2304, 128x2048) against the rescale re-reading A as before (_KEEP_A=0); tiles of
+  # twice the streaming tile kept (_KEEP_A_MAX_ELEMENTS=32768: 512x4608's 4 x 8192, not the
+  # default); and on 128x1152 against ON_CHIP (_ON_CHIP_MAX_PARTIALS=0 gives it KEEP_A: two
+  # barriers and a column each, against one barrier and the whole 18 x 1152 table read by every
+  # program). Not yet timed. (~12 variants timed, ~5-8 s each.)
+  t=$(within 120 "$(reserve 90 250)")
+  if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== kernel sweep: tiles kept through the streaming read (KEEP_A) $(date +%T)"
+    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep \
+      --sweep-knobs _KEEP_A,_ON_CHIP_MAX_PARTIALS,_KEEP_A_MAX_ELEMENTS --sweep-shapes 1000x1536,256x8192,512x4608,128x1152 \
+      --out "$W/keep_a" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+  fi
   # The weights that fit in L2 with L2 flushed before every read (the table above replays 20 reads
   # with L2 warm, where they can beat the DRAM floor: bench/NOTES.md v19): issue #3's goals judged
   # on cold reads too. sn_fused only, graph times.

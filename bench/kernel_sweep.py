@@ -157,6 +157,14 @@ KNOBS["_MAXNREG"] = (255,)
 # Rows aligned to 2-8 elements, not 16 (BigGAN G's 24576x20 and Cx148): told to the kernels by
 # default (16-byte loads), or not, as before session 22 (session 22; differs on such weights only).
 KNOBS["_ROW_ALIGN"] = (0,)
+# A program's tile kept in registers through the streaming read where the table of partials is too
+# large for ON_CHIP (KEEP_A, session 25: 1000x1536, 256x8192, ...), or re-read by the rescale as
+# before (0); and KEEP_A also where ON_CHIP runs (_ON_CHIP_MAX_PARTIALS=0: two barriers and each
+# program combining its own columns, against one barrier and every program reading the whole table).
+KNOBS["_KEEP_A"] = (0,)
+KNOBS["_ON_CHIP_MAX_PARTIALS"] = (0,)
+# (tiles of twice the streaming tile kept: 512x4608's 4 x 8192, 1536x1536's 16 x 2048; not the default)
+KNOBS["_KEEP_A_MAX_ELEMENTS"] = (32768,)
 SWEEP_SHAPES = [(128, 1152), (768, 6912), (1536, 13824), (4096, 4096)]
 
 
@@ -191,15 +199,18 @@ def launched_plans(M: int, N: int):
 
 
 # How a layer loads its tiles as launched (launched_loads), as the sweeps' lines print it.
-LOADS_LEGEND = "G, sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH qBLOCK_Q gGRAD_STAGES as launched"
+LOADS_LEGEND = ("G, the forward's path (on-chip, kept, streaming), sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH "
+                "qBLOCK_Q gGRAD_STAGES as launched")
 
 
 def launched_loads(fwd, bwd) -> str:
     """How a layer with these launched (forward, backward) configs (``launched_plans``) loads
-    its tiles: ``sLOAD/RESCALE_STAGES pLOAD/RESCALE_PREFETCH qBLOCK_Q`` of the forward (Q:
-    phase R's partials per step), ``gGRAD_STAGES`` of the backward."""
-    return (f"s{fwd.LOAD_STAGES}/{fwd.RESCALE_STAGES} p{fwd.LOAD_PREFETCH}/{fwd.RESCALE_PREFETCH} q{fwd.BLOCK_Q} "
-            f"g{bwd.GRAD_STAGES}")
+    its tiles: the forward's path (ON_CHIP, KEEP_A or neither), ``sLOAD/RESCALE_STAGES
+    pLOAD/RESCALE_PREFETCH qBLOCK_Q`` of the forward (Q: phase R's partials per step),
+    ``gGRAD_STAGES`` of the backward."""
+    path = "on-chip" if fwd.ON_CHIP else "kept" if fwd.KEEP_A else "streaming"
+    return (f"{path} s{fwd.LOAD_STAGES}/{fwd.RESCALE_STAGES} p{fwd.LOAD_PREFETCH}/{fwd.RESCALE_PREFETCH} "
+            f"q{fwd.BLOCK_Q} g{bwd.GRAD_STAGES}")
 
 
 def knob_sweep(shapes=SWEEP_SHAPES, knobs=KNOBS):
@@ -336,16 +347,16 @@ def bwd_sweep():
 
 # ON_CHIP (kernels.py) against the streaming path on the weights small enough for it, and with
 # the partials limit raised, to find where every program reading the whole table stops paying.
-ON_CHIP_KNOBS = [("streaming", dict(_ON_CHIP=False)), ("default", {}),
+ON_CHIP_KNOBS = [("streaming", dict(_ON_CHIP=False)), ("default", {}), ("kept", dict(_ON_CHIP_MAX_PARTIALS=0)),
                  ("limit 2^20", dict(_ON_CHIP_MAX_PARTIALS=2**20)), ("rows 4096", dict(_ON_CHIP_MAX_ROW=4096))]
 ON_CHIP_SHAPES = [(64, 27), (128, 27), (1, 128), (1, 8192), (128, 128), (128, 1152), (24576, 20), (4096, 64),
                   (256, 2304), (1000, 1536)]
 
 
 def on_chip_sweep():
-    """Forward graph time (and fwd+bwd) per path: streaming, default, a high partials limit."""
+    """Forward graph time (and fwd+bwd) per path: streaming, default, KEEP_A, a high partials limit."""
     results = []
-    print("# ON_CHIP sweep: fwd graph us (f+b graph us) [G, forward on_chip] per variant; partials limit "
+    print("# ON_CHIP sweep: fwd graph us (f+b graph us) [G, forward on_chip, keep_a] per variant; partials limit "
           f"(default {ops_mod._ON_CHIP_MAX_PARTIALS})")
     for M, N in ON_CHIP_SHAPES:
         line, seen = [], set()
@@ -357,9 +368,10 @@ def on_chip_sweep():
                     continue
                 seen.add(key)
                 r = measure(M, N, "sn_fused", graph_only=True)
-            results.append(dict(M=M, N=N, path=name, grid=cfg.grid, on_chip=cfg.ON_CHIP,
+            results.append(dict(M=M, N=N, path=name, grid=cfg.grid, on_chip=cfg.ON_CHIP, keep_a=cfg.KEEP_A,
                                 fwd_graph_us=r["fwd_graph"], fwdbwd_graph_us=r["fwdbwd_graph"]))
-            line.append(f"{name}: {r['fwd_graph']:.1f} ({r['fwdbwd_graph']:.1f}) [{cfg.grid}, {int(cfg.ON_CHIP)}]")
+            line.append(f"{name}: {r['fwd_graph']:.1f} ({r['fwdbwd_graph']:.1f}) "
+                        f"[{cfg.grid}, {int(cfg.ON_CHIP)}, {int(cfg.KEEP_A)}]")
         print(f"{M:>5}x{N:<6} " + " | ".join(line), flush=True)
     return results
 

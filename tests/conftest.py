@@ -52,17 +52,24 @@ def cuda_kernel_names(fn) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-@contextlib.contextmanager
-def on_chip_path(enabled: bool):
-    """Let the kernels take their ON_CHIP path where it applies (the default), or never.
+#: The forward's read paths (kernels.py), as launch knobs: A on chip with every program summing the
+#: whole table of partials (small weights, by default), A kept in registers through the streaming
+#: phases (KEEP_A: by default where the table is larger; these knobs give it to every weight whose
+#: rows fit one tile), and the streaming read.
+FORWARD_PATHS = {"on-chip": {}, "kept": dict(_ON_CHIP_MAX_PARTIALS=0), "streaming": dict(_ON_CHIP=False)}
 
-    Small weights take ON_CHIP by default, so without this the streaming kernels (phases R
-    and F, the column-owner combine, the backward's re-read) would be tested on large
-    weights only.
+
+@contextlib.contextmanager
+def forward_path(name: str):
+    """Let the kernels take the read path ``name`` of ``FORWARD_PATHS`` where it applies.
+
+    Small weights take ON_CHIP by default, so without this the other paths (phases R and F,
+    the column-owner combine, the backward's re-read) would be tested on large weights only.
+    The backward follows ``_ON_CHIP`` alone: on chip but for "streaming".
     """
     from sn_fused.ops import spectral_norm as snm
 
-    with snm._launch_knobs(_ON_CHIP=enabled):
+    with snm._launch_knobs(**FORWARD_PATHS[name]):
         yield
 
 
@@ -72,19 +79,20 @@ def gen(request):
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-@pytest.fixture(params=[True, False], ids=["on-chip", "streaming"])
-def on_chip(request):
-    """Both paths of the kernels (see ``on_chip_path``); the value says which one runs."""
-    with on_chip_path(request.param):
+@pytest.fixture(params=list(FORWARD_PATHS))
+def path(request):
+    """Every read path of the kernels (see ``forward_path``); the value is its name."""
+    with forward_path(request.param):
         yield request.param
 
 
-def takes_on_chip(weight: torch.Tensor, dim: int, num_programs: int | None) -> bool:
-    """Whether the launcher's plan for this weight reads it ON_CHIP (forward)."""
+def path_taken(weight: torch.Tensor, dim: int, num_programs: int | None) -> str:
+    """The ``FORWARD_PATHS`` name of the launcher's plan for this weight's forward."""
     from sn_fused.ops import spectral_norm as snm
 
-    M = weight.shape[dim]
-    return snm._launch_config(M, weight.numel() // M, weight.device, num_programs).ON_CHIP
+    cfg = snm._forward_plan(tuple(weight.shape), weight.stride(), weight.stride(), dim, weight.device, 1, True,
+                            num_programs, True, weight.element_size()).cfg
+    return "on-chip" if cfg.ON_CHIP else "kept" if cfg.KEEP_A else "streaming"
 
 
 def two_tensor(t: torch.Tensor) -> torch.Tensor:

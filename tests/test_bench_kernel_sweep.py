@@ -76,8 +76,10 @@ def test_knob_sweep_sets_each_knob_then_the_defaults_again(monkeypatch, capsys):
         + [("_TILE_ELEMENTS", 64, False), ("default", None, False)])
     assert state() == before
     # Each row says what the launcher made of its knobs: a 16x64 weight is read on chip, which
-    # pipelines nothing, so every stage variant launched the defaults' loads (and says so).
-    assert {r["loads"] for r in rows} == {"s1/1 p0/0 q1 g1"}
+    # pipelines nothing, so every stage variant launched the defaults' loads (and says so); with
+    # one row per tile it is read streaming.
+    assert {(r["knob"] == "_TILE_ELEMENTS", r["loads"]) for r in rows} == {
+        (False, "on-chip s1/1 p0/0 q1 g1"), (True, "streaming s1/1 p0/0 q1 g1")}
     timed = [r for r in rows if not r["same_as_default"]]
     assert {(r["fwd_graph_us"], r["bwd_graph_us"]) for r in timed} == {(1.0, 2.0)}
     lines = capsys.readouterr().out.splitlines()[1:]
@@ -133,6 +135,34 @@ def test_knob_sweep_times_a_knob_of_the_launch_arguments(monkeypatch, capsys):
         (64, "default", False), (64, "_ROW_ALIGN", True), (64, "default", False)]
     assert seen == [(24, 20, 1), (24, 20, 0), (24, 20, 1), (16, 64, 1), (16, 64, 1)] and snm._ROW_ALIGN == 1
     assert "ROW_ALIGN=0:1.0/2.0[" in capsys.readouterr().out
+
+
+def test_knob_sweep_times_the_kept_tile_against_its_alternatives(monkeypatch, capsys):
+    """``gpu_check.sh``'s KEEP_A sweep: ``_ON_CHIP_MAX_PARTIALS=0`` moves a weight read ON_CHIP to
+    KEEP_A, and ``_KEEP_A=0`` a KEEP_A weight to the streaming read (here a program per row: 16 x
+    4096's table is beyond ON_CHIP's limit), each timed and labelled with its path; a knob that
+    changes nothing on a weight (``_KEEP_A=0`` where ON_CHIP reads it) is not."""
+    import torch
+
+    from bench import kernel_sweep
+
+    paths = []
+    monkeypatch.setattr(kernel_sweep, "cuda_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(snm, "_default_grid", lambda M, N, cap: M)
+    monkeypatch.setattr(kernel_sweep, "layer", lambda M, N, impl: paths.append(kernel_sweep.launched_loads(
+        *kernel_sweep.launched_plans(M, N)).split()[0]))
+    monkeypatch.setattr(kernel_sweep, "first_read_error", lambda m: 0.0)
+    monkeypatch.setattr(kernel_sweep, "graph_time_us", lambda fn: 1.0)
+    monkeypatch.setattr(kernel_sweep, "backward_alone_us", lambda m, g: 2.0)
+    knobs = {name: kernel_sweep.KNOBS[name] for name in ("_KEEP_A", "_ON_CHIP_MAX_PARTIALS")}
+    rows = kernel_sweep.knob_sweep([(16, 64), (16, 4096)], knobs)
+    assert [(r["N"], r["knob"], r["same_as_default"]) for r in rows] == [
+        (64, "default", False), (64, "_KEEP_A", True), (64, "_ON_CHIP_MAX_PARTIALS", False), (64, "default", False),
+        (4096, "default", False), (4096, "_KEEP_A", False), (4096, "_ON_CHIP_MAX_PARTIALS", True),
+        (4096, "default", False)]
+    assert paths == ["on-chip", "kept", "on-chip", "kept", "streaming", "kept"]
+    out = capsys.readouterr().out
+    assert "KEEP_A=0:1.0/2.0[16 streaming " in out and "ON_CHIP_MAX_PARTIALS=0:1.0/2.0[16 kept " in out, out
 
 
 def test_measure_times_the_backward_alone_for_sn_fused(monkeypatch):
@@ -251,13 +281,14 @@ def test_phase_times_time_each_phase_alone_then_the_one_launch(monkeypatch, caps
     names = {snm.kernels.PHASE_ST: "ST", snm.kernels.PHASE_R: "R", snm.kernels.PHASE_F: "F",
              snm.kernels.PHASE_FIX_T: "FIX_T", snm.kernels.PHASE_FIX_R: "FIX_R"}
     assert [r["kind"] for r in results] == ["fwd", "bwd"]
-    assert {r["loads"] for r in results} == {f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p0/0 q{cfg.BLOCK_Q} g1"}
+    assert cfg.ON_CHIP
+    assert {r["loads"] for r in results} == {f"on-chip s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES} p0/0 q{cfg.BLOCK_Q} g1"}
     assert [x["phase"] for x in results[0]["phases"]] == [names[p] for p in fwd]
     assert [x["phase"] for x in results[1]["phases"]] == ["DOT", "GRAD"]
     one = [["spectral_norm_fwd_kernel"]] * (len(fwd) + 1) + [["spectral_norm_bwd_kernel"]] * 3
     assert timed == one, timed
     line = capsys.readouterr().out.splitlines()[-1]
-    assert line.split()[1:3] == [f"[1", f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES}"], line
+    assert line.split()[1:4] == ["[1", "on-chip", f"s{cfg.LOAD_STAGES}/{cfg.RESCALE_STAGES}"], line
     assert all(f"fwd.{names[p]}:1.0" in line for p in fwd) and "bwd.DOT:1.0" in line and "bwd.GRAD:1.0" in line
     assert "fwd sum %.1f one launch 1.0" % len(fwd) in line and "bwd sum 2.0 one launch 1.0" in line
 

@@ -32,14 +32,14 @@ SCRIPT = textwrap.dedent("""
     bwd.update(ws_ptr="*fp32", sem_ptr="*i32")
 
     def fwd_case(**blocks):
-        defaults = dict(NCOL=1, NCOL_V=1, TRAINING=True, PHASE=-1, LOAD_STAGES=1, RESCALE_STAGES=1, LOAD_PREFETCH=0,
-                        RESCALE_PREFETCH=0, ROW_ALIGN=1)
+        defaults = dict(NCOL=1, NCOL_V=1, TRAINING=True, PHASE=-1, KEEP_A=False, LOAD_STAGES=1, RESCALE_STAGES=1,
+                        LOAD_PREFETCH=0, RESCALE_PREFETCH=0, ROW_ALIGN=1)
         return (K.spectral_norm_fwd_kernel, fwd, {**defaults, **blocks})
 
     def bwd_case(**blocks):
         return (K.spectral_norm_bwd_kernel, bwd, {**dict(NCOL_V=1, PHASE=-1, GRAD_STAGES=1, ROW_ALIGN=1), **blocks})
 
-    cases = [  # streaming and ON_CHIP, training and eval, strided (NCOL > 1) layouts
+    cases = [  # streaming, KEEP_A and ON_CHIP, training and eval, strided (NCOL > 1) layouts
         fwd_case(BLOCK_M=16, BLOCK_N=512, BLOCK_R=16, BLOCK_C=128, BLOCK_P=128, BLOCK_Q=32, ROW_IN_TILE=False,
                  ON_CHIP=False),
         fwd_case(BLOCK_M=2, BLOCK_N=8192, BLOCK_R=8, BLOCK_C=64, BLOCK_P=256, BLOCK_Q=64, ROW_IN_TILE=True,
@@ -52,6 +52,10 @@ SCRIPT = textwrap.dedent("""
                  ON_CHIP=False, NCOL=3, TRAINING=False),
         fwd_case(BLOCK_M=4, BLOCK_N=64, BLOCK_R=32, BLOCK_C=64, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=False,
                  ON_CHIP=False, NCOL_V=2),
+        fwd_case(BLOCK_M=8, BLOCK_N=2048, BLOCK_R=8, BLOCK_C=16, BLOCK_P=256, BLOCK_Q=256, ROW_IN_TILE=True,
+                 ON_CHIP=False, KEEP_A=True),
+        fwd_case(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, BLOCK_C=16, BLOCK_P=8, BLOCK_Q=8, ROW_IN_TILE=True,
+                 ON_CHIP=False, KEEP_A=True, NCOL=3, TRAINING=False),
         fwd_case(BLOCK_M=8, BLOCK_N=2048, BLOCK_R=8, BLOCK_C=64, BLOCK_P=32, BLOCK_Q=4, ROW_IN_TILE=True,
                  ON_CHIP=True),
         fwd_case(BLOCK_M=64, BLOCK_N=32, BLOCK_R=64, BLOCK_C=1, BLOCK_P=64, BLOCK_Q=64, ROW_IN_TILE=True,
@@ -112,21 +116,24 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
         return compiled, global_loads(compiled)[0], cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) // 4
 
     # The grid the launcher gives each weight on a 132-SM card (small ones get fewer programs);
-    # the first four take the forward's ON_CHIP path, the others the streaming one (the backward:
-    # also 256x8192 and 1000x1536); the weights larger than an H100's L2 (1536x13824, 4096x4096)
-    # with both loops over A pipelined (3 stages).
+    # the first four take the forward's ON_CHIP path, 1000x1536 and 256x8192 the streaming one with
+    # their tiles kept (KEEP_A; the backward: ON_CHIP), the others the streaming one; the weights
+    # larger than an H100's L2 (1536x13824, 4096x4096) with both loops over A pipelined (3 stages).
     for M, N in [(128, 1152), (24576, 20), (1, 4096), (1, 8192), (512, 4608), (1536, 13824), (1000, 1536),
                  (4096, 1024), (4096, 4096), (256, 8192)]:
         w = torch.randn(M, N)
         grid = snm._default_grid(M, N, 132)
-        on_chip = snm._launch_config(M, N, w.device, grid).ON_CHIP
+        cfg = snm._launch_config(M, N, w.device, grid)
+        on_chip = cfg.ON_CHIP
         pair = [launch_of(w, 0, "training"), launch_of(w, 0, "backward")]
         stages = (pair[0][2].LOAD_STAGES, pair[0][2].RESCALE_STAGES)
         assert stages == ((3, 3) if M * N * 4 > 50 * 2**20 else (1, 1)), (M, N, stages)
         spills = [spill_bytes(*launch) for launch in pair]
-        print(f"{M}x{N} ({grid} programs, on_chip={on_chip}/{pair[1][2].ON_CHIP}) spill bytes (stores, loads): "
-              f"forward {spills[0]}, backward {spills[1]}")
+        print(f"{M}x{N} ({grid} programs, on_chip={on_chip}/{pair[1][2].ON_CHIP}, keep_a={cfg.KEEP_A}) spill bytes "
+              f"(stores, loads): forward {spills[0]}, backward {spills[1]}")
         assert on_chip == ((M, N) in [(128, 1152), (24576, 20), (1, 4096), (1, 8192)]), (M, N, on_chip)
+        assert cfg.KEEP_A == ((M, N) in [(1000, 1536), (256, 8192)]), (M, N, cfg.KEEP_A)
+        assert pair[0][2].KEEP_A == cfg.KEEP_A
         bwd_on_chip = pair[1][2].ON_CHIP
         assert bwd_on_chip == ((M, N) in [(128, 1152), (24576, 20), (1, 4096), (1, 8192), (256, 8192),
                                           (1000, 1536)]), (M, N, bwd_on_chip)
@@ -267,7 +274,7 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
                                           ((4096, 4096), torch.float32, True, (1, 1)),
                                           ((4096, 4096), torch.bfloat16, True, (1, 1)),
                                           ((768, 6912), torch.float16, False, (1, 1))]:
-        with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1, _LOAD_STAGES=1, _RESCALE_STAGES=1):
+        with snm._launch_knobs(_LOAD_PREFETCH=1, _RESCALE_PREFETCH=1, _LOAD_STAGES=1, _RESCALE_STAGES=1, _KEEP_A=0):
             kernel, args, cfg, coop = forward_launch(M, N, dtype, training)
             assert (cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH) == want and cfg.LOAD_STAGES == cfg.RESCALE_STAGES == 1
             compiled = compile_launch(kernel, args, cfg, coop)

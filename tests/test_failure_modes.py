@@ -55,7 +55,7 @@ from sn_fused import reference
 from sn_fused.ops import INTERPRET, check_inputs, kernels, new_semaphore
 from sn_fused.ops import spectral_norm as opsmod
 from sn_fused.ops import spectral_norm_backward_fused, spectral_norm_forward_fused, spectral_norm_fused
-from conftest import fused_device_or_skip, takes_on_chip, two_tensor
+from conftest import fused_device_or_skip, path_taken, two_tensor
 
 DEVICE = fused_device_or_skip()
 
@@ -1027,7 +1027,7 @@ def fused_follows_pytorch_ops(W, u, v, programs, tol, ctx, **kwargs):
 
 @pytest.mark.parametrize("N", [5, 300])
 @pytest.mark.parametrize("programs", [None, 3], ids=["default-launch", "3-programs-phase-by-phase"])
-def test_overflow_fallback_across_programs(programs, N, on_chip, seed):
+def test_overflow_fallback_across_programs(programs, N, path, seed):
     """The overflow fallback (t = A^T u redone when ||t||^2 is not finite) with partials from
     several programs: one huge row among ordinary ones, float32. Same u, v, sigma, W_sn as
     PyTorch's own ops, NaN/Inf pattern included. N = 300: 512-wide row tiles, which the
@@ -1036,7 +1036,7 @@ def test_overflow_fallback_across_programs(programs, N, on_chip, seed):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(7, N, generator=g).to(DEVICE)
     W[3] = 3e25  # ||W v||^2 and A^T s overflow float32 (so PyTorch's u is 0); A^T u does not
-    assert takes_on_chip(W, 0, programs) == on_chip
+    assert path_taken(W, 0, programs) == path
     u = F.normalize(torch.randn(7, generator=g), dim=0).to(DEVICE)
     v = F.normalize(torch.randn(N, generator=g), dim=0).to(DEVICE)
     for n in (1, 2):
@@ -1046,7 +1046,7 @@ def test_overflow_fallback_across_programs(programs, N, on_chip, seed):
 
 @pytest.mark.parametrize("eps", [0.0, 1e-30])
 @pytest.mark.parametrize("programs", [None, 3], ids=["default-launch", "3-programs-phase-by-phase"])
-def test_tiny_t_with_tiny_eps_follows_pytorch(eps, programs, on_chip, seed):
+def test_tiny_t_with_tiny_eps_follows_pytorch(eps, programs, path, seed):
     """With eps below the float32 underflow of ||t||^2, PyTorch's norm underflows (to 0) and
     its v and sigma follow from that: the 2^64-scaled sum must only rescue sigma, not change
     dv (found in review: v was off by ~1e5 with eps = 1e-30, and finite where PyTorch's is
@@ -1058,7 +1058,7 @@ def test_tiny_t_with_tiny_eps_follows_pytorch(eps, programs, on_chip, seed):
     fused_follows_pytorch_ops(W, u, v, programs, dict(rtol=1e-4, atol=0), f"seed {seed}", eps=eps)
 
 
-def test_overflowing_norm_gives_pytorchs_result(on_chip):
+def test_overflowing_norm_gives_pytorchs_result(path):
     """||W v||^2 overflows float32. PyTorch: u = v = 0, sigma = 0, W_sn = +-Inf.
 
     Regression: the kernel formed t = A^T s / du before normalizing s, so A^T s overflowed
@@ -1078,14 +1078,14 @@ def test_overflowing_norm_gives_pytorchs_result(on_chip):
 
 
 @pytest.mark.parametrize("programs", [None, 2], ids=["default-launch", "2-programs-phase-by-phase"])
-def test_infinite_t_entry_gives_pytorchs_nan(programs, on_chip):
+def test_infinite_t_entry_gives_pytorchs_nan(programs, path):
     """A column of A^T u overflows to Inf while ||W v|| stays finite (a huge column met by a tiny
     v entry): ||t|| is Inf, PyTorch's v = t / Inf has NaN where t is Inf, so sigma and W_sn are
     NaN. The kernel takes sigma from the non-finite marker (the sum of t - t) there, which the
     ON_CHIP read sums only where ||t||^2 is not finite or tiny (kernels.py ``_on_chip_t_stats``;
     a read that skipped it gave sigma 0 and W_sn +-Inf, checked by mutation)."""
     W = torch.tensor([[3e38, 1.0, 2.0], [3e38, 1.0, -1.0]], device=DEVICE)
-    assert takes_on_chip(W, 0, programs) == on_chip
+    assert path_taken(W, 0, programs) == path
     u, v = torch.tensor([0.6, 0.8], device=DEVICE), torch.tensor([1e-30, 0.6, 0.8], device=DEVICE)
     u_ref, v_ref = u.clone(), v.clone()
     want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref)  # PyTorch's own ops
@@ -1094,7 +1094,7 @@ def test_infinite_t_entry_gives_pytorchs_nan(programs, on_chip):
 
 
 @pytest.mark.parametrize("programs", [None, 2], ids=["default-launch", "2-programs-phase-by-phase"])
-def test_finite_partials_overflowing_total_follow_pytorch(programs, on_chip):
+def test_finite_partials_overflowing_total_follow_pytorch(programs, path):
     """||t||^2 overflows only when summed: two programs' columns each hold one t_j of 1.5e19
     (t_j^2 finite), so each program's partial is finite and skips the non-finite marker's sum
     (stored as 0, ``_rare_stats_needed``), and the total is Inf: the read takes the overflow
@@ -1102,7 +1102,7 @@ def test_finite_partials_overflowing_total_follow_pytorch(programs, on_chip):
     W = torch.zeros(2, 32, device=DEVICE)
     W[0, 0] = W[0, 16] = 1.5e19  # (columns 0 and 16: the two programs' runs of 16-column blocks)
     W[0, 1], W[1, 2] = 1.0, 0.5
-    assert takes_on_chip(W, 0, programs) == on_chip
+    assert path_taken(W, 0, programs) == path
     v = torch.zeros(32, device=DEVICE)
     v[1], v[2] = 1.0, 0.001
     u = torch.tensor([1.0, 0.0], device=DEVICE)

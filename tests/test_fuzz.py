@@ -52,7 +52,7 @@ import sn_fused  # noqa: E402
 from sn_fused import reference  # noqa: E402
 from sn_fused.ops import new_semaphore  # noqa: E402
 from sn_fused.ops import spectral_norm as opsmod  # noqa: E402
-from conftest import fused_device_or_skip, on_chip_path  # noqa: E402
+from conftest import FORWARD_PATHS, forward_path, fused_device_or_skip  # noqa: E402
 
 DEVICE = fused_device_or_skip()
 
@@ -440,7 +440,7 @@ def cases(draw, training):
         scale=10.0 ** draw(st.sampled_from(SCALES[dtype])),
         warm=draw(st.sampled_from([0, 0, 1, 15])),
         num_programs=draw(st.integers(1, 4)),
-        on_chip=draw(st.booleans()),  # False: the streaming path even where ON_CHIP applies
+        path=draw(st.sampled_from(list(FORWARD_PATHS))),  # conftest.forward_path: where it applies
         poison=draw(st.booleans()),
         grad_layout=draw(layouts(shape)),
         seed=draw(st.integers(0, 2**63 - 1)),
@@ -454,7 +454,7 @@ def cases(draw, training):
 
 
 def run_case(case):
-    with on_chip_path(case["on_chip"]):
+    with forward_path(case["path"]):
         return _run_case(case)
 
 
@@ -488,7 +488,7 @@ def _run_case(case):
     ctx = (f"shape={shape} dtype={dtype} dim={dim} n={n} eps={eps:.3g} scale={case['scale']:.0e} "
            f"layout={case['layout']} strides={W.stride()} training={training} "
            f"num_programs={case['num_programs']} phase_by_phase={case['phase_by_phase']} "
-           f"on_chip={case['on_chip']} "
+           f"path={case['path']} "
            f"poison={case['poison']} warm={case['warm']}")
 
     oracle = Oracle(W, u0, v0, dim=dim_n, n=n, eps=eps, training=training, dtype=dtype,
@@ -646,7 +646,7 @@ ORACLE_CASES = [
 @pytest.mark.parametrize("case", ORACLE_CASES, ids=lambda c: f"{c['shape']}-dim{c['dim']}")
 def test_fuzz_float64_converged_long_rows(case):
     slack = run_case(dict(case, dtype=torch.float64, eps="0", eps_factor=1.5, scale=1e-15, warm=15,
-                          num_programs=1, on_chip=False, poison=False, grad_layout=(None, None, None),
+                          num_programs=1, path="streaming", poison=False, grad_layout=(None, None, None),
                           phase_by_phase=None))
     assert slack is not None and all(math.isfinite(v) and v <= 1 for v in slack.values()), slack
 
@@ -657,7 +657,7 @@ def test_fuzz_checks_catch_wrong_results(poison):
     case = dict(shape=(37, 5, 3), dtype=torch.float32, layout=((2, 0, 1), None, None), dim=1, n=2,
                 eps="1e-12", eps_factor=2.0, scale=1.0, warm=0, num_programs=3, poison=poison,
                 grad_layout=(None, None, None), seed=int(torch.randint(0, 2**62, ()).item()),
-                training=True, phase_by_phase=None, on_chip=True)
+                training=True, phase_by_phase=None, path="on-chip")
     run_case(case)  # correct as is
 
     real_fwd, real_bwd = opsmod._launch_forward, opsmod._launch_backward

@@ -18,7 +18,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available
     pytest.skip("needs a CUDA GPU (and TRITON_INTERPRET unset)", allow_module_level=True)
 
 import sn_fused  # noqa: E402
-from conftest import cuda_kernel_names, takes_on_chip  # noqa: E402
+from conftest import cuda_kernel_names, path_taken  # noqa: E402
 from sn_fused import reference  # noqa: E402
 from sn_fused.ops import new_semaphore, spectral_norm_backward_fused, spectral_norm_forward_fused  # noqa: E402
 from sn_fused.ops import spectral_norm as ops_mod  # noqa: E402
@@ -470,15 +470,15 @@ def test_autocast_keeps_weight_dtype():
 
 
 @pytest.mark.parametrize("M,N", [(512, 4608), (24576, 20), (4096, 64), (1, 8192)])
-def test_overflow_fallback_single_launch(M, N, on_chip):
+def test_overflow_fallback_single_launch(M, N, path):
     """The overflow fallback is a branch with two extra grid barriers inside the one launch:
     every program must take it (or none), or the launch hangs. A float32 weight with one
     huge row, so ||W v||^2 overflows: the result must be PyTorch's own ops' (same u, v,
     sigma, W_sn, NaN/Inf pattern included), and the semaphore back at rest."""
     gen = torch.Generator().manual_seed(M + N)
     w = torch.randn(M, N, generator=gen).to(DEV)
-    if takes_on_chip(w, 0, None) != on_chip:
-        pytest.skip(f"{M}x{N} does not take the {'ON_CHIP' if on_chip else 'streaming'} path")
+    if path_taken(w, 0, None) != path:
+        pytest.skip(f"{M}x{N} does not take the {path} path")
     w[M // 2] = 3e25
     u, v = _unit(M, torch.float32, gen), _unit(N, torch.float32, gen)
     for n in (1, 2):
@@ -515,15 +515,15 @@ def _rare_t_case(case, gen):
 
 
 @pytest.mark.parametrize("case", ["tiny-t", "inf-in-t", "finite-parts-inf-total"])
-def test_rare_t_statistics_single_launch(case, on_chip):
+def test_rare_t_statistics_single_launch(case, path):
     """t's non-finite marker and 2^64-scaled sum of squares are summed only where ||t||^2 (or a
     program's part of it) is tiny or not finite (kernels.py ``_rare_stats_needed``): in one launch
     of several programs, each deciding for its own partials, u, v, sigma and W_sn are PyTorch's
     own ops' (NaN/Inf pattern included), and the semaphore is back at rest."""
     gen = torch.Generator().manual_seed(len(case))
     W, u, v, eps = _rare_t_case(case, gen)
-    if takes_on_chip(W, 0, None) != on_chip:
-        pytest.skip(f"64x300 does not take the {'ON_CHIP' if on_chip else 'streaming'} path")
+    if path_taken(W, 0, None) != path:
+        pytest.skip(f"64x300 does not take the {path} path")
     assert ops_mod._launch_config(64, 300, DEV, None).grid > 1
     u_ref, v_ref = u.clone(), v.clone()
     want, sigma_ref = reference.spectral_norm_reference(W, u_ref, v_ref, eps=eps)

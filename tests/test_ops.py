@@ -38,7 +38,7 @@ import pytest
 import torch
 import triton
 
-from conftest import takes_on_chip, two_tensor
+from conftest import FORWARD_PATHS, path_taken, two_tensor
 from sn_fused import ops, reference
 from sn_fused.ops import kernels
 from sn_fused.ops import spectral_norm as snm
@@ -634,11 +634,12 @@ def _forward_backward(weight, u0, v0, grad, *, dim, n, training, **launch):
 
 @pytest.mark.parametrize("num_programs", [1, 2, 3, 5])
 @pytest.mark.parametrize("case", MP_CASES, ids=[c[0] for c in MP_CASES])
-def test_multi_program_phase_by_phase(case, num_programs, on_chip, device, gen):
-    """Per-program partials and fixed-order combines, launched one phase at a time; both
-    forward paths (ON_CHIP: every program sums the whole table of partials)."""
+def test_multi_program_phase_by_phase(case, num_programs, path, device, gen):
+    """Per-program partials and fixed-order combines, launched one phase at a time; every
+    forward path (ON_CHIP: every program sums the whole table of partials; KEEP_A: the streaming
+    phases with a program's tile loaded once per phase)."""
     weight, dim = make_weight(case, gen, torch.float32, device)
-    assert takes_on_chip(weight, dim, num_programs) == on_chip
+    assert path_taken(weight, dim, num_programs) == path
     grad = randn(weight.shape, gen, torch.float32, device)
     for training, n in ((True, 2), (False, 1)):
         u0, v0 = vec_pair(weight, dim, gen)
@@ -646,7 +647,7 @@ def test_multi_program_phase_by_phase(case, num_programs, on_chip, device, gen):
         with count_launches() as calls:
             first = _forward_backward(weight, u0, v0, grad, dim=dim, n=n, training=training, **launch)
         G = min(num_programs, weight.shape[dim])
-        n_fwd = len(snm._forward_phases(training, n, on_chip))
+        n_fwd = len(snm._forward_phases(training, n, path == "on-chip"))
         assert n_fwd >= (2 if training else 1) + (n - 1) * training  # one launch per barrier gap
         assert_launch_kinds(calls, ["fwd"] * n_fwd + ["bwd"] * 2, device)
         assert all(c[1] == G and c[2] != kernels.PHASE_ALL for c in calls)
@@ -805,16 +806,17 @@ def _reads_and_backward_against_oracle(w, grad, gen, **launch):
 @pytest.mark.parametrize("shape,num_programs,phase_by_phase", [
     ((7, 148), 1, False), ((13, 148), 3, True), ((24, 20), 1, False), ((33, 20), 3, True), ((9, 44), 3, True),
     ((5, 328), 2, True)], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
-@pytest.mark.parametrize("on_chip", [True, False], ids=["on_chip", "streaming"])
-def test_rows_aligned_below_16_elements(shape, num_programs, phase_by_phase, on_chip, device, gen):
+@pytest.mark.parametrize("path", list(FORWARD_PATHS))
+def test_rows_aligned_below_16_elements(shape, num_programs, phase_by_phase, path, device, gen):
     """Weights whose rows ``_row_align`` finds 2, 4 or 8 elements aligned (BigGAN G's 148- and
     20-wide linears): the read (training, n = 2, and eval) and the backward against the oracle,
-    outputs poisoned, one program and several phase by phase, on chip and streaming (small
+    outputs poisoned, one program and several phase by phase, on chip, kept and streaming (small
     tiles, so a program's rows take several). A ``ROW_ALIGN`` the layout does not have would
     move the rows' offsets (``kernels._multiple_of`` rounds down to it) and fail here."""
     w = torch.randn(*shape, generator=gen).to(device)
     grad = torch.randn(*shape, generator=gen).to(device)
-    knobs = {} if on_chip else dict(_ON_CHIP=False, _TILE_ELEMENTS=64, _BWD_TILE_ELEMENTS=64, _BWD_BLOCK_N=32)
+    knobs = (FORWARD_PATHS[path] if path != "streaming"
+             else dict(_ON_CHIP=False, _TILE_ELEMENTS=64, _BWD_TILE_ELEMENTS=64, _BWD_BLOCK_N=32))
     with snm._launch_knobs(**knobs):
         layout = snm._matrix_layout(0, w)
         assert snm._row_align(layout) > 1, shape
@@ -861,11 +863,11 @@ def test_wide_rows_column_blocks(case, num_programs, phase_by_phase, wide_rows, 
 
 
 @pytest.mark.parametrize("case", MP_CASES[:2], ids=[c[0] for c in MP_CASES[:2]])
-def test_single_launch_one_program(case, on_chip, device, gen):
+def test_single_launch_one_program(case, path, device, gen):
     """num_programs=1, every phase in one launch (barriers pass at once); ON_CHIP: the whole
-    read in registers, no workspace."""
+    read in registers, no workspace; KEEP_A: the streaming phases from the tile loaded once."""
     weight, dim = make_weight(case, gen, torch.float32, device)
-    assert takes_on_chip(weight, dim, 1) == on_chip
+    assert path_taken(weight, dim, 1) == path
     grad = randn(weight.shape, gen, torch.float32, device)
     for training, n in ((True, 1), (True, 3), (False, 1)):
         u0, v0 = vec_pair(weight, dim, gen)
@@ -890,7 +892,7 @@ def test_single_launch_one_program(case, on_chip, device, gen):
 
 
 @pytest.mark.parametrize("num_programs", [2, 3, 5, None])
-def test_single_launch_multi_program(num_programs, on_chip, device, gen):
+def test_single_launch_multi_program(num_programs, path, device, gen):
     """Grid barriers with several co-resident programs: GPU only."""
     if device == "cpu":
         pytest.skip("a spin barrier with >1 program deadlocks in the Triton interpreter "
@@ -898,7 +900,7 @@ def test_single_launch_multi_program(num_programs, on_chip, device, gen):
     # ConvTranspose2d(64, 32, 3), channels last: A is 32 x 576 (3 programs by default), small
     # enough for ON_CHIP at every grid here
     weight, dim = make_weight(("convT", (64, 32, 3, 3), _cl, 1), gen, torch.float32, device)
-    assert takes_on_chip(weight, dim, num_programs) == on_chip
+    assert path_taken(weight, dim, num_programs) == path
     grad = randn(weight.shape, gen, torch.float32, device)
     for training, n in ((True, 1), (True, 2), (False, 1)):
         u0, v0 = vec_pair(weight, dim, gen)
@@ -1044,11 +1046,11 @@ LAUNCH_IDS = ["single-launch", "phases-G1", "phases-G3"]
 
 @pytest.mark.parametrize("launch", LAUNCH_MODES, ids=LAUNCH_IDS)
 @pytest.mark.parametrize("out_layout", ["like-weight", "contiguous"])
-def test_forward_writes_every_output_element(launch, out_layout, on_chip, device, gen):
+def test_forward_writes_every_output_element(launch, out_layout, path, device, gen):
     """Outputs (and the workspace) pre-filled with NaN: every element must be written."""
     case = ("4d-sliced-channels_last", (6, 5, 4, 3), lambda t: _cl(t)[:, 1:4], 1)
     weight, dim = make_weight(case, gen, torch.float32, device)
-    assert takes_on_chip(weight, dim, launch["num_programs"]) == on_chip
+    assert path_taken(weight, dim, launch["num_programs"]) == path
     for training, n in ((True, 2), (False, 1)):
         u0, v0 = vec_pair(weight, dim, gen)
         u, v = u0.clone(), v0.clone()
@@ -1279,6 +1281,26 @@ def test_partials_tile_sets_phase_r_steps(on_chip, tile, block_q, device, gen):
         check_forward(w, u0, v0, res, dim=0, n=2, eps=1e-12, training=training)
 
 
+@pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
+def test_kept_tiles_larger_than_the_streaming_tile(num_programs, phase_by_phase, device, gen):
+    """``_KEEP_A_MAX_ELEMENTS``: KEEP_A keeps a program's rows whole where they would take several
+    streaming tiles (tiles of 64 here: one 40-wide row each; a program's 4 or 16 rows kept as one
+    tile), read (training, n = 2, and eval) and backward against the oracle; at the default limit
+    (the streaming tile's) the same weight streams."""
+    w = torch.randn(12, 40, generator=gen).to(device)
+    grad = torch.randn(12, 40, generator=gen).to(device)
+
+    def cfg():
+        return snm._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, True, num_programs,
+                                 phase_by_phase).cfg
+
+    with snm._launch_knobs(_TILE_ELEMENTS=64, _ON_CHIP_MAX_PARTIALS=0):
+        assert (cfg().KEEP_A, cfg().BLOCK_M) == (False, 1)
+    with snm._launch_knobs(_TILE_ELEMENTS=64, _ON_CHIP_MAX_PARTIALS=0, _KEEP_A_MAX_ELEMENTS=1024):
+        assert (cfg().KEEP_A, cfg().BLOCK_M, cfg().BLOCK_N) == (True, 16 if num_programs == 1 else 4, 64)
+        _check_reads_and_backward(w, 0, grad, gen, num_programs=num_programs, phase_by_phase=phase_by_phase)
+
+
 def test_pipelined_loads_by_default_only_beyond_l2(monkeypatch):
     """``_LOAD_STAGES`` / ``_RESCALE_STAGES`` at 0 (the defaults): both loops over A pipelined
     ``_STAGES_BEYOND_L2`` deep where A's bytes (its element size counts) exceed the device's L2,
@@ -1404,13 +1426,14 @@ def test_prefetch_only_where_two_tiles_fit_in_registers():
                                      snm._default_grid(M, N, 132), False, dtype.itemsize).cfg
     fits = {(M, N): (plan(M, N).LOAD_PREFETCH, plan(M, N).RESCALE_PREFETCH)
             for M, N in [(4096, 4096), (1000, 1536), (768, 6912), (512, 4608), (1536, 13824)]}
-    assert fits == {(4096, 4096): (1, 1), (1000, 1536): (1, 1), (768, 6912): (1, 1), (512, 4608): (1, 1),
-                    (1536, 13824): (0, 1)}
+    assert fits == {(4096, 4096): (1, 1), (1000, 1536): (0, 0), (768, 6912): (1, 1), (512, 4608): (1, 1),
+                    (1536, 13824): (0, 1)}  # (1000x1536: KEEP_A, below)
     assert (plan(4096, 4096, torch.float64).LOAD_PREFETCH, plan(4096, 4096, torch.float64).RESCALE_PREFETCH) == (0, 0)
     # Narrow rows: a tile of many rows, whose per-element addresses fill the registers (30000x100
     # spilled ~2 KB with both on): never.
     assert (plan(30000, 100).LOAD_PREFETCH, plan(30000, 100).RESCALE_PREFETCH) == (0, 0)
     assert plan(128, 1152).ON_CHIP and plan(128, 1152).LOAD_PREFETCH == 0  # ON_CHIP loads its tile once
+    assert plan(1000, 1536).KEEP_A  # and so does KEEP_A
 
 
 def test_default_grid():

@@ -37,7 +37,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,  # noqa: E402
                                  rule)
 
-from conftest import on_chip_path  # noqa: E402
+from conftest import FORWARD_PATHS, forward_path  # noqa: E402
 from test_parametrizations import VEC_TOL, assert_close, assert_uv_close, make_pair, orig, par  # noqa: E402
 
 SLOW = os.environ.get("SN_FUSED_SLOW", "0") == "1"
@@ -53,13 +53,13 @@ class SpectralNormUse(RuleBasedStateMachine):
     """One pair of models driven alike; ``self.pending``: reads not yet backpropagated."""
 
     @initialize(kind=st.sampled_from(KINDS), n=st.integers(1, 3), train=st.booleans(),
-                on_chip=st.booleans(), seed=st.integers(0, 2**31 - 1))
-    def build(self, kind, n, train, on_chip, seed):
-        """``on_chip``: False keeps these small weights off the kernels' ON_CHIP path, which
-        they would take by default, so that the streaming path runs too."""
+                path=st.sampled_from(list(FORWARD_PATHS)), seed=st.integers(0, 2**31 - 1))
+    def build(self, kind, n, train, path, seed):
+        """``path``: the kernels' read path (``conftest.forward_path``); these small weights
+        would take ON_CHIP by default, so that the other paths run too."""
         self.kind = kind
-        self._on_chip = on_chip_path(on_chip)
-        self._on_chip.__enter__()
+        self._path = forward_path(path)
+        self._path.__enter__()
         self.ref, self.ours, self.make_x = make_pair(kind, seed, dtype=DTYPE, n_power_iterations=n,
                                                      train=train)
         self.seed = seed
@@ -211,8 +211,8 @@ class SpectralNormUse(RuleBasedStateMachine):
         self._read()
 
     def teardown(self):
-        if hasattr(self, "_on_chip"):
-            self._on_chip.__exit__(None, None, None)
+        if hasattr(self, "_path"):
+            self._path.__exit__(None, None, None)
 
     # ------------------------------------------------------------------ after every step
 

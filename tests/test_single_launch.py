@@ -62,10 +62,12 @@ def _weights():
     ]
 
 
-#: Launch knobs (``snm._launch_knobs``) that take the kernels' paths: on chip, streaming with whole
-#: rows in a tile, rows over column blocks, loads a tile ahead, partials summed in many steps.
+#: Launch knobs (``snm._launch_knobs``) that take the kernels' paths: on chip, streaming with the tile
+#: kept (KEEP_A, given to every weight whose rows fit), streaming with whole rows in a tile, rows over
+#: column blocks, loads a tile ahead, partials summed in many steps.
 KNOBS = {
     "on chip": {},
+    "kept": dict(_ON_CHIP_MAX_PARTIALS=0),
     "streaming": dict(_ON_CHIP=False),
     "column blocks": dict(_ON_CHIP=False, _MAX_ROW_IN_TILE=16, _TILE_ELEMENTS=64),
     "prefetch": dict(_ON_CHIP=False, _LOAD_PREFETCH=1, _RESCALE_PREFETCH=1, _PREFETCH_MIN_BLOCK_N=1),
@@ -79,6 +81,8 @@ GRIDS = (2, 3, 5)
 CI = {
     "on chip": ("9x300", "overflow 7x300", "overflow 7x5", "inf t", "inf total", "tiny", "fp16 6x33",
                 "convT channels-last", "wide 2x9000"),
+    "kept": ("9x300", "overflow 7x300", "inf t", "inf total", "tiny", "fp64 5x20", "conv channels-last",
+             "tall 8200x3"),
     "streaming": ("9x300", "overflow 7x300", "overflow 7x5", "inf t", "inf total", "tiny", "fp16 6x33",
                   "convT channels-last", "wide 2x9000"),
     "column blocks": ("7x40", "overflow 7x5", "inf total", "fp16 6x33", "convT channels-last"),
@@ -87,10 +91,16 @@ CI = {
 }
 
 
+def _keeps_a(w, dim, knobs, G) -> bool:
+    M = w.shape[dim]
+    with snm._launch_knobs(**KNOBS[knobs]):
+        return snm._launch_config(M, w.numel() // M, w.device, G).KEEP_A
+
+
 def _cases():
     for (name, w, dim), knobs, G in itertools.product(_weights(), KNOBS, GRIDS):
-        if G > w.shape[dim]:
-            continue
+        if G > w.shape[dim] or (knobs == "kept" and not _keeps_a(w, dim, knobs, G)):
+            continue  # (rows beyond one tile: the streaming read, as "streaming" runs it)
         if SLOW or (name in CI[knobs] and G == (2 if knobs == "on chip" else 3)):
             yield pytest.param(w, dim, knobs, G, id=f"{name}-{knobs}-G{G}")
 
@@ -129,6 +139,7 @@ def test_single_launch_as_the_phases(w, dim, knobs, G):
         v = torch.tensor([1e-30, 0.6, 0.8])
     if w.shape == (5, 7):  # "tiny": s below eps, so the clamp and the 2^64-scaled sums
         v = (1e20 * torch.randn(7, generator=torch.Generator().manual_seed(G), dtype=torch.float64)).float()
+    assert _keeps_a(w, dim, knobs, G) == (knobs == "kept")
     with snm._launch_knobs(**KNOBS[knobs]):
         for training, n in READS:
             with single_launch.single_launch(seed=G * 10 + n) as recorder:

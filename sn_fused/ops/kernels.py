@@ -87,7 +87,10 @@ fallback, flagged by R), and the ST of the next iteration.
 Memory plan: when a whole row fits in one tile (``N <= 16384``,
 ``ROW_IN_TILE``), ST loads each tile of ``A`` once and computes both products
 from it, so a read costs ``n + 1`` passes over ``A`` plus one write of
-``W_sn``; wider rows take a second pass in ST (``2n + 1``). Each pass runs in
+``W_sn``; wider rows take a second pass in ST (``2n + 1``). Where a program's
+rows fit one tile but the table is too large for ON_CHIP (``KEEP_A``), the
+tile is loaded once before ST and kept in registers through the barriers:
+one pass over ``A`` per read, whatever ``n``. Each pass runs in
 the opposite direction of the one before, so the part of ``A`` still in L2
 (or L1, for a program's own rows) is read first. The workspace is small next
 to ``A`` (``G x N`` partials) and stays in L2.
@@ -270,11 +273,11 @@ def _partials(part_ptr, G, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
+def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv, a_kept,
                    pid, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
                    FROM_V: tl.constexpr, TRAINING: tl.constexpr, NCOL: tl.constexpr, NCOL_V: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TILE: tl.constexpr,
-                   LOAD_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
+                   LOAD_STAGES: tl.constexpr, PREFETCH: tl.constexpr, KEEP_A: tl.constexpr):
     """Phase ST over own rows: ``s = A x``; training also ``t_part[p] = A[rows]^T s``.
 
     ``x = v`` (FROM_V) or ``x = t / dv`` of the previous iteration, rounded to
@@ -283,7 +286,8 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
     (training) or ``sum u_i s_i`` (eval: sigma = u^T A v, stored u and v).
     The transposed product uses ``s`` before normalization: ``A^T u = A^T s / du``
     and ``du`` is known only after the barrier. Whole-row tiles are loaded as the kernel's
-    ``LOAD_STAGES`` and ``LOAD_PREFETCH`` (``PREFETCH`` here) say.
+    ``LOAD_STAGES`` and ``LOAD_PREFETCH`` (``PREFETCH`` here) say; with ``KEEP_A`` the program's
+    rows are one tile, ``a_kept``, which the kernel has loaded (``_kept_tile``), and none is.
     """
     acc_t = s_ptr.dtype.element_ty
     part = tl.zeros([BLOCK_M], acc_t)
@@ -299,7 +303,10 @@ def _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ptr, t_ptr, tpart_ptr, part_s_ptr, dv,
             t = tl.load(t_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
             x = (t / dv).to(v_ptr.dtype.element_ty).to(acc_t)
         t_acc = tl.zeros([BLOCK_N], acc_t)
-        if PREFETCH:
+        if KEEP_A:
+            # (the loop below, run once over the same tile: the same sums, bit for bit)
+            part, t_acc = _matvecs_step(a_kept.to(acc_t), x, r0, r1, u_ptr, s_ptr, part, t_acc, TRAINING, BLOCK_M)
+        elif PREFETCH:
             # The next tile's loads are issued before this one is reduced (two tiles in registers),
             # so they are in flight across the block-wide sum instead of after it.
             tile = _row_tile(w_ptr, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M)
@@ -614,10 +621,10 @@ def _copy_vector(src_ptr, dst_ptr, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, a_kept, pid, r0, r1, N,
                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
                    NCOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
-                   PREFETCH: tl.constexpr):
+                   PREFETCH: tl.constexpr, KEEP_A: tl.constexpr):
     """``W_sn = W / sigma`` over own rows, and sigma's stores (``STAGES``, ``PREFETCH``: how the
     row loop's loads overlap, the kernel's ``RESCALE_STAGES`` and ``RESCALE_PREFETCH``).
 
@@ -627,29 +634,35 @@ def _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1,
     and W_sn not at all, so both go through L2 with ``evict_first``: they do
     not push out the tiles of A that are still to be re-read. (Pipelined loads,
     ``STAGES > 1``, are ``cp.async``, which Triton emits without that hint;
-    prefetched ones keep it.)
+    prefetched ones keep it.) With ``KEEP_A``, A is not read again at all: ``W_sn = a_kept / sigma``.
     """
     sigma_acc = _store_sigma(sigma, sigma_ptr, sigma_buf_ptr, out_ptr, pid)
-    n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
-    for c in range(0, N, BLOCK_N):
-        cols = c + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        if PREFETCH:
-            # The next tile's loads are issued before this one is divided and stored.
-            a = _rescale_tile(w_ptr, 0, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
-                              BLOCK_M)
-            for j in range(n_rblocks):
-                a_next = _rescale_tile(w_ptr, j + 1, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3,
-                                       D1, D2, D3, NCOL, BLOCK_M)  # (all masked after the last)
-                _store_rescaled_block(out_ptr, a, sigma_acc, j, r0, r1, cols, cmask, o_row, o_c0, o_c1, o_c2,
-                                      o_c3, D1, D2, D3, NCOL, BLOCK_M)
-                a = a_next
-        else:
-            for j in tl.range(n_rblocks, num_stages=STAGES):
-                a = _rescale_tile(w_ptr, j, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
+    if KEEP_A:
+        rows = r0 + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        _store_rescaled(out_ptr, a_kept, sigma_acc, rows, cols, (rows < r1)[:, None] & (cols < N)[None, :],
+                        o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3, NCOL)
+    else:
+        n_rblocks = tl.cdiv(r1 - r0, BLOCK_M)
+        for c in range(0, N, BLOCK_N):
+            cols = c + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            if PREFETCH:
+                # The next tile's loads are issued before this one is divided and stored.
+                a = _rescale_tile(w_ptr, 0, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
                                   BLOCK_M)
-                _store_rescaled_block(out_ptr, a, sigma_acc, j, r0, r1, cols, cmask, o_row, o_c0, o_c1, o_c2,
-                                      o_c3, D1, D2, D3, NCOL, BLOCK_M)
+                for j in range(n_rblocks):
+                    a_next = _rescale_tile(w_ptr, j + 1, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3,
+                                           D1, D2, D3, NCOL, BLOCK_M)  # (all masked after the last)
+                    _store_rescaled_block(out_ptr, a, sigma_acc, j, r0, r1, cols, cmask, o_row, o_c0, o_c1, o_c2,
+                                          o_c3, D1, D2, D3, NCOL, BLOCK_M)
+                    a = a_next
+            else:
+                for j in tl.range(n_rblocks, num_stages=STAGES):
+                    a = _rescale_tile(w_ptr, j, r0, r1, cols, cmask, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL,
+                                      BLOCK_M)
+                    _store_rescaled_block(out_ptr, a, sigma_acc, j, r0, r1, cols, cmask, o_row, o_c0, o_c1, o_c2,
+                                          o_c3, D1, D2, D3, NCOL, BLOCK_M)
 
 
 @triton.jit
@@ -712,6 +725,12 @@ def _store_rescaled(out_ptr, a, sigma_acc, rows, cols, mask, o_row, o_c0, o_c1, 
 # overflow fallback), and after the one barrier every program sums the whole table itself:
 # each holds all of t, so ||t||, v and sigma need no second barrier and no round trip through
 # the workspace. One program (G == 1) touches no workspace at all.
+#
+# KEEP_A: the same tile where the table is too large for every program to read whole (G x N
+# floats each, from L2). The read then runs the streaming phases (two barriers per iteration,
+# each program combining its own columns), but loads its tile once and keeps it: phase ST's
+# products of every iteration and the rescale take it from registers, so A is read once per
+# read instead of n + 1 times. (The overflow fallback's A^T u, rarely taken, reads A again.)
 
 
 @triton.jit
@@ -724,6 +743,17 @@ def _own_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL:
     a = tl.load(w_ptr + _offsets(rows, cols, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL),
                 mask=mask, other=0.0)
     return a, rows, cols, mask
+
+
+@triton.jit
+def _kept_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOAD: tl.constexpr):
+    """KEEP_A: a program's rows of A as one tile (``_own_tile``), loaded once by the streaming
+    read and kept for its products and its rescale; a placeholder where not ``LOAD``."""
+    a = tl.zeros([1, 1], w_ptr.dtype.element_ty)  # (never used: every use is behind KEEP_A)
+    if LOAD:
+        a = _own_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M, BLOCK_N)[0]
+    return a
 
 
 @triton.jit
@@ -914,7 +944,7 @@ def spectral_norm_fwd_kernel(
     NCOL: tl.constexpr, NCOL_V: tl.constexpr, TRAINING: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_IN_TILE: tl.constexpr, ON_CHIP: tl.constexpr,
-    LOAD_STAGES: tl.constexpr, RESCALE_STAGES: tl.constexpr,
+    KEEP_A: tl.constexpr, LOAD_STAGES: tl.constexpr, RESCALE_STAGES: tl.constexpr,
     LOAD_PREFETCH: tl.constexpr, RESCALE_PREFETCH: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """One read of the spectral-normalized weight (see the module docstring).
@@ -931,6 +961,7 @@ def spectral_norm_fwd_kernel(
     ``is_last`` is read only in phase-by-phase mode (PHASE == PHASE_F).
     ``ROW_IN_TILE`` (``BLOCK_N >= N``): phase ST reads each tile of A once.
     ``ON_CHIP``: each program's rows are one tile, kept in registers (``_read_on_chip``).
+    ``KEEP_A``: the same tile, kept in registers through the streaming phases (``_kept_tile``).
     ``LOAD_STAGES``, ``RESCALE_STAGES``: phase ST's loop over whole-row tiles of A and the
     rescale's loop, as ``tl.range(..., num_stages=...)``. Above 1, Triton's software
     pipeliner loads the next ``stages - 1`` tiles into shared memory (``cp.async``, sm_80+)
@@ -982,10 +1013,13 @@ def spectral_norm_fwd_kernel(
                       s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3, D1, D2, D3,
                       v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3, NCOL, NCOL_V, TRAINING, BLOCK_M, BLOCK_N, BLOCK_P, BLOCK_Q)
     else:
+        a_kept = _kept_tile(w_ptr, r0, r1, N, s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, NCOL, BLOCK_M, BLOCK_N,
+                            KEEP_A and (PHASE == -1 or PHASE == 0 or PHASE == 2))
         if PHASE == -1 or PHASE == 0:
-            _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, pid, r0, r1, N,
+            _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, one, a_kept, pid, r0, r1, N,
                            s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3, VD1, VD2, VD3,
-                           True, TRAINING, NCOL, NCOL_V, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES, LOAD_PREFETCH)
+                           True, TRAINING, NCOL, NCOL_V, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES, LOAD_PREFETCH,
+                           KEEP_A)
         if TRAINING:
             if PHASE == -1:
                 for it in range(n_iters):
@@ -1011,14 +1045,14 @@ def spectral_norm_fwd_kernel(
                                                         nonfinite, eps, c0, c1, N, v_c0, v_c1, v_c2, v_c3,
                                                         VD1, VD2, VD3, BLOCK_C, NCOL_V)
                     if it < n_iters - 1:
-                        _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
+                        _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, a_kept, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3,
                                        VD1, VD2, VD3, False, TRAINING, NCOL, NCOL_V, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
-                                       LOAD_PREFETCH)
+                                       LOAD_PREFETCH, KEEP_A)
                     else:
-                        _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                        _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, a_kept, pid, r0, r1, N,
                                        s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
+                                       D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH, KEEP_A)
             elif ON_CHIP and (PHASE == 1 or PHASE == 4):
                 # PHASE_R, or PHASE_FIX_R after a fallback: v, sigma (and the rescale)
                 _on_chip_phase_r(w_ptr, out_ptr, u_ptr, v_ptr, u_saved_ptr, v_saved_ptr, sigma_ptr,
@@ -1049,14 +1083,14 @@ def spectral_norm_fwd_kernel(
                                                     nonfinite, eps, c0, c1, N, v_c0, v_c1, v_c2, v_c3,
                                                     VD1, VD2, VD3, BLOCK_C, NCOL_V)
                 if is_last:
-                    _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                    _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, a_kept, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
+                                   D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH, KEEP_A)
                 else:
-                    _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, pid, r0, r1, N,
+                    _phase_matvecs(w_ptr, u_ptr, v_ptr, s_ws, t_ws, tpart_ws, part_s_ws, dv, a_kept, pid, r0, r1, N,
                                    s_row, s_c0, s_c1, s_c2, s_c3, D1, D2, D3, v_c0, v_c1, v_c2, v_c3,
                                    VD1, VD2, VD3, False, TRAINING, NCOL, NCOL_V, BLOCK_M, BLOCK_N, ROW_IN_TILE, LOAD_STAGES,
-                                   LOAD_PREFETCH)
+                                   LOAD_PREFETCH, KEEP_A)
         else:
             # Eval: sigma = u^T A v with the stored u, v; keep copies of both for autograd (before
             # the barrier: they wait for nothing, so their round trips overlap the wait).
@@ -1067,9 +1101,9 @@ def spectral_norm_fwd_kernel(
                 grid_barrier(sem_ptr)
             if PHASE == -1 or PHASE == 2:
                 sigma = _sum_partials(part_s_ws, G, BLOCK_P)
-                _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, pid, r0, r1, N,
+                _phase_rescale(w_ptr, out_ptr, sigma, sigma_ptr, sigma_buf_ptr, a_kept, pid, r0, r1, N,
                                s_row, s_c0, s_c1, s_c2, s_c3, o_row, o_c0, o_c1, o_c2, o_c3,
-                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH)
+                               D1, D2, D3, NCOL, BLOCK_M, BLOCK_N, RESCALE_STAGES, RESCALE_PREFETCH, KEEP_A)
 
 
 @triton.jit

@@ -135,10 +135,24 @@ _GRAD_STAGES = int(os.environ.get("SN_FUSED_GRAD_STAGES", 1))
 # barrier per iteration) where each program's rows fit in one tile; the forward also needs the
 # G x N table of partial sums, which every program then reads whole, to have at most
 # _ON_CHIP_MAX_PARTIALS elements, and rows at most _ON_CHIP_MAX_ROW wide (padded to a power
-# of two). SN_FUSED_ON_CHIP=0: never (the streaming kernels only).
+# of two). SN_FUSED_ON_CHIP=0: never, nor KEEP_A below (the streaming kernels only).
 _ON_CHIP = os.environ.get("SN_FUSED_ON_CHIP", "1") != "0"
 _ON_CHIP_MAX_PARTIALS = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_PARTIALS", 32768))
 _ON_CHIP_MAX_ROW = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_ROW", 8192))  # widest (padded) row on chip
+# Where the rows fit but the table does not (G x N above _ON_CHIP_MAX_PARTIALS: 1000x1536,
+# 256x8192, 512x2304, ... at 132 programs), the forward's streaming read still loads a
+# program's tile once and keeps it in registers (KEEP_A in kernels.py): its rescale and the
+# products of later iterations read no A, so A is read once per read instead of n + 1 times.
+# Its outputs are bit for bit the streaming read's. 0: the streaming read there (what ran
+# before session 25); _ON_CHIP_MAX_PARTIALS=0 gives KEEP_A also to ON_CHIP's weights (for the
+# same-card A/B of the two combines). Not yet measured on a GPU.
+_KEEP_A = int(os.environ.get("SN_FUSED_KEEP_A", 1))
+# The largest tile KEEP_A keeps, in elements; 0: the streaming tile's size (_TILE_ELEMENTS). At
+# 32768 it also takes weights whose rows take two streaming tiles: 512x4608 (4 rows of 8192 padded),
+# 4096x1024, 1536x1536, 768x3456 at 132 programs (ptxas sm_90a, 512x4608 float32 at 8 warps: 255
+# registers, no spills; at 16 warps 128 and ~60 bytes of spills; float64 tiles that large spill).
+# 0 (off) until a GPU run measures it (`kernel_sweep --sweep-knobs _KEEP_A_MAX_ELEMENTS=32768`).
+_KEEP_A_MAX_ELEMENTS = int(os.environ.get("SN_FUSED_KEEP_A_MAX_ELEMENTS", 0))
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
@@ -441,6 +455,9 @@ class _LaunchConfig:
     num_stages: int | None
     ROW_IN_TILE: bool
     ON_CHIP: bool
+    # The forward's streaming read with a program's rows kept in registers (kernels.py KEEP_A):
+    # where they fit one tile as ON_CHIP's do, but the G x N table is too large for ON_CHIP.
+    KEEP_A: bool = False
     # Pipelined loads of the forward's loops over A (kernels.py): 1 here; _forward_plan sets
     # them from the knobs, the weight's element size and the device (_pipeline_stages).
     LOAD_STAGES: int = 1
@@ -516,11 +533,20 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
                and G * N <= _ON_CHIP_MAX_PARTIALS)
     if per_element and not on_chip:  # (rows and column blocks are at most that wide: see above)
         block_m = min(block_m, _floor_power_of_2(_PER_ELEMENT_TILE_ELEMENTS // block_n))
+    # The same tile with a larger table: the streaming read, A loaded once and kept (KEEP_A), a
+    # tile of up to _KEEP_A_MAX_ELEMENTS (the streaming tile's, by default; element by element,
+    # no more than that).
+    keep_limit = block_m * block_n if per_element else (_KEEP_A_MAX_ELEMENTS or _TILE_ELEMENTS)
+    keep_a = (_ON_CHIP and _KEEP_A and not on_chip and row_in_tile and block_n <= _ON_CHIP_MAX_ROW
+              and rows * block_n <= keep_limit)
+    if keep_a:
+        block_m = rows
     # The G partials of a column are summed BLOCK_Q programs per load: [BLOCK_Q, BLOCK_C] tiles
     # of own columns (phase R), or [BLOCK_Q, BLOCK_N] tiles of all columns (ON_CHIP).
     block_q = min(block_p, _floor_power_of_2(_PARTIALS_TILE_ELEMENTS // (block_n if on_chip else block_c)))
     return _LaunchConfig(G, block_m, block_n, block_r, block_c, block_p, block_q,
-                         _num_warps(block_m * block_n, block_n), _NUM_STAGES or None, row_in_tile, on_chip)
+                         _num_warps(block_m * block_n, block_n), _NUM_STAGES or None, row_in_tile, on_chip,
+                         keep_a)
 
 
 # Shared memory a program may take where no CUDA device is asked (the interpreter, which ignores
@@ -566,7 +592,7 @@ def _pipeline_stages(requested: int, cfg: _LaunchConfig, itemsize: int, device: 
     3 stages), so the kernel pipelines none of them but the rescale's, which this keeps off."""
     if requested == 0:
         requested = _STAGES_BEYOND_L2 if a_bytes > _l2_bytes(device) else 1
-    if requested <= 1 or not cfg.ROW_IN_TILE or cfg.ON_CHIP:  # ON_CHIP loads its tile once
+    if requested <= 1 or not cfg.ROW_IN_TILE or cfg.ON_CHIP or cfg.KEEP_A:  # they load their tile once
         return 1
     return _stages_that_fit(requested, cfg.BLOCK_M * cfg.BLOCK_N * itemsize, device)
 
@@ -596,11 +622,11 @@ _PREFETCH_MIN_BLOCK_N = 1024
 
 def _prefetch(requested: int, cfg: _LaunchConfig, itemsize: int, in_phase_st: bool) -> int:
     """1 where a forward loop over whole-row tiles loads one tile ahead in registers: asked for,
-    streaming (ON_CHIP loads its tile once), rows at least ``_PREFETCH_MIN_BLOCK_N`` wide, and
+    streaming (ON_CHIP and KEEP_A load their tile once), rows at least ``_PREFETCH_MIN_BLOCK_N`` wide, and
     the loop's live values (32-bit registers: two tiles of A in the weight's dtype, phase ST's x
     and t partial in the accumulation dtype, float64 for float64 weights) within what a thread
     can hold less ``_PREFETCH_RESERVED_REGISTERS``."""
-    if not requested or not cfg.ROW_IN_TILE or cfg.ON_CHIP or cfg.BLOCK_N < _PREFETCH_MIN_BLOCK_N:
+    if not requested or not cfg.ROW_IN_TILE or cfg.ON_CHIP or cfg.KEEP_A or cfg.BLOCK_N < _PREFETCH_MIN_BLOCK_N:
         return 0
     threads = 32 * cfg.num_warps
     budget = min(255, 65536 // threads) - _PREFETCH_RESERVED_REGISTERS
@@ -851,7 +877,8 @@ def _forward_plan(shape, w_stride, o_stride, dim, device, n_power_iterations, tr
         (layout.M, layout.N, n_power_iterations, int(is_last), *layout.strides[0], *layout.strides[1],
          *layout.inner_sizes, *layout.v_strides, *layout.v_inner_sizes, len(layout.sizes), len(layout.v_sizes),
          training, phase, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R,
-         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.LOAD_STAGES, cfg.RESCALE_STAGES,
+         cfg.BLOCK_C, cfg.BLOCK_P, cfg.BLOCK_Q, cfg.ROW_IN_TILE, cfg.ON_CHIP, cfg.KEEP_A, cfg.LOAD_STAGES,
+         cfg.RESCALE_STAGES,
          cfg.LOAD_PREFETCH, cfg.RESCALE_PREFETCH, _row_align(layout))
         for phase, is_last in phases)
     # One ON_CHIP program in one launch keeps everything in registers: no workspace.
