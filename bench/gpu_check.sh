@@ -18,9 +18,10 @@
 #                            and bench/, e.g. `mkdir ab && git archive SHA sn_fused bench | tar -x -C
 #                            ab`: an untracked folder travels to the device) in a kernel table of its
 #                            own (graph times), before this commit's: a same-card A/B of a kernel change
-#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile, the
-#                            phases launched alone, --phases, and a short knob sweep; "" for none;
-#                            final and kernels modes). Measured before and left out to make room:
+#   SN_FUSED_SWEEP_ARGS="…"  the kernel table's extra parts (unset: the host profile and the
+#                            phases launched alone, --phases, then the KEEP_A sweep and a short knob
+#                            sweep as sections of their own; set, "" included, those sections and
+#                            the later sweeps are left out; final and kernels modes). Measured before and left out to make room:
 #                            --eager-ab (session 14: 7.0-8.6x PyTorch through the C++ read),
 #                            --bwd-sweep (sessions 3-9), --compile-probe (session 14),
 #                            --on-chip-sweep (sessions 8, 9), --sweep of the loads over A (16)
@@ -38,13 +39,15 @@
 # Sizes seen on an H200 (2026-11-27, session 16, `kernels` with the sweep of the loads over A,
 # 3 shapes x 10 variants, and four ncu runs): 250 s in all, plus ~30 s to start the machine; the
 # GPU tests with the C++ build ~150 s of it. On an H100 (session 14, `final` with a baseline):
-# 438 s, --quick 117 s of it. Each section prints the time it starts. With today's default sweeps
-# (3 shapes x 9 entries and 2 x 4, each timing the forward and the backward; not yet timed)
-# `kernels` ~8-9 min, a guess (tests ~150 s, the stream and barrier probes ~60, table + phases ~80,
-# sweeps ~200, ncu ~50; the later sections skip themselves when time runs short): run it
-# with timeout_s 590; with SN_FUSED_BASELINE (its table ~60-120 s, first) the sweeps and ncu get
-# what is left; `final` (+2 min) only with a shorter SN_FUSED_SWEEP_ARGS, and it leaves a
-# baseline only ~50 s.
+# 438 s, --quick 117 s of it. Each section prints the time it starts. `kernels` now runs, in this
+# order (times are guesses where not measured): the GPU tests ~150 s, the stream and barrier
+# probes ~60, the kernel table with --phases and the profile ~80-100, the KEEP_A sweep (4 shapes,
+# ~12 variants) ~100, the sweep of warps, partials, stages and registers (3 shapes x 7 entries)
+# with what is left of ~240, then the cold, channels-last, misaligned, half-programs and wide-rows
+# tables and ncu: each later section skips itself, or is cut, when time runs short, so those
+# last ones run only in a second call. Run it with timeout_s 590; with SN_FUSED_BASELINE (its
+# table ~60-120 s, first) the sweeps get what is left; `final` (+2 min) only with a shorter
+# SN_FUSED_SWEEP_ARGS, and it leaves a baseline only ~50 s.
 #
 # Logs are written straight to $OUT (so a killed run still returns them); the benchmark's
 # JSON/MD/PNG go to a scratch dir, and everything is packed into ONE archive,
@@ -130,20 +133,10 @@ if [ "$mode" != bench ] && [ "$mode" != tests ]; then
   fi
   echo "== kernel table $(date +%T)"
   # Where the time of each launch goes (--phases: each phase of a read and of a backward launched
-  # alone, against the one launch; bench/NOTES.md v17), and the next sweep (forward and backward
-  # alone per variant) on the weights whose phases were timed: 16 warps per program (with the
-  # backward's tiles at 16384 elements: both kernels compile without spills, ptxas sm_90a; more
-  # warps to issue the loads of phase ST, the rescale and the backward's passes, which ran at
-  # 76-87 % of a copy's rate), phase R's partials in one step on 1536x13824 (_PARTIALS_TILE_ELEMENTS
-  # 32768; 16384, two steps, is the default since session 23: -0.6 to -1.1 us), the backward's GRAD pass pipelined (_GRAD_STAGES: 2 with its 32768-element tiles,
-  # 3 with 16384), phase ST 4 stages deep and ptxas free to use 255 registers (_MAXNREG: it keeps
-  # room for a second CTA per SM otherwise; session 21). Measured before and left out: the pipelined loads
-  # against none (1/1) and the other variants of the loads over A (session 16, three runs on an
-  # H200). Each entry compiles its variant of both kernels (~5 s) and times both.
+  # alone, against the one launch; bench/NOTES.md v17) and the host profile; the sweeps follow in
+  # sections of their own, most wanted first, so a short call still times the defaults.
   # shellcheck disable=SC2206
-  extra=(${SN_FUSED_SWEEP_ARGS---profile --phases --sweep
-         --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS=32768,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4,_MAXNREG
-         --sweep-shapes 768x6912,1536x13824,4096x4096})
+  extra=(${SN_FUSED_SWEEP_ARGS---profile --phases})
   [ "$mode" = dev ] && extra=(--sweep --bwd-sweep --on-chip-sweep --profile)
   if [ -n "${SN_FUSED_BASELINE:-}" ]; then
     # The kernel table of an older checkout's sn_fused (graph times, sn_fused only), first, so the
@@ -155,8 +148,9 @@ if [ "$mode" != bench ] && [ "$mode" != tests ]; then
     else (cd "$SN_FUSED_BASELINE" && timeout "$t" python3 -m bench.kernel_sweep --no-torch --graph-only) 2>&1 \
       | tee "$OUT/kernel_sweep-baseline.log" || status=1; fi
   fi
-  # (reserve: the second sweep and ncu below, and --quick in final mode)
-  t=$(within 420 "$(reserve 100 260)")
+  # (reserve: the KEEP_A sweep and ncu below, and --quick in final mode; ~80-100 s for the table
+  # with --phases and the profile, a guess from session 16's)
+  t=$(within 300 "$(reserve 150 310)")
   [ "$t" = 0 ] && echo "== kernel table skipped: $(left) s left" | tee -a "$OUT/kernel_sweep.log"
   [ "$t" != 0 ] && { timeout "$t" python3 -m bench.kernel_sweep --out "$W" "${extra[@]}" 2>&1 \
     | tee -a "$OUT/kernel_sweep.log" || status=1; }
@@ -166,13 +160,31 @@ if [ "$mode" != bench ] && [ "$mode" != tests ]; then
   # twice the streaming tile kept (_KEEP_A_MAX_ELEMENTS=32768: 512x4608's 4 x 8192, not the
   # default); and on 128x1152 against ON_CHIP (_ON_CHIP_MAX_PARTIALS=0 gives it KEEP_A: two
   # barriers and a column each, against one barrier and the whole 18 x 1152 table read by every
-  # program). Not yet timed. (~12 variants timed, ~5-8 s each.)
-  t=$(within 120 "$(reserve 90 250)")
+  # program). Not yet timed. (~12 variants timed, ~5-8 s each, a guess.)
+  t=$(within 120 "$(reserve 60 220)")
   if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
     echo "== kernel sweep: tiles kept through the streaming read (KEEP_A) $(date +%T)"
     timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep \
       --sweep-knobs _KEEP_A,_ON_CHIP_MAX_PARTIALS,_KEEP_A_MAX_ELEMENTS --sweep-shapes 1000x1536,256x8192,512x4608,128x1152 \
       --out "$W/keep_a" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
+  fi
+  # The next sweep (forward and backward alone per variant) on the weights whose phases were timed:
+  # 16 warps per program (with the backward's tiles at 16384 elements: both kernels compile without
+  # spills, ptxas sm_90a; more warps to issue the loads of phase ST, the rescale and the backward's
+  # passes, which ran at 76-87 % of a copy's rate), phase R's partials in one step on 1536x13824
+  # (_PARTIALS_TILE_ELEMENTS 32768; 16384, two steps, is the default since session 23: -0.6 to -1.1
+  # us), the backward's GRAD pass pipelined (_GRAD_STAGES: 2 with its 32768-element tiles, 3 with
+  # 16384), phase ST 4 stages deep and ptxas free to use 255 registers (_MAXNREG: it keeps room for
+  # a second CTA per SM otherwise; session 21). Measured before and left out: the pipelined loads
+  # against none (1/1) and the other variants of the loads over A (session 16, three runs on an
+  # H200). Each entry compiles its variant of both kernels (~5 s) and times both; a sweep cut short
+  # keeps the lines it printed.
+  t=$(within 240 "$(reserve 60 220)")
+  if [ -z "${SN_FUSED_SWEEP_ARGS+set}" ] && [ "$mode" != dev ] && [ "$t" != 0 ]; then
+    echo "== kernel sweep: warps, partials, GRAD stages, load stages, registers $(date +%T)"
+    timeout "$t" python3 -m bench.kernel_sweep --no-table --sweep \
+      --sweep-knobs _NUM_WARPS=16,_NUM_WARPS+_BWD_TILE_ELEMENTS,_PARTIALS_TILE_ELEMENTS=32768,_GRAD_STAGES,_GRAD_STAGES+_BWD_TILE_ELEMENTS,_LOAD_STAGES=4,_MAXNREG \
+      --sweep-shapes 768x6912,1536x13824,4096x4096 --out "$W/sweep" 2>&1 | tee -a "$OUT/kernel_sweep.log" || status=1
   fi
   # The weights that fit in L2 with L2 flushed before every read (the table above replays 20 reads
   # with L2 warm, where they can beat the DRAM floor: bench/NOTES.md v19): issue #3's goals judged

@@ -221,9 +221,15 @@ def _scan_case(case) -> list[dict]:
         wide, narrow = global_loads(compiled)
         rows.append(dict(shape="x".join(map(str, shape)), dim=dim, dtype=str(dtype).removeprefix("torch."),
                          layout="channels_last" if cl else "", kind=kind,
-                         tiles=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", on_chip=cfg.ON_CHIP, warps=cfg.num_warps,
+                         tiles=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", path=_path(cfg, kind), warps=cfg.num_warps,
                          grid=cfg.grid, **dataclasses.asdict(usage), in_loops=in_loops, loads=f"{wide}/{narrow}"))
     return rows
+
+
+def _path(cfg, kind: str) -> str:
+    """How the launch holds A: on chip (ON_CHIP), kept through the streaming read (KEEP_A, the
+    forward's only) or streaming."""
+    return "on-chip" if cfg.ON_CHIP else "kept" if kind != "backward" and cfg.KEEP_A else "streaming"
 
 
 def main(argv=None) -> int:
@@ -252,13 +258,13 @@ def main(argv=None) -> int:
         results = [_scan_case(c) for c in cases]
     rows = [r for rs in results for r in rs]
     head = f"{'weight':>16} {'dim':>3} {'dtype':>8} {'layout':>13} {'kind':>8} {'tiles':>9} " \
-           f"{'on chip':>7} {'warps':>5} {'grid':>4} {'loads 16B/less':>14} {'regs':>4} {'spill st/ld (B)':>15} " \
+           f"{'path':>9} {'warps':>5} {'grid':>4} {'loads 16B/less':>14} {'regs':>4} {'spill st/ld (B)':>15} " \
            f"{'LDL/STL in loops':>16}"
     print(head)
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     for r in spilling if a.spilling else rows:
         print(f"{r['shape']:>16} {r['dim']:>3} {r['dtype']:>8} {r['layout']:>13} {r['kind']:>8} "
-              f"{r['tiles']:>9} {str(r['on_chip']):>7} {r['warps']:>5} {r['grid']:>4} {r['loads']:>14} "
+              f"{r['tiles']:>9} {r['path']:>9} {r['warps']:>5} {r['grid']:>4} {r['loads']:>14} "
               f"{r['registers']:>4} {r['spill_stores']:>7}/{r['spill_loads']:<7} {r['in_loops']:>16}")
     print(f"# {len(spilling)} of {len(rows)} launches spill, "
           f"{sum(1 for r in spilling if r['in_loops'])} of them inside loops", flush=True)

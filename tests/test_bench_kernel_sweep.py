@@ -213,6 +213,26 @@ def test_sweep_knobs_take_their_own_values_or_those_given():
             kernel_sweep.parse_knobs(bad)
 
 
+def test_gpu_check_sweeps_parse():
+    """Every ``--sweep-knobs`` and ``--sweep-shapes``/``--table-shapes`` that ``gpu_check.sh`` passes
+    parses here: a misspelled knob would end its section on the GPU, where a call is scarce."""
+    import re
+    from pathlib import Path
+
+    from bench import kernel_sweep
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    knobs = re.findall(r"--sweep-knobs (\S+)", script)
+    shapes = re.findall(r"--(?:sweep|table)-shapes (\S+)", script)
+    assert len(knobs) >= 4 and len(shapes) >= 6, (knobs, shapes)
+    for text in knobs:
+        assert kernel_sweep.parse_knobs(text), text
+    for text in shapes:
+        parsed = kernel_sweep.parse_shapes(text)
+        assert parsed and all(len(shape) == 2 and min(shape) > 0 for shape in parsed), text
+    assert "_KEEP_A,_ON_CHIP_MAX_PARTIALS,_KEEP_A_MAX_ELEMENTS" in knobs
+
+
 def test_reads_runs_forward_and_backward_three_times_each(monkeypatch, capsys):
     """``--reads MxN``, the target of ``gpu_check.sh``'s Nsight Compute runs: the layer's
     registration reads once, then forward, backward, three times over; the launches that

@@ -139,6 +139,18 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
                                           (1000, 1536)]), (M, N, bwd_on_chip)
         assert spills == [[0, 0], [0, 0]], f"{M}x{N}: {spills}"
 
+    # KEEP_A loads a program's tile once: its binary has one tile's loads of A fewer than the
+    # streaming read's (the rescale's), which no CPU test of values can see (the bits are the same).
+    for training in (True, False):
+        loads = {}
+        for keep in (1, 0):
+            with snm._launch_knobs(_KEEP_A=keep):
+                launch = forward_launch(1000, 1536, torch.float32, training)
+                assert launch[2].KEEP_A == bool(keep)
+                _, loads[keep], tile = vector_loads(launch)
+        print(f"1000x1536 training={training}: 16-byte loads {loads[1]} kept, {loads[0]} streaming (a tile: {tile})")
+        assert loads[0] - loads[1] == tile, (training, loads, tile)
+
     # Channels-last conv weights (3x3, SNGAN's and BigGAN's widths): the launcher walks their
     # columns in the weight's memory order, where a row is one contiguous run (_MatrixLayout), so
     # their tiles load 16 bytes at a time and nothing spills. (In A's column order, three strides:

@@ -203,6 +203,23 @@ def _read_with_knobs(w, knobs):
     return cfg, [r[k] for k in _LOAD_FIELDS]
 
 
+@pytest.mark.parametrize("M,N", [(1000, 1536), (256, 8192), (512, 2304)])
+def test_kept_tile_bitwise(M, N):
+    """KEEP_A (the default on these weights: rows in one tile, a table too large for ON_CHIP)
+    keeps the one tile the streaming read's loops load per program, so its read (training, n = 2)
+    is the streaming read's (``_KEEP_A=0``) bit for bit, as in the interpreter
+    (tests/test_ops.py), unless the compiler contracts the same sums differently in the two
+    binaries: a failure names the fields that differ and by how much."""
+    torch.manual_seed(M)
+    w = torch.randn(M, N, device=DEV)
+    kept_cfg, kept = _read_with_knobs(w, {})
+    cfg, streaming = _read_with_knobs(w, {"_KEEP_A": 0})
+    assert kept_cfg.KEEP_A and not cfg.KEEP_A and not kept_cfg.ON_CHIP and kept_cfg.grid > 1
+    differ = {k: (a.double() - b.double()).abs().max().item()
+              for k, a, b in zip(_LOAD_FIELDS, kept, streaming) if not torch.equal(a, b)}
+    assert not differ, f"{M}x{N}: max |difference| of the kept read from the streaming one {differ}"
+
+
 @pytest.mark.parametrize("variant", [name for name, _ in _LOAD_VARIANTS])
 @pytest.mark.parametrize("M,N", [(1536, 13824), (768, 6912), (4096, 1024)])
 def test_load_variants_bitwise(M, N, variant):

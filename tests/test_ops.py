@@ -1281,6 +1281,45 @@ def test_partials_tile_sets_phase_r_steps(on_chip, tile, block_q, device, gen):
         check_forward(w, u0, v0, res, dim=0, n=2, eps=1e-12, training=training)
 
 
+def _kept_weights(gen, device):
+    """(name, weight, dim) whose reads take KEEP_A with ``_ON_CHIP_MAX_PARTIALS=0``: dtypes, a
+    ConvTranspose weight walked channels-last, rows told 4-element aligned, and one huge row (the
+    overflow fallback, which re-reads A)."""
+    overflow = torch.randn(7, 300, generator=gen)
+    overflow[3] = 3e25
+    convt = torch.randn(8, 6, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    return [(name, w.to(device), dim) for name, w, dim in [
+        ("9x300", torch.randn(9, 300, generator=gen), 0),
+        ("fp16 6x33", torch.randn(6, 33, generator=gen).half(), 0),
+        ("fp64 5x20", torch.randn(5, 20, generator=gen, dtype=torch.float64), 0),
+        ("convT channels-last", convt, 1),
+        ("13x148", torch.randn(13, 148, generator=gen), 0),
+        ("overflow 7x300", overflow, 0)]]
+
+
+@pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
+def test_kept_tile_reads_as_the_streaming_read_bit_for_bit(num_programs, phase_by_phase, device, gen):
+    """KEEP_A keeps the tile that the streaming read's loops load in their one step (one tile per
+    program), so every output of a read (training, n = 1 and 3, and eval) is the streaming read's
+    bit for bit (``_KEEP_A=0``), which the rest of the suite checks against the oracle. (A kernel
+    that ignored KEEP_A would pass this too: tests/test_compile_sm90.py counts its loads.)"""
+    if device != "cpu":
+        pytest.skip("the interpreter's bits (a GPU: tests/test_gpu.py)")
+    for name, w, dim in _kept_weights(gen, device):
+        u0, v0 = vec_pair(w, dim, gen)
+        for training, n in ((True, 1), (True, 3), (False, 1)):
+            reads = {}
+            for keep in (1, 0):
+                with snm._launch_knobs(_ON_CHIP_MAX_PARTIALS=0, _KEEP_A=keep):
+                    assert path_taken(w, dim, num_programs) == ("kept" if keep else "streaming"), name
+                    reads[keep] = fused_forward(w, u0.clone(), v0.clone(), dim=dim, n=n, training=training,
+                                                num_programs=num_programs, phase_by_phase=phase_by_phase)
+            for key in ("out", "u", "v", "u_saved", "v_saved", "sigma", "sigma_buf"):
+                a, b = reads[1][key], reads[0][key]
+                assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (
+                    name, training, n, key)
+
+
 @pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
 def test_kept_tiles_larger_than_the_streaming_tile(num_programs, phase_by_phase, device, gen):
     """``_KEEP_A_MAX_ELEMENTS``: KEEP_A keeps a program's rows whole where they would take several

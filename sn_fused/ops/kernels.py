@@ -977,6 +977,8 @@ def spectral_norm_fwd_kernel(
     ``ROW_ALIGN``: a power of two (up to 8) that divides ``N`` and both row strides, where
     Triton cannot see it (``_multiple_of``), so rows start on vector boundaries; 1: none.
     """
+    tl.static_assert(not KEEP_A or (ROW_IN_TILE and not ON_CHIP),
+                     "KEEP_A keeps a program's whole rows in one tile of the streaming read")
     N = _multiple_of(N, ROW_ALIGN)
     s_row = _multiple_of(s_row, ROW_ALIGN)
     o_row = _multiple_of(o_row, ROW_ALIGN)

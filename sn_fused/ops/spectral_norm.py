@@ -143,7 +143,8 @@ _ON_CHIP_MAX_ROW = int(os.environ.get("SN_FUSED_ON_CHIP_MAX_ROW", 8192))  # wide
 # 256x8192, 512x2304, ... at 132 programs), the forward's streaming read still loads a
 # program's tile once and keeps it in registers (KEEP_A in kernels.py): its rescale and the
 # products of later iterations read no A, so A is read once per read instead of n + 1 times.
-# Its outputs are bit for bit the streaming read's. 0: the streaming read there (what ran
+# Its outputs are bit for bit the streaming read's (the kernels' one tile per program is the
+# streaming loop's only step; at the default _KEEP_A_MAX_ELEMENTS). 0: the streaming read there (what ran
 # before session 25); _ON_CHIP_MAX_PARTIALS=0 gives KEEP_A also to ON_CHIP's weights (for the
 # same-card A/B of the two combines). Not yet measured on a GPU.
 _KEEP_A = int(os.environ.get("SN_FUSED_KEEP_A", 1))
@@ -151,7 +152,9 @@ _KEEP_A = int(os.environ.get("SN_FUSED_KEEP_A", 1))
 # 32768 it also takes weights whose rows take two streaming tiles: 512x4608 (4 rows of 8192 padded),
 # 4096x1024, 1536x1536, 768x3456 at 132 programs (ptxas sm_90a, 512x4608 float32 at 8 warps: 255
 # registers, no spills; at 16 warps 128 and ~60 bytes of spills; float64 tiles that large spill).
-# 0 (off) until a GPU run measures it (`kernel_sweep --sweep-knobs _KEEP_A_MAX_ELEMENTS=32768`).
+# Such tiles sum in another order than the streaming read's, so the bits move (by rounding).
+# Weights whose tiles load element by element (_addressed_per_element) keep at most their
+# streaming tile. 0 (off) until a GPU run measures it (`kernel_sweep --sweep-knobs _KEEP_A_MAX_ELEMENTS`).
 _KEEP_A_MAX_ELEMENTS = int(os.environ.get("SN_FUSED_KEEP_A_MAX_ELEMENTS", 0))
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
@@ -1067,7 +1070,7 @@ def _backward_plan(shape, g_stride, w_stride, d_stride, dim, device, num_program
     # (a stage holds a tile of G and its v: BLOCK_N more elements, fp32 at 32768-element tiles: 2)
     grad_stages = 1 if on_chip or _GRAD_STAGES <= 1 else _stages_that_fit(
         _GRAD_STAGES, (block_m + 1) * block_n * itemsize, device)
-    cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, ON_CHIP=on_chip,
+    cfg = dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, ON_CHIP=on_chip, KEEP_A=False,
                               num_warps=_num_warps(block_m * block_n, block_n), GRAD_STAGES=grad_stages)
     if phase_by_phase is None:
         phase_by_phase = cfg.grid > 1 and device.type != "cuda"
