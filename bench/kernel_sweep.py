@@ -208,8 +208,7 @@ def launched_loads(fwd, bwd) -> str:
     its tiles: the forward's path (ON_CHIP, KEEP_A or neither), ``sLOAD/RESCALE_STAGES
     pLOAD/RESCALE_PREFETCH qBLOCK_Q`` of the forward (Q: phase R's partials per step),
     ``gGRAD_STAGES`` of the backward."""
-    path = "on-chip" if fwd.ON_CHIP else "kept" if fwd.KEEP_A else "streaming"
-    return (f"{path} s{fwd.LOAD_STAGES}/{fwd.RESCALE_STAGES} p{fwd.LOAD_PREFETCH}/{fwd.RESCALE_PREFETCH} "
+    return (f"{fwd.path} s{fwd.LOAD_STAGES}/{fwd.RESCALE_STAGES} p{fwd.LOAD_PREFETCH}/{fwd.RESCALE_PREFETCH} "
             f"q{fwd.BLOCK_Q} g{bwd.GRAD_STAGES}")
 
 

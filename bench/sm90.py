@@ -221,15 +221,9 @@ def _scan_case(case) -> list[dict]:
         wide, narrow = global_loads(compiled)
         rows.append(dict(shape="x".join(map(str, shape)), dim=dim, dtype=str(dtype).removeprefix("torch."),
                          layout="channels_last" if cl else "", kind=kind,
-                         tiles=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", path=_path(cfg, kind), warps=cfg.num_warps,
+                         tiles=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", path=cfg.path, warps=cfg.num_warps,
                          grid=cfg.grid, **dataclasses.asdict(usage), in_loops=in_loops, loads=f"{wide}/{narrow}"))
     return rows
-
-
-def _path(cfg, kind: str) -> str:
-    """How the launch holds A: on chip (ON_CHIP), kept through the streaming read (KEEP_A, the
-    forward's only) or streaming."""
-    return "on-chip" if cfg.ON_CHIP else "kept" if kind != "backward" and cfg.KEEP_A else "streaming"
 
 
 def main(argv=None) -> int:

@@ -92,7 +92,7 @@ def path_taken(weight: torch.Tensor, dim: int, num_programs: int | None) -> str:
 
     cfg = snm._forward_plan(tuple(weight.shape), weight.stride(), weight.stride(), dim, weight.device, 1, True,
                             num_programs, True, weight.element_size()).cfg
-    return "on-chip" if cfg.ON_CHIP else "kept" if cfg.KEEP_A else "streaming"
+    return cfg.path
 
 
 def two_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -117,9 +117,9 @@ def test_ci_runs_every_weight_it_names():
     assert missing == []
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit for bit, NaNs where the other has them."""
-    return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+def _assert_same(a: torch.Tensor, b: torch.Tensor, *what) -> None:
+    """Bit for bit (no tolerance), NaNs where the other has them, Infs where it has the same Inf."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 def _read(w, dim, u, v, n, training, G, phase_by_phase):
@@ -164,9 +164,9 @@ def test_single_launch_as_the_phases(w, dim, knobs, G):
             assert recorder.barriers and all(len(set(b)) == 1 and len(b) == G for b in recorder.barriers), (
                 what, recorder.barriers)
             for k in one:
-                assert _same(one[k], phases[k]), (what, k)
+                _assert_same(one[k], phases[k], what, k)
             if dw_one is not None:
-                assert _same(dw_one, _backward(g, w, phases, dim, G, True)), (what, "dw")
+                _assert_same(dw_one, _backward(g, w, phases, dim, G, True), what, "dw")
 
 
 def test_a_barrier_one_program_skips_is_found():

@@ -472,6 +472,12 @@ class _LaunchConfig:
     # The backward's GRAD pass pipelined (kernels.py): 1 here; _backward_plan sets it.
     GRAD_STAGES: int = 1
 
+    @property
+    def path(self) -> str:
+        """How the launch holds A, by name: "on-chip" (ON_CHIP), "kept" (KEEP_A: the forward's
+        streaming read with its tile kept) or "streaming"."""
+        return "on-chip" if self.ON_CHIP else "kept" if self.KEEP_A else "streaming"
+
 
 def _cuda_index(device: torch.device) -> int:
     """The index of a CUDA ``device`` (the current one for a bare ``cuda``), for per-device
