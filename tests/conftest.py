@@ -15,6 +15,13 @@ import torch
 
 from sn_fused.ops import INTERPRET
 
+if INTERPRET:
+    # bfloat16 conversions as a GPU makes them, and a loud error for arithmetic on bfloat16 bits:
+    # bfloat16 CPU weights then go through the kernels here, as on a GPU.
+    import interpreter_bf16
+
+    interpreter_bf16.install()
+
 
 def fused_device_or_skip() -> str:
     """The device whose tensors go through the Triton kernels: ``"cpu"`` under

@@ -103,9 +103,9 @@ def assert_equal_steps(cpp, python):
     assert all(s[5] == "_SpectralNormFunctionBackward" for s in python), [s[5] for s in python]
 
 
-# Each small layer in each dtype (bfloat16: on a GPU; the interpreter has none); the
+# Each small layer in each dtype (bfloat16 on a CPU too: tests/interpreter_bf16.py); the
 # several-program one in float32.
-DTYPES = [torch.float32, torch.float64, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 READ_CASES = [(kind, dtype) for kind in ("linear", "conv_transpose", "channels_last")
               for dtype in DTYPES] + [("wide", torch.float32)]
 

@@ -89,9 +89,6 @@ def device(request):
     return request.param
 
 
-def skip_unsupported_dtype(dtype, device):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("the Triton interpreter has no bfloat16 (sn_fused refuses bf16 CPU weights)")
 
 
 def acc_dtype(dtype):
@@ -454,7 +451,6 @@ def test_negative_power_iterations_refused(device, gen):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_forward_dtypes(dtype, device, gen):
-    skip_unsupported_dtype(dtype, device)
     for case in (CASE["31x33"], CASE["convT4d-channels_last-dim1"], CASE["2d-step-slice"]):
         weight, dim = make_weight(case, gen, dtype, device)
         for training, n in ((True, 1), (True, 3), (False, 1)):
@@ -602,7 +598,6 @@ def test_weight_whose_output_cannot_follow_its_walk_is_refused(device, gen):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_backward_dtypes(dtype, device, gen):
-    skip_unsupported_dtype(dtype, device)
     for case in (CASE["31x33"], CASE["convT4d-channels_last-dim1"]):
         weight, dim = make_weight(case, gen, dtype, device)
         u0, v0 = vec_pair(weight, dim, gen)
@@ -775,17 +770,25 @@ def test_row_align():
 
 
 @pytest.mark.parametrize("num_programs,phase_by_phase", [(1, False), (3, True)], ids=["single-G1", "phases-G3"])
-def test_row_align_of_tensors_with_their_own_row_strides(num_programs, phase_by_phase, device, gen):
+@pytest.mark.parametrize("wide_w,wide_g,N,dtype,aligns", [
+    (152, 150, 148, torch.float32, (4, 2)),
+    (336, 330, 328, torch.bfloat16, (8, 2)),  # (16-byte vectors of bfloat16 for the read)
+], ids=["f32-152-150", "bf16-336-330"])
+def test_row_align_of_tensors_with_their_own_row_strides(wide_w, wide_g, N, dtype, aligns, num_programs,
+                                                         phase_by_phase, device, gen):
     """Row strides that differ between the tensors (a weight sliced from rows 152 apart, its
     gradient from rows 150 apart; W_sn and dW dense, 148): ``ROW_ALIGN`` is what all of them
-    share, 4 for the read and 2 for the backward. Reads and the backward against the oracle,
-    outputs poisoned."""
-    M, N = 11, 148
-    w = torch.randn(M, 152, generator=gen).to(device)[:, :N]
-    grad = torch.randn(M, 150, generator=gen).to(device)[:, :N]
-    fwd = snm._forward_plan(w.shape, w.stride(), (N, 1), 0, w.device, 2, True, num_programs, phase_by_phase)
-    bwd = snm._backward_plan(w.shape, grad.stride(), w.stride(), (N, 1), 0, w.device, num_programs, phase_by_phase)
-    assert {launch[-1] for launch in fwd.launches} == {4} and {launch[-1] for launch in bwd.launches} == {2}
+    share, 4 for the read and 2 for the backward (bfloat16: 8 and 2). Reads and the backward
+    against the oracle, outputs poisoned."""
+    M = 11
+    w = torch.randn(M, wide_w, generator=gen).to(device, dtype)[:, :N]
+    grad = torch.randn(M, wide_g, generator=gen).to(device, dtype)[:, :N]
+    fwd = snm._forward_plan(w.shape, w.stride(), (N, 1), 0, w.device, 2, True, num_programs, phase_by_phase,
+                            w.element_size())
+    bwd = snm._backward_plan(w.shape, grad.stride(), w.stride(), (N, 1), 0, w.device, num_programs, phase_by_phase,
+                             w.element_size())
+    assert ({launch[-1] for launch in fwd.launches}, {launch[-1] for launch in bwd.launches}) == ({aligns[0]},
+                                                                                                 {aligns[1]})
     _reads_and_backward_against_oracle(w, grad, gen, num_programs=num_programs, phase_by_phase=phase_by_phase)
 
 
@@ -803,18 +806,20 @@ def _reads_and_backward_against_oracle(w, grad, gen, **launch):
     check_backward(dw, grad, w, *saved, dim=0)
 
 
-@pytest.mark.parametrize("shape,num_programs,phase_by_phase", [
-    ((7, 148), 1, False), ((13, 148), 3, True), ((24, 20), 1, False), ((33, 20), 3, True), ((9, 44), 3, True),
-    ((5, 328), 2, True)], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+@pytest.mark.parametrize("shape,num_programs,phase_by_phase,dtype", [
+    ((7, 148), 1, False, torch.float32), ((13, 148), 3, True, torch.float32), ((24, 20), 1, False, torch.float32),
+    ((33, 20), 3, True, torch.float32), ((9, 44), 3, True, torch.float32), ((5, 328), 2, True, torch.float32),
+    ((13, 148), 3, True, torch.bfloat16), ((5, 328), 1, False, torch.bfloat16)],
+    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x).replace("torch.", ""))
 @pytest.mark.parametrize("path", list(FORWARD_PATHS))
-def test_rows_aligned_below_16_elements(shape, num_programs, phase_by_phase, path, device, gen):
+def test_rows_aligned_below_16_elements(shape, num_programs, phase_by_phase, dtype, path, device, gen):
     """Weights whose rows ``_row_align`` finds 2, 4 or 8 elements aligned (BigGAN G's 148- and
-    20-wide linears): the read (training, n = 2, and eval) and the backward against the oracle,
-    outputs poisoned, one program and several phase by phase, on chip, kept and streaming (small
-    tiles, so a program's rows take several). A ``ROW_ALIGN`` the layout does not have would
-    move the rows' offsets (``kernels._multiple_of`` rounds down to it) and fail here."""
-    w = torch.randn(*shape, generator=gen).to(device)
-    grad = torch.randn(*shape, generator=gen).to(device)
+    20-wide linears, in float32 and bfloat16): the read (training, n = 2, and eval) and the backward
+    against the oracle, outputs poisoned, one program and several phase by phase, on chip, kept
+    and streaming (small tiles, so a program's rows take several). A ``ROW_ALIGN`` the layout does
+    not have would move the rows' offsets (``kernels._multiple_of`` rounds down to it) and fail here."""
+    w = torch.randn(*shape, generator=gen).to(device, dtype)
+    grad = torch.randn(*shape, generator=gen).to(device, dtype)
     knobs = (FORWARD_PATHS[path] if path != "streaming"
              else dict(_ON_CHIP=False, _TILE_ELEMENTS=64, _BWD_TILE_ELEMENTS=64, _BWD_BLOCK_N=32))
     with snm._launch_knobs(**knobs):
@@ -2143,14 +2148,18 @@ def test_torch_func_transforms_refused_before_launch(entry, transform, device):
     assert torch.equal(args["u"], u_before) and torch.equal(args["v"], v_before)
 
 
-def test_bfloat16_refused_on_interpreter():
+def test_bfloat16_refused_on_a_stock_interpreter(monkeypatch):
+    """Triton 3.6's interpreter converts bfloat16 unlike a GPU: without tests/interpreter_bf16.py's
+    fix (``_INTERPRETER_BF16``), a bfloat16 CPU weight is refused before any launch."""
     if not INTERPRET:
-        pytest.skip("only the interpreter lacks bfloat16")
+        pytest.skip("only the interpreter's bfloat16 is inexact")
     args = _valid("cpu", torch.bfloat16)
+    assert ops.fused_supported(args["weight"])  # (conftest installed the fix)
+    monkeypatch.setattr(snm, "_INTERPRETER_BF16", False)
     assert not ops.fused_supported(args["weight"])
     with count_launches() as calls, pytest.raises(RuntimeError, match=r"no fused kernel for this weight \(a "
                                                                        r"bfloat16 CPU weight: Triton's interpreter "
-                                                                       r"has no bfloat16\)"):
+                                                                       r"does not convert bfloat16 as a GPU does"):
         ops.check_inputs(args["weight"], args["u"], args["v"], dim=0)
     assert calls == []
 

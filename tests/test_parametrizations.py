@@ -55,6 +55,8 @@ VEC_TOL = {
     torch.float32: dict(rtol=1e-4, atol=2e-5),
     torch.float64: dict(rtol=1e-9, atol=1e-10),
     torch.complex64: dict(rtol=1e-4, atol=2e-5),
+    torch.float16: dict(rtol=5e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=4e-2, atol=1.6e-2),
 }
 
 
@@ -1162,6 +1164,51 @@ def test_output_dtype(dtype, device, seed):
     w = ours.weight
     assert w.dtype == dtype
     assert_close(w, ref.weight)
+
+
+# Half weights: PyTorch's SN rounds every op to the weight's dtype, sn_fused's kernels accumulate
+# in float32 and round u, v, sigma and W_sn once each, so they differ by a few of its ulps.
+HALF_TOL = {torch.float16: dict(rtol=5e-3, atol=2e-3), torch.bfloat16: dict(rtol=4e-2, atol=1.6e-2)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "convtranspose2d"])
+def test_half_weights_read_as_pytorch(kind, dtype, device, seed):
+    """float16 and bfloat16 layers (bfloat16 through the kernels on a CPU too, under the
+    interpreter: tests/interpreter_bf16.py): u, v, the weight and its gradient in the layer's
+    dtype, near PyTorch's, over three training reads and an eval read."""
+    ref, ours, _ = make_pair(kind, seed, dtype=dtype, device=device)
+    if INTERPRET and device == "cpu":
+        assert fused_supported(orig(ours))  # (the kernels, not the reference path)
+    for train in (True, True, True, False):
+        ref.train(train), ours.train(train)
+        w_ref, w = ref.weight, ours.weight
+        assert w.dtype == dtype and par(ours)._u.dtype == dtype and par(ours)._v.dtype == dtype
+        assert_close(w, w_ref, tol=HALF_TOL)
+        assert_uv_close(ours, ref, dtype)
+        g = torch.randn(w.shape, dtype=torch.float64, device=device).to(dtype)
+        (gw,) = torch.autograd.grad(w, orig(ours), g)
+        (gw_ref,) = torch.autograd.grad(w_ref, orig(ref), g)
+        assert gw.dtype == dtype
+        assert_close(gw, gw_ref, tol=HALF_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_keeps_the_weights_dtype_and_values(device, seed):
+    """Under ``torch.autocast`` the read is the one outside it, bit for bit: float32 weight, u, v
+    (PyTorch's own SN runs its matvecs in the autocast dtype on CUDA); the layer's op autocasts."""
+    _, ours, make_x = make_pair("linear", seed, device=device)
+    twin = copy.deepcopy(ours)
+    x = make_x()
+    lower = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=lower):
+        w, y = ours.weight, ours(x)  # (two training reads)
+    w_ref, y_ref = twin.weight, twin(x)
+    assert w.dtype == torch.float32 and torch.equal(w, w_ref)
+    assert torch.equal(par(ours)._u, par(twin)._u) and torch.equal(par(ours)._v, par(twin)._v)
+    assert y.dtype == lower
+    assert_close(y, y_ref.to(lower), tol=HALF_TOL)
 
 
 # --------------------------------------------------------------------------- sigma buffer

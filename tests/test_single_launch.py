@@ -54,6 +54,7 @@ def _weights():
         ("inf total", inf_partials, 0),
         ("tiny", (1e-25 * torch.randn(5, 7, generator=g, dtype=torch.float64)).float(), 0),
         ("fp16 6x33", torch.randn(6, 33, generator=g).half(), 0),
+        ("bf16 6x148", torch.randn(6, 148, generator=g).bfloat16(), 0),  # (rows of 8-byte alignment)
         ("fp64 5x20", torch.randn(5, 20, generator=g, dtype=torch.float64), 0),
         ("convT channels-last", torch.randn(8, 6, 3, 3, generator=g).contiguous(memory_format=torch.channels_last), 1),
         ("conv channels-last", torch.randn(6, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last), 0),
@@ -81,11 +82,11 @@ GRIDS = (2, 3, 5)
 CI = {
     "on chip": ("9x300", "overflow 7x300", "overflow 7x5", "inf t", "inf total", "tiny", "fp16 6x33",
                 "convT channels-last", "wide 2x9000"),
-    "kept": ("9x300", "overflow 7x300", "inf t", "inf total", "tiny", "fp64 5x20", "conv channels-last",
-             "tall 8200x3"),
+    "kept": ("9x300", "overflow 7x300", "inf t", "inf total", "tiny", "fp64 5x20", "bf16 6x148",
+             "conv channels-last", "tall 8200x3"),
     "streaming": ("9x300", "overflow 7x300", "overflow 7x5", "inf t", "inf total", "tiny", "fp16 6x33",
                   "convT channels-last", "wide 2x9000"),
-    "column blocks": ("7x40", "overflow 7x5", "inf total", "fp16 6x33", "convT channels-last"),
+    "column blocks": ("7x40", "overflow 7x5", "inf total", "fp16 6x33", "bf16 6x148", "convT channels-last"),
     "prefetch": ("9x300",),
     "partials in steps": ("9x300", "inf t"),
 }

@@ -1,0 +1,133 @@
+r"""bfloat16 in Triton's interpreter, made exact, so CI runs the kernels' bfloat16 paths on a CPU.
+
+Triton 3.6's interpreter stores a bfloat16 as its 16 bits (a numpy ``uint16``) and converts it
+in ``InterpreterBuilder.cast_impl``, with three faults a GPU does not have:
+
+* float32 -> bfloat16 truncates the mantissa (``cast_impl`` passes no rounding mode to
+  ``_convert_float``; its "RTNE" would round half up without carrying into the exponent), where
+  the GPU's ``cvt.rn.bf16.f32``, and torch, round to nearest even: ``1 + 3 * 2**-9`` gives
+  1.0 instead of 1.0078125;
+* bfloat16 -> float32 loses subnormals (``0x0001`` gives 0.0 instead of 2**-133), where the GPU
+  widens every bfloat16 exactly (its bits, shifted left by 16);
+* any other conversion from or to bfloat16 (to float64, from an integer) reads or writes the
+  16 bits as an integer's value.
+
+And arithmetic, comparisons and reductions on bfloat16 operands run on the ``uint16`` bits.
+
+``install()`` replaces the conversions with exact ones (widening: the bits shifted; narrowing:
+torch's round to nearest even, which is the GPU's) and makes every other operation on a
+bfloat16 operand raise ``TypeError``, so a kernel that computed in bfloat16 inside (rather than
+accumulating in float32, which sn_fused's kernels promise) fails loudly here instead of
+computing on integers. It then lets sn_fused launch bfloat16 CPU weights
+(``spectral_norm._INTERPRETER_BF16``), which it otherwise sends to the reference path.
+``tests/conftest.py`` installs it under ``TRITON_INTERPRET=1``;
+``tests/test_interpreter_bf16.py`` checks the conversions against torch's, all 65536 bfloat16
+values and float32 ties, overflow, subnormals and NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
+
+# Operations that move bfloat16 bits without reading them as numbers (or build addresses and
+# indices): left as Triton has them.
+_BIT_MOVES = frozenset({
+    "create_load", "create_store", "create_masked_load", "create_masked_store", "create_bitcast",
+    "create_select", "create_splat", "create_unsplat", "create_broadcast", "create_expand_dims",
+    "create_reshape", "create_trans", "create_cat", "create_join", "create_split", "create_gather",
+    "create_make_range", "create_addptr", "create_int_to_ptr", "create_ptr_to_int",
+    "create_get_program_id", "create_get_num_programs", "create_barrier", "create_assume",
+    "create_print", "create_assert", "create_make_block_ptr", "create_advance",
+    "create_tensor_pointer_load", "create_tensor_pointer_store",
+})
+# Conversions: replaced below (fp_ext, fp_trunc, si_to_fp, ... all call cast_impl).
+_CASTS = frozenset({"create_fp_to_fp", "create_si_to_fp", "create_ui_to_fp", "create_fp_to_si",
+                    "create_fp_to_ui", "create_fp_ext", "create_fp_trunc", "create_int_cast"})
+
+_installed = False
+#: Triton's own conversion (``cast_impl``), kept for the test that it still needs this fix.
+stock_cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+
+def widen(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values (their 16 bits) as float32, exactly: the bits shifted left by 16."""
+    return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def narrow(values: np.ndarray) -> np.ndarray:
+    """Float values as bfloat16 bits, rounded to nearest even (torch's conversion, and the GPU's)."""
+    values = np.ascontiguousarray(values)
+    if values.dtype.kind != "f":
+        values = values.astype(np.float32)  # (an integer: Triton goes through float too)
+    return torch.from_numpy(values).to(torch.bfloat16).view(torch.uint16).numpy()
+
+
+def _cast(original):
+    @functools.wraps(original)
+    def cast_impl(self, src, dst_type):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if src_ty == tl.bfloat16 and dst_ty == tl.bfloat16:
+            return interpreter.TensorHandle(np.asarray(src.data).copy(), dst_ty)
+        if src_ty == tl.bfloat16:
+            return interpreter.TensorHandle(
+                widen(src.data).astype(interpreter._get_np_dtype(dst_ty)), dst_ty)
+        if dst_ty == tl.bfloat16:
+            return interpreter.TensorHandle(narrow(src.data), dst_ty)
+        return original(self, src, dst_type)
+    return cast_impl
+
+
+def _fp_to_fp(original):
+    @functools.wraps(original)
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if tl.bfloat16 in (src.dtype.scalar, dst_type.scalar):
+            if rounding_mode not in (None, interpreter._ir.ROUNDING_MODE.RTNE):
+                raise NotImplementedError(f"bfloat16 conversion with rounding {rounding_mode}")
+            return self.cast_impl(src, dst_type)
+        return original(self, src, dst_type, rounding_mode)
+    return create_fp_to_fp
+
+
+def _refuse_bf16(name, original):
+    @functools.wraps(original)
+    def op(self, *args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, interpreter.TensorHandle) and a.dtype.scalar == tl.bfloat16:
+                raise TypeError(f"{name} on a bfloat16 operand: Triton's interpreter would compute on "
+                                f"its 16 bits as an integer (tests/interpreter_bf16.py)")
+        return original(self, *args, **kwargs)
+    return op
+
+
+def _refuse_bf16_reduce(original):
+    @functools.wraps(original)
+    def apply(self, input):
+        for a in (input if isinstance(input, tuple) else (input,)):
+            if isinstance(a, tl.core.tensor) and a.dtype.scalar == tl.bfloat16:
+                raise TypeError("a reduction or scan over bfloat16 values: Triton's interpreter would "
+                                "sum their 16 bits as integers (tests/interpreter_bf16.py)")
+        return original(self, input)
+    return apply
+
+
+def install() -> None:
+    """Make the interpreter's bfloat16 exact (conversions) or loud (anything else), once per
+    process, and let sn_fused launch bfloat16 CPU weights."""
+    global _installed
+    if _installed:
+        return
+    builder = interpreter.InterpreterBuilder
+    for name in dir(builder):
+        if name.startswith("create_") and name not in _BIT_MOVES and name not in _CASTS:
+            setattr(builder, name, _refuse_bf16(name, getattr(builder, name)))
+    builder.cast_impl = _cast(builder.cast_impl)
+    builder.create_fp_to_fp = _fp_to_fp(builder.create_fp_to_fp)
+    interpreter.ReduceScanOpInterface.apply = _refuse_bf16_reduce(interpreter.ReduceScanOpInterface.apply)
+    from sn_fused.ops import spectral_norm
+    spectral_norm._INTERPRETER_BF16 = True
+    _installed = True
