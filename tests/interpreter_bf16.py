@@ -15,7 +15,7 @@ in ``InterpreterBuilder.cast_impl``, with three faults a GPU does not have:
 And arithmetic, comparisons and reductions on bfloat16 operands run on the ``uint16`` bits.
 
 ``install()`` replaces the conversions with exact ones (widening: the bits shifted; narrowing:
-torch's round to nearest even, which is the GPU's) and makes every other operation on a
+rounded to nearest even once, as the GPU does) and makes every other operation on a
 bfloat16 operand raise ``TypeError``, so a kernel that computed in bfloat16 inside (rather than
 accumulating in float32, which sn_fused's kernels promise) fails loudly here instead of
 computing on integers. It then lets sn_fused launch bfloat16 CPU weights
@@ -60,11 +60,26 @@ def widen(bits: np.ndarray) -> np.ndarray:
 
 
 def narrow(values: np.ndarray) -> np.ndarray:
-    """Float values as bfloat16 bits, rounded to nearest even (torch's conversion, and the GPU's)."""
-    values = np.ascontiguousarray(values)
+    """Float values as bfloat16 bits, rounded to nearest even once (the GPU's ``cvt.rn.bf16``)."""
+    values = np.asarray(values)
     if values.dtype.kind != "f":
         values = values.astype(np.float32)  # (an integer: Triton goes through float too)
-    return torch.from_numpy(values).to(torch.bfloat16).view(torch.uint16).numpy()
+    if values.dtype == np.float64:
+        values = _to_float32_rounded_to_odd(values)
+    flat = np.ascontiguousarray(values.reshape(-1))  # (a 0-d array keeps its shape below)
+    # (torch's float32 -> bfloat16 rounds to nearest even; from float64 it would round twice)
+    return torch.from_numpy(flat).to(torch.bfloat16).view(torch.uint16).numpy().reshape(values.shape)
+
+
+def _to_float32_rounded_to_odd(x: np.ndarray) -> np.ndarray:
+    """float64 -> float32 rounded to odd: an inexact result is the truncation with its last bit set,
+    so rounding it again to nearest even, to bfloat16's 8 bits, rounds as once from float64."""
+    f = x.astype(np.float32)
+    back = f.astype(np.float64)
+    inexact = (back != x) & np.isfinite(x)
+    bits = f.view(np.uint32)
+    bits = np.where(inexact & (np.abs(back) > np.abs(x)), bits - np.uint32(1), bits)  # toward zero
+    return np.where(inexact, bits | np.uint32(1), bits).astype(np.uint32).view(np.float32)
 
 
 def _cast(original):

@@ -405,6 +405,31 @@ def test_degenerate_weight_follows_pytorch(kind, degenerate, when, seed, launche
     compare_read(ref, ours, seed, f"{degenerate}, eval read")
 
 
+HALF_TOL = {torch.float16: dict(rtol=5e-3, atol=2e-3), torch.bfloat16: dict(rtol=4e-2, atol=1.6e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("degenerate", ["zero", "zero_eps0", "nan_entry", "inf_entry", "inf_minus_inf",
+                                        "rank_one", "one_nonzero"])
+def test_degenerate_half_weight_follows_pytorch(degenerate, dtype, seed, launches):
+    """The degenerate weights whose outcome is a NaN/Inf pattern or exact, in float16 and bfloat16
+    (bfloat16 through the kernels on a CPU too: tests/interpreter_bf16.py): training and eval
+    reads follow PyTorch's SN, NaN and Inf where its are, close (a few of the dtype's ulps:
+    PyTorch rounds every op to it, the kernels accumulate in float32) elsewhere."""
+    setter, kwargs = DEGENERATE[degenerate]
+    ref, ours = make_pair(lambda: MODULES["linear"]().to(dtype), seed, **kwargs)
+    torch.manual_seed(seed + 2)
+    with torch.no_grad():
+        setter(orig(ref), par(ref)._v, par(ref).dim)
+        orig(ours).copy_(orig(ref))
+    n_launch = launches.total
+    for r in range(2):
+        compare_read(ref, ours, seed, f"{degenerate} {dtype}, training read {r}", tol=HALF_TOL, vec_tol=HALF_TOL)
+    ref.eval(), ours.eval()
+    compare_read(ref, ours, seed, f"{degenerate} {dtype}, eval read", tol=HALF_TOL, vec_tol=HALF_TOL)
+    assert launches.total > n_launch, "the kernel did not run"
+
+
 # --------------------------------------------------------------------------- bad input: registration
 
 

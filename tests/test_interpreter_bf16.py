@@ -6,6 +6,9 @@ Runs under ``TRITON_INTERPRET=1`` only (conftest installs the fix there); a GPU 
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -100,10 +103,32 @@ def test_float32_narrows_to_nearest_even():
     _assert_bits(_converted(x, torch.bfloat16), x.to(torch.bfloat16))
 
 
+def _nearest_even(x: float) -> int:
+    """bfloat16 bits of ``x`` rounded to nearest even, from exact fractions (the oracle)."""
+    sign = 0x8000 if math.copysign(1.0, x) < 0 else 0
+    if math.isinf(x):
+        return sign | 0x7F80
+    bits = int(np.searchsorted(_POSITIVE, abs(x)))  # the first finite bfloat16 >= |x| (0x7F80: above all)
+    if bits < 0x7F80 and _POSITIVE[bits] == abs(x):
+        return sign | bits
+    lo, hi = Fraction(float(_POSITIVE[bits - 1])), Fraction(2**128 if bits == 0x7F80 else float(_POSITIVE[bits]))
+    below, above = Fraction(abs(x)) - lo, hi - Fraction(abs(x))  # (Inf: as the next step past the largest)
+    return sign | (bits - 1 if below < above or (below == above and (bits - 1) % 2 == 0) else bits)
+
+
+_POSITIVE = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double().numpy()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
-def test_other_floats_narrow_as_torch(dtype):
-    x = (torch.randn(4096, dtype=torch.float64) * torch.logspace(-40, 38, 4096, dtype=torch.float64)).to(dtype)
-    _assert_bits(_converted(x, torch.bfloat16), x.to(torch.bfloat16))
+def test_other_floats_narrow_to_nearest_even(dtype):
+    """float64 and float16 to bfloat16, against exact arithmetic (float64: rounded once, which
+    torch's conversion, through float32, does not always do)."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**63)
+    x = (torch.randn(4096, dtype=torch.float64, generator=g)
+         * torch.logspace(-40, 39, 4096, dtype=torch.float64)).to(dtype)
+    x[:2] = torch.tensor([float("inf"), -0.0])
+    want = torch.tensor([_nearest_even(v) for v in x.double().tolist()], dtype=torch.int32).to(torch.int16)
+    _assert_bits(_converted(x, torch.bfloat16), want.view(torch.bfloat16))
 
 
 @pytest.mark.parametrize("kernel", [_add, _sum])
@@ -111,3 +136,31 @@ def test_arithmetic_on_bfloat16_bits_is_refused(kernel):
     x = torch.randn(16).to(torch.bfloat16)
     with pytest.raises(InterpreterError, match="TypeError.*on a bfloat16 operand|TypeError.*over bfloat16 values"):
         kernel[(1,)](x, torch.empty_like(x), BLOCK=16)
+
+
+def test_shapes_kept():
+    """0-d and n-d arrays in, the same shapes out (the interpreter's scalars and blocks)."""
+    for shape in ((), (1,), (2, 3)):
+        x = np.full(shape, 1 + 3 * 2**-9, np.float32)
+        bits = interpreter_bf16.narrow(x)
+        assert bits.shape == shape and bits.dtype == np.uint16 and (bits == 0x3F81).all()
+        back = interpreter_bf16.widen(bits)
+        assert back.shape == shape and back.dtype == np.float32 and (back == 1.0078125).all()
+
+
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+
+
+def test_float64_narrows_once():
+    """float64 -> bfloat16 rounds once (torch goes through float32 and can round twice): values
+    just above a bfloat16 tie that float32 rounds onto the tie, and their exact ties."""
+    one_and_half_ulp = 1 + 2**-8  # a tie between 1.0 and 1 + 2**-7 (bfloat16 keeps 7 bits)
+    x = np.array([one_and_half_ulp + 2**-30, one_and_half_ulp, one_and_half_ulp - 2**-30,
+                  -(one_and_half_ulp + 2**-30), 1e39, -1e39, 1e-50,
+                  BF16_MAX + 0.75 * 2.0**120, BF16_MAX + 0.25 * 2.0**120])  # (its ulp: 2**120)
+    want = np.array([0x3F81, 0x3F80, 0x3F80, 0xBF81, 0x7F80, 0xFF80, 0x0000, 0x7F80, 0x7F7F], np.uint16)
+    assert torch.tensor(x[0]).to(torch.bfloat16).item() == 1.0  # (torch: twice, to the tie, then even)
+    np.testing.assert_array_equal(interpreter_bf16.narrow(x), want)
+    y = torch.empty(len(x), dtype=torch.bfloat16)
+    _convert[(1,)](torch.from_numpy(x), y, len(x), BLOCK=16)
+    np.testing.assert_array_equal(y.view(torch.uint16).numpy(), want)
