@@ -69,6 +69,10 @@ SCRIPT = textwrap.dedent("""
         k = triton.compile(src, target=target, options=dict(num_warps=8, launch_cooperative_grid=True))
         assert len(k.asm["cubin"]) > 1000
         assert "atom" in k.asm["ptx"]  # the grid barrier is there
+        # norms rounded to nearest: sqrt.approx.ftz.f32 flushes a subnormal sum of squares to 0
+        # (eval reads take no norm)
+        trains = fn is K.spectral_norm_fwd_kernel and constexprs["TRAINING"]
+        assert "sqrt.approx" not in k.asm["ptx"] and ("sqrt.rn.f32" in k.asm["ptx"]) == trains
         print(fn.__name__, constexprs, "cubin bytes", len(k.asm["cubin"]))
     print("OK")
 """)

@@ -531,6 +531,34 @@ def _rare_t_case(case, gen):
     return W.to(DEV), u.to(DEV), v.to(DEV), eps
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subnormal_sum_of_squares_with_eps_zero(dtype, path):
+    """eps = 0 and entries ~1e-21: ||A v||^2 and ||t||^2 are float32 subnormals. PyTorch's norm
+    keeps them; the square root of a float32 norm is sqrt.rn, not sqrt.approx.ftz, which would
+    flush them to 0 and give u = s / 0 (kernels.py ``_norm_of``). One training read, one launch of
+    several programs, each read path, against PyTorch's own ops: u to float32 rounding; v, sigma
+    and W_sn finite and close (norm-wise; v 4e-4 in the interpreter: ``A^T s`` of products near
+    1e-41 is itself subnormal here, where PyTorch's ``A^T u`` is not, a divergence the kernels
+    accept for weights below ~1e-19, tests/test_fuzz.py ``Oracle``)."""
+    gen = torch.Generator().manual_seed(21)
+    W = (1e-21 * torch.randn(64, 300, generator=gen)).to(DEV, dtype)
+    if path_taken(W, 0, None) != path:
+        pytest.skip(f"64x300 does not take the {path} path")
+    u, v = _unit(64, dtype, gen), _unit(300, dtype, gen)
+    u_ref, v_ref = u.float(), v.float()
+    want, sigma_ref = reference.spectral_norm_reference(W.float(), u_ref, v_ref, eps=0.0)
+    assert 0 < (W.float() @ v.float()).square().sum() < torch.finfo(torch.float32).tiny  # (subnormal)
+    sem = new_semaphore(DEV)
+    out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEV, dtype=dtype),
+                                                     sem, eps=0.0)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(x).all() for x in (out, us, vs, sigma))
+    tight, loose = (1e-5, 5e-3) if dtype == torch.float32 else (1e-2, 1e-2)
+    assert _rel(us, u_ref) < tight and _rel(vs, v_ref) < loose
+    assert _rel(sigma, sigma_ref) < loose and _rel(out, want) < loose
+    assert sem.tolist()[0] in (0, -2**31)
+
+
 @pytest.mark.parametrize("case", ["tiny-t", "inf-in-t", "finite-parts-inf-total"])
 def test_rare_t_statistics_single_launch(case, path):
     """t's non-finite marker and 2^64-scaled sum of squares are summed only where ||t||^2 (or a

@@ -237,8 +237,18 @@ def _vector_norm(parts, x0, n):
 
 @triton.jit
 def _norm_of(sumsq, x0, n):
-    """``||x||`` of an n-vector from ``sum x_i^2`` and ``x_0``: ``|x_0|`` when n == 1."""
-    return tl.where(n == 1, tl.abs(x0), tl.sqrt(sumsq))
+    """``||x||`` of an n-vector from ``sum x_i^2`` and ``x_0``: ``|x_0|`` when n == 1.
+
+    The square root rounds to nearest, as PyTorch's norm does (and the interpreter's numpy):
+    ``tl.sqrt`` of float32 is ``sqrt.approx.ftz.f32`` on NVIDIA GPUs, which is off by up to an
+    ulp and flushes a subnormal ``sum x_i^2`` to 0, so with ``eps = 0`` a tiny vector (entries
+    ~1e-21) would get the norm 0 and ``x / 0`` where PyTorch's is finite. (Once per norm: free.)
+    """
+    if sumsq.dtype == tl.float32:
+        root = tl.sqrt_rn(sumsq)
+    else:
+        root = tl.sqrt(sumsq)  # (float64: sqrt.rn.f64 already)
+    return tl.where(n == 1, tl.abs(x0), root)
 
 
 @triton.jit
