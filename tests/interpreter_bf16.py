@@ -13,6 +13,8 @@ in ``InterpreterBuilder.cast_impl``, with three faults a GPU does not have:
   16 bits as an integer's value.
 
 And arithmetic, comparisons and reductions on bfloat16 operands run on the ``uint16`` bits.
+(So does a bfloat16 scalar used as a Python ``bool`` or index, which this leaves alone: the
+interpreter patches those per launch, and the kernels use none.)
 
 ``install()`` replaces the conversions with exact ones (widening: the bits shifted; narrowing:
 rounded to nearest even once, as the GPU does) and makes every other operation on a
@@ -43,7 +45,10 @@ _BIT_MOVES = frozenset({
     "create_make_range", "create_addptr", "create_int_to_ptr", "create_ptr_to_int",
     "create_get_program_id", "create_get_num_programs", "create_barrier", "create_assume",
     "create_print", "create_assert", "create_make_block_ptr", "create_advance",
-    "create_tensor_pointer_load", "create_tensor_pointer_store",
+    "create_tensor_pointer_load", "create_tensor_pointer_store", "create_descriptor_load",
+    "create_descriptor_store", "create_descriptor_gather", "create_descriptor_scatter",
+    "create_fabs",  # (clears the sign bit, as a GPU's abs does)
+    "create_atomic_cas",  # (compares bits, as the GPU's compare-and-swap does)
 })
 # Conversions: replaced below (fp_ext, fp_trunc, si_to_fp, ... all call cast_impl).
 _CASTS = frozenset({"create_fp_to_fp", "create_si_to_fp", "create_ui_to_fp", "create_fp_to_si",
@@ -60,10 +65,11 @@ def widen(bits: np.ndarray) -> np.ndarray:
 
 
 def narrow(values: np.ndarray) -> np.ndarray:
-    """Float values as bfloat16 bits, rounded to nearest even once (the GPU's ``cvt.rn.bf16``)."""
+    """Float or integer values as bfloat16 bits, rounded to nearest even once (the GPU's
+    ``cvt.rn.bf16.{f32,f64,s32,...}``; integers beyond 2**53 excepted)."""
     values = np.asarray(values)
     if values.dtype.kind != "f":
-        values = values.astype(np.float32)  # (an integer: Triton goes through float too)
+        values = values.astype(np.float64)  # (exact up to 2**53)
     if values.dtype == np.float64:
         values = _to_float32_rounded_to_odd(values)
     flat = np.ascontiguousarray(values.reshape(-1))  # (a 0-d array keeps its shape below)
@@ -82,29 +88,46 @@ def _to_float32_rounded_to_odd(x: np.ndarray) -> np.ndarray:
     return np.where(inexact, bits | np.uint32(1), bits).astype(np.uint32).view(np.float32)
 
 
+def _narrowable(ty) -> bool:
+    """Whether numpy holds ``ty``'s values as numbers (not the bits of a type it lacks, as fp8's)."""
+    return ty.is_int() or ty in (tl.float16, tl.float32, tl.float64)
+
+
 def _cast(original):
     @functools.wraps(original)
     def cast_impl(self, src, dst_type):
         src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
         if src_ty == tl.bfloat16 and dst_ty == tl.bfloat16:
             return interpreter.TensorHandle(np.asarray(src.data).copy(), dst_ty)
-        if src_ty == tl.bfloat16:
-            return interpreter.TensorHandle(
-                widen(src.data).astype(interpreter._get_np_dtype(dst_ty)), dst_ty)
+        if src_ty == tl.bfloat16:  # exactly to float32, then as Triton converts float32
+            return original(self, interpreter.TensorHandle(widen(src.data), tl.float32), dst_type)
         if dst_ty == tl.bfloat16:
+            if not _narrowable(src_ty):  # (Triton sends fp8 through create_fp_to_fp)
+                raise NotImplementedError(f"{src_ty} -> bfloat16 through cast_impl")
             return interpreter.TensorHandle(narrow(src.data), dst_ty)
         return original(self, src, dst_type)
     return cast_impl
 
 
 def _fp_to_fp(original):
+    """Triton's conversions to and from fp8, and those with a rounding mode asked for."""
     @functools.wraps(original)
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
-        if tl.bfloat16 in (src.dtype.scalar, dst_type.scalar):
-            if rounding_mode not in (None, interpreter._ir.ROUNDING_MODE.RTNE):
-                raise NotImplementedError(f"bfloat16 conversion with rounding {rounding_mode}")
-            return self.cast_impl(src, dst_type)
-        return original(self, src, dst_type, rounding_mode)
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if tl.bfloat16 not in (src_ty, dst_ty):
+            return original(self, src, dst_type, rounding_mode)
+        if src_ty == tl.bfloat16 and not _narrowable(dst_ty):  # to fp8: exactly to float32 first
+            return original(self, interpreter.TensorHandle(widen(src.data), tl.float32), dst_type, rounding_mode)
+        if not _narrowable(src_ty) and src_ty != tl.bfloat16:  # from fp8: exactly to float32 first
+            src = original(self, src, tl.float32, None)
+            return interpreter.TensorHandle(narrow(src.data), dst_ty)
+        if rounding_mode == interpreter._ir.ROUNDING_MODE.RTZ and src_ty == tl.float32:
+            bits = np.asarray(src.data).view(np.uint32)  # truncated: toward zero; NaN kept quiet
+            out = np.where(np.isnan(src.data), np.uint32(0x7FC0), bits >> np.uint32(16)).astype(np.uint16)
+            return interpreter.TensorHandle(out, dst_ty)
+        if rounding_mode not in (None, interpreter._ir.ROUNDING_MODE.RTNE) and dst_ty == tl.bfloat16:
+            raise NotImplementedError(f"{src_ty} -> bfloat16 with rounding {rounding_mode}")
+        return self.cast_impl(src, dst_type)
     return create_fp_to_fp
 
 

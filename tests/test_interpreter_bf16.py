@@ -38,14 +38,27 @@ def _add(x_ptr, y_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _convert_toward_zero(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(tl.bfloat16, fp_downcast_rounding="rtz"), mask=mask)
+
+
+@triton.jit
 def _plus(a, b):
     return a + b
 
 
 @triton.jit
+def _reduce(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, BLOCK))
+    tl.store(y_ptr, tl.reduce(x, 0, _plus))
+
+
+@triton.jit
 def _sum(x_ptr, y_ptr, BLOCK: tl.constexpr):
     x = tl.load(x_ptr + tl.arange(0, BLOCK))
-    tl.store(y_ptr, tl.reduce(x, 0, _plus))  # (tl.sum and tl.max widen bfloat16 first: no bits summed)
+    tl.store(y_ptr, tl.sum(x, axis=0))  # (in bfloat16 on a GPU: tl.sum does not widen it, tl.max does)
 
 
 def _converted(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -131,7 +144,7 @@ def test_other_floats_narrow_to_nearest_even(dtype):
     _assert_bits(_converted(x, torch.bfloat16), want.view(torch.bfloat16))
 
 
-@pytest.mark.parametrize("kernel", [_add, _sum])
+@pytest.mark.parametrize("kernel", [_add, _reduce, _sum])
 def test_arithmetic_on_bfloat16_bits_is_refused(kernel):
     x = torch.randn(16).to(torch.bfloat16)
     with pytest.raises(InterpreterError, match="TypeError.*on a bfloat16 operand|TypeError.*over bfloat16 values"):
@@ -164,3 +177,30 @@ def test_float64_narrows_once():
     y = torch.empty(len(x), dtype=torch.bfloat16)
     _convert[(1,)](torch.from_numpy(x), y, len(x), BLOCK=16)
     np.testing.assert_array_equal(y.view(torch.uint16).numpy(), want)
+
+
+def test_integers_narrow_once():
+    """int32/int64 -> bfloat16 as cvt.rn.bf16.s32/s64: once, not through float32 (2**24 + 2**16 + 1:
+    float32 rounds it onto a bfloat16 tie, which then goes to even, 2**24)."""
+    x = torch.tensor([2**24 + 2**16 + 1, -(2**24 + 2**16 + 1), 2**24 + 2**16, 3, 0, 2**31 - 1])
+    want = torch.tensor([16908288.0, -16908288.0, 16777216.0, 3.0, 0.0, 2.0**31]).to(torch.bfloat16)
+    for dtype in (torch.int32, torch.int64):
+        _assert_bits(_converted(x.to(dtype), torch.bfloat16), want)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_fp8_to_and_from_bfloat16(fp8):
+    """fp8 <-> bfloat16 (Triton's create_fp_to_fp): through exact float32, as Triton converts float32."""
+    x = torch.tensor([1.0, 2.0, 0.5, -3.0, 0.0, 0.375]).to(fp8)
+    _assert_bits(_converted(x, torch.bfloat16), x.to(torch.bfloat16))
+    b = torch.tensor([1.0, 2.0, 0.5, -3.0, 0.0, 0.375], dtype=torch.bfloat16)
+    assert torch.equal(_converted(b, fp8).float(), b.float())
+
+
+def test_float32_narrows_toward_zero_when_asked():
+    """``fp_downcast_rounding="rtz"`` (cvt.rz.bf16.f32): truncation, NaN stays NaN."""
+    x = torch.tensor([1 + 3 * 2**-9, -(1 + 3 * 2**-9), 3.5e38, float("nan"), float("-inf"), 1e-40])
+    y = torch.empty(len(x), dtype=torch.bfloat16)
+    _convert_toward_zero[(1,)](x, y, len(x), BLOCK=8)
+    want = (x.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    _assert_bits(y, want)

@@ -178,7 +178,8 @@ def make_weight(case, gen, dtype, device, scale=1.0):
 
 
 # ---- tolerances (errors measured on the interpreter were 4-10x below these)
-VEC_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-12}
+# (bfloat16: 2^-7; sigma, u and v measured within 0.92 of 2^-8 of the float64 oracle, session 26)
+VEC_TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5, torch.float64: 1e-12}
 WSN_ULPS = {torch.float16: 4, torch.bfloat16: 4}  # half types: W_sn within a few ulps
 WSN_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -284,7 +285,7 @@ def check_backward(grad_w, grad, weight, u, v, sigma, *, dim, rtol=None):
         assert same_strides(grad_w, weight), f"grad strides {grad_w.stride()} != weight's {weight.stride()}"
     else:
         assert dense(grad_w)
-    tol = rtol if rtol is not None else {torch.float16: 2e-3, torch.bfloat16: 1.6e-2,
+    tol = rtol if rtol is not None else {torch.float16: 2e-3, torch.bfloat16: 8e-3,
                                          torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(grad_w.cpu().double(), expected, rtol=tol,
                                atol=tol * expected.abs().max().item())
@@ -457,6 +458,30 @@ def test_forward_dtypes(dtype, device, gen):
             u0, v0 = vec_pair(weight, dim, gen)
             res = fused_forward(weight, u0.clone(), v0.clone(), dim=dim, n=n, training=training)
             check_forward(weight, u0, v0, res, dim=dim, n=n, eps=1e-12, training=training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_v_rounded_between_iterations(dtype, path, device, gen):
+    """As PyTorch's SN, which stores v in the weight's dtype after each iteration and reads it back,
+    the kernels round v to the buffer's dtype before the next iteration's ``A v``: the final u
+    (2 iterations, 256 entries) is, entry for entry, a float64 emulation that rounds v1 and far
+    from one that does not (~45% of bfloat16 entries differ; found unchecked by review). Each
+    read path (one program: the whole weight fits one on-chip tile)."""
+    M, N = 256, 48
+    w = torch.randn(M, N, generator=gen).to(device, dtype)
+    assert path_taken(w, 0, 1) == path
+    u0, v0 = vec_pair(w, 0, gen)
+    res = fused_forward(w, u0.clone(), v0.clone(), dim=0, n=2, num_programs=1)
+    A = w.double().cpu()
+
+    def final_u(round_v):
+        u1 = torch.nn.functional.normalize(A @ v0.double().cpu(), dim=0)
+        v1 = torch.nn.functional.normalize(A.T @ u1, dim=0)  # (u1 unrounded: A^T s / du, kernels.py)
+        v1 = v1.to(dtype).double() if round_v else v1
+        return torch.nn.functional.normalize(A @ v1, dim=0).to(dtype)
+
+    differ = {r: int((final_u(r) != res["u"].cpu()).sum()) for r in (True, False)}
+    assert differ[True] <= M // 100 and differ[False] >= M // 10, differ
 
 
 @pytest.mark.parametrize("dtype,eps,scale", [
@@ -1227,9 +1252,10 @@ def test_cooperative_launch_only_where_programs_wait_on_each_other():
         assert cooperative(1, False) == (False, False) and cooperative(3, False) == (True, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("row_in_tile", [True, False], ids=["whole-rows", "column-blocks"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
-def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training, device, gen):
+def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training, dtype, device, gen):
     """``_LOAD_STAGES`` and ``_RESCALE_STAGES`` (the forward's loops over A as ``tl.range(...,
     num_stages=...)``, kernels.py) and ``_LOAD_PREFETCH``, ``_RESCALE_PREFETCH`` (the same loops
     loading one tile ahead in registers; a loop that prefetches is not pipelined too) go into
@@ -1240,8 +1266,8 @@ def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training,
     prefetching loops as written; tests/test_compile_sm90.py compiles them all for sm_90, and
     on a GPU tests/test_gpu.py compares them.)"""
     M, N = 9, 40
-    w = torch.randn(M, N, generator=gen).to(device)
-    u0, v0 = torch.randn(M, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
+    w = torch.randn(M, N, generator=gen).to(device, dtype)
+    u0, v0 = torch.randn(M, generator=gen).to(device, dtype), torch.randn(N, generator=gen).to(device, dtype)
     # (_PREFETCH_MIN_BLOCK_N: prefetch these narrow rows too, which on a GPU it leaves out for
     # their registers' sake)
     knobs = dict(_ON_CHIP=False, _TILE_ELEMENTS=64, _PREFETCH_MIN_BLOCK_N=1) if row_in_tile else dict(
@@ -1253,7 +1279,8 @@ def test_load_stages_reach_the_kernel_and_change_no_value(row_in_tile, training,
     for (stages, prefetch), tail in variants.items():
         with snm._launch_knobs(_LOAD_STAGES=stages[0], _RESCALE_STAGES=stages[1], _LOAD_PREFETCH=prefetch[0],
                                _RESCALE_PREFETCH=prefetch[1], **knobs):
-            plan = snm._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, training, 2, None)
+            plan = snm._forward_plan(w.shape, w.stride(), w.stride(), 0, w.device, 2, training, 2, None,
+                                     w.element_size())
             assert plan.cfg.ROW_IN_TILE == row_in_tile and not plan.cfg.ON_CHIP
             assert plan.cfg.BLOCK_M == 1 or not row_in_tile  # 4-5 steps per program and loop
             # LOAD_STAGES, RESCALE_STAGES, LOAD_PREFETCH, RESCALE_PREFETCH: the four before ROW_ALIGN (the last)

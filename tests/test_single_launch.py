@@ -81,11 +81,11 @@ GRIDS = (2, 3, 5)
 #: (column blocks of 64 elements take the interpreter 5-25 s on the wider weights).
 CI = {
     "on chip": ("9x300", "overflow 7x300", "overflow 7x5", "inf t", "inf total", "tiny", "fp16 6x33",
-                "convT channels-last", "wide 2x9000"),
+                "bf16 6x148", "convT channels-last", "wide 2x9000"),
     "kept": ("9x300", "overflow 7x300", "inf t", "inf total", "tiny", "fp64 5x20", "bf16 6x148",
              "conv channels-last", "tall 8200x3"),
     "streaming": ("9x300", "overflow 7x300", "overflow 7x5", "inf t", "inf total", "tiny", "fp16 6x33",
-                  "convT channels-last", "wide 2x9000"),
+                  "bf16 6x148", "convT channels-last", "wide 2x9000"),
     "column blocks": ("7x40", "overflow 7x5", "inf total", "fp16 6x33", "bf16 6x148", "convT channels-last"),
     "prefetch": ("9x300",),
     "partials in steps": ("9x300", "inf t"),
