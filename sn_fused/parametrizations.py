@@ -301,7 +301,7 @@ class _SpectralNorm(Module):
         home = self._sem_stream
         if stream == home:
             return sem
-        if _ops._stream_capturing():
+        if _ops._stream_capturing(device_index):
             return sem
         if sem.get_device() != device_index:
             # The weight came to another device without _apply (load_state_dict(assign=True)):

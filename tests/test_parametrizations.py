@@ -1992,8 +1992,32 @@ def fake_streams(monkeypatch):
 
     state = threading.local()
     monkeypatch.setattr(snm, "_raw_stream", lambda index: getattr(state, "stream", 1))
-    monkeypatch.setattr(snm, "_stream_capturing", lambda: getattr(state, "capturing", False))
+    monkeypatch.setattr(snm, "_stream_capturing", lambda index: getattr(state, "capturing", False))
     return state
+
+
+def test_stream_capturing_asks_the_weights_device(monkeypatch):
+    """``_stream_capturing(i)`` answers for device ``i``'s current stream, where a read of a weight
+    on device ``i`` launches, whatever the current device (torch's answer is the current
+    device's): a capture on device 1 seen from device 0, and none on device 0 seen from device 1."""
+    from sn_fused.ops import spectral_norm as snm
+
+    current, capturing = {"device": 0}, {1}
+
+    @contextlib.contextmanager
+    def device(index):
+        before, current["device"] = current["device"], index
+        try:
+            yield
+        finally:
+            current["device"] = before
+
+    monkeypatch.setattr(snm, "_current_device", lambda: current["device"])
+    monkeypatch.setattr(snm, "_current_stream_capturing", lambda: current["device"] in capturing)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    assert snm._stream_capturing(1) and not snm._stream_capturing(0) and current["device"] == 0
+    current["device"] = 1
+    assert snm._stream_capturing(1) and not snm._stream_capturing(0) and current["device"] == 1
 
 
 def test_stream_semaphore(fake_streams, monkeypatch):

@@ -696,12 +696,23 @@ def _direct_runner(compiled, grid: int, device_index: int):
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (absent from CPU-only builds)
-# torch.cuda.is_current_stream_capturing() less its wrapper (~1 us on an H200's host)
-_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+# torch.cuda.is_current_stream_capturing() less its wrapper (~1 us on an H200's host): the
+# current device's current stream
+_current_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
 
 
 def _current_device() -> int:
     return torch.cuda.current_device()
+
+
+def _stream_capturing(device_index: int) -> bool:
+    """Whether device ``device_index``'s current stream (where a read of a weight on that device
+    launches) is capturing a CUDA graph. torch answers for the current device only, which a
+    capture on another device's stream, or a weight on another device, can make another one."""
+    if _current_device() == device_index:
+        return _current_stream_capturing()
+    with torch.cuda.device(device_index):
+        return _current_stream_capturing()
 
 
 def _real_eager_call(out: torch.Tensor) -> bool:
