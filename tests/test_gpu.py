@@ -2,6 +2,15 @@
 
 Skipped cleanly without CUDA. Run by ``bench/gpu_check.sh`` on the lent H100/H200.
 Every comparison is against the float64 reference on fresh random inputs.
+
+A dry run on a CPU (``SN_FUSED_GPU_DRY_RUN=1`` with ``TRITON_INTERPRET=1``) runs the tests that
+need no CUDA of their own (streams, graphs, the profiler, compile, autocast: skipped) through the
+interpreter, planned for a 132-SM card (``_INTERPRETER_GRID_CAP``) and run phase by phase, on
+weights up to ``SN_FUSED_GPU_DRY_MAX_ELEMENTS`` (default 2**21): the tests' own code, plans and
+asserted configs checked before a GPU call spends its minutes on them. Not the single launch's
+timing or bits: a GPU's.
+
+    SN_FUSED_GPU_DRY_RUN=1 TRITON_INTERPRET=1 python -m pytest tests/test_gpu.py
 """
 
 from __future__ import annotations
@@ -14,7 +23,11 @@ import sys
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+DRY_RUN = os.environ.get("SN_FUSED_GPU_DRY_RUN", "0") == "1"
+if DRY_RUN:
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("the dry run needs TRITON_INTERPRET=1", allow_module_level=True)
+elif os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (and TRITON_INTERPRET unset)", allow_module_level=True)
 
 import sn_fused  # noqa: E402
@@ -24,7 +37,31 @@ from sn_fused.ops import new_semaphore, spectral_norm_backward_fused, spectral_n
 from sn_fused.ops import spectral_norm as ops_mod  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-DEV = torch.device("cuda")
+DEV = torch.device("cpu" if DRY_RUN else "cuda")
+#: Tests of CUDA itself: not in a dry run.
+cuda_only = pytest.mark.skipif(DRY_RUN, reason="CUDA's own streams, graphs, profiler, compile or autocast")
+DRY_MAX_ELEMENTS = int(os.environ.get("SN_FUSED_GPU_DRY_MAX_ELEMENTS", 2**21))
+
+
+@pytest.fixture(autouse=True)
+def _planned_for_the_card():
+    """Dry run: CPU launches planned for a 132-SM card's grid (run phase by phase)."""
+    if DRY_RUN:
+        with ops_mod._launch_knobs(_INTERPRETER_GRID_CAP=132):
+            yield
+    else:
+        yield
+
+
+def _sized(numel: int) -> None:
+    """Dry run: skip weights too large for the interpreter."""
+    if DRY_RUN and numel > DRY_MAX_ELEMENTS:
+        pytest.skip(f"{numel} elements: beyond SN_FUSED_GPU_DRY_MAX_ELEMENTS in a dry run")
+
+
+def _sync(*device) -> None:
+    if not DRY_RUN:
+        torch.cuda.synchronize(*device)
 
 # (M, N) of the real layers (DESIGN.md §3/§4) plus awkward ones.
 SHAPES = [
@@ -65,6 +102,7 @@ def _run_both(w, dim, n_iter, training, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N", SHAPES)
 def test_forward_backward_vs_reference(M, N, dtype):
+    _sized(M * N)
     torch.manual_seed(M * 7919 + N)
     w = torch.randn(M, N, device=DEV, dtype=dtype)
     for training in (True, False):
@@ -122,6 +160,7 @@ def test_walked_and_per_element_layouts(make, dim):
     on the card's grid: reads (n = 1, 2, eval) and the backward (an incoming gradient in W_sn's
     strides and a contiguous one) against the float64 reference."""
     w = make()
+    _sized(w.numel())
     for n_iter, training in ((1, True), (2, True), (1, False)):
         r = _run_both(w, dim, n_iter, training, seed=n_iter)
         assert _rel(r["out"], r["ref_out"]) < 5e-5 and _rel(r["sigma"], r["ref_sigma"]) < 5e-5
@@ -144,6 +183,7 @@ def test_row_align_of_tensors_with_their_own_row_strides(wide_w, wide_g, dtype, 
     """ROW_ALIGN where the tensors' row strides differ (a weight and a gradient sliced from wider
     rows; W_sn and dW dense): what all of them share, so the vector loads the compiler emits
     for each are aligned on the card. Reads and the backward against the float64 reference."""
+    _sized(1536 * 160)
     N = 148 if wide_w in (152, 160) else 328
     M = 1536 if dtype == torch.float32 else 256
     w = torch.randn(M, wide_w, device=DEV, dtype=dtype)[:, :N]
@@ -165,6 +205,7 @@ def test_row_align_of_tensors_with_their_own_row_strides(wide_w, wide_g, dtype, 
 
 
 def test_deterministic_bitwise():
+    _sized(1536 * 13824)
     torch.manual_seed(0)
     w = torch.randn(1536, 13824, device=DEV)
     results = []
@@ -210,6 +251,7 @@ def test_kept_tile_bitwise(M, N):
     is the streaming read's (``_KEEP_A=0``) bit for bit, as in the interpreter
     (tests/test_ops.py), unless the compiler contracts the same sums differently in the two
     binaries: a failure names the fields that differ and by how much."""
+    _sized(M * N)
     torch.manual_seed(M)
     w = torch.randn(M, N, device=DEV)
     kept_cfg, kept = _read_with_knobs(w, {})
@@ -234,6 +276,7 @@ def test_load_variants_bitwise(M, N, variant):
     pipelined loop as a plain one; the cause is not found (the TTGIR has the same tile layout and
     float ops, the PTX and SASS the same instruction counts). A failure names the fields that
     differ and by how much."""
+    _sized(M * N)
     knobs = dict(_LOAD_VARIANTS)[variant]
     torch.manual_seed(0)
     w = torch.randn(M, N, device=DEV)
@@ -261,6 +304,7 @@ def test_grad_stages_bitwise(M, N, tile, stages):
     """``_GRAD_STAGES`` (the backward's GRAD pass as one pipelined flat loop, off by default until
     measured) changes when G's tiles arrive, not dW: the pass is elementwise, so dW is bitwise the
     nested loops' with the same tiles (the dot pass, whose sum order the tiles set, is the same)."""
+    _sized(M * N)
     torch.manual_seed(0)
     w = torch.randn(M, N, device=DEV)
     r = _run_both(w, 0, 1, True, seed=3)
@@ -277,6 +321,7 @@ def test_grad_stages_bitwise(M, N, tile, stages):
     assert torch.equal(dws[0], dws[1]), (dws[0] - dws[1]).abs().max().item()
 
 
+@cuda_only
 def test_one_launch_per_read_and_per_backward():
     m = sn_fused.spectral_norm(torch.nn.Conv2d(128, 128, 3).to(DEV))
     m.weight  # compile the kernels
@@ -294,6 +339,7 @@ def test_one_launch_per_read_and_per_backward():
     assert len(cuda_kernel_names(lambda: m.weight)) == 1
 
 
+@cuda_only
 def test_grid_is_capped_by_co_residency():
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     for M, N in SHAPES:
@@ -301,6 +347,7 @@ def test_grid_is_capped_by_co_residency():
         assert 1 <= cfg.grid <= min(sms, M)
 
 
+@cuda_only
 def test_cuda_graph_replay():
     torch.manual_seed(0)
     m = sn_fused.spectral_norm(torch.nn.Linear(1152, 128).to(DEV))
@@ -334,6 +381,7 @@ def _disc():
     ).to(DEV)
 
 
+@cuda_only
 def test_torch_compile_fullgraph_matches_eager(monkeypatch):
     # cuDNN convolutions may use TF32 (1e-3 differences between algorithms); SN is what is checked here.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -356,6 +404,7 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
             assert _rel(a, b) < 1e-5, name
 
 
+@cuda_only
 def test_two_modules_on_two_streams():
     torch.manual_seed(0)
     ms = [sn_fused.spectral_norm(torch.nn.Linear(4096, 4096).to(DEV)) for _ in range(2)]
@@ -419,6 +468,7 @@ for M, N in ((128, 1152), (24576, 20)):  # 18 and 120 programs
 """
 
 
+@cuda_only
 def test_one_layer_read_on_two_streams_at_once():
     """Each stream's reads of a layer take a semaphore of their own (``_stream_semaphore``): the
     grid barriers of overlapping launches must never count each other's programs. In a
@@ -440,6 +490,7 @@ def test_one_layer_read_on_two_streams_at_once():
             result.stdout
 
 
+@cuda_only
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_layer_on_a_device_that_is_not_the_current_one():
     """A layer on cuda:1 read (forward and backward, first and kept launches) while cuda:0 is
@@ -461,6 +512,7 @@ def test_layer_on_a_device_that_is_not_the_current_one():
     assert _rel(m.parametrizations.weight.original.grad, twin.parametrizations.weight.original.grad) < 1e-5
 
 
+@cuda_only
 def test_launch_under_load_makes_progress():
     """A big matmul on another stream occupies SMs; the cooperative launch must still finish right."""
     torch.manual_seed(0)
@@ -478,6 +530,7 @@ def test_launch_under_load_makes_progress():
     assert _rel(w, twin.weight) < 1e-5
 
 
+@cuda_only
 def test_autocast_keeps_weight_dtype():
     m = sn_fused.spectral_norm(torch.nn.Linear(256, 128).to(DEV))
     with torch.autocast("cuda", dtype=torch.float16):
@@ -492,6 +545,7 @@ def test_overflow_fallback_single_launch(M, N, path):
     every program must take it (or none), or the launch hangs. A float32 weight with one
     huge row, so ||W v||^2 overflows: the result must be PyTorch's own ops' (same u, v,
     sigma, W_sn, NaN/Inf pattern included), and the semaphore back at rest."""
+    _sized(M * N)
     gen = torch.Generator().manual_seed(M + N)
     w = torch.randn(M, N, generator=gen).to(DEV)
     if path_taken(w, 0, None) != path:
@@ -504,7 +558,7 @@ def test_overflow_fallback_single_launch(M, N, path):
         sem = new_semaphore(DEV)
         out, us, vs, sigma = spectral_norm_forward_fused(w, u.clone(), v.clone(), torch.zeros((), device=DEV),
                                                          sem, n_power_iterations=n)
-        torch.cuda.synchronize()
+        _sync()
         for got, exp in ((us, u_ref), (vs, v_ref), (sigma, sigma_ref), (out, want)):
             torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5, equal_nan=True)
         assert sem.tolist()[0] in (0, -2**31)
@@ -551,7 +605,7 @@ def test_subnormal_sum_of_squares_with_eps_zero(dtype, path):
     sem = new_semaphore(DEV)
     out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEV, dtype=dtype),
                                                      sem, eps=0.0)
-    torch.cuda.synchronize()
+    _sync()
     assert all(torch.isfinite(x).all() for x in (out, us, vs, sigma))
     tight, loose = (1e-5, 5e-3) if dtype == torch.float32 else (1e-2, 1e-2)
     assert _rel(us, u_ref) < tight and _rel(vs, v_ref) < loose
@@ -575,7 +629,7 @@ def test_rare_t_statistics_single_launch(case, path):
     sem = new_semaphore(DEV)
     out, us, vs, sigma = spectral_norm_forward_fused(W, u.clone(), v.clone(), torch.zeros((), device=DEV), sem,
                                                      eps=eps)
-    torch.cuda.synchronize()
+    _sync()
     for got, exp in ((us, u_ref), (vs, v_ref), (sigma, sigma_ref), (out, want)):
         # (t = A^T s / du here, A^T u there: entries that cancel differ by more than rtol alone)
         scale = exp.nan_to_num(0.0, 0.0, 0.0).abs().max().item()

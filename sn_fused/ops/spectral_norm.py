@@ -161,6 +161,10 @@ _KEEP_A = int(os.environ.get("SN_FUSED_KEEP_A", 1))
 # streaming tile. 0 (off) until a GPU run measures it (`kernel_sweep --sweep-knobs _KEEP_A_MAX_ELEMENTS`).
 _KEEP_A_MAX_ELEMENTS = int(os.environ.get("SN_FUSED_KEEP_A_MAX_ELEMENTS", 0))
 _PROGRAMS_PER_SM = int(os.environ.get("SN_FUSED_PROGRAMS_PER_SM", 1))
+# Programs a CPU launch (the interpreter) is planned for by default: 1, since the interpreter runs
+# programs one after another and a grid barrier needs them all at once. More only to plan as a
+# GPU would (tests/test_gpu.py's dry run: 132, an H100/H200); those launches run phase by phase.
+_INTERPRETER_GRID_CAP = int(os.environ.get("SN_FUSED_INTERPRETER_GRID_CAP", 1))
 _NUM_WARPS = int(os.environ.get("SN_FUSED_NUM_WARPS", 0))  # 0: by tile size
 _NUM_STAGES = int(os.environ.get("SN_FUSED_NUM_STAGES", 0))  # 0: Triton's default
 # Registers a thread may use (Triton's ``maxnreg``; 0: ptxas' own choice). Without a limit ptxas
@@ -514,7 +518,7 @@ def _launch_config(M: int, N: int, device: torch.device, num_programs: int | Non
         if device.type == "cuda":
             cap = min(_max_programs(_cuda_index(device)), _MAX_GRID)
         else:
-            cap = 1  # interpreter: programs run one after another, a barrier needs G == 1
+            cap = _INTERPRETER_GRID_CAP  # interpreter: programs run one after another (1: no barrier)
         num_programs = _default_grid(M, N, cap)
     # (whole rows per program; the on-chip read also relies on it: with one row, its du comes
     # from the program that owns the row, kernels._on_chip_u)
