@@ -17,14 +17,17 @@ And arithmetic, comparisons and reductions on bfloat16 operands run on the ``uin
 interpreter patches those per launch, and the kernels use none.)
 
 ``install()`` replaces the conversions with exact ones (widening: the bits shifted; narrowing:
-rounded to nearest even once, as the GPU does) and makes every other operation on a
-bfloat16 operand raise ``TypeError``, so a kernel that computed in bfloat16 inside (rather than
-accumulating in float32, which sn_fused's kernels promise) fails loudly here instead of
-computing on integers. It then lets sn_fused launch bfloat16 CPU weights
+rounded to nearest even once, as the GPU does; fp8 through exact float32) and makes every
+operation that would read a bfloat16 operand's bits as a number (arithmetic, compares, fma, dot,
+reductions and scans, atomics but compare-and-swap) raise ``TypeError`` -- loads, stores, selects,
+reshapes, ``abs`` and the like move the bits as a GPU does -- so a kernel that computed in
+bfloat16 inside (rather than accumulating in float32, which sn_fused's kernels promise) fails
+loudly here instead of computing on integers. It then lets sn_fused launch bfloat16 CPU weights
 (``spectral_norm._INTERPRETER_BF16``), which it otherwise sends to the reference path.
 ``tests/conftest.py`` installs it under ``TRITON_INTERPRET=1``;
-``tests/test_interpreter_bf16.py`` checks the conversions against torch's, all 65536 bfloat16
-values and float32 ties, overflow, subnormals and NaN.
+``tests/test_interpreter_bf16.py`` checks the conversions through Triton kernels against torch's
+and exact arithmetic: all 65536 bfloat16 values, float32 ties, overflow, subnormals and NaN,
+float64/float16/integer/fp8 sources, round-toward-zero.
 """
 
 from __future__ import annotations

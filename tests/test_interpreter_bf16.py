@@ -1,5 +1,6 @@
-"""tests/interpreter_bf16.py: the interpreter's bfloat16 conversions against torch's, bit for bit,
-through Triton kernels (``.to`` as the sn_fused kernels write it), and arithmetic on bfloat16 refused.
+"""tests/interpreter_bf16.py: the interpreter's bfloat16 conversions bit for bit against torch's and
+exact arithmetic (a GPU's), through Triton kernels (``.to`` as the sn_fused kernels write it), and
+arithmetic on bfloat16 refused.
 
 Runs under ``TRITON_INTERPRET=1`` only (conftest installs the fix there); a GPU converts natively.
 """
