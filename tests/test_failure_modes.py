@@ -55,7 +55,7 @@ from sn_fused import reference
 from sn_fused.ops import INTERPRET, check_inputs, kernels, new_semaphore
 from sn_fused.ops import spectral_norm as opsmod
 from sn_fused.ops import spectral_norm_backward_fused, spectral_norm_forward_fused, spectral_norm_fused
-from conftest import fused_device_or_skip, path_taken, two_tensor
+from conftest import HALF_TOL, fused_device_or_skip, path_taken, two_tensor
 
 DEVICE = fused_device_or_skip()
 
@@ -403,9 +403,6 @@ def test_degenerate_weight_follows_pytorch(kind, degenerate, when, seed, launche
 
     ref.eval(), ours.eval()
     compare_read(ref, ours, seed, f"{degenerate}, eval read")
-
-
-HALF_TOL = {torch.float16: dict(rtol=5e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=6.4e-3)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])

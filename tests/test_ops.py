@@ -89,8 +89,6 @@ def device(request):
     return request.param
 
 
-
-
 def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as torch_sn
 
 import sn_fused
-from conftest import list_forward_calls
+from conftest import HALF_TOL, list_forward_calls
 from sn_fused.ops import INTERPRET, fused_supported
 
 sn = sn_fused.spectral_norm
@@ -55,8 +55,7 @@ VEC_TOL = {
     torch.float32: dict(rtol=1e-4, atol=2e-5),
     torch.float64: dict(rtol=1e-9, atol=1e-10),
     torch.complex64: dict(rtol=1e-4, atol=2e-5),
-    torch.float16: dict(rtol=5e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=6.4e-3),
+    **HALF_TOL,
 }
 
 
@@ -1164,11 +1163,6 @@ def test_output_dtype(dtype, device, seed):
     w = ours.weight
     assert w.dtype == dtype
     assert_close(w, ref.weight)
-
-
-# Half weights: PyTorch's SN rounds every op to the weight's dtype, sn_fused's kernels accumulate
-# in float32 and round u, v, sigma and W_sn once each, so they differ by a few of its ulps.
-HALF_TOL = {torch.float16: dict(rtol=5e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=6.4e-3)}
 
 
 @pytest.mark.parametrize("device", DEVICES)
