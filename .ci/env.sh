@@ -8,14 +8,25 @@
 # Either way the C++ read (sn_fused._C, csrc/) is then built in place against that torch (a
 # C++ compiler is needed; ~1-1.5 min on 2 cores, once: later runs find it up to date).
 # SN_FUSED_BUILD_CPP=0 skips it: layers then read through the Python path.
+# tests/run.sh's stage 4 tests the newest stack pip installs here as well (NEWEST_STACK, in
+# .venv-newest): torch's own wheel from the package index (with CUDA's libraries, ~5.6 GB; there
+# is no CPU build of it there) and the Triton it requires. Both are pinned so that a release
+# cannot turn CI red by itself: move them on when the index has newer ones.
+PINNED_STACK=("torch==2.13.0" "triton==3.6.0" "numpy<2.3")
+NEWEST_STACK=("torch==2.14.1" "triton==3.8.0" "numpy<2.3")
+
+venv_with() {  # venv_with DIR REQUIREMENT...: DIR's python (made if need be), with these installed
+  local dir=$1
+  shift
+  [ -x "$dir/bin/python" ] || "${PYTHON:-python3}" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check "$@"
+}
+
 if [ -n "${SN_FUSED_PYTHON:-}" ]; then
   VPY=$SN_FUSED_PYTHON
 else
-  if [ ! -x .venv/bin/python ]; then
-    "${PYTHON:-python3}" -m venv .venv
-  fi
+  venv_with .venv "${PINNED_STACK[@]}"
   VPY=.venv/bin/python
-  "$VPY" -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.6.0" "numpy<2.3"
   "$VPY" -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 fi
 if [ "${SN_FUSED_BUILD_CPP:-1}" != "0" ]; then

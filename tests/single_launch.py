@@ -218,13 +218,19 @@ def single_launch(seed: int = 0):
     rewrite, launch_uncached, barrier = interpreter.InterpretedFunction.rewrite, snm._launch_uncached, kernels.grid_barrier
     kernel_fns = {kernels.spectral_norm_fwd_kernel.fn, kernels.spectral_norm_bwd_kernel.fn}
 
-    def masked_load(pointers, mask, other, cache_modifier, eviction_policy, is_volatile):
-        recorder._access(pointers.data, mask.data, False, "CG" in str(cache_modifier).upper())
-        return load(pointers, mask, other, cache_modifier, eviction_policy, is_volatile)
+    # The builder's load takes (..., cache_modifier, eviction_policy, is_volatile) up to Triton 3.8,
+    # and (..., cache_policy, is_volatile) from 3.9, whose interpreter makes every cache policy
+    # None; there ``get_cache_policy`` below passes the modifier (".cg") through instead, so the
+    # first argument after ``other`` names it either way.
+    def masked_load(pointers, mask, other, cache, *rest):
+        recorder._access(pointers.data, mask.data, False, "CG" in str(cache).upper())
+        return load(pointers, mask, other, cache, *rest)
 
-    def masked_store(pointers, value, mask, cache_modifier, eviction_policy):
+    def masked_store(pointers, value, mask, *cache):
         recorder._access(pointers.data, mask.data, True, False)
-        return store(pointers, value, mask, cache_modifier, eviction_policy)
+        return store(pointers, value, mask, *cache)
+
+    cache_policy = getattr(builder, "get_cache_policy", None)  # (Triton >= 3.9)
 
     def rewritten(self):
         fn = rewrite(self)
@@ -238,6 +244,8 @@ def single_launch(seed: int = 0):
         kernel[(grid,)](*args, **snm._launch_options(cfg, cooperative))
 
     builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
+    if cache_policy is not None:
+        builder.get_cache_policy = lambda cache_modifier, eviction_policy: cache_modifier
     interpreter.InterpretedFunction.rewrite = rewritten
     snm._launch_uncached = launch
     kernels.grid_barrier = lambda sem_ptr: recorder._grid.barrier()
@@ -245,6 +253,8 @@ def single_launch(seed: int = 0):
         yield recorder
     finally:
         builder.create_masked_load, builder.create_masked_store = load, store
+        if cache_policy is not None:
+            del builder.get_cache_policy  # (the instance's own: the class's method shows again)
         interpreter.InterpretedFunction.rewrite = rewrite
         snm._launch_uncached = launch_uncached
         kernels.grid_barrier = barrier

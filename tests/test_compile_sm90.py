@@ -318,12 +318,28 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
 """)
 
 
+# The Triton whose binaries the spill budgets below describe: the one the GPU machines run and
+# .ci/env.sh pins. Another release lowers the same source to other code (Triton 3.8's ptxas spills
+# 4 bytes in 1x4096's forward and 8 in a channels-last backward's loop), so there the test says
+# so and skips; `python -m bench.sm90 --spilling` shows that release's spills whole.
+SPILL_BUDGET_TRITON = "3.6"
+
+
+def skip_unless_budgeted_triton() -> None:
+    import triton
+
+    if not triton.__version__.startswith(SPILL_BUDGET_TRITON + "."):
+        pytest.skip(f"spill budgets are Triton {SPILL_BUDGET_TRITON}'s (the GPU machines' and CI's pin); "
+                    f"this is Triton {triton.__version__}: see python -m bench.sm90 --spilling")
+
+
 def test_launched_kernels_do_not_spill_on_sm90():
     """The forward and backward binaries the launcher would run on a 132-SM Hopper keep every
     value in registers (ptxas reports 0 spill bytes) on small, large, wide and tall weights.
     A spill would put local-memory traffic into loops that are meant to be bound by A alone.
     Compiled with the pinned Triton's own ptxas; needs no GPU."""
     skip_without_ptxas()
+    skip_unless_budgeted_triton()
     run_compiler_script(SPILL_SCRIPT)
 
 

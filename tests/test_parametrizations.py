@@ -824,6 +824,51 @@ def test_fast_read_only_where_torch_getter_is_the_same_call(case, seed):
     assert_uv_close(ours, ref, torch.float32)
 
 
+def test_fast_read_installed_on_this_torch():
+    """The fast read asks torch's private state (hooks, caching, tracing flags), looked up once at
+    import; where a torch release moves one of those names (``_FAST_READ_MISSING``), the layers
+    keep torch's getter -- correct, ~15 us more host time a read. This test is how an upgrade of
+    the pinned torch finds out. (torch 2.14 made the fx tracing flag a thread-local: before the
+    lookup, every read there failed with "object has no attribute 'weight'".)"""
+    from sn_fused import parametrizations as sn_parametrizations
+
+    assert sn_parametrizations._FAST_READ_MISSING == ()
+    m = sn(nn.Linear(4, 3))
+    assert getattr(type(m).weight.fget, "_sn_fused_torch_getter", None) is not None
+    with list_forward_calls() as calls:
+        m.weight
+    assert calls.call_count == 0
+
+
+@pytest.mark.parametrize("register", ["spectral_norm", "convert"])
+def test_torch_getter_where_this_torch_lacks_what_the_fast_read_asks(monkeypatch, register, seed):
+    """A torch without one of the fast read's private names: registration (and ``convert``)
+    leave torch's getter in place, and the layer reads and trains as PyTorch's SN does."""
+    from sn_fused import parametrizations as sn_parametrizations
+
+    monkeypatch.setattr(sn_parametrizations, "_FAST_READ_MISSING", ("torch.nn.utils.parametrize._cache_enabled",))
+    if register == "spectral_norm":
+        ref, ours, make_x = make_pair("conv2d", seed)
+    else:
+        ref, _, make_x = make_pair("conv2d", seed)
+        ours = sn_fused.convert(copy.deepcopy(ref))
+    assert not hasattr(type(ours).weight.fget, "_sn_fused_torch_getter")
+    scramble_uv(ref, ours)
+    for step in range(2):
+        with list_forward_calls() as calls:
+            w_ours = ours.weight
+        assert calls.call_count == 1
+        assert_close(w_ours, ref.weight)
+        assert_uv_close(ours, ref, torch.float32)
+        x = make_x()
+        out_ref = ref(x)
+        r = torch.randn_like(out_ref)
+        _loss(out_ref, r).backward()
+        _loss(ours(x), r).backward()
+        assert_close(orig(ours).grad, orig(ref).grad, msg=f"step {step}")
+        assert_uv_close(ours, ref, torch.float32)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fx_symbolic_trace_records_the_parametrization(train, seed):
     """``torch.fx.symbolic_trace`` (also behind torchvision's feature extractors and FX
