@@ -37,7 +37,21 @@ from sn_fused.ops import spectral_norm as snm
 #: The card the launches are planned for and compiled to.
 SMS = 132
 TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _ptxas_for_sm90() -> str:
+    """The ptxas Triton itself assembles sm_90 code with: its ``ptxas`` up to Triton 3.8, the newer
+    one it ships as ``ptxas-blackwell`` from 3.9 (whose PTX the older ptxas refuses: "Unsupported
+    .version 9.4")."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except (ImportError, AttributeError, RuntimeError):
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+PTXAS = _ptxas_for_sm90()
 KINDS = ("training", "eval", "backward")
 
 

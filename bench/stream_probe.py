@@ -152,7 +152,9 @@ def rowdot_kernel(w, x_ptr, s_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
         else:
             x = tl.load(x_ptr + cols, mask=cols < N, other=0.0)
         acc = tl.where(cb == 0, 0.0, acc) + a * x[None, :]
-        tl.store(s_ptr + rows, tl.sum(acc, axis=1), mask=(rows < r1) & (cb == n_cblocks - 1))
+        # (the column block compared as a block: Triton 3.9's interpreter refuses a block mask
+        # and-ed with a 0-d one inside a loop, "mask has unsupported dtype")
+        tl.store(s_ptr + rows, tl.sum(acc, axis=1), mask=(rows < r1) & (cb + 0 * rows == n_cblocks - 1))
 
 
 def launches(M: int, N: int, programs_per_sm_grid: int, tile: int | None = None, stages: int = STAGES) -> list[dict]:
