@@ -53,13 +53,15 @@ else
   rm -f "$copy"/sn_fused/_C*.so
   (
     cd "$copy"
-    if ! SN_FUSED_BUILD_CPP=1 "$NPY" setup.py -q build_ext --inplace >build.log 2>&1; then
-      cat build.log
-      echo "error: building sn_fused._C against ${NEWEST_STACK[0]} failed" >&2
-      exit 1
+    if [ "${SN_FUSED_BUILD_CPP:-1}" != "0" ]; then  # (as above: a failed build stops the run)
+      if ! SN_FUSED_BUILD_CPP=1 "$NPY" setup.py -q build_ext --inplace >build.log 2>&1; then
+        cat build.log
+        echo "error: building sn_fused._C against ${NEWEST_STACK[0]} failed" >&2
+        exit 1
+      fi
     fi
     "$NPY" -c 'import torch, triton; print(f"torch {torch.__version__}  triton {triton.__version__}")'
-    TRITON_INTERPRET=1 SN_FUSED_REQUIRE_CPP=1 PYTHONPATH="$copy" "$NPY" -m pytest -n 2 \
+    TRITON_INTERPRET=1 PYTHONPATH="$copy" "$NPY" -m pytest -n 2 \
       tests/test_ops.py tests/test_interpreter_bf16.py tests/test_single_launch.py tests/test_compile_sm90.py \
       tests/test_parametrizations.py tests/test_parametrizations_stateful.py tests/test_failure_modes.py \
       tests/test_cpp_read.py tests/test_convert.py -p no:cacheprovider "$@"
