@@ -325,10 +325,17 @@ SPILL_SCRIPT = COMPILE_HELPERS + textwrap.dedent("""
 SPILL_BUDGET_TRITON = "3.6"
 
 
+def on_budgeted_triton() -> bool:
+    """Whether the installed Triton is ``SPILL_BUDGET_TRITON`` (any patch release)."""
+    import triton
+
+    return triton.__version__.startswith(SPILL_BUDGET_TRITON + ".")
+
+
 def skip_unless_budgeted_triton() -> None:
     import triton
 
-    if not triton.__version__.startswith(SPILL_BUDGET_TRITON + "."):
+    if not on_budgeted_triton():
         pytest.skip(f"spill budgets are Triton {SPILL_BUDGET_TRITON}'s (the GPU machines' and CI's pin); "
                     f"this is Triton {triton.__version__}: see python -m bench.sm90 --spilling")
 
